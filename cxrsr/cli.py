@@ -1,0 +1,116 @@
+"""What the three scripts share: option groups, logging, exit codes, error handling.
+
+Modelled on dcmtk's tools and pynetdicom's apps: every script has ``--version``,
+``-q/--quiet`` and ``-v/--verbose``, and prints log lines prefixed by level
+(``E: ``, ``W: ``, ``I: ``, ``D: ``) through tqdm so they never tear a progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from tqdm import tqdm
+
+from cxrsr import __version__
+from cxrsr.errors import PipelineError
+
+#: Everything went fine.
+EXIT_OK = 0
+#: The run finished, but at least one item failed (see the per-item ``E:`` lines).
+EXIT_FAILED = 1
+#: Usage error (argparse's own convention).
+EXIT_USAGE = 2
+#: The run could not start or had to stop (missing weights, wrong credentials, server down).
+EXIT_FATAL = 3
+#: Interrupted by the user (Ctrl-C), as shells report SIGINT.
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = """exit codes:
+  0    success: every input ended as expected (skipped inputs are not failures)
+  1    finished, but at least one input failed (each named on an E: line)
+  2    usage error (bad option or argument)
+  3    could not run: {fatal}
+  130  interrupted (Ctrl-C); work already written is kept
+"""
+
+log = logging.getLogger("cxrsr")
+
+_PREFIX = {
+    logging.DEBUG: "D",
+    logging.INFO: "I",
+    logging.WARNING: "W",
+    logging.ERROR: "E",
+    logging.CRITICAL: "E",
+}
+
+
+class _TqdmHandler(logging.Handler):
+    """Write log records with ``tqdm.write`` so an active progress bar is redrawn below them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+class _PrefixFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{_PREFIX.get(record.levelno, 'I')}: {record.getMessage()}"
+
+
+def make_parser(prog: str, description: str, fatal_reasons: str) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` with the suite's general options and exit codes in its epilog."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=EXIT_CODES_HELP.format(fatal=fatal_reasons),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    general = parser.add_argument_group("general options")
+    general.add_argument("--version", action="version", version=f"%(prog)s (cxrsr {__version__})")
+    verbosity = general.add_mutually_exclusive_group()
+    verbosity.add_argument(
+        "-q", "--quiet", action="store_true", help="only errors and the summary line; no progress bar"
+    )
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="more detail (debug lines)")
+    return parser
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """Route the package's log through tqdm with level prefixes, at the level the flags ask for."""
+    handler = _TqdmHandler()
+    handler.setFormatter(_PrefixFormatter())
+    log.handlers[:] = [handler]
+    log.propagate = False
+    if getattr(args, "verbose", False):
+        log.setLevel(logging.DEBUG)
+    elif getattr(args, "quiet", False):
+        log.setLevel(logging.ERROR)
+    else:
+        log.setLevel(logging.INFO)
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars are shown unless ``--quiet``."""
+    return not getattr(args, "quiet", False)
+
+
+def summary(line: str) -> None:
+    """The one-line summary every script ends with; printed even with ``--quiet``."""
+    print(line, flush=True)
+
+
+def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run a script's ``main`` and turn expected failures into one line and an exit code."""
+    try:
+        return main(argv)
+    except PipelineError as exc:
+        print(f"E: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("E: interrupted; work already written is kept", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED

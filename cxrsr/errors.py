@@ -1,0 +1,29 @@
+"""Exceptions for expected failures.
+
+Anything derived from :class:`PipelineError` is reported by the scripts as one
+``E: ...`` line without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """An expected failure that ends a whole run (bad arguments, missing weights, ...).
+
+    ``exit_code`` is what the script exits with; see each script's ``--help``.
+    """
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class InputError(Exception):
+    """One input file cannot be used; the batch goes on and the reason is recorded."""
+
+
+class NotARadiographError(InputError):
+    """The file is valid DICOM but not something the model should see (skipped, not failed)."""

@@ -1,0 +1,222 @@
+"""Start and stop a local Orthanc binary from the project's own ``orthanc.json``.
+
+Used where no Docker engine runs: by ``run.sh`` (Debian's ``orthanc`` package) and by
+the tests and benchmarks. Only ports, storage paths, plugin folders and the network
+exposure are overridden; everything else is the project's configuration, and the
+credentials still arrive the way Docker passes them, through the ``ORTHANC_USERNAME``
+and ``ORTHANC_PASSWORD`` environment variables that ``orthanc.json`` references.
+
+Command line (for run.sh)::
+
+    python -m cxrsr.local_orthanc start --dir .orthanc --http-port 8042 --dicom-port 4242
+    python -m cxrsr.local_orthanc stop --dir .orthanc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from cxrsr.config import PROJECT_ROOT
+
+ORTHANC_BINARIES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc")
+
+
+def find_orthanc_binary() -> str | None:
+    """The Orthanc executable on this machine, or ``None``."""
+    found = shutil.which("Orthanc")
+    if found:
+        return found
+    return next((b for b in ORTHANC_BINARIES if os.access(b, os.X_OK)), None)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalOrthanc:
+    """One Orthanc process with its own storage folder under ``workdir``.
+
+    ``stop()`` then ``start()`` restarts it on the same storage, which the upload
+    fault tests rely on.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        username: str,
+        password: str,
+        http_port: int | None = None,
+        dicom_port: int | None = None,
+        config_template: Path = PROJECT_ROOT / "orthanc.json",
+        binary: str | None = None,
+        remote_access: bool = False,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.username = username
+        self.password = password
+        self.http_port = http_port or free_port()
+        self.dicom_port = dicom_port or free_port()
+        self.config_template = config_template
+        self.binary = binary or find_orthanc_binary()
+        self.remote_access = remote_access
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def storage(self) -> Path:
+        return self.workdir / "db"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "orthanc.log"
+
+    def write_config(self) -> Path:
+        """The project's configuration with only ports, paths and exposure overridden."""
+        config = json.loads(self.config_template.read_text(encoding="utf-8"))
+        config.update(
+            {
+                "StorageDirectory": str(self.storage),
+                "IndexDirectory": str(self.storage),
+                "HttpPort": self.http_port,
+                "DicomPort": self.dicom_port,
+                "Plugins": [],
+                # Outside Docker there is no 127.0.0.1-only port publishing, so refuse
+                # HTTP requests from other hosts at the application level instead.
+                "RemoteAccessAllowed": self.remote_access,
+            }
+        )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.storage.mkdir(parents=True, exist_ok=True)
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+        return path
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start Orthanc in the background and wait until ``GET /system`` answers."""
+        if self.binary is None:
+            raise RuntimeError(
+                "no Orthanc binary found: install Debian's 'orthanc' package "
+                "(apt-get install -y orthanc) or start one with 'docker compose up -d'"
+            )
+        config = self.write_config()
+        env = dict(os.environ, ORTHANC_USERNAME=self.username, ORTHANC_PASSWORD=self.password)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        self.process = subprocess.Popen(
+            [self.binary, str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.workdir,
+            start_new_session=True,
+        )
+        log.close()
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"Orthanc exited with code {self.process.returncode}; see {self.log_path}"
+                )
+            try:
+                response = requests.get(
+                    f"{self.url}/system", auth=(self.username, self.password), timeout=2
+                )
+                if response.status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"Orthanc did not answer at {self.url} within {timeout:.0f} s")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop Orthanc by its PID (SIGTERM, then SIGKILL) and wait for it to exit."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """Stop Orthanc abruptly (SIGKILL), as a crash or power loss would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> LocalOrthanc:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cxrsr.local_orthanc",
+        description="Start or stop a background Orthanc from orthanc.json (for hosts without Docker).",
+    )
+    parser.add_argument("action", choices=["start", "stop"])
+    parser.add_argument("--dir", type=Path, default=PROJECT_ROOT / ".orthanc")
+    parser.add_argument("--http-port", type=int, default=8042)
+    parser.add_argument("--dicom-port", type=int, default=4242)
+    args = parser.parse_args(argv)
+    pid_file = args.dir / "orthanc.pid"
+    if args.action == "stop":
+        if not pid_file.exists():
+            print("I: no local Orthanc is running", file=sys.stderr)
+            return 0
+        pid = int(pid_file.read_text())
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        pid_file.unlink(missing_ok=True)
+        print(f"I: stopped Orthanc (pid {pid})", file=sys.stderr)
+        return 0
+    from cxrsr.config import setting
+
+    username = setting("ORTHANC_USERNAME")
+    password = setting("ORTHANC_PASSWORD")
+    if not username or not password:
+        print("E: ORTHANC_USERNAME and ORTHANC_PASSWORD must be set (see .env)", file=sys.stderr)
+        return 3
+    server = LocalOrthanc(args.dir, username, password, args.http_port, args.dicom_port)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        print(f"E: {exc}", file=sys.stderr)
+        return 3
+    assert server.process is not None
+    pid_file.write_text(str(server.process.pid))
+    print(f"I: Orthanc running at {server.url} (pid {server.process.pid}, data in {server.storage})",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

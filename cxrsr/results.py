@@ -1,0 +1,103 @@
+"""The JSON results file: the contract between process_dicom.py and generate_sr.py.
+
+Shape (names are fixed; more keys may be added)::
+
+    {"format": "cxrsr-results/1",
+     "model": {"weights": "densenet121-res224-all", "weights_sha256": "...",
+               "torchxrayvision": "1.5.7", "labels": [...], "threshold": 0.5,
+               "score_kind": "...", ...},
+     "images": [
+       {"path": "...", "status": "classified", "sop_instance_uid": "...",
+        "series_instance_uid": "...", "study_instance_uid": "...", "sop_class_uid": "...",
+        "patient_id": "...", "scores": {label: score}, "findings": [labels >= threshold],
+        "warnings": [...]},
+       {"path": "...", "status": "skipped", "reason": "..."},
+       {"path": "...", "status": "failed", "reason": "..."}]}
+
+The file holds no timestamps or host names, so the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cxrsr.errors import PipelineError
+
+FORMAT = "cxrsr-results/1"
+
+CLASSIFIED = "classified"
+SKIPPED = "skipped"
+FAILED = "failed"
+STATUSES = (CLASSIFIED, SKIPPED, FAILED)
+
+#: Keys every ``classified`` entry carries (generate_sr.py relies on them).
+CLASSIFIED_KEYS = (
+    "path",
+    "sop_instance_uid",
+    "series_instance_uid",
+    "study_instance_uid",
+    "sop_class_uid",
+    "patient_id",
+    "scores",
+    "findings",
+)
+
+#: What a score of the ``-all`` weights means; written to the results file and the SR.
+OPERATING_POINT_SCORE = (
+    "operating-point normalised score, not a probability: torchxrayvision rescales each "
+    "label's sigmoid output so that 0.5 is that label's operating threshold"
+)
+
+
+def write_json_atomic(path: Path, document: Any) -> None:
+    """Write JSON so that a crash leaves either the old file or the new one, never half.
+
+    The text goes to a temporary file in the same folder, is flushed to disk, and then
+    renamed over the target (``os.replace`` is atomic on POSIX and Windows).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(document, fh, indent=2, ensure_ascii=False, allow_nan=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """Read and check a results file; a missing or malformed one is a :class:`PipelineError`."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(
+            f"{path}: results file not found (run process_dicom.py first)", exit_code=2
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"{path}: not a readable results file: {exc}", exit_code=2) from exc
+    if not isinstance(document, dict) or not isinstance(document.get("images"), list):
+        raise PipelineError(f"{path}: not a results file (no 'images' list)", exit_code=2)
+    model = document.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("labels"), list):
+        raise PipelineError(f"{path}: not a results file (no 'model.labels')", exit_code=2)
+    for index, entry in enumerate(document["images"]):
+        if not isinstance(entry, dict) or entry.get("status") not in STATUSES:
+            raise PipelineError(f"{path}: images[{index}] has no valid 'status'", exit_code=2)
+        if entry["status"] == CLASSIFIED:
+            missing = [key for key in CLASSIFIED_KEYS if key not in entry]
+            if missing:
+                raise PipelineError(
+                    f"{path}: images[{index}] ({entry.get('path')}) lacks {', '.join(missing)}",
+                    exit_code=2,
+                )
+    return document

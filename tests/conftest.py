@@ -1,0 +1,98 @@
+"""Session fixtures shared by every test: the shared corpus, a real Orthanc, model weights.
+
+Integration fixtures skip on a developer machine that lacks a prerequisite, but fail
+when ``CI`` is set: CI always has the corpus, Orthanc and the validators (test.sh
+installs them), so a skip there would hide a broken setup.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cxrsr.config import PROJECT_ROOT
+from cxrsr.local_orthanc import LocalOrthanc, find_orthanc_binary
+
+CORPUS_DIR = PROJECT_ROOT.parent / "shared" / "cxr-corpus"
+WEIGHTS_NAME = "densenet121-res224-all"
+
+
+def missing_prerequisite(reason: str) -> None:
+    """Fail under CI, skip elsewhere."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so this is a broken setup, not a skip)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    if not (CORPUS_DIR / "MANIFEST.tsv").is_file():
+        missing_prerequisite(f"shared corpus not found at {CORPUS_DIR}")
+    return CORPUS_DIR
+
+
+@pytest.fixture(scope="session")
+def manifest(corpus_dir: Path) -> list[dict[str, str]]:
+    """MANIFEST.tsv rows: filename, expected, and the file's properties."""
+    with open(corpus_dir / "MANIFEST.tsv", encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def require_program(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        missing_prerequisite(f"{name} not installed (test.sh installs it)")
+    assert path is not None
+    return path
+
+
+@pytest.fixture(scope="session")
+def orthanc_binary() -> str:
+    binary = find_orthanc_binary()
+    if binary is None:
+        missing_prerequisite("no Orthanc binary (test.sh installs Debian's orthanc package)")
+    assert binary is not None
+    return binary
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory, orthanc_binary: str) -> Iterator[LocalOrthanc]:
+    """One real Orthanc for the whole test session, from the project's orthanc.json.
+
+    Tests that need an empty server or must stop it start their own ``LocalOrthanc``.
+    """
+    server = LocalOrthanc(
+        tmp_path_factory.mktemp("orthanc"),
+        username="cxrsr-test",
+        password=secrets.token_urlsafe(16),
+        binary=orthanc_binary,
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def weights_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder holding a randomly initialised DenseNet under the real weights file name.
+
+    The code under test then loads it through torchxrayvision's normal
+    ``weights=``/``cache_dir=`` path, with no network access.
+    """
+    import torch
+    import torchxrayvision as xrv
+
+    cache_dir = tmp_path_factory.mktemp("xrv-weights")
+    url = xrv.models.model_urls[WEIGHTS_NAME]["weights_url"]
+    torch.manual_seed(0)
+    model = xrv.models.DenseNet()
+    torch.save(model, cache_dir / os.path.basename(url))
+    return cache_dir
