@@ -74,7 +74,10 @@ def make_parser(prog: str, description: str, fatal_reasons: str) -> argparse.Arg
     general.add_argument("--version", action="version", version=f"%(prog)s (cxrsr {__version__})")
     verbosity = general.add_mutually_exclusive_group()
     verbosity.add_argument(
-        "-q", "--quiet", action="store_true", help="only errors and the summary line; no progress bar"
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="only errors and the summary line; no progress bar",
     )
     verbosity.add_argument("-v", "--verbose", action="store_true", help="more detail (debug lines)")
     return parser

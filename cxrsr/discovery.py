@@ -54,7 +54,7 @@ class Source:
     def open(self) -> BinaryIO:
         """A readable binary stream (the member's bytes in memory for an archive)."""
         if self.member is None:
-            return open(self.path, "rb")  # noqa: SIM115 - the caller closes it
+            return open(self.path, "rb")
         return io.BytesIO(self.read_bytes())
 
     def head(self, n: int = SNIFF_BYTES) -> bytes:

@@ -15,6 +15,7 @@ Command line (for run.sh)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -191,10 +192,8 @@ def _main(argv: list[str] | None = None) -> int:
             print("I: no local Orthanc is running", file=sys.stderr)
             return 0
         pid = int(pid_file.read_text())
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         pid_file.unlink(missing_ok=True)
         print(f"I: stopped Orthanc (pid {pid})", file=sys.stderr)
         return 0
@@ -213,8 +212,10 @@ def _main(argv: list[str] | None = None) -> int:
         return 3
     assert server.process is not None
     pid_file.write_text(str(server.process.pid))
-    print(f"I: Orthanc running at {server.url} (pid {server.process.pid}, data in {server.storage})",
-          file=sys.stderr)
+    print(
+        f"I: Orthanc running at {server.url} (pid {server.process.pid}, data in {server.storage})",
+        file=sys.stderr,
+    )
     return 0
 
 

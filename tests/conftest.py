@@ -62,7 +62,9 @@ def orthanc_binary() -> str:
 
 
 @pytest.fixture(scope="session")
-def orthanc(tmp_path_factory: pytest.TempPathFactory, orthanc_binary: str) -> Iterator[LocalOrthanc]:
+def orthanc(
+    tmp_path_factory: pytest.TempPathFactory, orthanc_binary: str
+) -> Iterator[LocalOrthanc]:
     """One real Orthanc for the whole test session, from the project's orthanc.json.
 
     Tests that need an empty server or must stop it start their own ``LocalOrthanc``.
