@@ -1,0 +1,149 @@
+"""The classification run behind process_dicom.py: read in worker processes, infer in batches.
+
+Reading, decoding and resizing happen in worker processes (spawned, so they never
+inherit the model's threads) while the main process runs the network on full batches.
+At most ``window`` files are in flight, so memory stays flat however many files there
+are; results come back in input order, so the results file is the same on every run.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cxrsr.discovery import Source
+from cxrsr.errors import InputError, NotARadiographError
+from cxrsr.model import Classifier
+from cxrsr.preprocess import preprocess
+from cxrsr.reading import read_radiograph
+from cxrsr.results import CLASSIFIED, FAILED, SKIPPED
+
+log = logging.getLogger("cxrsr")
+
+
+@dataclass
+class Prepared:
+    """What a worker sends back for one file: a model input, or why there is none."""
+
+    path: str
+    status: str
+    reason: str = ""
+    identity: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    model_input: np.ndarray | None = None
+
+
+def prepare(source: Source) -> Prepared:
+    """Read, check, decode and preprocess one file (runs in a worker process)."""
+    try:
+        radiograph = read_radiograph(source)
+        model_input = preprocess(radiograph.pixels)
+    except NotARadiographError as exc:
+        return Prepared(source.name, SKIPPED, reason=str(exc))
+    except InputError as exc:
+        return Prepared(source.name, FAILED, reason=str(exc))
+    except (OSError, MemoryError) as exc:
+        return Prepared(source.name, FAILED, reason=f"cannot read: {exc}")
+    except Exception as exc:  # a bug or a decoder crash on hostile data: one file, not the batch
+        return Prepared(
+            source.name, FAILED, reason=f"unexpected error: {type(exc).__name__}: {exc}"
+        )
+    return Prepared(
+        source.name,
+        "ready",
+        identity=radiograph.identity,
+        warnings=radiograph.warnings,
+        model_input=model_input,
+    )
+
+
+def _worker_init() -> None:
+    # Each worker decodes one image at a time; BLAS or torch threads would only fight
+    # with the other workers and the network for the same cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def prepared_in_order(sources: Iterable[Source], workers: int, window: int) -> Iterator[Prepared]:
+    """``prepare`` over ``sources`` with ``workers`` processes, in order, ``window`` in flight."""
+    if workers <= 0:
+        yield from map(prepare, sources)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+        pending: deque[Future[Prepared]] = deque()
+        for source in sources:
+            pending.append(pool.submit(prepare, source))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def classified_entry(item: Prepared, scores: dict[str, float], threshold: float) -> dict[str, Any]:
+    """A ``classified`` entry of the results file."""
+    identity = item.identity
+    entry: dict[str, Any] = {
+        "path": item.path,
+        "status": CLASSIFIED,
+        "sop_instance_uid": identity["sop_instance_uid"],
+        "series_instance_uid": identity["series_instance_uid"],
+        "study_instance_uid": identity["study_instance_uid"],
+        "sop_class_uid": identity["sop_class_uid"],
+        "patient_id": identity["patient_id"],
+        "modality": identity["modality"],
+        "body_part_examined": identity["body_part_examined"],
+        "photometric_interpretation": identity["photometric_interpretation"],
+        "rows": identity["rows"],
+        "columns": identity["columns"],
+        "transfer_syntax_uid": identity["transfer_syntax_uid"],
+        "scores": scores,
+        "findings": [label for label, score in scores.items() if score >= threshold],
+    }
+    if item.warnings:
+        entry["warnings"] = item.warnings
+    return entry
+
+
+def classify(
+    sources: list[Source],
+    classifier: Classifier,
+    batch_size: int,
+    workers: int,
+    on_entry: Callable[[dict[str, Any]], None] = lambda entry: None,
+) -> list[dict[str, Any]]:
+    """Classify ``sources``; return one results entry per source, in input order.
+
+    ``on_entry`` is called once per finished file (progress and messages).
+    """
+    threshold = 0.5
+    entries: list[dict[str, Any] | None] = [None] * len(sources)
+    batch: list[tuple[int, Prepared]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        inputs = np.stack([item.model_input for _, item in batch])  # type: ignore[misc]
+        for (index, item), scores in zip(batch, classifier.predict(inputs), strict=True):
+            entries[index] = classified_entry(item, scores, threshold)
+            on_entry(entries[index])  # type: ignore[arg-type]
+        batch.clear()
+
+    window = batch_size * 2 + max(workers, 1) * 2
+    for index, item in enumerate(prepared_in_order(sources, workers, window)):
+        if item.status == "ready":
+            batch.append((index, item))
+            if len(batch) >= batch_size:
+                flush()
+        else:
+            entries[index] = {"path": item.path, "status": item.status, "reason": item.reason}
+            on_entry(entries[index])
+    flush()
+    return [entry for entry in entries if entry is not None]

@@ -1,0 +1,305 @@
+"""Read a DICOM file and turn it into what torchxrayvision's models expect, or say why not.
+
+The order of checks matters and follows what a PACS engineer would report first:
+
+1. not DICOM at all → skipped;
+2. a non-image object (presentation state, SR, ...) → skipped;
+3. an image object whose pixel data is missing, truncated or absurdly large → failed
+   (a broken file: someone should look at it);
+4. not a chest radiograph (Modality, colour, multi-frame, BodyPartExamined) → skipped;
+5. pixel data that cannot be decoded, or holds one value everywhere → failed.
+
+Pixel values are mapped to torchxrayvision's [-1024, 1024] range by the range the
+header declares (``2**BitsStored - 1`` for unsigned data, exactly as
+``xrv.utils.read_xray_dcm`` does), after the Modality LUT (PS3.3 C.11.1), and
+inverted once for MONOCHROME1 so that bone is bright (PS3.3 C.7.6.3.1.2). VOI LUT
+windowing is not applied, because the model was trained without it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from cxrsr.discovery import SNIFF_BYTES, Source, sniff_dicom
+from cxrsr.errors import InputError, NotARadiographError
+
+#: SOP classes of projection radiographs (PS3.4 B.5): CR, and DX for presentation/processing.
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_SOP_CLASSES = {
+    CR_IMAGE_STORAGE,
+    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+}
+RADIOGRAPH_MODALITIES = {"CR", "DX"}
+
+#: BodyPartExamined values (PS3.16 Annex L and common vendor spellings) that mean the chest.
+CHEST_WORDS = ("CHEST", "THORAX", "THORACIC", "LUNG", "TORAX", "TORACE", "POUMON", "BRUST")
+
+#: No radiograph has more pixels than this (a 43 cm detector at 50 µm is ~8600², 74 M).
+MAX_PIXELS = 16384 * 16384
+
+MODEL_RANGE = 1024.0
+
+# Real-world headers break VR rules all the time (e.g. UIDs with leading zeros); reading
+# must not warn about each, the checks below report what matters.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
+@dataclass
+class Radiograph:
+    """A decoded chest radiograph, ready for preprocessing."""
+
+    pixels: np.ndarray
+    """2-D float32 image in [-1024, 1024], bone bright (MONOCHROME2 sense)."""
+    identity: dict[str, Any]
+    """UIDs and header facts written to the results file."""
+    warnings: list[str] = field(default_factory=list)
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def read_dataset(source: Source) -> Dataset:
+    """Parse a file that sniffs as DICOM; files without meta get a transfer syntax.
+
+    ``force=True`` reads bare data sets without preamble or file meta (ACR-NEMA
+    style); pydicom then knows how it parsed them (``original_encoding``) but not the
+    Transfer Syntax UID it needs to decode pixels, so it is set from that encoding.
+    """
+    with source.open() as fh:
+        head = fh.read(SNIFF_BYTES)
+        if not sniff_dicom(head):
+            raise NotARadiographError("not a DICOM file")
+        fh.seek(0)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(fh, force=True)
+        except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as exc:
+            raise InputError(f"cannot parse DICOM: {exc}") from exc
+    if not isinstance(getattr(ds, "file_meta", None), FileMetaDataset):
+        ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        if implicit:
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        else:
+            ds.file_meta.TransferSyntaxUID = (
+                ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+            )
+    return ds
+
+
+def identity_of(ds: Dataset) -> dict[str, Any]:
+    """The header facts the results file and the SR need (PS3.3 names, snake case)."""
+    return {
+        "sop_instance_uid": _text(ds, "SOPInstanceUID"),
+        "series_instance_uid": _text(ds, "SeriesInstanceUID"),
+        "study_instance_uid": _text(ds, "StudyInstanceUID"),
+        "sop_class_uid": _text(ds, "SOPClassUID"),
+        "patient_id": _text(ds, "PatientID"),
+        "modality": _text(ds, "Modality"),
+        "body_part_examined": _text(ds, "BodyPartExamined"),
+        "photometric_interpretation": _text(ds, "PhotometricInterpretation"),
+        "rows": int(ds.get("Rows") or 0),
+        "columns": int(ds.get("Columns") or 0),
+        "transfer_syntax_uid": str(ds.file_meta.get("TransferSyntaxUID", "")),
+    }
+
+
+def _sop_class_name(uid: str) -> str:
+    name = UID(uid).name if uid else ""
+    return name if name and name != uid else (uid or "no SOP Class UID")
+
+
+def check_pixel_data(ds: Dataset) -> None:
+    """Fail files whose image data is absent, truncated or impossibly large.
+
+    Done before any decoding so a header that declares gigabytes of pixels but holds a
+    few bytes never makes us allocate them.
+    """
+    sop_class = _text(ds, "SOPClassUID")
+    if "PixelData" not in ds:
+        name = _sop_class_name(sop_class)
+        if sop_class and "Image" not in name:
+            raise NotARadiographError(f"{name} is not an image")
+        raise InputError("no pixel data (the header has no Pixel Data element)")
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    if rows <= 0 or columns <= 0:
+        raise InputError(f"invalid image size Rows={rows} Columns={columns}")
+    pixels = rows * columns * frames
+    if pixels > MAX_PIXELS:
+        raise InputError(
+            f"declares {rows}x{columns}x{frames} pixels, more than any radiograph "
+            f"(limit {MAX_PIXELS:,}); not decoded"
+        )
+    if not ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        bits_allocated = int(ds.get("BitsAllocated") or 0)
+        expected = (pixels * samples * bits_allocated + 7) // 8
+        held = len(ds.PixelData)
+        if held < expected:
+            raise InputError(
+                f"declares {rows}x{columns} pixels ({expected:,} bytes) but holds "
+                f"{held:,} bytes of pixel data"
+            )
+
+
+def check_radiograph(ds: Dataset, notes: list[str]) -> None:
+    """Skip what the model must not see: other modalities, colour, multi-frame, other body parts."""
+    modality = _text(ds, "Modality").upper()
+    sop_class = _text(ds, "SOPClassUID")
+    reasons = []
+    if modality not in RADIOGRAPH_MODALITIES and not (not modality and sop_class in DX_SOP_CLASSES):
+        shown = (
+            f"Modality {modality}" if modality else f"no Modality ({_sop_class_name(sop_class)})"
+        )
+        reasons.append(f"{shown} is not a radiograph (CR or DX)")
+    photometric = _text(ds, "PhotometricInterpretation").upper()
+    if int(ds.get("SamplesPerPixel") or 1) != 1 or photometric not in (
+        "MONOCHROME1",
+        "MONOCHROME2",
+    ):
+        reasons.append(f"colour image ({photometric or 'no PhotometricInterpretation'})")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        reasons.append(f"multi-frame ({frames} frames)")
+    body_part = _text(ds, "BodyPartExamined")
+    if body_part and not any(word in body_part.upper() for word in CHEST_WORDS):
+        reasons.append(f"BodyPartExamined {body_part} is not the chest")
+    if reasons:
+        raise NotARadiographError("; ".join(reasons))
+    if not body_part:
+        notes.append("BodyPartExamined is absent: the header cannot confirm a chest image")
+
+
+def _decode(ds: Dataset) -> np.ndarray:
+    """Decode the stored values without pydicom's masking of bits above HighBit.
+
+    pydicom 3 clears bits above HighBit in native data. Files whose BitsStored
+    understates their data are common, and masking them silently destroys the image,
+    so unsigned native data is read unmasked and checked by :func:`_value_range`.
+    """
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    options = {} if signed else {"correct_unused_bits": False}
+    transfer_syntax = ds.file_meta.TransferSyntaxUID
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.pixel_array_options(**options)
+            array = ds.pixel_array
+    except Exception as exc:  # decoders raise anything from ValueError to RuntimeError
+        # pydicom lists each plugin's error on its own line; keep them on one line.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        if len(lines) > 1 and lines[0].startswith("Unable to decode"):
+            lines = lines[1:]
+        detail = "; ".join(lines) or type(exc).__name__
+        raise InputError(f"cannot decode {transfer_syntax.name} pixel data: {detail}") from exc
+    if array.ndim != 2:
+        raise InputError(f"decoded pixel data has shape {array.shape}, expected one 2-D frame")
+    return array
+
+
+def _value_range(array: np.ndarray, ds: Dataset, notes: list[str]) -> tuple[float, float]:
+    """The range of stored values the header allows, widened when the data exceeds it."""
+    bits_stored = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
+    if int(ds.get("PixelRepresentation") or 0) == 1:
+        return -(2.0 ** (bits_stored - 1)), 2.0 ** (bits_stored - 1) - 1
+    declared_max = 2**bits_stored - 1
+    data_max = int(array.max())
+    if data_max > declared_max:
+        bits = data_max.bit_length()
+        notes.append(
+            f"pixel values reach {data_max}, above BitsStored {bits_stored} (max {declared_max}); "
+            f"read as {bits}-bit data instead of masking the high bits"
+        )
+        return 0.0, float(2**bits - 1)
+    return 0.0, float(declared_max)
+
+
+def _apply_modality_lut(
+    array: np.ndarray, ds: Dataset, low: float, high: float
+) -> tuple[np.ndarray, float, float]:
+    """Apply Rescale Slope/Intercept or a Modality LUT Sequence (PS3.3 C.11.1) and map the range."""
+    if "ModalityLUTSequence" in ds:
+        from pydicom.pixels import apply_modality_lut
+
+        # The LUT's own output values bound the range; LUT Descriptor's bit depth
+        # (often 16) says only how they are stored.
+        lut = apply_modality_lut(np.arange(int(low), int(high) + 1), ds)
+        return apply_modality_lut(array, ds), float(lut.min()), float(lut.max())
+    slope = float(ds.get("RescaleSlope") or 1.0)
+    intercept = float(ds.get("RescaleIntercept") or 0.0)
+    if slope == 1.0 and intercept == 0.0:
+        return array, low, high
+    ends = sorted((low * slope + intercept, high * slope + intercept))
+    return array.astype(np.float64) * slope + intercept, ends[0], ends[1]
+
+
+def _inverts(ds: Dataset) -> bool:
+    """Whether displayed grey levels run opposite to stored values.
+
+    MONOCHROME1 means "minimum is white". In DX files it comes with Presentation LUT
+    Shape INVERSE, which describes that same inversion (PS3.3 C.8.11.1.1.1), so the
+    image is inverted once, not twice. INVERSE on MONOCHROME2 inverts the display.
+    """
+    photometric = _text(ds, "PhotometricInterpretation").upper()
+    shape = _text(ds, "PresentationLUTShape").upper()
+    return photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE")
+
+
+def to_model_range(array: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarray:
+    """Map stored values to [-1024, 1024], bone bright, as ``xrv.utils.normalize`` does."""
+    low, high = _value_range(array, ds, notes)
+    values, low, high = _apply_modality_lut(array, ds, low, high)
+    if high <= low:
+        raise InputError(f"empty value range [{low}, {high}] after the Modality LUT")
+    if low == 0.0:
+        # Same float32 arithmetic as xrv.utils.normalize, so results match it exactly.
+        scaled = values.astype(np.float32) / np.float32(high)
+    else:
+        scaled = ((values.astype(np.float64) - low) / (high - low)).astype(np.float32)
+    if _inverts(ds):
+        scaled = np.float32(1.0) - scaled
+    return (2 * scaled - 1.0) * MODEL_RANGE
+
+
+def read_radiograph(source: Source) -> Radiograph:
+    """Read, check and decode one file; raise :class:`InputError` (or its subclass) if unusable."""
+    ds = read_dataset(source)
+    check_pixel_data(ds)
+    notes: list[str] = []
+    check_radiograph(ds, notes)
+    array = _decode(ds)
+    low_value, high_value = array.min(), array.max()
+    if low_value == high_value:
+        raise InputError(f"every pixel has the value {low_value}: no image content")
+    pixels = to_model_range(array, ds, notes)
+    return Radiograph(pixels=pixels, identity=identity_of(ds), warnings=notes)
+
+
+def read_radiograph_bytes(data: bytes, name: str = "<bytes>") -> Radiograph:
+    """Like :func:`read_radiograph` for bytes already in memory (tests, archives)."""
+
+    class _Memory(Source):
+        def open(self) -> io.BytesIO:  # type: ignore[override]
+            return io.BytesIO(data)
+
+    return read_radiograph(_Memory(name))

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Step 1: classify every chest X-ray DICOM with TorchXRayVision into one JSON results file."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cxrsr import cli
+from cxrsr.discovery import check_inputs_exist, iter_sources
+from cxrsr.errors import PipelineError
+from cxrsr.results import FAILED, FORMAT, SKIPPED, write_json_atomic
+
+DESCRIPTION = """\
+Classify chest radiographs (CR/DX) with a TorchXRayVision DenseNet and write one JSON
+results file. Inputs are files, folders (searched recursively) and .zip archives;
+DICOM files are recognised by content. Other modalities, colour, multi-frame and
+non-chest images are skipped with the reason; unreadable files fail with the reason;
+the rest of the batch always goes on.
+
+Scores: for the default weights (densenet121-res224-all) they are operating-point
+normalised, NOT probabilities: 0.5 is each label's decision threshold, and a label is
+listed under "findings" when its score is >= 0.5.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = cli.make_parser(
+        "process_dicom.py",
+        DESCRIPTION,
+        "the model weights are missing and cannot be downloaded (the message says where to put them)",
+    )
+    params = parser.add_argument_group("parameters")
+    params.add_argument(
+        "inputs",
+        nargs="*",
+        default=["data"],
+        metavar="INPUT",
+        help="DICOM files, folders or .zip archives (default: data/)",
+    )
+    params.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("output/results.json"),
+        help="results file to write (default: %(default)s)",
+    )
+    model = parser.add_argument_group("model options")
+    model.add_argument(
+        "--weights",
+        default="densenet121-res224-all",
+        help="torchxrayvision DenseNet weights name (default: %(default)s)",
+    )
+    model.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="folder holding the weights file (default: torchxrayvision's, ~/.torchxrayvision/models_data)",
+    )
+    model.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where the network runs; auto uses CUDA when present (default: %(default)s)",
+    )
+    model.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "onnx", "eager"],
+        help="auto: ONNX Runtime on the CPU (checked against PyTorch at start), "
+        "eager PyTorch on CUDA (default: %(default)s)",
+    )
+    model.add_argument(
+        "--batch-size", type=int, default=16, help="images per network call (default: %(default)s)"
+    )
+    model.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="reader processes; 0 reads in the main process (default: CPU count, %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    cli.setup_logging(args)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    missing = check_inputs_exist(args.inputs)
+    if missing:
+        parser.error(f"no such file or folder: {', '.join(missing)}")
+
+    sources = list(iter_sources(args.inputs))
+    if not sources:
+        cli.log.warning(
+            "no files found in %s; put chest X-ray DICOM files there (see data/README.md)",
+            ", ".join(args.inputs),
+        )
+
+    from cxrsr.classify import classify
+    from cxrsr.model import load_classifier
+
+    classifier = load_classifier(args.weights, args.cache_dir, args.device, args.backend)
+    cli.log.debug("model %s (%s, %s backend)", args.weights, classifier.device, classifier.backend)
+
+    counts: Counter[str] = Counter()
+    with tqdm(
+        total=len(sources), unit="img", disable=not cli.show_progress(args), file=sys.stderr
+    ) as bar:
+
+        def report(entry: dict) -> None:
+            counts[entry["status"]] += 1
+            if entry["status"] == SKIPPED:
+                cli.log.warning("%s: skipped: %s", entry["path"], entry["reason"])
+            elif entry["status"] == FAILED:
+                cli.log.error("%s: %s", entry["path"], entry["reason"])
+            else:
+                for note in entry.get("warnings", []):
+                    cli.log.info("%s: %s", entry["path"], note)
+            bar.update(1)
+
+        entries = classify(sources, classifier, args.batch_size, args.workers, report)
+
+    document = {"format": FORMAT, "model": classifier.describe(), "images": entries}
+    try:
+        write_json_atomic(args.output, document)
+    except OSError as exc:
+        raise PipelineError(f"{args.output}: cannot write results: {exc}", exit_code=3) from exc
+    cli.summary(
+        f"{counts['classified']} classified, {counts['skipped']} skipped, {counts['failed']} failed"
+        f" -> {args.output}"
+    )
+    return cli.EXIT_FAILED if counts["failed"] else cli.EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
