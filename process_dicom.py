@@ -100,10 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     from cxrsr.classify import classify
-    from cxrsr.model import load_classifier
+    from cxrsr.model import Classifier, load_classifier
 
-    classifier = load_classifier(args.weights, args.cache_dir, args.device, args.backend)
-    cli.log.debug("model %s (%s, %s backend)", args.weights, classifier.device, classifier.backend)
+    def load() -> Classifier:
+        classifier = load_classifier(args.weights, args.cache_dir, args.device, args.backend)
+        cli.log.debug(
+            "model %s on %s, %s backend", args.weights, classifier.device, classifier.backend
+        )
+        return classifier
 
     counts: Counter[str] = Counter()
     with tqdm(
@@ -121,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cli.log.info("%s: %s", entry["path"], note)
             bar.update(1)
 
-        entries = classify(sources, classifier, args.batch_size, args.workers, report)
+        classifier, entries = classify(sources, load, args.batch_size, args.workers, report)
 
     document = {"format": FORMAT, "model": classifier.describe(), "images": entries}
     try:

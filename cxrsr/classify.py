@@ -13,7 +13,7 @@ import multiprocessing
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +77,8 @@ def prepared_in_order(sources: Iterable[Source], workers: int, window: int) -> I
         yield from map(prepare, sources)
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
+    try:
         pending: deque[Future[Prepared]] = deque()
         for source in sources:
             pending.append(pool.submit(prepare, source))
@@ -85,6 +86,9 @@ def prepared_in_order(sources: Iterable[Source], workers: int, window: int) -> I
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    finally:
+        # On an error or Ctrl-C, drop queued files instead of decoding them all first.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def classified_entry(item: Prepared, scores: dict[str, float], threshold: float) -> dict[str, Any]:
@@ -114,22 +118,28 @@ def classified_entry(item: Prepared, scores: dict[str, float], threshold: float)
 
 def classify(
     sources: list[Source],
-    classifier: Classifier,
+    load_classifier: Callable[[], Classifier],
     batch_size: int,
     workers: int,
     on_entry: Callable[[dict[str, Any]], None] = lambda entry: None,
-) -> list[dict[str, Any]]:
-    """Classify ``sources``; return one results entry per source, in input order.
+) -> tuple[Classifier, list[dict[str, Any]]]:
+    """Classify ``sources``; return the classifier and one results entry per source, in order.
 
+    The model loads in a background thread while the worker processes start and decode
+    the first files, so start-up costs the longer of the two, not their sum.
     ``on_entry`` is called once per finished file (progress and messages).
     """
     threshold = 0.5
     entries: list[dict[str, Any] | None] = [None] * len(sources)
     batch: list[tuple[int, Prepared]] = []
+    loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
+    loading = loader.submit(load_classifier)
+    loader.shutdown(wait=False)
 
     def flush() -> None:
         if not batch:
             return
+        classifier = loading.result()
         inputs = np.stack([item.model_input for _, item in batch])  # type: ignore[misc]
         for (index, item), scores in zip(batch, classifier.predict(inputs), strict=True):
             entries[index] = classified_entry(item, scores, threshold)
@@ -138,6 +148,8 @@ def classify(
 
     window = batch_size * 2 + max(workers, 1) * 2
     for index, item in enumerate(prepared_in_order(sources, workers, window)):
+        if loading.done() and loading.exception() is not None:
+            break  # the model cannot load: stop reading files, report that error below
         if item.status == "ready":
             batch.append((index, item))
             if len(batch) >= batch_size:
@@ -145,5 +157,6 @@ def classify(
         else:
             entries[index] = {"path": item.path, "status": item.status, "reason": item.reason}
             on_entry(entries[index])
+    classifier = loading.result()
     flush()
-    return [entry for entry in entries if entry is not None]
+    return classifier, [entry for entry in entries if entry is not None]

@@ -1,32 +1,35 @@
-"""Load a torchxrayvision DenseNet and run it in batches, eagerly or through ONNX Runtime.
+"""Load a torchxrayvision DenseNet and run it in batches, through ONNX Runtime or PyTorch.
 
 Weights are loaded through torchxrayvision's own ``DenseNet(weights=..., cache_dir=...)``,
 which downloads the file once; when that fails (offline machines, firewalls) the error
 says which file to put where.
 
-Scores are torchxrayvision's: ``op_norm(sigmoid(logits))`` for weights with operating
-thresholds, so 0.5 is each label's threshold. Only the logits are computed by the
-chosen backend; the sigmoid and ``xrv.models.op_norm`` always run in torch, so the
-score definition is the library's own whatever the backend.
+Backends, all fp32 (the model's own precision):
 
-Backends, all fp32:
+- ``onnx`` (default on the CPU): the network up to its logits, exported once per weights
+  file to ONNX and run by ONNX Runtime, about 3x faster than eager PyTorch here. The
+  export is checked against the eager model when it is made, and kept beside the weights
+  (``cxrsr-onnx/``) with the labels and thresholds, so later runs need not import
+  PyTorch at all: that saves seconds of start-up on every run.
+- ``eager``: PyTorch in channels-last memory format (the default on CUDA).
 
-- ``eager``: PyTorch in channels-last memory format (same operations as the reference
-  model, about 2x faster on CPU through oneDNN's NHWC convolutions);
-- ``onnx``: the same network exported to ONNX and run by ONNX Runtime (CPU only; about
-  3x faster than plain eager here). Checked against the eager model at load time.
+Scores follow torchxrayvision's definition, ``op_norm(sigmoid(logits))`` for weights with
+operating thresholds (0.5 = each label's threshold). :func:`scores_from_logits` computes
+it in NumPy; ``tests/test_model.py`` checks it against ``xrv.models.op_norm``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import io
+import json
 import logging
 import math
 import os
 import sys
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,28 +37,23 @@ from typing import Any
 import numpy as np
 
 from cxrsr.errors import PipelineError
+from cxrsr.results import OPERATING_POINT_SCORE, write_json_atomic
 
 log = logging.getLogger("cxrsr")
 
 DEFAULT_WEIGHTS = "densenet121-res224-all"
-#: Largest difference in score allowed between the ONNX and eager paths at the load check.
+#: Largest score difference allowed between the ONNX export and eager PyTorch.
 ONNX_SCORE_TOLERANCE = 1e-4
+INPUT_SHAPE = (1, 224, 224)
 
 
-def densenet_weight_names() -> list[str]:
-    """Every DenseNet weights name torchxrayvision knows."""
-    import torchxrayvision as xrv
-
-    return sorted(name for name in xrv.models.model_urls if name.startswith("densenet"))
+def default_cache_dir() -> Path:
+    """torchxrayvision's weights folder (``xrv.utils.get_cache_dir()``), without importing it."""
+    return Path(os.path.expanduser(os.path.join("~", ".torchxrayvision", "models_data")))
 
 
-def weights_path(weights: str, cache_dir: str | os.PathLike[str] | None) -> Path:
-    """Where torchxrayvision keeps (or will download) the weights file."""
-    import torchxrayvision as xrv
-
-    url = xrv.models.model_urls[weights]["weights_url"]
-    folder = cache_dir if cache_dir is not None else xrv.utils.get_cache_dir()
-    return Path(os.path.expanduser(os.path.join(folder, os.path.basename(url))))
+def torchxrayvision_version() -> str:
+    return importlib.metadata.version("torchxrayvision")
 
 
 def sha256_of(path: Path) -> str:
@@ -66,48 +64,107 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` is CUDA when a GPU is visible, else the CPU."""
-    import torch
+def scores_from_logits(logits: np.ndarray, op_threshs: list[float] | None) -> np.ndarray:
+    """torchxrayvision's output: sigmoid, then ``op_norm`` when thresholds exist.
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError("--device cuda: no CUDA device is available", exit_code=2)
-    return device
+    ``op_norm`` maps [0, t] to [0, 0.5] and [t, 1] to [0.5, 1] linearly per label, and
+    leaves 0.5 where a label has no threshold (NaN).
+    """
+    out = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float32)))
+    if op_threshs is None:
+        return out
+    thresholds = np.broadcast_to(np.asarray(op_threshs, dtype=np.float32), out.shape)
+    known = ~np.isnan(thresholds)
+    below = (out < thresholds) & known
+    above = ~(out < thresholds) & known
+    new = np.full(out.shape, 0.5, dtype=np.float32)
+    new[below] = out[below] / (thresholds[below] * 2)
+    new[above] = 1.0 - (1.0 - out[above]) / ((1 - thresholds[above]) * 2)
+    return new
 
 
 @dataclass
-class Classifier:
-    """A loaded model: labels, provenance and a ``predict`` over batches of inputs."""
+class ModelCard:
+    """What is known about the weights, without the network itself."""
 
     weights: str
     weights_file: Path
     weights_sha256: str
-    labels: list[str]
-    """Labels reported, in the model's own order (untrained outputs left out)."""
-    excluded_labels: list[str]
-    device: str
-    backend: str
+    outputs: list[str]
+    """The model's output names in order (``model.pathologies``; '' marks an untrained output)."""
+    op_threshs: list[float] | None
     torchxrayvision_version: str
-    _model: Any = field(repr=False)
-    _keep: list[int] = field(repr=False)
-    _session: Any = field(default=None, repr=False)
 
-    def describe(self) -> dict[str, Any]:
-        """The ``model`` block of the results file."""
+    @property
+    def kept(self) -> list[int]:
+        """Outputs that are trained and calibrated (a name, and a threshold if any are set)."""
+        return [
+            i
+            for i, label in enumerate(self.outputs)
+            if label and (self.op_threshs is None or not math.isnan(self.op_threshs[i]))
+        ]
+
+    def to_json(self) -> dict[str, Any]:
         return {
             "weights": self.weights,
             "weights_file": self.weights_file.name,
             "weights_sha256": self.weights_sha256,
+            "outputs": self.outputs,
+            "op_threshs": [None if math.isnan(t) else t for t in self.op_threshs]
+            if self.op_threshs is not None
+            else None,
             "torchxrayvision": self.torchxrayvision_version,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], folder: Path) -> ModelCard:
+        thresholds = data["op_threshs"]
+        return cls(
+            weights=data["weights"],
+            weights_file=folder / data["weights_file"],
+            weights_sha256=data["weights_sha256"],
+            outputs=list(data["outputs"]),
+            op_threshs=[math.nan if t is None else float(t) for t in thresholds]
+            if thresholds is not None
+            else None,
+            torchxrayvision_version=data["torchxrayvision"],
+        )
+
+
+@dataclass
+class Classifier:
+    """A loaded model: provenance, labels and ``predict`` over batches of inputs."""
+
+    card: ModelCard
+    device: str
+    backend: str
+    _logits: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+
+    @property
+    def labels(self) -> list[str]:
+        """Labels reported, in the model's own order (untrained outputs left out)."""
+        return [self.card.outputs[i] for i in self.card.kept]
+
+    def describe(self) -> dict[str, Any]:
+        """The ``model`` block of the results file."""
+        card = self.card
+        excluded = [
+            label or f"output {i}" for i, label in enumerate(card.outputs) if i not in card.kept
+        ]
+        return {
+            "weights": card.weights,
+            "weights_file": card.weights_file.name,
+            "weights_sha256": card.weights_sha256,
+            "torchxrayvision": card.torchxrayvision_version,
             "architecture": "DenseNet-121",
             "labels": self.labels,
-            "excluded_labels": self.excluded_labels,
+            "excluded_labels": excluded,
             "threshold": 0.5,
-            "score_kind": _score_kind(self._model),
+            "score_kind": OPERATING_POINT_SCORE
+            if card.op_threshs is not None
+            else "sigmoid output (these weights define no operating thresholds)",
             "preprocessing": (
-                "stored values (after Modality LUT) scaled to [-1024, 1024] by the declared "
+                "stored values (after the Modality LUT) scaled to [-1024, 1024] by the declared "
                 "bit depth, MONOCHROME1 inverted; center crop; anti-aliased resize to 224x224"
             ),
             "precision": "fp32",
@@ -115,41 +172,16 @@ class Classifier:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw network outputs for a float32 batch ``(N, 1, 224, 224)``."""
-        import torch
-
-        if self._session is not None:
-            return self._session.run(None, {"input": np.ascontiguousarray(batch)})[0]
-        with torch.inference_mode():
-            tensor = torch.from_numpy(batch).to(self.device)
-            tensor = tensor.contiguous(memory_format=torch.channels_last)
-            return _logits_module(self._model)(tensor).float().cpu().numpy()
+        return self._logits(np.ascontiguousarray(batch, dtype=np.float32))
 
     def predict(self, batch: np.ndarray) -> list[dict[str, float]]:
         """Scores per image as ``{label: score}``, rounded to 6 decimals for stable files."""
-        scores = scores_from_logits(self._model, self.logits(batch))
-        return [
-            {self.labels[i]: round(float(row[k]), 6) for i, k in enumerate(self._keep)}
-            for row in scores
-        ]
+        scores = scores_from_logits(self.logits(batch), self.card.op_threshs)
+        kept = self.card.kept
+        return [{self.card.outputs[k]: round(float(row[k]), 6) for k in kept} for row in scores]
 
 
-def _score_kind(model: Any) -> str:
-    from cxrsr.results import OPERATING_POINT_SCORE
-
-    if getattr(model, "op_threshs", None) is not None:
-        return OPERATING_POINT_SCORE
-    return "sigmoid output (these weights define no operating thresholds)"
-
-
-def scores_from_logits(model: Any, logits: np.ndarray) -> np.ndarray:
-    """torchxrayvision's output definition applied to logits (sigmoid, then op_norm)."""
-    import torch
-    import torchxrayvision as xrv
-
-    out = torch.sigmoid(torch.from_numpy(np.asarray(logits, dtype=np.float32)))
-    if getattr(model, "op_threshs", None) is not None:
-        out = xrv.models.op_norm(out, model.op_threshs.float().cpu())
-    return out.numpy()
+# --------------------------------------------------------------------------- PyTorch
 
 
 def _logits_module(model: Any) -> Any:
@@ -169,52 +201,102 @@ def _logits_module(model: Any) -> Any:
     return _Logits(model).eval()
 
 
-def _load_densenet(weights: str, cache_dir: str | os.PathLike[str] | None) -> tuple[Any, Path]:
+def load_torch_model(weights: str, cache_dir: Path) -> tuple[Any, ModelCard]:
+    """torchxrayvision's own loading path (downloads once), with errors that say what to do."""
     import torchxrayvision as xrv
 
-    path = weights_path(weights, cache_dir)
+    names = sorted(name for name in xrv.models.model_urls if name.startswith("densenet"))
+    if weights not in names:
+        raise PipelineError(f"unknown weights {weights!r}; choose one of: {', '.join(names)}", 2)
     url = xrv.models.model_urls[weights]["weights_url"]
+    path = cache_dir / os.path.basename(url)
     fix = (
-        f"download {url} on a machine with internet access and copy it to {path} "
+        f"offline? download {url} on a machine with internet access and copy it to {path} "
         f"(or pass --cache-dir with the folder that holds it)"
     )
     downloading = not path.is_file()
     if downloading:
         log.info("downloading weights %s to %s (once)", weights, path)
-    captured = io.StringIO()
     try:
-        # torchxrayvision prints its download chatter; keep stdout clean for the user.
-        with contextlib.redirect_stdout(captured):
-            model = xrv.models.DenseNet(
-                weights=weights, cache_dir=str(cache_dir) if cache_dir else None
-            )
+        # torchxrayvision prints its download chatter; keep stdout for our summary.
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = xrv.models.DenseNet(weights=weights, cache_dir=str(cache_dir))
     except Exception as exc:
         if downloading:
             path.unlink(missing_ok=True)  # never leave a partial download behind
+            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
             raise PipelineError(
-                f"cannot download weights {weights} ({type(exc).__name__}: {exc}); {fix}",
-                exit_code=3,
+                f"cannot download weights {weights} ({type(exc).__name__}: {reason}); {fix}", 3
             ) from exc
         raise PipelineError(
-            f"weights file {path} is unreadable ({type(exc).__name__}: {exc}); delete it and "
-            f"rerun to download it again, or {fix}",
-            exit_code=3,
+            f"weights file {path} is unreadable ({type(exc).__name__}); delete it and rerun "
+            f"to download it again, or {fix}",
+            3,
         ) from exc
-    return model.eval(), path
+    thresholds = getattr(model, "op_threshs", None)
+    card = ModelCard(
+        weights=weights,
+        weights_file=path,
+        weights_sha256=sha256_of(path),
+        outputs=list(model.pathologies),
+        op_threshs=[float(t) for t in thresholds] if thresholds is not None else None,
+        torchxrayvision_version=xrv.__version__,
+    )
+    return model.eval(), card
 
 
-def _onnx_session(model: Any, sha256: str, cache_dir: Path | None) -> Any:
-    """Export the logits network to ONNX once per weights file and open it with ONNX Runtime."""
-    import onnxruntime
+def _eager_logits(model: Any, device: str) -> Callable[[np.ndarray], np.ndarray]:
     import torch
 
-    folder = (cache_dir or Path(tempfile.gettempdir())) / "cxrsr-onnx"
-    onnx_path = folder / f"{sha256[:16]}-torch{torch.__version__.split('+')[0]}.onnx"
-    if not onnx_path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = onnx_path.with_suffix(f".{os.getpid()}.tmp")
-        # A plausible image: torchxrayvision warns on inputs outside [-1024, 1024].
-        example = torch.linspace(-1024, 1024, 224 * 224).reshape(1, 1, 224, 224)
+    module = _logits_module(model.to(device).to(memory_format=torch.channels_last))
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            tensor = (
+                torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
+            )
+            return module(tensor).float().cpu().numpy()
+
+    return run
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def _onnx_paths(card_or_weights: ModelCard | str, cache_dir: Path) -> tuple[Path, Path]:
+    weights = card_or_weights if isinstance(card_or_weights, str) else card_or_weights.weights
+    folder = cache_dir / "cxrsr-onnx"
+    return folder / f"{weights}.json", folder / f"{weights}.onnx"
+
+
+def _cached_onnx_card(weights: str, cache_dir: Path) -> ModelCard | None:
+    """The card of a previous export of these weights, if it is still valid."""
+    card_path, onnx_path = _onnx_paths(weights, cache_dir)
+    try:
+        data = json.loads(card_path.read_text(encoding="utf-8"))
+        card = ModelCard.from_json(data, cache_dir)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if (
+        not onnx_path.is_file()
+        or not card.weights_file.is_file()
+        or card.torchxrayvision_version != torchxrayvision_version()
+        or sha256_of(card.weights_file) != card.weights_sha256
+    ):
+        return None
+    return card
+
+
+def _export_onnx(model: Any, card: ModelCard, cache_dir: Path) -> None:
+    """Export the logits network, check it against eager PyTorch, then publish it."""
+    import torch
+
+    card_path, onnx_path = _onnx_paths(card, cache_dir)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = onnx_path.with_name(f".{onnx_path.name}.{os.getpid()}.tmp")
+    # A plausible image: torchxrayvision warns about inputs outside [-1024, 1024].
+    example = torch.linspace(-1024, 1024, 224 * 224).reshape(1, *INPUT_SHAPE)
+    try:
         with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
             torch.onnx.export(
                 _logits_module(model),
@@ -226,78 +308,38 @@ def _onnx_session(model: Any, sha256: str, cache_dir: Path | None) -> Any:
                 opset_version=17,
                 dynamo=False,
             )
+        drift = _max_score_drift(_onnx_logits(tmp), _eager_logits(model, "cpu"), card)
+        if drift > ONNX_SCORE_TOLERANCE:
+            raise RuntimeError(f"ONNX scores differ from eager PyTorch by {drift:.2g}")
         os.replace(tmp, onnx_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_json_atomic(card_path, card.to_json())
+
+
+def _max_score_drift(
+    fast: Callable[[np.ndarray], np.ndarray],
+    eager: Callable[[np.ndarray], np.ndarray],
+    card: ModelCard,
+) -> float:
+    rng = np.random.default_rng(0)
+    batch = rng.uniform(-1024, 1024, size=(2, *INPUT_SHAPE)).astype(np.float32)
+    a = scores_from_logits(fast(batch), card.op_threshs)
+    b = scores_from_logits(eager(batch), card.op_threshs)
+    return float(np.max(np.abs(a - b)))
+
+
+def _onnx_logits(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime
+
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    return onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
+    def run(batch: np.ndarray) -> np.ndarray:
+        return session.run(None, {"input": batch})[0]
 
-def check_backend_against_eager(classifier: Classifier) -> float:
-    """Largest score difference between the chosen backend and eager PyTorch on test inputs."""
-    rng = np.random.default_rng(0)
-    batch = rng.uniform(-1024, 1024, size=(2, 1, 224, 224)).astype(np.float32)
-    import torch
-
-    with torch.inference_mode():
-        eager = classifier._model(torch.from_numpy(batch)).numpy()
-    fast = scores_from_logits(classifier._model, classifier.logits(batch))
-    return float(np.max(np.abs(eager - fast)))
-
-
-def load_classifier(
-    weights: str = DEFAULT_WEIGHTS,
-    cache_dir: str | os.PathLike[str] | None = None,
-    device: str = "auto",
-    backend: str = "auto",
-) -> Classifier:
-    """Load the weights and prepare the fastest backend that reproduces the eager model."""
-    import torch
-    import torchxrayvision as xrv
-
-    names = densenet_weight_names()
-    if weights not in names:
-        raise PipelineError(f"unknown weights {weights!r}; choose one of: {', '.join(names)}", 2)
-    device = resolve_device(device)
-    model, path = _load_densenet(weights, cache_dir)
-    model = model.to(device).to(memory_format=torch.channels_last)
-    thresholds = getattr(model, "op_threshs", None)
-    keep, labels, excluded = [], [], []
-    for index, label in enumerate(model.pathologies):
-        untrained = not label or (thresholds is not None and math.isnan(float(thresholds[index])))
-        if untrained:
-            excluded.append(label or f"output {index}")
-        else:
-            keep.append(index)
-            labels.append(label)
-    sha256 = sha256_of(path)
-    if backend == "auto":
-        backend = "onnx" if device == "cpu" and _has_onnxruntime() else "eager"
-    if backend == "onnx" and device != "cpu":
-        raise PipelineError("--backend onnx runs on the CPU only; use --backend eager", 2)
-    classifier = Classifier(
-        weights=weights,
-        weights_file=path,
-        weights_sha256=sha256,
-        labels=labels,
-        excluded_labels=excluded,
-        device=device,
-        backend="eager",
-        torchxrayvision_version=xrv.__version__,
-        _model=model,
-        _keep=keep,
-    )
-    if backend == "onnx":
-        try:
-            classifier._session = _onnx_session(model.cpu(), sha256, Path(path).parent)
-            classifier.backend = "onnx"
-            drift = check_backend_against_eager(classifier)
-            if drift > ONNX_SCORE_TOLERANCE:
-                log.warning("ONNX scores differ from eager by %.2g; using eager PyTorch", drift)
-                classifier._session, classifier.backend = None, "eager"
-        except Exception as exc:  # export or runtime problems must not stop a batch
-            log.warning("ONNX Runtime unavailable (%s); using eager PyTorch", exc)
-            classifier._session, classifier.backend = None, "eager"
-    return classifier
+    return run
 
 
 def _has_onnxruntime() -> bool:
@@ -306,3 +348,52 @@ def _has_onnxruntime() -> bool:
     except ImportError:
         return False
     return True
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` is CUDA when a GPU is visible, else the CPU (asks PyTorch only when needed)."""
+    if device == "cpu":
+        return device
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise PipelineError(f"--device {device}: no CUDA device is available", 2)
+    return device
+
+
+def load_classifier(
+    weights: str = DEFAULT_WEIGHTS,
+    cache_dir: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    backend: str = "auto",
+) -> Classifier:
+    """The fastest backend that reproduces torchxrayvision's eager model on this device."""
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    want_onnx = backend in ("auto", "onnx") and device in ("auto", "cpu") and _has_onnxruntime()
+    if want_onnx and (device == "cpu" or not _cuda_visible()):
+        card = _cached_onnx_card(weights, folder)
+        if card is not None:
+            return Classifier(card, "cpu", "onnx", _onnx_logits(_onnx_paths(card, folder)[1]))
+    if backend == "onnx" and not _has_onnxruntime():
+        raise PipelineError("--backend onnx needs the onnxruntime package", 2)
+    device = resolve_device(device)
+    if backend == "onnx" and device != "cpu":
+        raise PipelineError("--backend onnx runs on the CPU only; use --backend eager", 2)
+    model, card = load_torch_model(weights, folder)
+    if device == "cpu" and want_onnx:
+        try:
+            _export_onnx(model, card, folder)
+            return Classifier(card, "cpu", "onnx", _onnx_logits(_onnx_paths(card, folder)[1]))
+        except Exception as exc:  # export problems must not stop a batch: eager still works
+            log.warning("ONNX export unavailable (%s); using eager PyTorch", exc)
+    return Classifier(card, device, "eager", _eager_logits(model, device))
+
+
+def _cuda_visible() -> bool:
+    """Whether a CUDA GPU could be present, without importing PyTorch (for ``--device auto``)."""
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")
