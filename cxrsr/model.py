@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,7 +298,9 @@ def _export_onnx(model: Any, card: ModelCard, cache_dir: Path) -> None:
     # A plausible image: torchxrayvision warns about inputs outside [-1024, 1024].
     example = torch.linspace(-1024, 1024, 224 * 224).reshape(1, *INPUT_SHAPE)
     try:
-        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
+        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            # The exporter's deprecation and tracer notes are about its own internals.
+            warnings.simplefilter("ignore")
             torch.onnx.export(
                 _logits_module(model),
                 (example,),

@@ -1,0 +1,240 @@
+"""process_dicom.py on the shared corpus: every file ends as MANIFEST.tsv's `expected` says."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from cxrsr.config import PROJECT_ROOT
+
+SCRIPT = PROJECT_ROOT / "process_dicom.py"
+
+
+def run_process(*args: str | Path, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def expected_statuses(expected: str) -> set[str]:
+    """MANIFEST's free-text `expected` column as the set of acceptable statuses."""
+    text = expected.lower()
+    if text.startswith("classify"):
+        return {"classified"}
+    if text.startswith("skip"):
+        return {"skipped"}
+    if text.startswith("per-file error or skip"):
+        return {"failed", "skipped"}
+    if text.startswith("per-file error"):
+        return {"failed"}
+    if "classify with a warning, or reject" in text:
+        return {"classified", "skipped"}
+    raise AssertionError(f"unknown expectation {expected!r}")
+
+
+@pytest.fixture(scope="module")
+def corpus_results(
+    corpus_dir: Path, weights_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any], Path]:
+    out = tmp_path_factory.mktemp("process") / "results.json"
+    proc = run_process(corpus_dir, "--output", out, "--cache-dir", weights_cache_dir)
+    return proc, json.loads(out.read_text()), out
+
+
+def by_name(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {Path(entry["path"]).name: entry for entry in results["images"]}
+
+
+def test_every_corpus_file_ends_as_the_manifest_says(corpus_results, manifest) -> None:
+    proc, results, _ = corpus_results
+    entries = by_name(results)
+    for row in manifest:
+        entry = entries[row["filename"]]
+        assert entry["status"] in expected_statuses(row["expected"]), (row["filename"], entry)
+        if entry["status"] != "classified":
+            assert entry["reason"], row["filename"]
+    assert entries["MANIFEST.tsv"] == {
+        "path": str(Path(entries["MANIFEST.tsv"]["path"])),
+        "status": "skipped",
+        "reason": "not a DICOM file",
+    }
+    assert len(results["images"]) == len(manifest) + 1
+
+
+def test_reasons_name_the_problem(corpus_results) -> None:
+    _, results, _ = corpus_results
+    reasons = {name: entry.get("reason", "") for name, entry in by_name(results).items()}
+    assert "JPEG 2000" in reasons["edge_cxr_corrupt_j2k_966.dcm"]
+    assert "65535x65535" in reasons["bad_oob_dims_65535.dcm"]
+    assert "no pixel data" in reasons["bad_cr_nopixel.dcm"]
+    assert "Modality CT" in reasons["bad_ct_chest_tcia_slice.dcm"]
+    assert "HIP" in reasons["bad_cr_hip_jlsn.dcm"]
+    assert "Presentation State" in reasons["bad_pr_chest_pa_nopixel.dcm"]
+    assert "colour" in reasons["bad_rgb_us.dcm"]
+    assert "multi-frame" in reasons["bad_multiframe_us_ybr.dcm"]
+    assert (
+        "same value" in reasons["bad_cr_hand_constant_rle.dcm"]
+        or "value 1" in reasons["bad_cr_hand_constant_rle.dcm"]
+    )
+
+
+def test_exit_code_messages_and_summary(corpus_results) -> None:
+    proc, results, _ = corpus_results
+    counts = {
+        s: sum(e["status"] == s for e in results["images"])
+        for s in ("classified", "skipped", "failed")
+    }
+    assert proc.returncode == 1  # the corpus holds undecodable files
+    assert (
+        f"{counts['classified']} classified, {counts['skipped']} skipped, {counts['failed']} failed"
+        in proc.stdout
+    )
+    assert "Traceback" not in proc.stderr
+    for entry in results["images"]:
+        if entry["status"] == "failed":
+            assert f"E: {entry['path']}: {entry['reason']}" in proc.stderr
+        elif entry["status"] == "skipped":
+            assert f"W: {entry['path']}: skipped: {entry['reason']}" in proc.stderr
+
+
+def test_classified_entries_carry_the_source_identity_and_scores(corpus_results) -> None:
+    _, results, _ = corpus_results
+    import torchxrayvision as xrv
+
+    labels = xrv.models.model_urls["densenet121-res224-all"]["labels"]
+    model = results["model"]
+    assert model["labels"] == labels
+    assert model["weights"] == "densenet121-res224-all"
+    assert model["torchxrayvision"] == xrv.__version__
+    assert len(model["weights_sha256"]) == 64
+    assert "not a probability" in model["score_kind"]
+    classified = [e for e in results["images"] if e["status"] == "classified"]
+    assert len(classified) >= 10
+    for entry in classified:
+        ds = pydicom.dcmread(entry["path"], force=True, stop_before_pixels=True)
+        assert entry["sop_instance_uid"] == ds.SOPInstanceUID
+        assert entry["series_instance_uid"] == ds.SeriesInstanceUID
+        assert entry["study_instance_uid"] == ds.StudyInstanceUID
+        assert entry["sop_class_uid"] == ds.SOPClassUID
+        assert entry["patient_id"] == str(ds.get("PatientID") or "")
+        assert list(entry["scores"]) == labels
+        assert all(0.0 <= s <= 1.0 for s in entry["scores"].values())
+        assert entry["findings"] == [k for k, v in entry["scores"].items() if v >= 0.5]
+    names = {Path(e["path"]).name: e for e in classified}
+    # No BodyPartExamined: accepted, with a warning in the results.
+    assert any("BodyPartExamined" in w for w in names["cxr10_nih_dx_8bit.dcm"]["warnings"])
+    assert "warnings" not in names["cxr11_siim_cr_jpeg8.dcm"]
+
+
+def test_rerun_gives_the_same_file(corpus_results, corpus_dir, weights_cache_dir, tmp_path) -> None:
+    _, _, first = corpus_results
+    again = tmp_path / "again.json"
+    proc = run_process(
+        corpus_dir, "-o", again, "--cache-dir", weights_cache_dir, "-q", "--batch-size", "3"
+    )
+    assert proc.returncode == 1
+    assert again.read_bytes() == first.read_bytes()
+
+
+def test_eager_backend_gives_the_same_results(
+    corpus_results, corpus_dir, weights_cache_dir, tmp_path
+) -> None:
+    _, results, _ = corpus_results
+    out = tmp_path / "eager.json"
+    run_process(
+        corpus_dir,
+        "-o",
+        out,
+        "--cache-dir",
+        weights_cache_dir,
+        "-q",
+        "--backend",
+        "eager",
+        "--workers",
+        "0",
+    )
+    eager = json.loads(out.read_text())
+    for a, b in zip(results["images"], eager["images"], strict=True):
+        assert a["status"] == b["status"]
+        if a["status"] == "classified":
+            for label, score in a["scores"].items():
+                assert abs(score - b["scores"][label]) <= 1e-4, (a["path"], label)
+
+
+def test_zip_archives_are_read_in_memory(corpus_dir, weights_cache_dir, tmp_path) -> None:
+    archive = tmp_path / "batch.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(corpus_dir / "cxr11_siim_cr_jpeg8.dcm", "a/one")
+        zf.write(corpus_dir / "bad_ct_small.dcm", "a/two.dcm")
+    out = tmp_path / "r.json"
+    proc = run_process(archive, "-o", out, "--cache-dir", weights_cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    entries = json.loads(out.read_text())["images"]
+    assert [(e["path"], e["status"]) for e in entries] == [
+        (f"{archive}!a/one", "classified"),
+        (f"{archive}!a/two.dcm", "skipped"),
+    ]
+    assert "1 classified, 1 skipped, 0 failed" in proc.stdout
+    assert not (tmp_path / "a").exists()  # nothing extracted
+
+
+def test_missing_weights_give_one_clear_line(corpus_dir, tmp_path) -> None:
+    empty = tmp_path / "no-weights"
+    out = tmp_path / "r.json"
+    proc = run_process(corpus_dir / "cxr11_siim_cr_jpeg8.dcm", "-o", out, "--cache-dir", empty)
+    assert proc.returncode == 3
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("E: ")]
+    assert len(errors) == 1
+    assert "cannot download weights densenet121-res224-all" in errors[0]
+    assert (
+        str(
+            empty
+            / "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
+        )
+        in errors[0]
+    )
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    assert not any(empty.glob("*.pt"))  # no partial download left behind
+
+
+def test_usage_errors_exit_2(tmp_path) -> None:
+    proc = run_process(tmp_path / "does-not-exist")
+    assert proc.returncode == 2
+    assert "does-not-exist" in proc.stderr
+    proc = run_process("--weights", "nonsense", tmp_path, "--cache-dir", tmp_path)
+    assert proc.returncode == 2
+    assert "unknown weights 'nonsense'" in proc.stderr
+    help_text = run_process("--help").stdout
+    for code in ("0 ", "1 ", "2 ", "3 "):
+        assert f"\n  {code}" in help_text
+    assert "NOT probabilities" in help_text
+
+
+def test_empty_folder_is_not_an_error(tmp_path, weights_cache_dir) -> None:
+    (tmp_path / "in").mkdir()
+    proc = run_process(tmp_path / "in", "-o", tmp_path / "r.json", "--cache-dir", weights_cache_dir)
+    assert proc.returncode == 0
+    assert "no files found" in proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["images"] == []
+
+
+def test_results_file_is_replaced_atomically(corpus_dir, weights_cache_dir, tmp_path) -> None:
+    out = tmp_path / "r.json"
+    out.write_text("previous")
+    shutil.copy(corpus_dir / "cxr11_siim_cr_jpeg8.dcm", tmp_path / "x.dcm")
+    run_process(tmp_path / "x.dcm", "-o", out, "--cache-dir", weights_cache_dir, "-q")
+    assert json.loads(out.read_text())["images"][0]["status"] == "classified"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
