@@ -58,7 +58,7 @@ def by_name(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_every_corpus_file_ends_as_the_manifest_says(corpus_results, manifest) -> None:
-    proc, results, _ = corpus_results
+    _, results, _ = corpus_results
     entries = by_name(results)
     for row in manifest:
         entry = entries[row["filename"]]
