@@ -181,3 +181,19 @@ def check_inputs_exist(inputs: Iterable[str | os.PathLike[str]]) -> list[str]:
         if source.member is None:
             missing.append(str(raw))
     return missing
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m cxrsr.discovery --count-dicom DIR ...``: how many DICOM files (for run.sh)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cxrsr.discovery")
+    parser.add_argument("--count-dicom", nargs="+", metavar="INPUT", required=True)
+    args = parser.parse_args(argv)
+    present = [p for p in args.count_dicom if Path(p).exists()]
+    print(sum(1 for source in iter_sources(present) if sniff_dicom(source.head())))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Set everything up and run the pipeline on data/:
+#   process_dicom.py -> generate_sr.py -> upload_dicom.py, into an Orthanc on this machine.
+# Safe to run again: nothing is stored twice.
+set -uo pipefail
+cd "$(dirname "$0")" || exit 1
+. scripts/common.sh
+
+ensure_venv requirements.txt || { say "E: could not install the Python requirements"; exit 1; }
+ensure_dotenv
+PY="$VENV/bin/python"
+
+# Is there anything to do?
+count=$("$PY" -m cxrsr.discovery --count-dicom data)
+if [ "$count" = 0 ]; then
+  cat >&2 <<'MSG'
+E: data/ holds no DICOM file. Put chest X-ray DICOM files there (any names, sub-folders or .zip
+   archives), for example:
+   - your own CR/DX exports (anonymised);
+   - NIH ChestX-ray14 as DICOM (Google Cloud Healthcare public datasets), the SIIM-ACR
+     Pneumothorax challenge set, or TCIA collections such as COVID-19-NY-SBU;
+   - pydicom's and pylibjpeg-data's sample CR files.
+   Then run ./run.sh again.
+MSG
+  exit 1
+fi
+
+# Make sure an Orthanc answers at ORTHANC_URL.
+orthanc_status() {
+  "$PY" - <<'PY'
+import requests
+from cxrsr.config import orthanc_settings
+s = orthanc_settings()
+try:
+    r = requests.get(f"{s.url}/system", auth=(s.username, s.password), timeout=3)
+    print(r.status_code)
+except requests.RequestException:
+    print("down")
+PY
+}
+wait_for_orthanc() {
+  for _ in $(seq 1 90); do
+    [ "$(orthanc_status)" = 200 ] && return 0
+    sleep 1
+  done
+  return 1
+}
+status=$(orthanc_status)
+if [ "$status" = 401 ] || [ "$status" = 403 ]; then
+  say "E: an Orthanc answers at $ORTHANC_URL but refuses the credentials in .env; fix ORTHANC_USERNAME/ORTHANC_PASSWORD there (or stop that Orthanc)"
+  exit 3
+elif [ "$status" != 200 ]; then
+  port=${ORTHANC_URL##*:}; port=${port%%/*}
+  if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+    say "I: starting Orthanc with docker compose (data in the volume cxrsr_orthanc-db)"
+    ORTHANC_HTTP_PORT=$port docker compose up -d || { say "E: docker compose up failed"; exit 3; }
+  elif ensure_packages Orthanc:orthanc; then
+    say "I: no Docker engine; starting the local Orthanc binary (data in .orthanc/db)"
+    "$PY" -m cxrsr.local_orthanc start --dir .orthanc --http-port "$port" || exit 3
+  else
+    say "E: no Orthanc at $ORTHANC_URL, no Docker engine and no Orthanc binary. Install Docker and"
+    say "   run 'docker compose up -d', or install Debian/Ubuntu's 'orthanc' package, then rerun."
+    exit 3
+  fi
+  wait_for_orthanc || { say "E: Orthanc did not come up at $ORTHANC_URL"; exit 3; }
+fi
+
+worst=0
+step() {
+  "$PY" "$@"
+  local rc=$?
+  [ $rc -gt $worst ] && worst=$rc
+  if [ $rc -ge 2 ]; then
+    say "E: $1 stopped (exit $rc); see the message above"
+    exit $rc
+  fi
+}
+step process_dicom.py data --output output/results.json
+step generate_sr.py --results output/results.json --output-dir output/sr
+step upload_dicom.py data output/sr
+
+cat >&2 <<MSG
+
+Done. Results: output/results.json   SRs: output/sr/
+Orthanc: $ORTHANC_URL/app/explorer.html  (user $ORTHANC_USERNAME, password in .env)
+MSG
+[ $worst -ne 0 ] && say "W: some files failed (exit $worst); each is named on an E: line above"
+exit $worst

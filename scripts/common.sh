@@ -1,0 +1,64 @@
+# Shared set-up for run.sh and test.sh (sourced, not run). Idempotent: safe to run again.
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+say() { printf '%s\n' "$*" >&2; }
+
+# The virtual environment with the given requirements file; reinstalls only when it changed.
+ensure_venv() {
+  local requirements=$1
+  if [ ! -x "$VENV/bin/python" ]; then
+    say "I: creating the virtual environment in $VENV"
+    "$PYTHON" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.installed-$(basename "$requirements")"
+  local digest
+  digest=$(cat "$requirements" requirements.txt | sha256sum | cut -d' ' -f1)
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
+    say "I: installing $requirements into $VENV (the first time takes a few minutes: PyTorch is large)"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
+    # torch and torchvision must come as a matching pair; pin the pair known to work.
+    "$VENV/bin/python" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" \
+      || "$VENV/bin/python" -m pip install --quiet "torch<2.15" "torchvision<0.30"
+    "$VENV/bin/python" -m pip install --quiet -r "$requirements"
+    echo "$digest" > "$stamp"
+  fi
+}
+
+# .env with the Orthanc URL and credentials; a random password on first use (never committed).
+ensure_dotenv() {
+  if [ ! -f .env ]; then
+    local password
+    password=$("$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(18))')
+    umask 077
+    cat > .env <<ENV
+# Orthanc connection for the cxrsr scripts and docker compose. Created by run.sh; git-ignored.
+ORTHANC_URL=http://127.0.0.1:8042
+ORTHANC_USERNAME=cxrsr
+ORTHANC_PASSWORD=$password
+ENV
+    say "I: created .env with a random Orthanc password (user cxrsr); the scripts read it from there"
+  fi
+  set -a
+  # shellcheck disable=SC1091
+  . ./.env
+  set +a
+}
+
+# Debian/Ubuntu packages, installed only when missing and when we are allowed to (root).
+ensure_packages() {
+  local missing=()
+  local pair
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || missing+=("${pair##*:}")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "I: installing ${missing[*]} from the system packages"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    say "W: missing ${missing[*]}; install them with your package manager (e.g. sudo apt-get install ${missing[*]})"
+    return 1
+  fi
+}
