@@ -22,11 +22,15 @@ import numpy as np
 from cxrsr.discovery import Source
 from cxrsr.errors import InputError, NotARadiographError
 from cxrsr.model import Classifier
-from cxrsr.preprocess import preprocess
+from cxrsr.preprocess import INPUT_SIZE, preprocess
 from cxrsr.reading import read_radiograph
 from cxrsr.results import CLASSIFIED, FAILED, SKIPPED
 
 log = logging.getLogger("cxrsr")
+
+#: Reduced-resolution decoding keeps at least twice the model's input size, so the
+#: final resize still has the detail to anti-alias from.
+REDUCED_DECODE_MIN_SIZE = 2 * INPUT_SIZE
 
 
 @dataclass
@@ -44,8 +48,13 @@ class Prepared:
 def prepare(source: Source) -> Prepared:
     """Read, check, decode and preprocess one file (runs in a worker process)."""
     try:
-        radiograph = read_radiograph(source)
-        model_input = preprocess(radiograph.pixels)
+        radiograph = read_radiograph(source, min_size=REDUCED_DECODE_MIN_SIZE)
+        model_input = preprocess(
+            radiograph.pixels,
+            decimation=radiograph.decimation,
+            sample_origin=radiograph.sample_origin,
+            original_shape=(radiograph.identity["rows"], radiograph.identity["columns"]),
+        )
     except NotARadiographError as exc:
         return Prepared(source.name, SKIPPED, reason=str(exc))
     except InputError as exc:

@@ -71,7 +71,9 @@ def scores_from_logits(logits: np.ndarray, op_threshs: list[float] | None) -> np
     ``op_norm`` maps [0, t] to [0, 0.5] and [t, 1] to [0.5, 1] linearly per label, and
     leaves 0.5 where a label has no threshold (NaN).
     """
-    out = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float32)))
+    from scipy.special import expit  # the overflow-free logistic function
+
+    out = expit(np.asarray(logits, dtype=np.float32))
     if op_threshs is None:
         return out
     thresholds = np.broadcast_to(np.asarray(op_threshs, dtype=np.float32), out.shape)

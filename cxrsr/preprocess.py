@@ -2,11 +2,21 @@
 
 The reference is ``xrv.datasets.XRayCenterCrop`` followed by ``xrv.datasets.XRayResizer``
 (``skimage.transform.resize`` with anti-aliasing: a Gaussian blur of sigma
-``(scale - 1) / 2`` and bilinear interpolation). On a 2000-pixel image that blur costs
-most of the time, so :func:`resize` first averages whole k×k blocks (k chosen so that
-at least twice the target size remains) and lets skimage do the final, small step. Box
-averaging is itself an anti-aliasing filter; ``tests/test_preprocess.py`` measures how
-close the result stays to the reference on every corpus image.
+``(scale - 1) / 2`` over the full-resolution crop, then bilinear sampling). On a
+2000-pixel image that blur costs most of the time. :func:`preprocess` computes the same
+thing from a smaller image:
+
+1. the image may already be decoded at 1/2, 1/4 or 1/8 resolution by its codec
+   (``decimation``; see ``reading._decode_reduced``);
+2. whole k×k blocks are averaged, k chosen so that at least twice the target size
+   remains (a box filter, itself an anti-aliasing filter);
+3. a Gaussian blurs by what is left of the reference's smoothing;
+4. bilinear sampling at the exact positions, in original pixel coordinates, where the
+   reference samples its crop: crop offsets and each codec's sample phase are kept, so
+   reduced decoding shifts nothing.
+
+``tests/test_equivalence.py`` measures how close this stays to the reference on every
+corpus image.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import scipy.ndimage as ndi
 import skimage.transform
 
 INPUT_SIZE = 224
@@ -29,51 +40,77 @@ def center_crop(image: np.ndarray) -> np.ndarray:
 
 
 def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
-    """Average non-overlapping ``factor``×``factor`` blocks (a box filter plus decimation).
-
-    A remainder of fewer than ``factor`` rows/columns is split between both edges, so
-    the image stays centred.
-    """
+    """Average non-overlapping ``factor``×``factor`` blocks from the top-left corner."""
     if factor <= 1:
-        return image
+        return image.astype(np.float32, copy=False)
     height, width = image.shape
-    trim_y, trim_x = height % factor, width % factor
-    image = image[
-        trim_y // 2 : height - (trim_y - trim_y // 2), trim_x // 2 : width - (trim_x - trim_x // 2)
-    ]
+    image = image[: height - height % factor, : width - width % factor]
     h, w = image.shape
     return image.reshape(h // factor, factor, w // factor, factor).mean(
         axis=(1, 3), dtype=np.float32
     )
 
 
-def resize(image: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
-    """Anti-aliased resize of a square image to ``size``×``size`` (float32)."""
-    factor = image.shape[0] // (2 * size)
-    reduced = block_mean(image, factor)
-    # skimage blurs the full image with sigma (scale - 1) / 2. A k-wide box already
-    # blurred it by k / sqrt(12); blur the reduced image by what is left, so the total
-    # smoothing matches the reference.
-    scale = image.shape[0] / size
-    target_sigma = max((scale - 1) / 2, 0.0)
-    done_sigma = factor / np.sqrt(12) if factor > 1 else 0.0
-    sigma = np.sqrt(max(target_sigma**2 - done_sigma**2, 0.0)) / max(factor, 1)
+def _skimage_resize(image: np.ndarray, size: int) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = skimage.transform.resize(
-            reduced,
-            (size, size),
-            mode="constant",
-            preserve_range=True,
-            anti_aliasing=sigma > 0,
-            anti_aliasing_sigma=sigma if sigma > 0 else None,
+            image, (size, size), mode="constant", preserve_range=True, anti_aliasing=True
         )
     return out.astype(np.float32)
 
 
-def preprocess(pixels: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
-    """Model input ``(1, size, size)`` float32 from a [-1024, 1024] image."""
-    return resize(center_crop(pixels), size)[None, :, :]
+def preprocess(
+    pixels: np.ndarray,
+    size: int = INPUT_SIZE,
+    decimation: int = 1,
+    sample_origin: float | None = None,
+    original_shape: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Model input ``(1, size, size)`` float32 from a [-1024, 1024] image.
+
+    ``decimation``: original pixels per pixel of ``pixels`` along each axis.
+    ``sample_origin``: where, in original pixels, the sample ``pixels[0, 0]`` lies
+    (default ``(decimation - 1) / 2``, the centre of its block; 0 for JPEG 2000, whose
+    low-pass band keeps the even samples). ``original_shape``: the stored Rows, Columns.
+    """
+    d = decimation
+    height, width = original_shape if original_shape else (pixels.shape[0] * d, pixels.shape[1] * d)
+    crop = min(height, width)
+    factor = max((crop // d) // (2 * size), 1)
+    if d == 1 and factor == 1:
+        # Small images (up to twice the input size): the reference itself is cheap.
+        return _skimage_resize(center_crop(pixels), size)[None, :, :]
+    origin = (d - 1) / 2 if sample_origin is None else sample_origin
+    y0, x0 = height // 2 - crop // 2, width // 2 - crop // 2
+    reduced = block_mean(pixels, factor)
+    pitch = d * factor
+    first = origin + (factor - 1) / 2 * d  # original position of reduced[0, 0]
+
+    def covering(start: int, length: int) -> tuple[int, int]:
+        """The rows (or columns) of ``reduced`` whose centres fall inside the crop."""
+        low = int(np.floor((start - 0.5 - first) / pitch + 0.5))
+        high = int(np.ceil((start + crop - 0.5 - first) / pitch - 0.5)) + 1
+        return max(low, 0), min(high, length)
+
+    # Crop before blurring, as the reference does: its Gaussian sees the crop's edges.
+    ya, yb = covering(y0, reduced.shape[0])
+    xa, xb = covering(x0, reduced.shape[1])
+    reduced = reduced[ya:yb, xa:xb]
+    low_value, high_value = float(reduced.min()), float(reduced.max())
+    scale = crop / size
+    target_sigma = max((scale - 1) / 2, 0.0)
+    done_sigma = pitch / np.sqrt(12)
+    sigma = np.sqrt(max(target_sigma**2 - done_sigma**2, 0.0)) / pitch
+    if sigma > 0:
+        reduced = ndi.gaussian_filter(reduced, sigma, mode="constant", cval=0.0)
+    # Output pixel o samples the crop at (o + 0.5) * scale - 0.5 (skimage's convention).
+    offsets = (np.arange(size) + 0.5) * scale - 0.5
+    rows = (y0 + offsets - first) / pitch - ya
+    columns = (x0 + offsets - first) / pitch - xa
+    grid = np.meshgrid(rows, columns, indexing="ij")
+    out = ndi.map_coordinates(reduced, grid, order=1, mode="nearest")
+    return np.clip(out, low_value, high_value).astype(np.float32)[None, :, :]
 
 
 def reference_preprocess(pixels: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
