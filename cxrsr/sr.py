@@ -1,0 +1,719 @@
+"""The SR builder: one TID 1500 Comprehensive 3D SR per classified radiograph.
+
+The document (``shared/docs/sr-design.md`` Appendix A.1):
+
+- IOD Comprehensive 3D SR (PS3.3 A.35.13), root TID 1500 "Imaging Measurement Report",
+  as IHE AI Results requires for image-level AI findings;
+- one TID 1501 measurement group per model label: the finding's code, the score as NUM
+  (111012, DCM, "Certainty of Finding") with a Measurement Method saying it is an
+  operating-point normalised score, a Present/Absent CODE, TID 4019 algorithm
+  identification and an IMAGE reference to the source;
+- a TID 1600 image library entry, a TID 1004 device observer context, the source in
+  Current Requested Procedure Evidence Sequence, the model in Contributing Equipment.
+
+Placement (PS3.3 C.17.1): Patient and Study are copied from the source image; the SR
+gets its own series (Modality SR) in the source's study, because SR documents never
+reside in a series of images. There is one SR series per source series and model weights.
+
+All UIDs are derived from the results (:mod:`cxrsr.uids`), so the same results always
+make the same instance, and the file bytes are the same too.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.valuerep import DT, validate_value
+from tqdm import tqdm
+
+from cxrsr import __version__, uids
+from cxrsr.codes import (
+    ABSENT,
+    CERTAINTY_OF_FINDING,
+    NO_UNITS,
+    OPERATING_POINT_METHOD,
+    PRESENT,
+    PRIVATE_SCHEME,
+    PRIVATE_SCHEME_NAME,
+    PRIVATE_SCHEME_ORGANIZATION,
+    PROCEDURE_REPORTED,
+    finding_for_label,
+)
+from cxrsr.discovery import open_source
+from cxrsr.errors import InputError, PipelineError
+from cxrsr.results import CLASSIFIED, FAILED, SKIPPED
+
+log = logging.getLogger("cxrsr")
+
+#: Bumped whenever the SR's content changes for the same results; part of the SOP Instance
+#: UID, so a PACS holding the old document receives a new instance, not a silent clash.
+SR_LAYOUT_VERSION = "1"
+
+#: Series Number of every SR series (PS3.3 C.17.1 requires one; a fixed, high number keeps
+#: the AI series after the acquired ones in a viewer's series list).
+SR_SERIES_NUMBER = 9901
+
+#: Series Description (LO, at most 64 characters, ASCII so any source character set holds it).
+SR_SERIES_DESCRIPTION = "AI CXR classification - NOT FOR DIAGNOSTIC USE"
+
+#: General Equipment of the SR: the software that wrote it.
+SR_MANUFACTURER = "cxrsr"
+SR_MANUFACTURER_MODEL_NAME = "generate_sr.py"
+
+#: Who publishes the model (TID 4019 Algorithm Manufacturer, TID 1004, Contributing Equipment).
+MODEL_MANUFACTURER = "mlmed/torchxrayvision"
+
+#: Attributes that place the SR in the PACS. They are copied even when the source's value
+#: breaks its VR, because an SR that validates but lands in the wrong patient or study is
+#: worse than a validator error (the source already carries the same value).
+PLACEMENT_KEYWORDS = frozenset({"PatientID", "StudyInstanceUID"})
+
+#: Patient (PS3.3 C.7.1.1) and General Study (C.7.2.1) attributes of Type 2: present, and
+#: empty when the source has no value (a source without PatientID gets an empty one).
+TYPE_2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+#: Keys of a results entry checked against the source header before an SR is written.
+IDENTITY_KEYS = {
+    "sop_instance_uid": "SOPInstanceUID",
+    "series_instance_uid": "SeriesInstanceUID",
+    "study_instance_uid": "StudyInstanceUID",
+    "sop_class_uid": "SOPClassUID",
+}
+
+
+class SourceError(InputError):
+    """The source named by a results entry is gone, unreadable, or not the classified image."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The ``model`` block of a results file: which network, which weights, what scores mean."""
+
+    model_id: str
+    weights_sha256: str
+    torchxrayvision: str
+    labels: tuple[str, ...]
+    threshold: float
+    score_kind: str
+
+    @classmethod
+    def from_results(cls, model: Mapping[str, Any]) -> ModelInfo:
+        """Check the block; anything missing means the file cannot make an SR (exit 2)."""
+        missing = [k for k in ("weights", "weights_sha256", "torchxrayvision") if not model.get(k)]
+        if missing:
+            raise PipelineError(f"results file: model lacks {', '.join(missing)}", exit_code=2)
+        labels = model["labels"]
+        if not labels or not all(isinstance(x, str) and x for x in labels):
+            raise PipelineError("results file: model.labels must be non-empty strings", 2)
+        if len(set(labels)) != len(labels):
+            raise PipelineError("results file: model.labels has duplicates", exit_code=2)
+        threshold = model.get("threshold", 0.5)
+        if not _is_finite_number(threshold):
+            raise PipelineError("results file: model.threshold is not a number", exit_code=2)
+        return cls(
+            model_id=str(model["weights"]),
+            weights_sha256=str(model["weights_sha256"]),
+            torchxrayvision=str(model["torchxrayvision"]),
+            labels=tuple(labels),
+            threshold=float(threshold),
+            score_kind=str(model.get("score_kind", "")),
+        )
+
+    @property
+    def algorithm_name(self) -> str:
+        return f"torchxrayvision {self.model_id}"
+
+    @property
+    def algorithm_version(self) -> str:
+        return f"{self.torchxrayvision}; weights sha256:{self.weights_sha256}"
+
+    @property
+    def algorithm_parameters(self) -> list[str]:
+        """TID 4019 Algorithm Parameters: what a reader needs to interpret the scores."""
+        return [
+            f"threshold={self.threshold:g}",
+            "score=operating-point normalised (0.5 = the label's operating point), "
+            "not a probability",
+        ]
+
+    @property
+    def device_uid(self) -> str:
+        return uids.device_observer_uid(self.model_id, self.weights_sha256)
+
+
+@dataclass(frozen=True)
+class Classification:
+    """One ``classified`` results entry, checked: a score and a call for every label."""
+
+    path: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    sop_class_uid: str
+    scores: tuple[float, ...]
+    present: tuple[bool, ...]
+
+    @classmethod
+    def from_entry(cls, entry: Mapping[str, Any], model: ModelInfo, index: int) -> Classification:
+        """Check one entry against the model's labels; a bad one makes the file unusable (exit 2)."""
+        where = f"results file: images[{index}] ({entry.get('path')})"
+        scores = entry["scores"]
+        findings = entry["findings"]
+        if not isinstance(scores, dict) or not isinstance(findings, list):
+            raise PipelineError(f"{where}: scores must be an object, findings a list", 2)
+        missing = [label for label in model.labels if label not in scores]
+        if missing:
+            raise PipelineError(f"{where}: no score for {', '.join(missing)}", exit_code=2)
+        bad = [label for label in model.labels if not _is_finite_number(scores[label])]
+        if bad:
+            raise PipelineError(f"{where}: score of {', '.join(bad)} is not a number", 2)
+        unknown = [label for label in findings if label not in model.labels]
+        if unknown:
+            raise PipelineError(f"{where}: findings name unknown {', '.join(unknown)}", 2)
+        for key in ("path", *IDENTITY_KEYS):
+            if not isinstance(entry[key], str) or not entry[key]:
+                raise PipelineError(f"{where}: '{key}' is empty", exit_code=2)
+        return cls(
+            path=entry["path"],
+            sop_instance_uid=entry["sop_instance_uid"],
+            series_instance_uid=entry["series_instance_uid"],
+            study_instance_uid=entry["study_instance_uid"],
+            sop_class_uid=entry["sop_class_uid"],
+            scores=tuple(float(scores[label]) for label in model.labels),
+            present=tuple(label in findings for label in model.labels),
+        )
+
+    def result_digest(self, model: ModelInfo) -> str:
+        """SHA-256 over everything the SR says about the image (labels, scores, calls, meaning).
+
+        Floats are written by ``json`` as their shortest round-trip repr, so the digest
+        changes exactly when a score does.
+        """
+        payload = {
+            "labels": model.labels,
+            "scores": self.scores,
+            "present": self.present,
+            "threshold": model.threshold,
+            "score_kind": model.score_kind,
+        }
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def sr_instance_uid(self, model: ModelInfo) -> str:
+        return uids.sr_instance_uid(
+            self.sop_instance_uid,
+            model.model_id,
+            model.weights_sha256,
+            self.result_digest(model),
+            SR_LAYOUT_VERSION,
+        )
+
+    def sr_series_uid(self, model: ModelInfo) -> str:
+        return uids.sr_series_uid(self.series_instance_uid, model.model_id, model.weights_sha256)
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --- the source -------------------------------------------------------------------------
+
+
+def read_source_header(classification: Classification) -> Dataset:
+    """Re-read the source's header and check it is still the image that was classified.
+
+    ``force=True`` because some sources have no preamble or file meta (ACR-NEMA style,
+    PS3.10 7.1 not followed). A source that has gone, or whose UIDs no longer match the
+    results entry, raises :class:`SourceError`: an SR must never be filed against an
+    image other than the one the scores came from.
+    """
+    path = classification.path
+    try:
+        with open_source(path).open() as stream:
+            header = pydicom.dcmread(stream, stop_before_pixels=True, force=True)
+    except (FileNotFoundError, KeyError):
+        raise SourceError(f"{path}: source file has gone since classification") from None
+    except Exception as exc:  # pydicom raises many types for unreadable input
+        raise SourceError(f"{path}: cannot read the source header: {exc}") from exc
+    for key, keyword in IDENTITY_KEYS.items():
+        found = str(header.get(keyword, ""))
+        expected = getattr(classification, key)
+        if found != expected:
+            raise SourceError(
+                f"{path}: source changed since classification: {keyword} is "
+                f"{found or '(none)'!r}, the results file says {expected!r}"
+            )
+    return header
+
+
+def evidence_dataset(header: Dataset) -> tuple[Dataset, dict[str, str]]:
+    """The source header as highdicom's ``evidence``, and the values that had to be emptied.
+
+    highdicom copies Patient and Study from ``evidence[0]`` and reads ``PatientID`` and
+    friends as attributes, so a source without them (the Barre sample has no PatientID)
+    gets them empty here, exactly as PS3.3 Type 2 allows.
+
+    Sources in the wild carry values that break their VR (PS3.5 6.2): the Canon sample has
+    a 56-character hash as Accession Number (SH, at most 16) and as Patient's Birth Date
+    (DA). Copied as they are, the SR would fail validation; the attributes concerned are
+    Type 2 or 3, so they are emptied, which PS3.5 7.4 allows for both. Placement attributes
+    (:data:`PLACEMENT_KEYWORDS`) are never changed.
+    """
+    evidence = Dataset()
+    evidence.update(header)
+    emptied: dict[str, str] = {}
+    for element in evidence:
+        if element.keyword in PLACEMENT_KEYWORDS:
+            continue
+        problem = _vr_violation(element)
+        if problem is not None:
+            emptied[element.keyword] = problem
+            element.value = None
+    for keyword in TYPE_2_PATIENT_STUDY:
+        if keyword not in evidence or evidence[keyword].value is None:
+            setattr(evidence, keyword, "")
+    return evidence, emptied
+
+
+#: VRs whose values pydicom checks against PS3.5 6.2 (character repertoire and length).
+_CHECKED_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UI"})
+
+
+def _vr_violation(element: pydicom.DataElement) -> str | None:
+    """Why a string element's value breaks its VR, or ``None`` if it does not."""
+    if element.VR not in _CHECKED_VRS or element.value in (None, ""):
+        return None
+    values = element.value if element.VM > 1 else [element.value]
+    for value in values:
+        try:
+            validate_value(element.VR, str(value), pydicom.config.RAISE)
+        except ValueError as exc:
+            return f"{value!r} is not a valid {element.VR}: {exc}"
+    return None
+
+
+# --- the document -----------------------------------------------------------------------
+
+
+def measurement_group(
+    label: str,
+    score: float,
+    present: bool,
+    model: ModelInfo,
+    algorithm: hd.sr.AlgorithmIdentification,
+    source_image: hd.sr.SourceImageForMeasurementGroup,
+    sr_instance_uid: str,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 for one label: finding, score (NUM), call (CODE), algorithm, source image."""
+    finding = finding_for_label(label)
+    sites = [hd.sr.FindingSite(finding.finding_site)] if finding.finding_site else None
+    certainty = hd.sr.Measurement(
+        name=CERTAINTY_OF_FINDING,
+        value=score,
+        unit=NO_UNITS,
+        method=OPERATING_POINT_METHOD,
+    )
+    call = hd.sr.QualitativeEvaluation(name=finding.code, value=PRESENT if present else ABSENT)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            identifier=f"xrv-{label}", uid=uids.tracking_uid(sr_instance_uid, label)
+        ),
+        finding_type=finding.code,
+        finding_sites=sites,
+        algorithm_id=algorithm,
+        measurements=[certainty],
+        qualitative_evaluations=[call],
+        source_images=[source_image],
+    )
+
+
+def measurement_report(
+    evidence: Dataset, classification: Classification, model: ModelInfo, sr_instance_uid: str
+) -> hd.sr.MeasurementReport:
+    """TID 1500 root: device observer, procedure, image library, one group per label."""
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=model.algorithm_name,
+        version=model.algorithm_version,
+        parameters=model.algorithm_parameters,
+        manufacturer=MODEL_MANUFACTURER,
+    )
+    source_image = hd.sr.SourceImageForMeasurementGroup.from_source_image(evidence)
+    groups = [
+        measurement_group(label, score, present, model, algorithm, source_image, sr_instance_uid)
+        for label, score, present in zip(
+            model.labels, classification.scores, classification.present, strict=True
+        )
+    ]
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=model.device_uid,
+        name=model.algorithm_name,
+        manufacturer_name=MODEL_MANUFACTURER,
+        model_name=model.model_id,
+    )
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=PROCEDURE_REPORTED,
+        imaging_measurements=groups,
+    )
+    # TID 1500 row 6: the Image Library comes before the Imaging Measurements (the last item).
+    root_items = report[0].ContentSequence
+    root_items.insert(len(root_items) - 1, image_library(evidence))
+    return report
+
+
+def image_library(image: Dataset) -> hd.sr.ContainerContentItem:
+    """TID 1600 Image Library with one TID 1601 entry for the source image.
+
+    Built here rather than by highdicom's ``ImageLibrary``, which requires Patient
+    Orientation and Imager Pixel Spacing for every CR/DX image (TID 1603); both are Type 2
+    in CR and DX and often empty, so they are described only when the source has them.
+    OHIF 3 needs the library to exist (it reads (111028) unconditionally).
+    """
+    entry = hd.sr.ImageContentItem(
+        name=codes.SCT.Source,
+        referenced_sop_class_uid=image.SOPClassUID,
+        referenced_sop_instance_uid=image.SOPInstanceUID,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    entry.ContentSequence = hd.sr.ContentSequence(image_descriptors(image))
+    group = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibraryGroup,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    group.ContentSequence = hd.sr.ContentSequence([entry])
+    library = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibrary,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    library.ContentSequence = hd.sr.ContentSequence([group])
+    return library
+
+
+def image_descriptors(image: Dataset) -> list[hd.sr.ContentItem]:
+    """TID 1602 (Modality, Rows, Columns) and TID 1603 (orientation, spacing) where known."""
+    acquisition = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
+    pixels = hd.sr.CodedConcept("{pixels}", "UCUM", "Pixels")
+    items: list[hd.sr.ContentItem] = []
+    modality = _coded_modality(str(image.get("Modality", "")))
+    if modality is not None:
+        items.append(hd.sr.CodeContentItem(codes.DCM.Modality, modality, acquisition))
+    for name, keyword in (
+        (codes.DCM.PixelDataRows, "Rows"),
+        (codes.DCM.PixelDataColumns, "Columns"),
+    ):
+        if image.get(keyword):
+            items.append(
+                hd.sr.NumContentItem(
+                    name, int(image[keyword].value), pixels, relationship_type=acquisition
+                )
+            )
+    orientation = image.get("PatientOrientation")
+    spacing = image.get("ImagerPixelSpacing")
+    if orientation and len(orientation) == 2 and spacing and len(spacing) == 2:
+        items += [
+            hd.sr.TextContentItem(codes.DCM.PatientOrientationRow, orientation[0], acquisition),
+            hd.sr.TextContentItem(codes.DCM.PatientOrientationColumn, orientation[1], acquisition),
+            hd.sr.NumContentItem(
+                codes.DCM.HorizontalPixelSpacing,
+                float(spacing[1]),
+                codes.UCUM.Millimeter,
+                relationship_type=acquisition,
+            ),
+            hd.sr.NumContentItem(
+                codes.DCM.VerticalPixelSpacing,
+                float(spacing[0]),
+                codes.UCUM.Millimeter,
+                relationship_type=acquisition,
+            ),
+        ]
+    return items
+
+
+def _coded_modality(modality: str) -> Code | None:
+    """The CID 29 "Acquisition Modality" code of a Modality value, or ``None``."""
+    for name in codes.cid29.dir():
+        code = getattr(codes.cid29, name)
+        if code.value == modality:
+            return code
+    return None
+
+
+def model_equipment(model: ModelInfo, when: datetime.datetime) -> hd.ContributingEquipment:
+    """The model as Contributing Equipment (109102, DCM, "Processing Equipment"), PS3.3 C.12.1.
+
+    DCM defines 109102 to include "a software component that ... applies an AI model";
+    IHE AIR's (Newcode1, 99IHE) placeholder predates it.
+    """
+    return hd.ContributingEquipment(
+        manufacturer=MODEL_MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=model.model_id,
+        # Software Versions is LO (64 characters a value): the full digest is in the
+        # Algorithm Version of every measurement group and in the Device Observer UID.
+        software_versions=[
+            f"torchxrayvision {model.torchxrayvision}",
+            f"weights sha256:{model.weights_sha256[:16]}",
+        ],
+        contribution_datetime=when,
+        contribution_description="image-level classification of a chest radiograph",
+    )
+
+
+def private_coding_scheme() -> hd.coding_schemes.CodingSchemeIdentificationItem:
+    """PS3.3 C.12.1.1.4: a private scheme used in the document must be identified."""
+    return hd.coding_schemes.CodingSchemeIdentificationItem(
+        designator=PRIVATE_SCHEME,
+        name=PRIVATE_SCHEME_NAME,
+        responsible_organization=PRIVATE_SCHEME_ORGANIZATION,
+    )
+
+
+def build_sr(
+    header: Dataset,
+    classification: Classification,
+    model: ModelInfo,
+    content_datetime: datetime.datetime,
+) -> hd.sr.Comprehensive3DSR:
+    """The SR document for one classified image, ready to write.
+
+    ``content_datetime`` (timezone-aware) becomes Content Date/Time, "the date the document
+    content creation started" (PS3.3 C.17.2): the caller passes when the classification
+    was made, not the wall clock, so a rerun writes the same bytes.
+    """
+    evidence, emptied = evidence_dataset(header)
+    sr_instance_uid = classification.sr_instance_uid(model)
+    when = content_datetime.astimezone(datetime.UTC).replace(microsecond=0)
+    report = measurement_report(evidence, classification, model, sr_instance_uid)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[evidence],
+        content=report[0],
+        series_instance_uid=classification.sr_series_uid(model),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sr_instance_uid,
+        instance_number=instance_number(header),
+        manufacturer=SR_MANUFACTURER,
+        manufacturer_model_name=SR_MANUFACTURER_MODEL_NAME,
+        software_versions=f"cxrsr {__version__}",
+        series_description=SR_SERIES_DESCRIPTION,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        contributing_equipment=[model_equipment(model, when)],
+        coding_schemes=[private_coding_scheme()],
+        content_date=when.date(),
+        content_time=when.time().replace(microsecond=0, tzinfo=None),
+    )
+    _make_reproducible(sr, when)
+    for keyword, problem in emptied.items():
+        if keyword in sr:
+            log.warning(
+                "%s: source's %s %s; written empty in the SR", classification.path, keyword, problem
+            )
+    return sr
+
+
+def instance_number(header: Dataset) -> int:
+    """The source's Instance Number, so the SR series sorts like the image series it mirrors."""
+    try:
+        number = int(header.get("InstanceNumber") or 1)
+    except (TypeError, ValueError):
+        return 1
+    return number if number >= 1 else 1
+
+
+def _make_reproducible(sr: Dataset, when: datetime.datetime) -> None:
+    """Replace what highdicom stamps from the wall clock, so the same results give the same bytes.
+
+    Instance Creation Date/Time are Type 3 (PS3.3 C.12.1) and would only record when this
+    file was written, different on every run: they are left out. highdicom's own
+    Contributing Equipment item gets the document's time (``when``) as its Contribution
+    DateTime. All times are UTC, which Timezone Offset From UTC states (PS3.3 C.12.1.1.8).
+    """
+    for keyword in ("InstanceCreationDate", "InstanceCreationTime"):
+        if keyword in sr:
+            delattr(sr, keyword)
+    for item in sr.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = DT(when)
+    sr.TimezoneOffsetFromUTC = "+0000"
+
+
+def write_sr(sr: Dataset, output_dir: Path) -> Path:
+    """Write ``<SOPInstanceUID>.dcm`` atomically (temporary file, then ``os.replace``).
+
+    The name is the SR's own UID, so a rerun with the same results overwrites the file with
+    the same bytes, and an SR for changed results never replaces the earlier one's file.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    target = output_dir / f"{sr.SOPInstanceUID}.dcm"
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=output_dir)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            sr.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return target
+
+
+# --- a whole results file ---------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What a run did, for the summary line and the exit code."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def passed_over(self) -> int:
+        return self.skipped + self.failed
+
+    def summary(self, output_dir: Path) -> str:
+        line = (
+            f"{len(self.written)} SRs written to {output_dir}, {self.passed_over} passed over "
+            f"({self.skipped} skipped, {self.failed} failed in classification), "
+            f"{len(self.errors)} errors"
+        )
+        if self.duplicates:
+            line += f", {self.duplicates} duplicate entries (same SR as an earlier entry)"
+        return line
+
+
+def classifications(
+    document: Mapping[str, Any], model: ModelInfo
+) -> list[tuple[int, Classification]]:
+    """Every ``classified`` entry, checked before anything is written (a bad file is exit 2)."""
+    return [
+        (index, Classification.from_entry(entry, model, index))
+        for index, entry in enumerate(document["images"])
+        if entry["status"] == CLASSIFIED
+    ]
+
+
+def generate_srs(
+    document: Mapping[str, Any],
+    output_dir: Path,
+    content_datetime: datetime.datetime,
+    progress: bool = False,
+) -> Outcome:
+    """Write one SR per classified entry of a loaded results ``document`` into ``output_dir``.
+
+    Skipped and failed entries are counted, not written. A source that has gone or changed
+    is an error for that entry only; the others are still written.
+    """
+    model = ModelInfo.from_results(document["model"])
+    work = classifications(document, model)
+    outcome = Outcome()
+    for entry in document["images"]:
+        if entry["status"] in (SKIPPED, FAILED):
+            log.debug("%s: %s (%s), no SR", entry.get("path"), entry["status"], entry.get("reason"))
+    statuses = Counter(entry["status"] for entry in document["images"])
+    outcome.skipped, outcome.failed = statuses[SKIPPED], statuses[FAILED]
+    _warn_shared_sop_instance_uids(work, model)
+    seen: dict[str, str] = {}
+    for _index, classification in tqdm(work, desc="SRs", unit="SR", disable=not progress):
+        sr_uid = classification.sr_instance_uid(model)
+        if sr_uid in seen:
+            log.info(
+                "%s: same SR as %s (same image, same results)", classification.path, seen[sr_uid]
+            )
+            outcome.duplicates += 1
+            continue
+        # pydicom and highdicom warn about odd but legal source values (single-component
+        # person names, for one); they are the source's business, so only -v shows them.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                header = read_source_header(classification)
+            except SourceError as exc:
+                log.error("%s; no SR written", exc)
+                outcome.errors.append(str(exc))
+                continue
+            document_sr = build_sr(header, classification, model, content_datetime)
+        for warning in caught:
+            log.debug("%s: %s", classification.path, warning.message)
+        try:
+            path = write_sr(document_sr, output_dir)
+        except OSError as exc:
+            # A folder that cannot be written fails every SR alike: stop (exit 3), keep
+            # what is written.
+            raise PipelineError(f"{output_dir}: cannot write SRs: {exc}", exit_code=3) from exc
+        seen[sr_uid] = classification.path
+        outcome.written.append(path)
+        log.debug("%s -> %s", classification.path, path)
+    _warn_other_files(output_dir, outcome.written)
+    return outcome
+
+
+def _warn_shared_sop_instance_uids(
+    work: Sequence[tuple[int, Classification]], model: ModelInfo
+) -> None:
+    """Two different images under one SOP Instance UID break PS3.3 C.12.1.1.1; say so."""
+    by_uid: dict[str, set[str]] = {}
+    for _index, classification in work:
+        by_uid.setdefault(classification.sop_instance_uid, set()).add(
+            classification.result_digest(model)
+        )
+    for sop_instance_uid, digests in by_uid.items():
+        if len(digests) > 1:
+            log.warning(
+                "%d entries with different scores share SOPInstanceUID %s; each gets its own SR, "
+                "all referencing the same instance",
+                len(digests),
+                sop_instance_uid,
+            )
+
+
+def _warn_other_files(output_dir: Path, written: Iterable[Path]) -> None:
+    """SRs from earlier results stay in the folder; the uploader would send them too."""
+    if not output_dir.is_dir():
+        return
+    ours = {path.name for path in written}
+    others = [p for p in output_dir.glob("*.dcm") if p.name not in ours]
+    if others:
+        log.warning(
+            "%d other .dcm files in %s were not written by this run (SRs from earlier "
+            "results?); they are left alone",
+            len(others),
+            output_dir,
+        )

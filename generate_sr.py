@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Write one DICOM SR (TID 1500, Comprehensive 3D SR) per image the results file marks classified.
+
+Each SR is filed under the source image's patient and study, in its own SR series, and
+references the source image; see the README's "Structured Report" section.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cxrsr import cli
+from cxrsr.results import load_results
+from cxrsr.sr import generate_srs
+
+DEFAULT_RESULTS = Path("output/results.json")
+DEFAULT_OUTPUT_DIR = Path("output/sr")
+
+
+def parse_args(argv: Sequence[str] | None):
+    parser = cli.make_parser(
+        "generate_sr.py",
+        description=__doc__.strip().splitlines()[0]
+        + "\n\nReads the results file written by process_dicom.py and the source files it "
+        "names; a source that has gone or changed since classification is reported and "
+        "passed over. The same results always give the same SR UIDs and bytes.",
+        fatal_reasons="the output folder cannot be written\n       (a missing or malformed results file is a usage error: 2)",
+    )
+    parameters = parser.add_argument_group("parameters")
+    parameters.add_argument(
+        "--results",
+        type=Path,
+        default=DEFAULT_RESULTS,
+        metavar="FILE",
+        help=f"results file from process_dicom.py (default: {DEFAULT_RESULTS})",
+    )
+    parameters.add_argument(
+        "--output-dir",
+        type=Path,
+        default=DEFAULT_OUTPUT_DIR,
+        metavar="DIR",
+        help=f"where the SRs go, one <SOPInstanceUID>.dcm each (default: {DEFAULT_OUTPUT_DIR})",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cli.setup_logging(args)
+    document = load_results(args.results)
+    # Content Date/Time: when the classification was written, not when this runs, so a
+    # rerun on the same results file writes the same bytes (see cxrsr.sr.build_sr).
+    classified_at = datetime.datetime.fromtimestamp(args.results.stat().st_mtime, datetime.UTC)
+    outcome = generate_srs(document, args.output_dir, classified_at, cli.show_progress(args))
+    cli.summary(outcome.summary(args.output_dir))
+    return cli.EXIT_FAILED if outcome.errors else cli.EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

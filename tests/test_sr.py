@@ -1,0 +1,541 @@
+"""generate_sr.py and cxrsr.sr: one valid, well-placed TID 1500 SR per classified image.
+
+The SRs are written from the shared corpus by the real script (a subprocess), then checked
+by two independent validators run as real programs (dicom3tools' dciodvfy, DCMTK's
+dsrdump), read back with pydicom and parsed with highdicom's SR reader.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from conftest import require_program
+from pydicom.sr.codedict import codes
+
+from cxrsr import sr as sr_module
+from cxrsr.codes import (
+    ABSENT,
+    CERTAINTY_OF_FINDING,
+    OPERATING_POINT_METHOD,
+    PRESENT,
+    PRIVATE_SCHEME,
+    finding_for_label,
+)
+from cxrsr.config import PROJECT_ROOT
+from cxrsr.discovery import open_source
+from cxrsr.results import write_json_atomic
+from cxrsr.uids import is_valid_uid
+
+SCRIPT = PROJECT_ROOT / "generate_sr.py"
+WEIGHTS = "densenet121-res224-all"
+WEIGHTS_SHA256 = "5" * 64
+WHEN = datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.UTC)
+
+
+@pytest.fixture(scope="session")
+def labels() -> list[str]:
+    """The 18 labels of the DenseNet "all" weights, in the model's order."""
+    import torchxrayvision as xrv
+
+    found = list(xrv.models.model_urls[WEIGHTS]["labels"])
+    assert found == list(xrv.datasets.default_pathologies)
+    return found
+
+
+def model_block(labels: list[str], weights_sha256: str = WEIGHTS_SHA256) -> dict[str, Any]:
+    return {
+        "weights": WEIGHTS,
+        "weights_sha256": weights_sha256,
+        "torchxrayvision": "1.5.7",
+        "labels": labels,
+        "threshold": 0.5,
+        "score_kind": "operating-point normalised",
+    }
+
+
+def classified_entry(path: str, labels: list[str], rng: np.random.Generator) -> dict[str, Any]:
+    """A results entry for ``path`` as process_dicom.py writes it, with random scores."""
+    source = open_source(path)
+    with source.open() as stream:
+        ds = pydicom.dcmread(stream, stop_before_pixels=True, force=True)
+    scores = {label: float(rng.random()) for label in labels}
+    return {
+        "path": path,
+        "status": "classified",
+        "sop_instance_uid": ds.SOPInstanceUID,
+        "series_instance_uid": ds.SeriesInstanceUID,
+        "study_instance_uid": ds.StudyInstanceUID,
+        "sop_class_uid": ds.SOPClassUID,
+        "patient_id": str(ds.get("PatientID", "")),
+        "scores": scores,
+        "findings": [label for label in labels if scores[label] >= 0.5],
+        "warnings": [],
+    }
+
+
+def results_document(images: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
+    return {"format": "cxrsr-results/1", "model": model_block(labels), "images": images}
+
+
+def run_script(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="session")
+def corpus_results(
+    tmp_path_factory: pytest.TempPathFactory,
+    corpus_dir: Path,
+    manifest: list[dict[str, str]],
+    labels: list[str],
+) -> Path:
+    """A results file for the whole corpus: ``classify`` rows classified, the rest not."""
+    rng = np.random.default_rng(20240506)
+    images = []
+    for row in manifest:
+        path = str(corpus_dir / row["filename"])
+        if row["expected"].startswith("classify"):
+            images.append(classified_entry(path, labels, rng))
+        elif row["expected"].startswith("skip"):
+            images.append({"path": path, "status": "skipped", "reason": row["expected"]})
+        else:
+            images.append({"path": path, "status": "failed", "reason": row["expected"]})
+    results = tmp_path_factory.mktemp("results") / "results.json"
+    write_json_atomic(results, results_document(images, labels))
+    return results
+
+
+@pytest.fixture(scope="session")
+def corpus_run(
+    tmp_path_factory: pytest.TempPathFactory, corpus_results: Path
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    output_dir = tmp_path_factory.mktemp("sr")
+    done = run_script("--results", corpus_results, "--output-dir", output_dir)
+    return done, output_dir
+
+
+def load_results_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def written_srs(output_dir: Path) -> dict[str, pydicom.Dataset]:
+    """Every SR in ``output_dir`` by the source SOP Instance UID + first score it refers to."""
+    return {p.name: pydicom.dcmread(p) for p in sorted(output_dir.glob("*.dcm"))}
+
+
+def source_of(sr: pydicom.Dataset) -> tuple[str, str, str]:
+    """(study, series, SOP instance) UIDs the SR's evidence names (exactly one instance)."""
+    (study,) = sr.CurrentRequestedProcedureEvidenceSequence
+    (series,) = study.ReferencedSeriesSequence
+    (instance,) = series.ReferencedSOPSequence
+    return study.StudyInstanceUID, series.SeriesInstanceUID, instance.ReferencedSOPInstanceUID
+
+
+def entry_for(sr: pydicom.Dataset, results: dict[str, Any]) -> dict[str, Any]:
+    """The results entry an SR was written from: same source SOP UID, same scores."""
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    first = report.get_image_measurement_groups()[0].get_measurements()[0].value
+    labels = results["model"]["labels"]
+    (entry,) = [
+        e
+        for e in results["images"]
+        if e["status"] == "classified"
+        and e["sop_instance_uid"] == source_of(sr)[2]
+        and e["scores"][labels[0]] == first
+    ]
+    return entry
+
+
+# --- the corpus run ------------------------------------------------------------------------
+
+
+def test_one_sr_per_classified_image_and_a_summary(
+    corpus_run: tuple[subprocess.CompletedProcess[str], Path], corpus_results: Path
+) -> None:
+    done, output_dir = corpus_run
+    results = load_results_json(corpus_results)
+    statuses = [e["status"] for e in results["images"]]
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(list(output_dir.glob("*.dcm"))) == statuses.count("classified") == 9
+    assert not list(output_dir.glob("*.tmp")), "temporary files left behind"
+    summary = done.stdout.strip().splitlines()[-1]
+    assert summary == (
+        f"9 SRs written to {output_dir}, 13 passed over "
+        f"({statuses.count('skipped')} skipped, {statuses.count('failed')} failed in "
+        "classification), 0 errors"
+    )
+    # The Canon sample's hashed Accession Number breaks SH: said, not hidden.
+    assert "AccessionNumber" in done.stderr and "written empty" in done.stderr
+
+
+def test_every_sr_passes_dciodvfy(
+    corpus_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    dciodvfy = require_program("dciodvfy")
+    _, output_dir = corpus_run
+    for path in sorted(output_dir.glob("*.dcm")):
+        done = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
+        output = done.stdout + done.stderr
+        errors = [line for line in output.splitlines() if line.startswith("Error")]
+        assert errors == [], f"{path.name}:\n{output}"
+        assert done.returncode == 0, f"{path.name}: exit {done.returncode}\n{output}"
+        # Its warnings about our private scheme are expected; nothing about the SR IOD.
+        assert "Comprehensive3DSR" in output
+
+
+def test_every_sr_passes_dsrdump(corpus_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    dsrdump = require_program("dsrdump")
+    _, output_dir = corpus_run
+    for path in sorted(output_dir.glob("*.dcm")):
+        done = subprocess.run(
+            [dsrdump, "-Ee", str(path)], capture_output=True, text=True, timeout=60
+        )
+        errors = [line for line in done.stderr.splitlines() if line.startswith(("E:", "F:"))]
+        assert done.returncode == 0, f"{path.name}: exit {done.returncode}\n{done.stderr}"
+        assert errors == [], f"{path.name}:\n{done.stderr}"
+        assert "Comprehensive 3D SR Document" in done.stdout
+        assert done.stdout.count('"Measurement Group"') == 18
+
+
+def test_highdicom_reads_back_the_labels_and_scores(
+    corpus_run: tuple[subprocess.CompletedProcess[str], Path],
+    corpus_results: Path,
+    labels: list[str],
+) -> None:
+    _, output_dir = corpus_run
+    results = load_results_json(corpus_results)
+    for path in sorted(output_dir.glob("*.dcm")):
+        document = hd.sr.srread(path)
+        assert isinstance(document, hd.sr.Comprehensive3DSR)
+        report = document.content
+        assert isinstance(report, hd.sr.MeasurementReport)
+        entry = entry_for(pydicom.dcmread(path), results)
+        groups = report.get_image_measurement_groups()
+        read: dict[str, float] = {}
+        for group in groups:
+            label = group.tracking_identifier.removeprefix("xrv-")
+            assert group.finding_type == finding_for_label(label).code
+            (measurement,) = group.get_measurements(name=CERTAINTY_OF_FINDING)
+            assert measurement.method == OPERATING_POINT_METHOD
+            (call,) = group.get_qualitative_evaluations()
+            assert call.name == finding_for_label(label).code
+            assert call.value == (PRESENT if label in entry["findings"] else ABSENT)
+            (image,) = group.source_images
+            assert image.referenced_sop_instance_uid == entry["sop_instance_uid"]
+            read[label] = measurement.value
+        assert list(read) == labels  # all 18, in the model's order
+        assert read == entry["scores"]  # exactly: the NUM carries the float64 too
+
+
+def test_identity_and_placement(
+    corpus_run: tuple[subprocess.CompletedProcess[str], Path], corpus_results: Path
+) -> None:
+    _, output_dir = corpus_run
+    results = load_results_json(corpus_results)
+    sr_series_by_source_series: dict[str, set[str]] = {}
+    for path in sorted(output_dir.glob("*.dcm")):
+        sr = pydicom.dcmread(path)
+        entry = entry_for(sr, results)
+        source = pydicom.dcmread(entry["path"], stop_before_pixels=True, force=True)
+        # Same patient and study as the source, byte for byte where the source is valid.
+        assert sr.PatientName == source.get("PatientName", "")
+        assert "PatientID" in sr and sr.PatientID == source.get("PatientID", "")
+        assert sr.StudyInstanceUID == source.StudyInstanceUID
+        assert sr.get("SpecificCharacterSet") == source.get("SpecificCharacterSet")
+        # Its own series, Modality SR (PS3.3 C.17.1).
+        assert sr.Modality == "SR"
+        assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+        assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
+        # Evidence and IMAGE items name the source series and instance.
+        assert source_of(sr) == (
+            source.StudyInstanceUID,
+            source.SeriesInstanceUID,
+            source.SOPInstanceUID,
+        )
+        library_image = _image_library_entry(sr)
+        assert library_image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+            source.SOPInstanceUID
+        )
+        assert library_image.ReferencedSOPSequence[0].ReferencedSOPClassUID == source.SOPClassUID
+        # Flags and description (PS3.3 C.17.2).
+        assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == (
+            "COMPLETE",
+            "UNVERIFIED",
+            "PRELIMINARY",
+        )
+        assert "NOT FOR DIAGNOSTIC USE" in sr.SeriesDescription
+        assert sr.SeriesNumber == sr_module.SR_SERIES_NUMBER
+        # The private scheme is declared; the model is contributing equipment.
+        (scheme,) = sr.CodingSchemeIdentificationSequence
+        assert scheme.CodingSchemeDesignator == PRIVATE_SCHEME
+        purposes = [
+            (item.Manufacturer, item.PurposeOfReferenceCodeSequence[0].CodeValue)
+            for item in sr.ContributingEquipmentSequence
+        ]
+        assert ("mlmed/torchxrayvision", "109102") in purposes
+        for uid in _all_uids(sr):
+            assert is_valid_uid(uid), uid
+        sr_series_by_source_series.setdefault(source.SeriesInstanceUID, set()).add(
+            sr.SeriesInstanceUID
+        )
+    # One SR series per source series.
+    assert all(len(series) == 1 for series in sr_series_by_source_series.values())
+    assert len({s for v in sr_series_by_source_series.values() for s in v}) == len(
+        sr_series_by_source_series
+    )
+
+
+def test_source_without_patient_id_gets_an_empty_one(
+    corpus_run: tuple[subprocess.CompletedProcess[str], Path], corpus_dir: Path
+) -> None:
+    _, output_dir = corpus_run
+    source = pydicom.dcmread(
+        corpus_dir / "cxr07_barre_CR-MONO1-10-chest_nometa.dcm", stop_before_pixels=True, force=True
+    )
+    assert "PatientID" not in source
+    matching = [
+        sr for sr in written_srs(output_dir).values() if source_of(sr)[2] == source.SOPInstanceUID
+    ]
+    assert matching
+    for sr in matching:
+        element = sr["PatientID"]
+        assert element.value in ("", None) and element.VM == 0
+
+
+def test_same_results_give_the_same_files(
+    corpus_run: tuple[subprocess.CompletedProcess[str], Path],
+    corpus_results: Path,
+    tmp_path: Path,
+) -> None:
+    _, first_dir = corpus_run
+    done = run_script("-q", "--results", corpus_results, "--output-dir", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "SRs:" not in done.stderr  # -q: no progress bar
+    first = {p.name: p.read_bytes() for p in first_dir.glob("*.dcm")}
+    second = {p.name: p.read_bytes() for p in tmp_path.glob("*.dcm")}
+    assert first.keys() == second.keys()
+    assert first == second  # byte for byte
+    # A rerun into the same folder replaces each file by the same bytes and adds nothing.
+    again = run_script("-q", "--results", corpus_results, "--output-dir", tmp_path)
+    assert again.returncode == 0
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.dcm")} == second
+
+
+# --- changed results -----------------------------------------------------------------------
+
+
+def _build(entry: dict[str, Any], model: dict[str, Any]) -> pydicom.Dataset:
+    info = sr_module.ModelInfo.from_results(model)
+    classification = sr_module.Classification.from_entry(entry, info, 0)
+    header = sr_module.read_source_header(classification)
+    return sr_module.build_sr(header, classification, info, WHEN)
+
+
+def test_changed_scores_make_a_new_instance_in_the_same_series(
+    corpus_dir: Path, labels: list[str]
+) -> None:
+    entry = classified_entry(
+        str(corpus_dir / "cxr11_siim_cr_jpeg8.dcm"), labels, np.random.default_rng(1)
+    )
+    model = model_block(labels)
+    original = _build(entry, model)
+    assert _build(entry, model).SOPInstanceUID == original.SOPInstanceUID
+
+    changed = json.loads(json.dumps(entry))
+    changed["scores"]["Pneumothorax"] = np.nextafter(changed["scores"]["Pneumothorax"], 2.0)
+    rescored = _build(changed, model)
+    assert rescored.SOPInstanceUID != original.SOPInstanceUID
+    assert rescored.SeriesInstanceUID == original.SeriesInstanceUID
+
+    other_weights = _build(entry, model_block(labels, weights_sha256="6" * 64))
+    assert other_weights.SOPInstanceUID != original.SOPInstanceUID
+    assert other_weights.SeriesInstanceUID != original.SeriesInstanceUID
+
+
+def test_unknown_label_gets_a_private_code_and_still_validates(
+    corpus_dir: Path, tmp_path: Path
+) -> None:
+    dciodvfy = require_program("dciodvfy")
+    labels = ["Pneumothorax", "Tension_Pneumothorax_Or_Other_Very_Long_Label"]
+    entry = classified_entry(
+        str(corpus_dir / "cxr10_nih_dx_8bit.dcm"), labels, np.random.default_rng(2)
+    )
+    sr = _build(entry, model_block(labels))
+    path = sr_module.write_sr(sr, tmp_path)
+    report = hd.sr.srread(path).content
+    codes_found = [g.finding_type for g in report.get_image_measurement_groups()]
+    assert codes_found[0] == finding_for_label("Pneumothorax").code
+    assert codes_found[1].scheme_designator == PRIVATE_SCHEME
+    assert len(codes_found[1].value) <= 16  # Code Value is SH
+    done = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
+    assert not [x for x in (done.stdout + done.stderr).splitlines() if x.startswith("Error")]
+
+
+def test_non_ascii_patient_name_keeps_its_character_set(
+    corpus_dir: Path, tmp_path: Path, labels: list[str]
+) -> None:
+    source = pydicom.dcmread(corpus_dir / "cxr04_nema_RG1_JLSN.dcm")
+    assert source.SpecificCharacterSet == "ISO_IR 100"
+    source.PatientName = "Müller^Jürgen"
+    copy = tmp_path / "latin1.dcm"
+    source.save_as(copy)
+    entry = classified_entry(str(copy), labels, np.random.default_rng(3))
+    path = sr_module.write_sr(_build(entry, model_block(labels)), tmp_path / "sr")
+    assert "Müller^Jürgen".encode("latin-1") in path.read_bytes()
+    sr = pydicom.dcmread(path)
+    assert sr.SpecificCharacterSet == "ISO_IR 100"
+    assert str(sr.PatientName) == "Müller^Jürgen"
+
+
+# --- sources that are gone, changed, or in an archive --------------------------------------
+
+
+def test_vanished_and_changed_sources_are_reported_and_skipped(
+    corpus_dir: Path, tmp_path: Path, labels: list[str]
+) -> None:
+    rng = np.random.default_rng(4)
+    kept = tmp_path / "kept.dcm"
+    vanished = tmp_path / "vanished.dcm"
+    changed = tmp_path / "changed.dcm"
+    for target in (kept, vanished, changed):
+        shutil.copyfile(corpus_dir / "edge_vet_dog_dx_thorax_small.dcm", target)
+    kept_entry = classified_entry(str(kept), labels, rng)
+    images = [
+        classified_entry(str(vanished), labels, rng),
+        classified_entry(str(changed), labels, rng),
+        kept_entry,
+    ]
+    # Same source for three entries: make them distinct images, as they would be.
+    images[0]["sop_instance_uid"] = pydicom.uid.generate_uid()
+    images[1]["sop_instance_uid"] = pydicom.uid.generate_uid()
+    pydicom.dcmwrite(vanished, _with_sop_uid(vanished, images[0]["sop_instance_uid"]))
+    pydicom.dcmwrite(changed, _with_sop_uid(changed, images[1]["sop_instance_uid"]))
+    results = tmp_path / "results.json"
+    write_json_atomic(results, results_document(images, labels))
+    vanished.unlink()
+    shutil.copyfile(corpus_dir / "cxr11_siim_cr_jpeg8.dcm", changed)
+
+    done = run_script("--results", results, "--output-dir", tmp_path / "sr")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("E: ")]
+    assert len(error_lines) == 2, done.stderr
+    assert str(vanished) in error_lines[0] and "gone" in error_lines[0]
+    assert str(changed) in error_lines[1] and "SOPInstanceUID" in error_lines[1]
+    (written,) = (tmp_path / "sr").glob("*.dcm")
+    assert source_of(pydicom.dcmread(written))[2] == kept_entry["sop_instance_uid"]
+    assert done.stdout.strip().endswith(
+        "1 SRs written to "
+        + str(tmp_path / "sr")
+        + ", 0 passed over (0 skipped, 0 failed in classification), 2 errors"
+    )
+
+
+def _with_sop_uid(path: Path, sop_instance_uid: str) -> pydicom.Dataset:
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    return ds
+
+
+def test_zip_member_source(corpus_dir: Path, tmp_path: Path, labels: list[str]) -> None:
+    archive = tmp_path / "batch.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(corpus_dir / "cxr07_barre_CR-MONO1-10-chest_nometa.dcm", "study/IMG1")
+    name = f"{archive}!study/IMG1"
+    entry = classified_entry(name, labels, np.random.default_rng(5))
+    results = tmp_path / "results.json"
+    write_json_atomic(results, results_document([entry], labels))
+    done = run_script("-q", "--results", results, "--output-dir", tmp_path / "sr")
+    assert done.returncode == 0, done.stderr
+    (written,) = (tmp_path / "sr").glob("*.dcm")
+    assert source_of(pydicom.dcmread(written))[2] == entry["sop_instance_uid"]
+
+
+def test_duplicate_entries_make_one_sr(corpus_dir: Path, tmp_path: Path, labels: list[str]) -> None:
+    """cxr07 and cxr08 are one image (same SOP Instance UID, same pixels): one SR, not two."""
+    rng = np.random.default_rng(6)
+    first = classified_entry(
+        str(corpus_dir / "cxr07_barre_CR-MONO1-10-chest_nometa.dcm"), labels, rng
+    )
+    second = classified_entry(
+        str(corpus_dir / "cxr08_panimg_CR-MONO1-10-chest_withmeta.dcm"), labels, rng
+    )
+    second["scores"], second["findings"] = first["scores"], first["findings"]
+    document = results_document([first, second], labels)
+    outcome = sr_module.generate_srs(document, tmp_path, WHEN)
+    assert len(outcome.written) == 1 and outcome.duplicates == 1 and not outcome.errors
+
+
+def test_malformed_results_is_a_usage_error(tmp_path: Path, labels: list[str]) -> None:
+    results = tmp_path / "results.json"
+    document = results_document(
+        [
+            {
+                "path": "x.dcm",
+                "status": "classified",
+                "sop_instance_uid": "1.2",
+                "series_instance_uid": "1.3",
+                "study_instance_uid": "1.4",
+                "sop_class_uid": "1.5",
+                "patient_id": "",
+                "scores": {"Atelectasis": 0.1},
+                "findings": [],
+            }
+        ],
+        labels,
+    )
+    write_json_atomic(results, document)
+    done = run_script("--results", results, "--output-dir", tmp_path / "sr")
+    assert done.returncode == 2
+    assert done.stderr.startswith("E: ") and "no score for Consolidation" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "sr").exists()
+    missing = run_script("--results", tmp_path / "nope.json")
+    assert missing.returncode == 2 and "results file not found" in missing.stderr
+
+
+def test_help_documents_defaults_and_exit_codes() -> None:
+    done = run_script("--help")
+    assert done.returncode == 0
+    for text in ("--results", "output/results.json", "--output-dir", "output/sr", "exit codes:"):
+        assert text in done.stdout
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _image_library_entry(sr: pydicom.Dataset) -> pydicom.Dataset:
+    for item in sr.ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImageLibrary.value:
+            (group,) = item.ContentSequence
+            (image,) = group.ContentSequence
+            assert image.ValueType == "IMAGE"
+            return image
+    raise AssertionError("no Image Library (111028)")
+
+
+def _all_uids(ds: pydicom.Dataset) -> list[str]:
+    found: list[str] = []
+    for element in ds.iterall():
+        if element.VR == "UI" and element.value:
+            values = element.value if element.VM > 1 else [element.value]
+            found.extend(str(v) for v in values)
+    return found
