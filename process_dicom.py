@@ -7,6 +7,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tqdm import tqdm
@@ -14,7 +15,7 @@ from tqdm import tqdm
 from cxrsr import cli
 from cxrsr.discovery import check_inputs_exist, iter_sources
 from cxrsr.errors import PipelineError
-from cxrsr.results import FAILED, FORMAT, SKIPPED, write_json_atomic
+from cxrsr.results import FAILED, FORMAT, SKIPPED, keep_classification_times, write_json_atomic
 
 DESCRIPTION = """\
 Classify chest radiographs (CR/DX) with a TorchXRayVision DenseNet and write one JSON
@@ -127,7 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         classifier, entries = classify(sources, load, args.batch_size, args.workers, report)
 
-    document = {"format": FORMAT, "model": classifier.describe(), "images": entries}
+    model_block = classifier.describe()
+    now = datetime.now(UTC).replace(microsecond=0).isoformat()
+    keep_classification_times(entries, model_block, args.output, now)
+    document = {"format": FORMAT, "model": model_block, "images": entries}
     try:
         write_json_atomic(args.output, document)
     except OSError as exc:

@@ -66,7 +66,7 @@ class LocalOrthanc:
         binary: str | None = None,
         remote_access: bool = False,
     ) -> None:
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()
         self.username = username
         self.password = password
         self.http_port = http_port or free_port()

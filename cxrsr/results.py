@@ -14,7 +14,11 @@ Shape (names are fixed; more keys may be added)::
        {"path": "...", "status": "skipped", "reason": "..."},
        {"path": "...", "status": "failed", "reason": "..."}]}
 
-The file holds no timestamps or host names, so the same inputs give the same bytes.
+Each classified entry carries ``classified_at`` (UTC, ISO 8601), the time its result
+was first produced: a rerun that reproduces a result keeps the earlier time (see
+:func:`keep_classification_times`), so the same inputs give the same bytes, and the
+SR built from an entry (whose Content Date/Time comes from it) is the same document on
+every run.
 """
 
 from __future__ import annotations
@@ -51,6 +55,34 @@ OPERATING_POINT_SCORE = (
     "operating-point normalised score, not a probability: torchxrayvision rescales each "
     "label's sigmoid output so that 0.5 is that label's operating threshold"
 )
+
+
+def _result_key(entry: dict[str, Any], weights_sha256: str) -> tuple[Any, ...]:
+    return (
+        entry.get("path"),
+        entry.get("sop_instance_uid"),
+        weights_sha256,
+        tuple(sorted((entry.get("scores") or {}).items())),
+    )
+
+
+def keep_classification_times(
+    entries: list[dict[str, Any]], model: dict[str, Any], previous_path: Path, now: str
+) -> None:
+    """Set ``classified_at`` on classified entries: the previous run's time when it produced
+    the same result (same file, SOP Instance UID, weights and scores), else ``now``."""
+    previous: dict[tuple[Any, ...], str] = {}
+    try:
+        old = json.loads(Path(previous_path).read_text(encoding="utf-8"))
+        old_sha = old["model"]["weights_sha256"]
+        for entry in old["images"]:
+            if entry.get("status") == CLASSIFIED and entry.get("classified_at"):
+                previous[_result_key(entry, old_sha)] = entry["classified_at"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no usable previous file: every result is new
+    for entry in entries:
+        if entry["status"] == CLASSIFIED:
+            entry["classified_at"] = previous.get(_result_key(entry, model["weights_sha256"]), now)
 
 
 def write_json_atomic(path: Path, document: Any) -> None:

@@ -139,13 +139,26 @@ def test_classified_entries_carry_the_source_identity_and_scores(corpus_results)
 
 
 def test_rerun_gives_the_same_file(corpus_results, corpus_dir, weights_cache_dir, tmp_path) -> None:
-    _, _, first = corpus_results
+    """Same inputs, same bytes: including each result's classified_at, kept from the last run."""
+    _, results, first = corpus_results
     again = tmp_path / "again.json"
+    shutil.copy(first, again)
     proc = run_process(
         corpus_dir, "-o", again, "--cache-dir", weights_cache_dir, "-q", "--batch-size", "3"
     )
     assert proc.returncode == 1
     assert again.read_bytes() == first.read_bytes()
+    stamps = [e["classified_at"] for e in results["images"] if e["status"] == "classified"]
+    assert stamps and all(s.endswith("+00:00") for s in stamps)
+    # A result that changes (here: its entry in the previous file) gets a new time.
+    previous = json.loads(again.read_text())
+    entry = next(e for e in previous["images"] if e["status"] == "classified")
+    entry["scores"][next(iter(entry["scores"]))] += 0.25
+    entry["classified_at"] = "2000-01-01T00:00:00+00:00"
+    again.write_text(json.dumps(previous))
+    run_process(corpus_dir, "-o", again, "--cache-dir", weights_cache_dir, "-q")
+    rerun = {e["path"]: e for e in json.loads(again.read_text())["images"]}
+    assert rerun[entry["path"]]["classified_at"] != "2000-01-01T00:00:00+00:00"
 
 
 def test_eager_backend_gives_the_same_results(
