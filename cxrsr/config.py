@@ -37,11 +37,16 @@ def read_dotenv(path: Path) -> dict[str, str]:
     return values
 
 
+def dotenv_path() -> Path:
+    """The project's ``.env``, or the file ``CXRSR_DOTENV`` names (the tests point it away)."""
+    return Path(os.environ.get("CXRSR_DOTENV") or PROJECT_ROOT / ".env")
+
+
 def setting(name: str, default: str | None = None, dotenv: Path | None = None) -> str | None:
     """The environment wins over ``.env``, which wins over ``default``."""
     if name in os.environ:
         return os.environ[name]
-    return read_dotenv(dotenv or PROJECT_ROOT / ".env").get(name, default)
+    return read_dotenv(dotenv or dotenv_path()).get(name, default)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,11 @@ from cxrsr.config import PROJECT_ROOT
 from cxrsr.local_orthanc import LocalOrthanc, find_orthanc_binary
 
 CORPUS_DIR = PROJECT_ROOT.parent / "shared" / "cxr-corpus"
+
+# Tests (and the scripts they start) must not read a developer's .env or Orthanc settings.
+os.environ["CXRSR_DOTENV"] = os.devnull
+for _name in ("ORTHANC_URL", "ORTHANC_USERNAME", "ORTHANC_PASSWORD"):
+    os.environ.pop(_name, None)
 WEIGHTS_NAME = "densenet121-res224-all"
 
 

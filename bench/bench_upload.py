@@ -1,0 +1,290 @@
+#!/usr/bin/env python3
+"""How fast do DICOM files reach Orthanc: a naive loop, upload_dicom.py, and storescu.
+
+All three send the same few hundred files to a fresh local Orthanc (its own storage
+for every run, so no ``AlreadyStored`` shortcut), each as a whole process timed from
+start to exit, as a user would run it:
+
+* ``naive loop``: one ``requests.post`` per file, one file at a time, a new connection
+  each time, as the project's original scripts did;
+* ``upload_dicom.py``: this project's uploader with its defaults, including its
+  verification pass through Orthanc's API (the MD5 and SR checks are part of the time);
+* ``storescu``: dcmtk's C-STORE client, a reference, proposing each file's own transfer
+  syntax (a generated ``-xf`` profile with one presentation context per SOP class and
+  transfer syntax found), so compressed files go through unconverted.
+
+Two settings: ``loopback`` (direct), and ``5 ms``: through ``delay_proxy.py``, which
+delays each direction by 5 ms, as a PACS across a network would. Each run is checked:
+Orthanc must hold every instance afterwards, or the run is reported as failed.
+
+The file set mixes copies of the corpus's chest radiographs (JPEG, JPEG-LS, JPEG 2000
+and uncompressed, 0.1 to 4 MB, each with fresh study, series and SOP Instance UIDs,
+transfer syntax kept) with small instances (2 to 40 kB), one large for two small.
+
+Run from the project root::
+
+    .venv/bin/python bench/bench_upload.py --files 300 --repeats 3
+
+Note: Debian's Orthanc 1.10.1 leaves Nagle's algorithm on for its DICOM port unless
+``TCP_NODELAY=1`` is in its environment (its DCMTK reads that variable); without it a
+C-STORE round trip costs about 50-80 ms here. The benchmark sets it for every Orthanc
+it starts and for storescu, to give the reference its best case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+import requests
+from pydicom.uid import generate_uid
+
+BENCH_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+sys.path.insert(0, str(BENCH_DIR))
+
+from delay_proxy import DelayProxy  # noqa: E402
+
+from cxrsr.local_orthanc import LocalOrthanc  # noqa: E402
+
+CORPUS_DIR = PROJECT_ROOT.parent / "shared" / "cxr-corpus"
+LARGE = (
+    "cxr04_nema_RG1_JLSN.dcm",  # JPEG-LS near-lossless, 2.8 MB
+    "cxr05_dx_canon_966_fixed_j2kr.dcm",  # JPEG 2000 lossless, 4.1 MB
+    "cxr08_panimg_CR-MONO1-10-chest_withmeta.dcm",  # implicit VR, 0.4 MB
+    "cxr09_orthanc_issue44_mono1_jpeg8.dcm",  # JPEG baseline, 0.6 MB
+    "cxr10_nih_dx_8bit.dcm",  # implicit VR, 1 MB
+    "cxr11_siim_cr_jpeg8.dcm",  # JPEG baseline, 0.1 MB
+)
+SMALL = (
+    "edge_vet_dog_dx_thorax_small.dcm",  # 38 kB
+    "bad_cr_cspine_16x16.dcm",  # 2 kB
+    "bad_ct_small.dcm",  # 39 kB
+)
+
+#: The original scripts' upload: a new request (and connection) per file, one at a time.
+NAIVE_LOOP = """
+import os, sys
+from pathlib import Path
+import requests
+url = os.environ["ORTHANC_URL"]
+auth = (os.environ["ORTHANC_USERNAME"], os.environ["ORTHANC_PASSWORD"])
+for path in sorted(Path(sys.argv[1]).iterdir()):
+    with open(path, "rb") as f:
+        response = requests.post(url + "/instances", data=f.read(), auth=auth)
+    response.raise_for_status()
+"""
+
+USERNAME = "bench"
+PASSWORD = secrets.token_urlsafe(16)
+
+
+@dataclass
+class BenchSet:
+    folder: Path
+    count: int
+    size: int
+    storescu_profile: Path
+
+
+@dataclass
+class Result:
+    setting: str
+    method: str
+    seconds: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+def make_bench_set(folder: Path, count: int) -> BenchSet:
+    """``count`` new instances: one large corpus radiograph for every two small files."""
+    folder.mkdir(parents=True)
+    datasets = {name: pydicom.dcmread(CORPUS_DIR / name) for name in LARGE + SMALL}
+    contexts: set[tuple[str, str]] = set()
+    size = 0
+    for index in range(count):
+        name = LARGE[(index // 3) % len(LARGE)] if index % 3 == 0 else SMALL[index % len(SMALL)]
+        ds = datasets[name]
+        ds.StudyInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = generate_uid()
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = folder / f"{index:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)  # pixel data kept as encoded
+        size += path.stat().st_size
+        contexts.add((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
+    profile = folder.parent / "storescu.cfg"
+    profile.write_text(storescu_profile(contexts), encoding="utf-8")
+    return BenchSet(folder, count, size, profile)
+
+
+def storescu_profile(contexts: set[tuple[str, str]]) -> str:
+    """A storescu ``-xf`` profile proposing each (SOP class, transfer syntax) pair alone."""
+    syntaxes = sorted({ts for _, ts in contexts})
+    lines = ["[[TransferSyntaxes]]"]
+    for i, ts in enumerate(syntaxes):
+        lines += [f"[TS{i}]", f"TransferSyntax1 = {ts}"]
+    lines += ["[[PresentationContexts]]", "[Contexts]"]
+    for i, (sop_class, ts) in enumerate(sorted(contexts), start=1):
+        lines.append(f"PresentationContext{i} = {sop_class}\\TS{syntaxes.index(ts)}")
+    lines += ["[[Profiles]]", "[Bench]", "PresentationContexts = Contexts", ""]
+    return "\n".join(lines)
+
+
+def run_naive(bench: BenchSet, url: str, dicom_port: int) -> list[str]:
+    return [sys.executable, "-c", NAIVE_LOOP, str(bench.folder)]
+
+
+#: Extra options for upload_dicom.py (``--upload-options``); none: its defaults.
+UPLOAD_OPTIONS: list[str] = []
+
+
+def run_upload_dicom(bench: BenchSet, url: str, dicom_port: int) -> list[str]:
+    script = str(PROJECT_ROOT / "upload_dicom.py")
+    return [sys.executable, script, "-q", *UPLOAD_OPTIONS, str(bench.folder)]
+
+
+def run_storescu(bench: BenchSet, url: str, dicom_port: int) -> list[str]:
+    return [
+        "storescu",
+        "-xf",
+        str(bench.storescu_profile),
+        "Bench",
+        "-aec",
+        "ORTHANC",
+        "+sd",
+        "+r",
+        "127.0.0.1",
+        str(dicom_port),
+        str(bench.folder),
+    ]
+
+
+METHODS: dict[str, Callable[[BenchSet, str, int], list[str]]] = {
+    "naive loop": run_naive,
+    "upload_dicom.py": run_upload_dicom,
+    "storescu (C-STORE)": run_storescu,
+}
+
+
+def time_one(bench: BenchSet, method: str, delay: float, workdir: Path) -> tuple[float, str]:
+    """Start a fresh Orthanc, send the set once with ``method``; (seconds, failure or "")."""
+    server = LocalOrthanc(workdir, USERNAME, PASSWORD)
+    server.start()
+    proxies: list[DelayProxy] = []
+    try:
+        url, dicom_port = server.url, server.dicom_port
+        if delay > 0:
+            proxies = [
+                DelayProxy("127.0.0.1", server.http_port, delay).start(),
+                DelayProxy("127.0.0.1", server.dicom_port, delay).start(),
+            ]
+            url, dicom_port = proxies[0].url, proxies[1].port
+        env = dict(
+            os.environ,
+            ORTHANC_URL=url,
+            ORTHANC_USERNAME=USERNAME,
+            ORTHANC_PASSWORD=PASSWORD,
+            TCP_NODELAY="1",
+        )
+        command = METHODS[method](bench, url, dicom_port)
+        started = time.perf_counter()
+        result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=PROJECT_ROOT)
+        seconds = time.perf_counter() - started
+        stored = requests.get(
+            f"{server.url}/statistics", auth=(USERNAME, PASSWORD), timeout=10
+        ).json()["CountInstances"]
+        failure = ""
+        if result.returncode != 0 or stored != bench.count:
+            failure = (
+                f"exit {result.returncode}, {stored}/{bench.count} stored: "
+                f"{(result.stderr or result.stdout).strip()[-300:]}"
+            )
+        return seconds, failure
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--files", type=int, default=300, help="instances in the set (default: 300)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="runs per method (default: 3)")
+    parser.add_argument(
+        "--delay-ms",
+        type=float,
+        default=5.0,
+        help="one-way delay of the network setting (default: 5)",
+    )
+    parser.add_argument(
+        "--settings", default="loopback,network", help="comma-separated: loopback, network"
+    )
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated subset of the methods"
+    )
+    parser.add_argument(
+        "--upload-options", default="", help="extra upload_dicom.py options, e.g. '--workers 8'"
+    )
+    args = parser.parse_args()
+    UPLOAD_OPTIONS.extend(args.upload_options.split())
+    methods = [m.strip() for m in args.methods.split(",")]
+    os.environ["TCP_NODELAY"] = "1"  # inherited by every Orthanc started below (see above)
+    settings = {"loopback": 0.0, "network": args.delay_ms / 1000}
+    chosen = [s.strip() for s in args.settings.split(",")]
+    with tempfile.TemporaryDirectory(prefix="cxrsr-bench-") as tmp:
+        bench = make_bench_set(Path(tmp) / "files", args.files)
+        print(f"{bench.count} files, {bench.size / 1e6:.1f} MB; {os.cpu_count()} CPUs", flush=True)
+        results: list[Result] = []
+        for setting in chosen:
+            label = "loopback" if setting == "loopback" else f"{args.delay_ms:g} ms each way"
+            rows = {m: Result(label, m) for m in methods}
+            for repeat in range(args.repeats):
+                # Rotate the order so no method always runs first (warm caches, drifting load).
+                order = methods[repeat % len(methods) :] + methods[: repeat % len(methods)]
+                for method in order:
+                    seconds, failure = time_one(
+                        bench, method, settings[setting], Path(tmp) / "orthanc"
+                    )
+                    rows[method].seconds.append(seconds)
+                    if failure:
+                        rows[method].failures.append(failure)
+                    print(f"  {label:>16}  {method:<20} {seconds:7.2f} s {failure}", flush=True)
+            results.extend(rows.values())
+        print_table(results, bench)
+    return 1 if any(r.failures for r in results) else 0
+
+
+def print_table(results: list[Result], bench: BenchSet) -> None:
+    print()
+    print(f"{'setting':<16}  {'method':<20} {'inst/s':>8} {'MB/s':>7} {'vs naive':>9}  runs (s)")
+    naive: dict[str, float] = {}
+    for row in results:
+        median = statistics.median(row.seconds)
+        if row.method == "naive loop":
+            naive[row.setting] = median
+        ratio = naive.get(row.setting, median) / median
+        runs = " ".join(f"{s:.2f}" for s in row.seconds)
+        flag = "  FAILED" if row.failures else ""
+        print(
+            f"{row.setting:<16}  {row.method:<20} {bench.count / median:8.0f} "
+            f"{bench.size / 1e6 / median:7.1f} {ratio:8.2f}x  {runs}{flag}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

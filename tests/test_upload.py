@@ -1,0 +1,487 @@
+"""upload_dicom.py against a real Orthanc: arrival, repeats, faults, credentials, verification.
+
+Every test runs the script as a subprocess, as a user would, and checks what Orthanc
+holds afterwards through its own REST API. Tests that count instances or stop the
+server start their own empty ``LocalOrthanc``; the rest share the session ``orthanc``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from cxrsr.config import PROJECT_ROOT
+from cxrsr.local_orthanc import LocalOrthanc, free_port
+
+SCRIPT = PROJECT_ROOT / "upload_dicom.py"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SUMMARY = re.compile(
+    r"^(?P<stored>\d+) stored, (?P<already>\d+) already stored, (?P<rejected>\d+) rejected, "
+    r"(?P<failed>\d+) failed, (?P<passed>\d+) passed over, "
+    r"verified (?P<verified>\d+)/(?P<acknowledged>\d+)",
+    re.MULTILINE,
+)
+#: Corpus images the test SRs describe: with and without PatientID, 8 and 16 bit, DX/CR/SC.
+SR_SOURCES = (
+    "cxr08_panimg_CR-MONO1-10-chest_withmeta.dcm",
+    "cxr09_orthanc_issue44_mono1_jpeg8.dcm",
+    "cxr10_nih_dx_8bit.dcm",
+    "edge_vet_dog_dx_thorax_small.dcm",
+)
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def counts(self) -> dict[str, int]:
+        match = SUMMARY.search(self.stdout)
+        assert match, f"no summary line in stdout:\n{self.stdout}\n{self.stderr}"
+        return {key: int(value) for key, value in match.groupdict().items()}
+
+    def lines(self, prefix: str) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith(prefix)]
+
+
+def upload(
+    server: LocalOrthanc | None,
+    *args: str | Path,
+    url: str | None = None,
+    password: str | None = None,
+    timeout: float = 180,
+) -> Run:
+    """Run upload_dicom.py as a user would; credentials come from the environment."""
+    env = dict(os.environ)
+    for name in ("ORTHANC_URL", "ORTHANC_USERNAME", "ORTHANC_PASSWORD"):
+        env.pop(name, None)
+    if server is not None:
+        env["ORTHANC_URL"] = url or server.url
+        env["ORTHANC_USERNAME"] = server.username
+        env["ORTHANC_PASSWORD"] = password if password is not None else server.password
+    elif url is not None:
+        env["ORTHANC_URL"] = url
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=PROJECT_ROOT,
+        timeout=timeout,
+    )
+    run = Run(result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in run.stderr, run.stderr
+    if server is not None:
+        for secret in {server.password, password} - {None}:
+            assert secret not in run.stdout + run.stderr
+    return run
+
+
+def api(server: LocalOrthanc, path: str) -> requests.Response:
+    return requests.get(f"{server.url}{path}", auth=(server.username, server.password), timeout=10)
+
+
+def instance_count(server: LocalOrthanc) -> int:
+    return int(api(server, "/statistics").json()["CountInstances"])
+
+
+def lookup(server: LocalOrthanc, sop_instance_uid: str) -> list[str]:
+    answer = requests.post(
+        f"{server.url}/tools/lookup",
+        data=sop_instance_uid,
+        auth=(server.username, server.password),
+        timeout=10,
+    )
+    answer.raise_for_status()
+    return [item["ID"] for item in answer.json() if item["Type"] == "Instance"]
+
+
+def sop_instance_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True, force=True).SOPInstanceUID)
+
+
+def write_sr(source: Path, target: Path, patient_id: str | None = None) -> str:
+    """A small Comprehensive 3D SR (PS3.3 A.35.13) describing ``source``, as generate_sr.py will.
+
+    It shares the source's patient and study, lives in a series of its own, and names the
+    source in its Current Requested Procedure Evidence Sequence (PS3.3 C.17.2.2).
+    ``patient_id`` overrides the PatientID, to build an SR that Orthanc files elsewhere.
+    """
+    image = pydicom.dcmread(source, stop_before_pixels=True, force=True)
+    ds = Dataset()
+    ds.SOPClassUID = COMPREHENSIVE_3D_SR
+    ds.SOPInstanceUID = generate_uid()
+    ds.PatientName = image.get("PatientName", "")
+    if patient_id is not None:
+        ds.PatientID = patient_id
+    elif "PatientID" in image:
+        ds.PatientID = image.PatientID
+    ds.PatientBirthDate = image.get("PatientBirthDate", "")
+    ds.PatientSex = image.get("PatientSex", "")
+    ds.StudyInstanceUID = image.StudyInstanceUID
+    ds.StudyDate = image.get("StudyDate", "")
+    ds.StudyTime = image.get("StudyTime", "")
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = image.get("StudyID", "")
+    ds.AccessionNumber = image.get("AccessionNumber", "")
+    ds.Modality = "SR"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = 999
+    ds.Manufacturer = "cxrsr tests"
+    ds.InstanceNumber = 1
+    ds.ValueType = "CONTAINER"
+    concept = Dataset()
+    concept.CodeValue = "126000"
+    concept.CodingSchemeDesignator = "DCM"
+    concept.CodeMeaning = "Imaging Measurement Report"
+    ds.ConceptNameCodeSequence = [concept]
+    ds.ContinuityOfContent = "SEPARATE"
+    ds.CompletionFlag = "COMPLETE"
+    ds.VerificationFlag = "UNVERIFIED"
+    ds.ContentDate = "20240101"
+    ds.ContentTime = "120000"
+    sop = Dataset()
+    sop.ReferencedSOPClassUID = image.SOPClassUID
+    sop.ReferencedSOPInstanceUID = image.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = image.SeriesInstanceUID
+    series.ReferencedSOPSequence = [sop]
+    study = Dataset()
+    study.StudyInstanceUID = image.StudyInstanceUID
+    study.ReferencedSeriesSequence = [series]
+    ds.CurrentRequestedProcedureEvidenceSequence = [study]
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target, enforce_file_format=True)
+    return str(ds.SOPInstanceUID)
+
+
+def write_copies(source: Path, folder: Path, count: int) -> list[Path]:
+    """``count`` copies of ``source`` as new instances (fresh study, series and SOP UIDs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(source)
+    paths = []
+    for index in range(count):
+        ds.StudyInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = generate_uid()
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = folder / f"IM{index:05d}"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def empty_orthanc(tmp_path: Path, orthanc_binary: str) -> Iterator[LocalOrthanc]:
+    """An Orthanc of this test's own, empty at start, free to be stopped."""
+    server = LocalOrthanc(
+        tmp_path / "orthanc",
+        username="uploader",
+        password=secrets.token_urlsafe(16),
+        binary=orthanc_binary,
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def sr_dir(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("sr")
+    for name in SR_SOURCES:
+        write_sr(corpus_dir / name, folder / f"{Path(name).stem}_sr.dcm")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small_dicom(corpus_dir: Path) -> Path:
+    return corpus_dir / "bad_cr_cspine_16x16.dcm"
+
+
+# -- the corpus ------------------------------------------------------------------------
+
+
+def test_corpus_and_srs_arrive_once_and_again_as_already_stored(
+    empty_orthanc: LocalOrthanc, corpus_dir: Path, sr_dir: Path
+) -> None:
+    dicom_files = sorted(corpus_dir.glob("*.dcm")) + sorted(sr_dir.iterdir())
+    uids = [sop_instance_uid(p) for p in dicom_files]
+    distinct = set(uids)
+    # The corpus holds three pairs of different files under one SOP Instance UID
+    # (cxr07/cxr08, cxr05/edge_cxr_corrupt, cxr11/edge_fake_mono1); Orthanc keeps one of each.
+    duplicates = len(uids) - len(distinct)
+    assert duplicates == 3
+
+    first = upload(empty_orthanc, corpus_dir, sr_dir)
+    assert first.counts == {
+        "stored": len(distinct),
+        "already": duplicates,
+        "rejected": 0,
+        "failed": 0,
+        "passed": 1,  # MANIFEST.tsv
+        "verified": len(uids) - duplicates,
+        "acknowledged": len(uids),
+    }
+    # Each conflicting copy is named, with the SOP Instance UID it shares; exit code 1.
+    conflicts = first.lines("E: ")
+    assert len(conflicts) == duplicates
+    assert all("already held a different file with SOP Instance UID" in c for c in conflicts)
+    assert first.returncode == 1
+    assert "W: " + str(corpus_dir / "MANIFEST.tsv") + ": not a DICOM file, not sent" in first.stderr
+    assert f"SRs in source study {len(SR_SOURCES)}/{len(SR_SOURCES)}" in first.stdout
+
+    assert instance_count(empty_orthanc) == len(distinct)
+    for uid in distinct:
+        assert len(lookup(empty_orthanc, uid)) == 1, uid
+
+    second = upload(empty_orthanc, corpus_dir, sr_dir)
+    counts = second.counts
+    assert (counts["stored"], counts["already"]) == (0, len(uids))
+    assert (counts["rejected"], counts["failed"]) == (0, 0)
+    assert instance_count(empty_orthanc) == len(distinct)
+
+
+def test_identical_repeat_is_already_stored_and_exit_0(
+    orthanc: LocalOrthanc, corpus_dir: Path, sr_dir: Path, tmp_path: Path
+) -> None:
+    images = write_copies(corpus_dir / "cxr11_siim_cr_jpeg8.dcm", tmp_path / "images", 3)
+    write_sr(images[0], tmp_path / "sr" / "report.dcm")
+    first = upload(orthanc, tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert first.counts["stored"] == 4
+    assert "verified 4/4, SRs in source study 1/1" in first.stdout
+    again = upload(orthanc, tmp_path, "-q")
+    assert again.returncode == 0, again.stderr
+    assert again.stderr == ""
+    assert again.stdout.startswith("0 stored, 4 already stored, 0 rejected, 0 failed")
+
+
+# -- files that are not (valid) DICOM ------------------------------------------------
+
+
+def test_non_dicom_and_empty_files_are_passed_over_and_valid_ones_arrive(
+    orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
+) -> None:
+    valid = write_copies(small_dicom, tmp_path / "in", 2)
+    (tmp_path / "in" / "notes.dcm").write_text("these are not DICOM\n" * 20)
+    (tmp_path / "in" / "empty.dcm").write_bytes(b"")
+    with zipfile.ZipFile(tmp_path / "in" / "batch.zip", "w") as archive:
+        archive.write(write_copies(small_dicom, tmp_path / "zipped", 1)[0], "study/IM1")
+    run = upload(orthanc, tmp_path / "in")
+    assert run.returncode == 0, run.stderr
+    assert run.counts["stored"] == 3
+    assert run.counts["passed"] == 2
+    assert f"W: {tmp_path / 'in' / 'notes.dcm'}: not a DICOM file, not sent" in run.stderr
+    assert f"W: {tmp_path / 'in' / 'empty.dcm'}: empty file, not sent" in run.stderr
+    assert not run.lines("E: ")
+    for path in valid:
+        assert lookup(orthanc, sop_instance_uid(path))
+
+
+def test_dicom_that_orthanc_refuses_is_rejected_with_its_message(
+    orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
+) -> None:
+    (valid,) = write_copies(small_dicom, tmp_path / "in", 1)
+    truncated = tmp_path / "in" / "truncated.dcm"
+    truncated.write_bytes(valid.read_bytes()[:300])  # sniffs as DICOM, cannot be parsed
+    run = upload(orthanc, tmp_path / "in")
+    assert run.returncode == 1
+    assert run.counts["rejected"] == 1 and run.counts["stored"] == 1
+    (error,) = run.lines("E: ")
+    assert error.startswith(f"E: {truncated}: rejected: HTTP 400: Bad file format")
+    assert lookup(orthanc, sop_instance_uid(valid))
+
+
+# -- credentials and reachability ----------------------------------------------------
+
+
+def test_wrong_password_stops_at_once_with_one_line(
+    orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
+) -> None:
+    files = write_copies(small_dicom, tmp_path / "in", 5)
+    wrong = "not-" + orthanc.password
+    run = upload(orthanc, tmp_path / "in", password=wrong)
+    assert run.returncode == 3
+    assert run.lines("E: ") == [
+        f"E: Orthanc at {orthanc.url} refused the credentials for user "
+        f"'{orthanc.username}' (HTTP 401); check ORTHANC_USERNAME/ORTHANC_PASSWORD in .env"
+    ]
+    assert wrong not in run.stdout + run.stderr
+    assert not lookup(orthanc, sop_instance_uid(files[0]))
+
+
+def test_unreachable_url_is_named_after_the_retries(small_dicom: Path, tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    run = upload(None, small_dicom, "--retries", "2", url=url)
+    assert run.returncode == 3
+    (error,) = run.lines("E: ")
+    assert f"cannot reach Orthanc at {url}" in error
+    assert "after 3 attempts: connection refused" in error
+    assert time.monotonic() - started < 20
+
+
+def test_password_in_the_url_is_used_but_never_shown(
+    orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
+) -> None:
+    (image,) = write_copies(small_dicom, tmp_path, 1)
+    url = f"http://{orthanc.username}:{orthanc.password}@127.0.0.1:{orthanc.http_port}"
+    run = upload(None, image, "-v", url=url)
+    assert run.returncode == 0, run.stderr
+    assert orthanc.password not in run.stdout + run.stderr
+    assert f"at {orthanc.url}" in run.stderr
+
+
+def test_orthanc_coming_up_during_the_retries_is_waited_for(
+    tmp_path: Path, orthanc_binary: str, small_dicom: Path
+) -> None:
+    server = LocalOrthanc(
+        tmp_path / "o", "uploader", secrets.token_urlsafe(16), binary=orthanc_binary
+    )
+    files = write_copies(small_dicom, tmp_path / "in", 3)
+    env = dict(
+        os.environ,
+        ORTHANC_URL=server.url,
+        ORTHANC_USERNAME=server.username,
+        ORTHANC_PASSWORD=server.password,
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(tmp_path / "in"), "--retries", "6"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=PROJECT_ROOT,
+    )
+    try:
+        time.sleep(1.0)  # the first attempts are refused
+        server.start()
+        stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
+        assert stdout.startswith("3 stored, 0 already stored, 0 rejected, 0 failed")
+        assert all(lookup(server, sop_instance_uid(p)) for p in files)
+    finally:
+        process.kill()
+        server.stop()
+
+
+# -- a server that stops partway -----------------------------------------------------
+
+
+def test_orthanc_killed_mid_upload_is_reported_truthfully_then_completed(
+    empty_orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
+) -> None:
+    total = 1500
+    files = write_copies(small_dicom, tmp_path / "in", total)
+    env = dict(
+        os.environ,
+        ORTHANC_URL=empty_orthanc.url,
+        ORTHANC_USERNAME=empty_orthanc.username,
+        ORTHANC_PASSWORD=empty_orthanc.password,
+    )
+    workers = 2
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(tmp_path / "in"), "-v", "--workers", str(workers)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=PROJECT_ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while instance_count(empty_orthanc) < 100:
+            assert process.poll() is None, "the upload finished before Orthanc could be stopped"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        # SIGKILL, as a crash or power loss: a SIGTERM'd Orthanc 1.10.1 keeps serving
+        # open keep-alive connections until they go idle, so the upload would just finish.
+        empty_orthanc.kill()
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    first = Run(process.returncode, stdout, stderr)
+    assert "Traceback" not in stderr
+    assert first.returncode == 1
+    counts = first.counts
+    assert 100 <= counts["stored"] < total
+    assert counts["stored"] + counts["failed"] == total
+    assert counts["already"] == counts["rejected"] == counts["passed"] == 0
+    assert f"E: Orthanc at {empty_orthanc.url} stopped answering" in stderr
+    assert len([line for line in first.lines("E: ") if ": failed: " in line]) == counts["failed"]
+    reported_stored = re.findall(r"^D: .*: stored as (\S+)$", stderr, re.MULTILINE)
+    assert len(reported_stored) == counts["stored"]
+
+    empty_orthanc.start()  # same storage
+    present = instance_count(empty_orthanc)
+    for instance_id in reported_stored:  # every "stored" was true ...
+        assert api(empty_orthanc, f"/instances/{instance_id}").status_code == 200
+    # ... and at most the uploads in flight when it stopped were stored unannounced.
+    assert counts["stored"] <= present <= counts["stored"] + workers
+
+    second = upload(empty_orthanc, tmp_path / "in")
+    assert second.returncode == 0, second.stderr
+    assert second.counts["already"] == present
+    assert second.counts["stored"] == total - present
+    assert second.counts["verified"] == total
+    assert instance_count(empty_orthanc) == total
+    assert len({sop_instance_uid(p) for p in files}) == total
+
+
+# -- SR placement and dry run --------------------------------------------------------
+
+
+def test_sr_outside_its_source_study_is_an_error_and_missing_source_a_warning(
+    orthanc: LocalOrthanc, corpus_dir: Path, tmp_path: Path
+) -> None:
+    (image,) = write_copies(corpus_dir / "edge_vet_dog_dx_thorax_small.dcm", tmp_path / "img", 1)
+    upload(orthanc, image)
+    write_sr(image, tmp_path / "misplaced" / "sr.dcm", patient_id="SOMEONE-ELSE")
+    misplaced = upload(orthanc, tmp_path / "misplaced")
+    assert misplaced.returncode == 1
+    (error,) = misplaced.lines("E: ")
+    assert "SR is in Orthanc study" in error and sop_instance_uid(image) in error
+    assert "SRs in source study 0/1" in misplaced.stdout
+
+    (unsent,) = write_copies(corpus_dir / "edge_vet_dog_dx_thorax_small.dcm", tmp_path / "u", 1)
+    write_sr(unsent, tmp_path / "orphan" / "sr.dcm")
+    orphan = upload(orthanc, tmp_path / "orphan")
+    assert orphan.returncode == 0, orphan.stderr
+    (warning,) = orphan.lines("W: ")
+    assert f"source instance {sop_instance_uid(unsent)} is not in Orthanc" in warning
+    assert "SRs in source study 0/1 (1 without their source in Orthanc)" in orphan.stdout
+
+
+def test_dry_run_lists_and_sends_nothing(small_dicom: Path, tmp_path: Path) -> None:
+    files = write_copies(small_dicom, tmp_path / "in", 2)
+    (tmp_path / "in" / "notes.txt").write_text("hello")
+    # No Orthanc at this URL: a dry run must not need one.
+    run = upload(None, tmp_path / "in", "--dry-run", url=f"http://127.0.0.1:{free_port()}")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[:2] == [str(p) for p in files]
+    assert "2 files" in run.stdout and "1 passed over; nothing sent" in run.stdout

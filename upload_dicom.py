@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Upload DICOM images and SRs to Orthanc, then prove through its API that they arrived.
+
+Each file is read once, recognised by content (not by name), sent with
+``POST /instances`` by a few parallel workers over keep-alive connections, and ends as
+``stored``, ``already stored``, ``rejected`` (Orthanc answered 4xx) or ``failed`` (no
+answer after the retries); files that are not DICOM are passed over with a reason.
+Afterwards every acknowledged instance is checked: present in Orthanc, with the MD5
+of the bytes sent, and each SR in the same Orthanc study and patient as its image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cxrsr import orthanc
+from cxrsr.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    log,
+    make_parser,
+    run,
+    setup_logging,
+    show_progress,
+    summary,
+)
+from cxrsr.config import orthanc_settings
+from cxrsr.discovery import Source, check_inputs_exist, iter_sources, sniff_dicom
+
+#: Inputs when no PATH is given: the images, and generate_sr.py's output if it exists.
+DEFAULT_INPUTS = (Path("data"), Path("output") / "sr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(
+        "upload_dicom.py",
+        __doc__,
+        "wrong credentials, Orthanc unreachable at the URL, or the URL is not Orthanc",
+    )
+    params = parser.add_argument_group("parameters")
+    params.add_argument(
+        "paths",
+        metavar="PATH",
+        nargs="*",
+        help="DICOM files, folders (recursive) and .zip archives "
+        "(default: data/ and output/sr/ if present)",
+    )
+    params.add_argument(
+        "--dry-run", action="store_true", help="list what would be sent; send nothing"
+    )
+    net = parser.add_argument_group("network options")
+    net.add_argument(
+        "--url", help="Orthanc's REST URL (default: ORTHANC_URL, else http://127.0.0.1:8042)"
+    )
+    net.add_argument("--username", help="default: ORTHANC_USERNAME (environment or .env)")
+    net.add_argument(
+        "--password",
+        help="default: ORTHANC_PASSWORD (environment or .env; prefer those: "
+        "a command-line password is visible to other users of this machine)",
+    )
+    net.add_argument(
+        "--workers", type=_positive_int, default=8, help="parallel uploads (default: 8)"
+    )
+    net.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for each answer (default: 30)"
+    )
+    net.add_argument(
+        "--retries",
+        type=_non_negative_int,
+        default=4,
+        help="retries after a connection error, timeout or 5xx, with exponential backoff "
+        "and jitter (default: 4, waiting at most 7.5 s in all); 4xx answers are never retried",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args)
+    inputs = [Path(p) for p in args.paths] or [p for p in DEFAULT_INPUTS if p.exists()]
+    if not inputs:
+        parser.error("no PATH given and neither data/ nor output/sr/ exists here")
+    missing = check_inputs_exist(inputs)
+    if missing:
+        parser.error(f"no such file or folder: {', '.join(missing)}")
+    sources = list(iter_sources(inputs))
+    if args.dry_run:
+        return dry_run(sources)
+
+    client = orthanc.OrthancClient(
+        orthanc_settings(args.url, args.username, args.password),
+        timeout=args.timeout,
+        retry=orthanc.RetryPolicy(retries=args.retries),
+    )
+    system = client.system()  # wrong credentials or no server: one line, exit 3
+    log.info("Orthanc %s at %s: sending %d files", system.get("Version"), client.url, len(sources))
+    # disable=None: tqdm draws the bar only on a terminal, never into a log file.
+    with tqdm(
+        total=len(sources),
+        unit="file",
+        disable=None if show_progress(args) else True,
+        file=sys.stderr,
+    ) as bar:
+
+        def done(outcome: orthanc.Outcome) -> None:
+            orthanc.log_outcome(outcome)
+            bar.update(1)
+
+        outcomes = orthanc.upload(sources, client, workers=args.workers, on_done=done)
+    report = orthanc.verify(outcomes, client, workers=2 * args.workers)
+    client.close()
+    report.log_problems()
+    summary(report.summary())
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def dry_run(sources: Sequence[Source]) -> int:
+    """Print each file that would be sent (stdout) and each passed over (``W:``)."""
+    count = size = passed_over = 0
+    for source in sources:
+        head = source.head()
+        if not sniff_dicom(head):
+            reason = "empty file" if not head else "not a DICOM file"
+            log.warning("%s: %s, would not be sent", source.name, reason)
+            passed_over += 1
+            continue
+        count += 1
+        size += source.size
+        print(source.name)
+    summary(
+        f"dry run: {count} files ({size / 1e6:.1f} MB) would be sent, "
+        f"{passed_over} passed over; nothing sent"
+    )
+    return EXIT_OK
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
