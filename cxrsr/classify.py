@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -74,19 +73,13 @@ def prepare(source: Source) -> Prepared:
     )
 
 
-def _worker_init() -> None:
-    # Each worker decodes one image at a time; BLAS or torch threads would only fight
-    # with the other workers and the network for the same cores.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
 def prepared_in_order(sources: Iterable[Source], workers: int, window: int) -> Iterator[Prepared]:
     """``prepare`` over ``sources`` with ``workers`` processes, in order, ``window`` in flight."""
     if workers <= 0:
         yield from map(prepare, sources)
         return
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
+    pool = ProcessPoolExecutor(workers, mp_context=context)
     try:
         pending: deque[Future[Prepared]] = deque()
         for source in sources:

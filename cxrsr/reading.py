@@ -202,8 +202,12 @@ def _decode(ds: Dataset) -> np.ndarray:
     so unsigned native data is read unmasked and checked by :func:`_value_range`.
     """
     signed = int(ds.get("PixelRepresentation") or 0) == 1
-    options = {} if signed else {"correct_unused_bits": False}
+    options: dict[str, Any] = {} if signed else {"correct_unused_bits": False}
     transfer_syntax = ds.file_meta.TransferSyntaxUID
+    if transfer_syntax in JPEG_LS and _has_module("jpeg_ls"):
+        # CharLS decodes JPEG-LS about 4x faster than libjpeg, with identical output
+        # (pydicom would otherwise pick pylibjpeg).
+        options["decoding_plugin"] = "pyjpegls"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -219,6 +223,15 @@ def _decode(ds: Dataset) -> np.ndarray:
     if array.ndim != 2:
         raise InputError(f"decoded pixel data has shape {array.shape}, expected one 2-D frame")
     return array
+
+
+JPEG_LS = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 #: Transfer syntaxes whose codecs can decode at a fraction of the resolution, cheaply.

@@ -85,6 +85,12 @@ def keep_classification_times(
             entry["classified_at"] = previous.get(_result_key(entry, model["weights_sha256"]), now)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: Path, document: Any) -> None:
     """Write JSON so that a crash leaves either the old file or the new one, never half.
 
@@ -95,6 +101,7 @@ def write_json_atomic(path: Path, document: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; results are to share
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(document, fh, indent=2, ensure_ascii=False, allow_nan=False)
             fh.write("\n")
