@@ -7,6 +7,7 @@ references the source image; see the README's "Structured Report" section.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import sys
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from cxrsr import cli
 from cxrsr.results import load_results
-from cxrsr.sr import generate_srs
+from cxrsr.sr import default_jobs, generate_srs
 
 DEFAULT_RESULTS = Path("output/results.json")
 DEFAULT_OUTPUT_DIR = Path("output/sr")
@@ -44,7 +45,25 @@ def parse_args(argv: Sequence[str] | None):
         metavar="DIR",
         help=f"where the SRs go, one <SOPInstanceUID>.dcm each (default: {DEFAULT_OUTPUT_DIR})",
     )
+    parameters.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=default_jobs(),
+        metavar="N",
+        help="worker processes (default: the CPUs available, here %(default)s); the files "
+        "and their bytes do not depend on N, and small runs use one process anyway",
+    )
     return parser.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,9 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging(args)
     document = load_results(args.results)
     # Content Date/Time: when the classification was written, not when this runs, so a
-    # rerun on the same results file writes the same bytes (see cxrsr.sr.build_sr).
+    # rerun on the same results file writes the same bytes (see cxrsr.sr.sr_document).
     classified_at = datetime.datetime.fromtimestamp(args.results.stat().st_mtime, datetime.UTC)
-    outcome = generate_srs(document, args.output_dir, classified_at, cli.show_progress(args))
+    outcome = generate_srs(
+        document, args.output_dir, classified_at, cli.show_progress(args), jobs=args.jobs
+    )
     cli.summary(outcome.summary(args.output_dir))
     return cli.EXIT_FAILED if outcome.errors else cli.EXIT_OK
 

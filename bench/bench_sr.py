@@ -6,17 +6,23 @@ source file: a header-only copy (no Pixel Data, which generate_sr never reads) o
 few corpus files, with a fresh SOP Instance UID and one series per 50 images, so the
 source check (UIDs re-read from the file) does its real work. Then:
 
-1. end to end: ``cxrsr.sr.generate_srs`` on the whole file, as generate_sr.py runs it;
-2. per stage, on the same entries: source header read and check, highdicom construction
-   of the document, pydicom serialisation and atomic write.
+1. end to end: ``cxrsr.sr.generate_srs`` on the whole file, as generate_sr.py runs it,
+   once per ``--jobs`` value (the files must be byte-identical across them);
+2. per stage of the fast path, on the same entries: source header read and check,
+   highdicom header (Comprehensive3DSR around an empty root), per-image highdicom items
+   (IMAGE, Image Library), template fill, file encoding, atomic write;
+3. with ``--reference N``: the highdicom reference build and pydicom serialisation on
+   the first N entries, for comparison (the path generate_sr.py took before the template).
 
-Run: ``.venv/bin/python bench/bench_sr.py [--count 2000]``
+Run: ``.venv/bin/python bench/bench_sr.py [--count 2000] [--jobs 1 2] [--reference 50]``
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import itertools
 import logging
 import sys
 import tempfile
@@ -24,13 +30,14 @@ import time
 import warnings
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cxrsr import sr
+from cxrsr import sr, sr_template, uids
 from cxrsr.config import PROJECT_ROOT
 
 CORPUS = PROJECT_ROOT.parent / "shared" / "cxr-corpus"
@@ -89,49 +96,123 @@ def synthetic_results(count: int, folder: Path) -> dict:
     return {"format": "cxrsr-results/1", "model": model, "images": images}
 
 
+def end_to_end(document: dict, output_dir: Path, when: datetime.datetime, jobs: int) -> float:
+    """Seconds for generate_srs on the whole document into ``output_dir``."""
+    start = time.perf_counter()
+    outcome = sr.generate_srs(document, output_dir, when, jobs=jobs)
+    seconds = time.perf_counter() - start
+    assert len(outcome.written) == len(document["images"]) and not outcome.errors
+    return seconds
+
+
+def fast_stages(document: dict, output_dir: Path, when: datetime.datetime) -> dict[str, float]:
+    """Seconds per stage of SRBuilder.encode + write, summed over the document."""
+    model = sr.ModelInfo.from_results(document["model"])
+    builder = sr.SRBuilder(model, when)
+    stages = dict.fromkeys(
+        (
+            "read+check source header",
+            "evidence + template lookup",
+            "highdicom header",
+            "highdicom IMAGE + library",
+            "template fill",
+            "file encoding",
+            "atomic write (fsync)",
+        ),
+        0.0,
+    )
+    names = list(stages)
+    for _index, classification in sr.classifications(document, model):
+        ticks = [time.perf_counter()]
+        header = sr.read_source_header(classification)
+        ticks.append(time.perf_counter())
+        evidence, _emptied = sr.evidence_dataset(header)
+        template = builder.template(evidence, classification)
+        ticks.append(time.perf_counter())
+        document_sr = sr.sr_document(
+            evidence, copy.deepcopy(template.root_stub), header, classification, model, when
+        )
+        ticks.append(time.perf_counter())
+        source_image = hd.sr.SourceImageForMeasurementGroup.from_source_image(evidence)
+        library = sr.image_library(evidence)
+        ticks.append(time.perf_counter())
+        sr_uid = document_sr.SOPInstanceUID
+        content = template.encode(
+            [uids.tracking_uid(sr_uid, label) for label in model.labels],
+            classification.scores,
+            classification.present,
+            source_image,
+            library,
+        )
+        ticks.append(time.perf_counter())
+        data = sr_template.encode_document(document_sr, content)
+        ticks.append(time.perf_counter())
+        sr.write_encoded(sr.EncodedSR(str(sr_uid), data), output_dir)
+        ticks.append(time.perf_counter())
+        for name, (t0, t1) in zip(names, itertools.pairwise(ticks), strict=True):
+            stages[name] += t1 - t0
+    return stages
+
+
+def reference_stages(document: dict, count: int, when: datetime.datetime) -> dict[str, float]:
+    """Seconds per stage of the highdicom reference path on the first ``count`` entries."""
+    model = sr.ModelInfo.from_results(document["model"])
+    stages = {"highdicom build": 0.0, "pydicom serialise": 0.0}
+    for _index, classification in sr.classifications(document, model)[:count]:
+        header = sr.read_source_header(classification)
+        t0 = time.perf_counter()
+        document_sr = sr.build_sr_reference(header, classification, model, when)
+        t1 = time.perf_counter()
+        sr.encode_reference(document_sr)
+        t2 = time.perf_counter()
+        stages["highdicom build"] += t1 - t0
+        stages["pydicom serialise"] += t2 - t1
+    return stages
+
+
+def print_stages(title: str, stages: dict[str, float], count: int) -> None:
+    total = sum(stages.values())
+    print(f"{title}: {1000 * total / count:.1f} ms/SR = {count / total:.1f} SRs/s")
+    for stage, seconds in stages.items():
+        print(f"  {stage:28s} {1000 * seconds / count:7.2f} ms/SR  {100 * seconds / total:5.1f} %")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=2000, help="SRs to write (default: 2000)")
+    parser.add_argument(
+        "--jobs", type=int, nargs="+", default=[1, 2], help="end-to-end runs (default: 1 2)"
+    )
+    parser.add_argument(
+        "--reference", type=int, default=0, metavar="N", help="time the reference on N entries"
+    )
     args = parser.parse_args()
     logging.getLogger("cxrsr").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
     when = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+    low, high = CLASSIFIER_RATE
     with tempfile.TemporaryDirectory(prefix="bench-sr-") as tmp:
         folder = Path(tmp)
         (folder / "src").mkdir()
         document = synthetic_results(args.count, folder / "src")
-
-        start = time.perf_counter()
-        outcome = sr.generate_srs(document, folder / "end-to-end", when)
-        end_to_end = time.perf_counter() - start
-        assert len(outcome.written) == args.count and not outcome.errors
-
-        model = sr.ModelInfo.from_results(document["model"])
-        stages = {"read+check source header": 0.0, "highdicom build": 0.0, "serialise+write": 0.0}
-        for _index, classification in sr.classifications(document, model):
-            t0 = time.perf_counter()
-            header = sr.read_source_header(classification)
-            t1 = time.perf_counter()
-            document_sr = sr.build_sr(header, classification, model, when)
-            t2 = time.perf_counter()
-            sr.write_sr(document_sr, folder / "staged")
-            t3 = time.perf_counter()
-            stages["read+check source header"] += t1 - t0
-            stages["highdicom build"] += t2 - t1
-            stages["serialise+write"] += t3 - t2
-
-    rate = args.count / end_to_end
-    staged = sum(stages.values())
-    print(f"generate_sr: {args.count} SRs in {end_to_end:.1f} s = {rate:.1f} SRs/s (one process)")
-    for stage, seconds in stages.items():
-        print(
-            f"  {stage:26s} {1000 * seconds / args.count:7.1f} ms/SR  {100 * seconds / staged:5.1f} %"
+        outputs = {}
+        for jobs in args.jobs:
+            outputs[jobs] = folder / f"end-to-end-{jobs}"
+            seconds = end_to_end(document, outputs[jobs], when, jobs)
+            rate = args.count / seconds
+            print(
+                f"generate_sr --jobs {jobs}: {args.count} SRs in {seconds:.1f} s = "
+                f"{rate:.1f} SRs/s; {rate / high:.1f}x-{rate / low:.1f}x process_dicom's "
+                f"expected {low:.0f}-{high:.0f} images/s"
+            )
+        contents = [{p.name: p.read_bytes() for p in out.glob("*.dcm")} for out in outputs.values()]
+        assert all(c == contents[0] for c in contents), "output depends on --jobs"
+        print_stages(
+            "fast path, one process", fast_stages(document, folder / "staged", when), args.count
         )
-    low, high = CLASSIFIER_RATE
-    print(
-        f"ratio to process_dicom's expected {low:.0f}-{high:.0f} images/s: "
-        f"{rate / high:.2f}x-{rate / low:.2f}x"
-    )
+        if args.reference:
+            count = min(args.reference, args.count)
+            print_stages("highdicom reference", reference_stages(document, count, when), count)
     return 0
 
 

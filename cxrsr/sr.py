@@ -21,16 +21,23 @@ make the same instance, and the file bytes are the same too.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import datetime
 import hashlib
+import io
 import json
 import logging
 import math
+import multiprocessing
+import multiprocessing.context
 import os
 import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +66,7 @@ from cxrsr.codes import (
 from cxrsr.discovery import open_source
 from cxrsr.errors import InputError, PipelineError
 from cxrsr.results import CLASSIFIED, FAILED, SKIPPED
+from cxrsr.sr_template import ContentTemplate, character_encodings, encode_document
 
 log = logging.getLogger("cxrsr")
 
@@ -168,6 +176,19 @@ class ModelInfo:
         return uids.device_observer_uid(self.model_id, self.weights_sha256)
 
 
+def _parse_time(value: Any, where: str) -> datetime.datetime | None:
+    """An ISO 8601 ``classified_at`` as an aware datetime (UTC when no offset is given)."""
+    if value is None:
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(str(value))
+    except ValueError:
+        raise PipelineError(
+            f"{where}: classified_at {value!r} is not an ISO 8601 time", 2
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=datetime.UTC)
+
+
 @dataclass(frozen=True)
 class Classification:
     """One ``classified`` results entry, checked: a score and a call for every label."""
@@ -179,6 +200,8 @@ class Classification:
     sop_class_uid: str
     scores: tuple[float, ...]
     present: tuple[bool, ...]
+    classified_at: datetime.datetime | None = None
+    """When process_dicom.py first produced this result: the SR's Content Date/Time."""
 
     @classmethod
     def from_entry(cls, entry: Mapping[str, Any], model: ModelInfo, index: int) -> Classification:
@@ -208,7 +231,12 @@ class Classification:
             sop_class_uid=entry["sop_class_uid"],
             scores=tuple(float(scores[label]) for label in model.labels),
             present=tuple(label in findings for label in model.labels),
+            classified_at=_parse_time(entry.get("classified_at"), where),
         )
+
+    def content_datetime(self, fallback: datetime.datetime) -> datetime.datetime:
+        """Content Date/Time: when the result was made, else ``fallback`` (older results files)."""
+        return self.classified_at or fallback
 
     def result_digest(self, model: ModelInfo) -> str:
         """SHA-256 over everything the SR says about the image (labels, scores, calls, meaning).
@@ -500,28 +528,27 @@ def private_coding_scheme() -> hd.coding_schemes.CodingSchemeIdentificationItem:
     )
 
 
-def build_sr(
+def sr_document(
+    evidence: Dataset,
+    content: Dataset,
     header: Dataset,
     classification: Classification,
     model: ModelInfo,
     content_datetime: datetime.datetime,
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR document for one classified image, ready to write.
+    """The Comprehensive 3D SR around a root ``content`` item; both build paths share it.
 
     ``content_datetime`` (timezone-aware) becomes Content Date/Time, "the date the document
     content creation started" (PS3.3 C.17.2): the caller passes when the classification
     was made, not the wall clock, so a rerun writes the same bytes.
     """
-    evidence, emptied = evidence_dataset(header)
-    sr_instance_uid = classification.sr_instance_uid(model)
     when = content_datetime.astimezone(datetime.UTC).replace(microsecond=0)
-    report = measurement_report(evidence, classification, model, sr_instance_uid)
     sr = hd.sr.Comprehensive3DSR(
         evidence=[evidence],
-        content=report[0],
+        content=content,
         series_instance_uid=classification.sr_series_uid(model),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=sr_instance_uid,
+        sop_instance_uid=classification.sr_instance_uid(model),
         instance_number=instance_number(header),
         manufacturer=SR_MANUFACTURER,
         manufacturer_model_name=SR_MANUFACTURER_MODEL_NAME,
@@ -536,12 +563,169 @@ def build_sr(
         content_time=when.time().replace(microsecond=0, tzinfo=None),
     )
     _make_reproducible(sr, when)
-    for keyword, problem in emptied.items():
-        if keyword in sr:
-            log.warning(
-                "%s: source's %s %s; written empty in the SR", classification.path, keyword, problem
-            )
     return sr
+
+
+def _reference_sr(
+    header: Dataset,
+    classification: Classification,
+    model: ModelInfo,
+    content_datetime: datetime.datetime,
+) -> tuple[hd.sr.Comprehensive3DSR, dict[str, str]]:
+    evidence, emptied = evidence_dataset(header)
+    report = measurement_report(
+        evidence, classification, model, classification.sr_instance_uid(model)
+    )
+    sr = sr_document(evidence, report[0], header, classification, model, content_datetime)
+    return sr, emptied
+
+
+def build_sr_reference(
+    header: Dataset,
+    classification: Classification,
+    model: ModelInfo,
+    content_datetime: datetime.datetime,
+) -> hd.sr.Comprehensive3DSR:
+    """The SR document for one classified image, built entirely by highdicom.
+
+    The reference: every content item goes through highdicom's TID 1500/1501 classes and
+    their checks. ``SRBuilder`` writes the same bytes about 20 times faster and is tested
+    against this function; keep the two in step (tests/test_sr.py, "fast path").
+    """
+    sr, emptied = _reference_sr(header, classification, model, content_datetime)
+    for level, message in emptied_notes(classification, sr, emptied):
+        log.log(level, "%s", message)
+    return sr
+
+
+def emptied_notes(
+    classification: Classification, sr: Dataset, emptied: Mapping[str, str]
+) -> list[tuple[int, str]]:
+    """The warnings for source values that broke their VR and were written empty."""
+    return [
+        (
+            logging.WARNING,
+            f"{classification.path}: source's {keyword} {problem}; written empty in the SR",
+        )
+        for keyword, problem in emptied.items()
+        if keyword in sr
+    ]
+
+
+def encode_reference(sr: Dataset) -> bytes:
+    """The bytes ``write_sr`` writes for a fully built dataset (Explicit VR LE, PS3.10 file)."""
+    buffer = io.BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class EncodedSR:
+    """One SR document as the bytes of its file, and what to tell the user about it."""
+
+    sop_instance_uid: str
+    data: bytes
+    notes: tuple[tuple[int, str], ...] = ()
+
+
+class SRBuilder:
+    """Writes SR documents fast: highdicom for each header, a compiled template for the content.
+
+    Per image, highdicom still builds the header (patient, study, series, evidence,
+    equipment: ``sr_document`` with an empty root), the Image Library entry and the IMAGE
+    item; the TID 1501 groups come from a :class:`~cxrsr.sr_template.ContentTemplate`
+    compiled once per character set from a document highdicom built in full. The first
+    document of each template is also built by :func:`build_sr_reference` and must match
+    byte for byte; if it does not (a highdicom or pydicom upgrade changed the layout), the
+    builder says so and uses the reference for the rest of the run.
+    """
+
+    def __init__(
+        self,
+        model: ModelInfo,
+        content_datetime: datetime.datetime,
+        check_first: bool = True,
+    ) -> None:
+        """``check_first=False`` skips the run-time check (tests compare every document)."""
+        self.model = model
+        self.content_datetime = content_datetime
+        self._templates: dict[tuple[str, ...], ContentTemplate] = {}
+        self._checked: set[tuple[str, ...]] = set()
+        self._check_first = check_first
+        self.use_reference = False
+
+    def encode(self, header: Dataset, classification: Classification) -> EncodedSR:
+        """The SR file of one classified image, byte for byte what the reference writes."""
+        if self.use_reference:
+            return self._encode_reference(header, classification)
+        evidence, emptied = evidence_dataset(header)
+        template = self.template(evidence, classification)
+        sr = sr_document(
+            evidence,
+            copy.deepcopy(template.root_stub),
+            header,
+            classification,
+            self.model,
+            classification.content_datetime(self.content_datetime),
+        )
+        if character_encodings(sr) != template.encodings:
+            raise ValueError("SR template: the SR's character set is not the source's")
+        sr_uid = sr.SOPInstanceUID
+        content = template.encode(
+            [uids.tracking_uid(sr_uid, label) for label in self.model.labels],
+            classification.scores,
+            classification.present,
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(evidence),
+            image_library(evidence),
+        )
+        notes = emptied_notes(classification, sr, emptied)
+        encoded = EncodedSR(str(sr_uid), encode_document(sr, content), tuple(notes))
+        if not self._check_first or template.encodings in self._checked:
+            return encoded
+        self._checked.add(template.encodings)
+        return self._checked_against_reference(encoded, header, classification)
+
+    def template(self, evidence: Dataset, classification: Classification) -> ContentTemplate:
+        """The template for ``evidence``'s character set, compiled on first use."""
+        encodings = character_encodings(evidence)
+        template = self._templates.get(encodings)
+        if template is None:
+            template = self._templates[encodings] = self._compile(evidence, classification)
+        return template
+
+    def _compile(self, evidence: Dataset, classification: Classification) -> ContentTemplate:
+        """A template from two full highdicom builds: every call Present, then every call Absent."""
+        sr_uid = classification.sr_instance_uid(self.model)
+        roots = [
+            measurement_report(
+                evidence,
+                dataclasses.replace(classification, present=(call,) * len(self.model.labels)),
+                self.model,
+                sr_uid,
+            )[0]
+            for call in (True, False)
+        ]
+        return ContentTemplate.compile(roots[0], roots[1], character_encodings(evidence))
+
+    def _checked_against_reference(
+        self, encoded: EncodedSR, header: Dataset, classification: Classification
+    ) -> EncodedSR:
+        reference = self._encode_reference(header, classification)
+        if reference.data == encoded.data:
+            return encoded
+        self.use_reference = True
+        note = (
+            logging.WARNING,
+            f"{classification.path}: the fast SR encoder differs from the highdicom "
+            "reference; using the reference (about 20 times slower) for the rest of the run",
+        )
+        return dataclasses.replace(reference, notes=(*reference.notes, note))
+
+    def _encode_reference(self, header: Dataset, classification: Classification) -> EncodedSR:
+        when = classification.content_datetime(self.content_datetime)
+        sr, emptied = _reference_sr(header, classification, self.model, when)
+        notes = tuple(emptied_notes(classification, sr, emptied))
+        return EncodedSR(str(sr.SOPInstanceUID), encode_reference(sr), notes)
 
 
 def instance_number(header: Dataset) -> int:
@@ -571,17 +755,22 @@ def _make_reproducible(sr: Dataset, when: datetime.datetime) -> None:
 
 
 def write_sr(sr: Dataset, output_dir: Path) -> Path:
+    """Write a built dataset as ``<SOPInstanceUID>.dcm`` (see :func:`write_encoded`)."""
+    return write_encoded(EncodedSR(str(sr.SOPInstanceUID), encode_reference(sr)), output_dir)
+
+
+def write_encoded(encoded: EncodedSR, output_dir: Path) -> Path:
     """Write ``<SOPInstanceUID>.dcm`` atomically (temporary file, then ``os.replace``).
 
     The name is the SR's own UID, so a rerun with the same results overwrites the file with
     the same bytes, and an SR for changed results never replaces the earlier one's file.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
-    target = output_dir / f"{sr.SOPInstanceUID}.dcm"
+    target = output_dir / f"{encoded.sop_instance_uid}.dcm"
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=output_dir)
     try:
         with os.fdopen(fd, "wb") as fh:
-            sr.save_as(fh, enforce_file_format=True)
+            fh.write(encoded.data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_name, target)
@@ -630,35 +819,43 @@ def classifications(
     ]
 
 
-def generate_srs(
-    document: Mapping[str, Any],
-    output_dir: Path,
-    content_datetime: datetime.datetime,
-    progress: bool = False,
-) -> Outcome:
-    """Write one SR per classified entry of a loaded results ``document`` into ``output_dir``.
+#: Below this many documents per worker process, a pool costs more than it saves (each
+#: worker compiles its own template and checks it against the reference, ~0.5 s).
+MIN_SRS_PER_WORKER = 32
 
-    Skipped and failed entries are counted, not written. A source that has gone or changed
-    is an error for that entry only; the others are still written.
-    """
-    model = ModelInfo.from_results(document["model"])
-    work = classifications(document, model)
-    outcome = Outcome()
-    for entry in document["images"]:
-        if entry["status"] in (SKIPPED, FAILED):
-            log.debug("%s: %s (%s), no SR", entry.get("path"), entry["status"], entry.get("reason"))
-    statuses = Counter(entry["status"] for entry in document["images"])
-    outcome.skipped, outcome.failed = statuses[SKIPPED], statuses[FAILED]
-    _warn_shared_sop_instance_uids(work, model)
-    seen: dict[str, str] = {}
-    for _index, classification in tqdm(work, desc="SRs", unit="SR", disable=not progress):
-        sr_uid = classification.sr_instance_uid(model)
-        if sr_uid in seen:
-            log.info(
-                "%s: same SR as %s (same image, same results)", classification.path, seen[sr_uid]
-            )
-            outcome.duplicates += 1
-            continue
+#: Documents handed to a worker at a time: large enough to amortise the inter-process
+#: round trip, small enough to keep both cores busy to the end.
+POOL_CHUNK_SIZE = 8
+
+
+def default_jobs() -> int:
+    """The CPUs this process may run on (``sched_getaffinity`` honours taskset and cgroups)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class EntryResult:
+    """What became of one classified entry; log lines travel with it, so a pool logs in order."""
+
+    path: Path | None = None
+    source_error: str | None = None
+    write_error: str | None = None
+    notes: tuple[tuple[int, str], ...] = ()
+
+
+class _Writer:
+    """Reads, builds and writes one entry's SR; one per process."""
+
+    def __init__(
+        self, model: ModelInfo, content_datetime: datetime.datetime, output_dir: Path
+    ) -> None:
+        self.builder = SRBuilder(model, content_datetime)
+        self.output_dir = output_dir
+
+    def __call__(self, classification: Classification) -> EntryResult:
         # pydicom and highdicom warn about odd but legal source values (single-component
         # person names, for one); they are the source's business, so only -v shows them.
         with warnings.catch_warnings(record=True) as caught:
@@ -666,31 +863,130 @@ def generate_srs(
             try:
                 header = read_source_header(classification)
             except SourceError as exc:
-                log.error("%s; no SR written", exc)
-                outcome.errors.append(str(exc))
-                continue
-            document_sr = build_sr(header, classification, model, content_datetime)
-        for warning in caught:
-            log.debug("%s: %s", classification.path, warning.message)
+                return EntryResult(source_error=str(exc))
+            try:
+                encoded = self.builder.encode(header, classification)
+            except Exception as exc:  # highdicom refuses some headers (e.g. no Modality)
+                reason = f"{classification.path}: cannot build an SR from this source: {type(exc).__name__}: {exc}"
+                return EntryResult(source_error=reason)
+        notes = [
+            *encoded.notes,
+            *((logging.DEBUG, f"{classification.path}: {w.message}") for w in caught),
+        ]
         try:
-            path = write_sr(document_sr, output_dir)
+            path = write_encoded(encoded, self.output_dir)
         except OSError as exc:
-            # A folder that cannot be written fails every SR alike: stop (exit 3), keep
-            # what is written.
-            raise PipelineError(f"{output_dir}: cannot write SRs: {exc}", exit_code=3) from exc
-        seen[sr_uid] = classification.path
-        outcome.written.append(path)
-        log.debug("%s -> %s", classification.path, path)
+            return EntryResult(write_error=str(exc), notes=tuple(notes))
+        notes.append((logging.DEBUG, f"{classification.path} -> {path}"))
+        return EntryResult(path=path, notes=tuple(notes))
+
+
+_worker: _Writer | None = None
+
+
+def _start_worker(model: ModelInfo, content_datetime: datetime.datetime, output_dir: Path) -> None:
+    global _worker
+    _worker = _Writer(model, content_datetime, output_dir)
+
+
+def _run_in_worker(classification: Classification) -> EntryResult:
+    assert _worker is not None, "pool worker not initialised"
+    return _worker(classification)
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """fork where there is one: workers start at once, without re-importing highdicom."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else None)
+
+
+def generate_srs(
+    document: Mapping[str, Any],
+    output_dir: Path,
+    content_datetime: datetime.datetime,
+    progress: bool = False,
+    jobs: int = 1,
+) -> Outcome:
+    """Write one SR per classified entry of a loaded results ``document`` into ``output_dir``.
+
+    Skipped and failed entries are counted, not written. A source that has gone or changed
+    is an error for that entry only; the others are still written. With ``jobs`` > 1 the
+    documents are built in a process pool; files, their bytes, the order of ``written``
+    and the log lines are the same for every ``jobs``.
+    """
+    model = ModelInfo.from_results(document["model"])
+    work = [classification for _index, classification in classifications(document, model)]
+    outcome = Outcome()
+    for entry in document["images"]:
+        if entry["status"] in (SKIPPED, FAILED):
+            log.debug("%s: %s (%s), no SR", entry.get("path"), entry["status"], entry.get("reason"))
+    statuses = Counter(entry["status"] for entry in document["images"])
+    outcome.skipped, outcome.failed = statuses[SKIPPED], statuses[FAILED]
+    _warn_shared_sop_instance_uids(work, model)
+    sr_uids = [classification.sr_instance_uid(model) for classification in work]
+    # An entry that repeats an earlier one's SR is not sent to the pool; it is built here
+    # only if the earlier one failed, as a one-by-one run would then try it.
+    first_of: dict[str, int] = {}
+    for index, uid in enumerate(sr_uids):
+        first_of.setdefault(uid, index)
+    firsts = sorted(first_of.values())
+    workers = min(jobs, len(firsts) // MIN_SRS_PER_WORKER)
+    local = _Writer(model, content_datetime, output_dir)
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            pool = stack.enter_context(
+                ProcessPoolExecutor(
+                    workers,
+                    mp_context=_pool_context(),
+                    initializer=_start_worker,
+                    initargs=(model, content_datetime, output_dir),
+                )
+            )
+            # On an error or Ctrl-C, drop the documents not yet started (what is written stays).
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+            ahead = pool.map(_run_in_worker, [work[i] for i in firsts], chunksize=POOL_CHUNK_SIZE)
+        else:
+            ahead = map(local, (work[i] for i in firsts))
+        first_set = set(firsts)
+        seen: dict[str, str] = {}
+        for index in tqdm(range(len(work)), desc="SRs", unit="SR", disable=not progress):
+            classification, sr_uid = work[index], sr_uids[index]
+            if sr_uid in seen:
+                log.info(
+                    "%s: same SR as %s (same image, same results)",
+                    classification.path,
+                    seen[sr_uid],
+                )
+                outcome.duplicates += 1
+                continue
+            result = next(ahead) if index in first_set else local(classification)
+            if _record(result, outcome, output_dir):
+                seen[sr_uid] = classification.path
     _warn_other_files(output_dir, outcome.written)
     return outcome
 
 
-def _warn_shared_sop_instance_uids(
-    work: Sequence[tuple[int, Classification]], model: ModelInfo
-) -> None:
+def _record(result: EntryResult, outcome: Outcome, output_dir: Path) -> bool:
+    """Log one entry's lines and count it; whether its SR was written."""
+    if result.source_error is not None:
+        log.error("%s; no SR written", result.source_error)
+        outcome.errors.append(result.source_error)
+        return False
+    for level, message in result.notes:
+        log.log(level, "%s", message)
+    if result.write_error is not None:
+        # A folder that cannot be written fails every SR alike: stop (exit 3), keep
+        # what is written.
+        raise PipelineError(f"{output_dir}: cannot write SRs: {result.write_error}", 3)
+    assert result.path is not None
+    outcome.written.append(result.path)
+    return True
+
+
+def _warn_shared_sop_instance_uids(work: Sequence[Classification], model: ModelInfo) -> None:
     """Two different images under one SOP Instance UID break PS3.3 C.12.1.1.1; say so."""
     by_uid: dict[str, set[str]] = {}
-    for _index, classification in work:
+    for classification in work:
         by_uid.setdefault(classification.sop_instance_uid, set()).add(
             classification.result_digest(model)
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -345,7 +346,7 @@ def _build(entry: dict[str, Any], model: dict[str, Any]) -> pydicom.Dataset:
     info = sr_module.ModelInfo.from_results(model)
     classification = sr_module.Classification.from_entry(entry, info, 0)
     header = sr_module.read_source_header(classification)
-    return sr_module.build_sr(header, classification, info, WHEN)
+    return sr_module.build_sr_reference(header, classification, info, WHEN)
 
 
 def test_changed_scores_make_a_new_instance_in_the_same_series(
@@ -402,6 +403,201 @@ def test_non_ascii_patient_name_keeps_its_character_set(
     sr = pydicom.dcmread(path)
     assert sr.SpecificCharacterSet == "ISO_IR 100"
     assert str(sr.PatientName) == "Müller^Jürgen"
+
+
+# --- the fast path (SRBuilder) against the highdicom reference ------------------------------
+
+
+def _both_paths(
+    builder: sr_module.SRBuilder, entry: dict[str, Any], model: dict[str, Any]
+) -> tuple[bytes, bytes]:
+    """(fast, reference) file bytes of one entry; ``builder`` keeps its templates across calls."""
+    info = sr_module.ModelInfo.from_results(model)
+    classification = sr_module.Classification.from_entry(entry, info, 0)
+    header = sr_module.read_source_header(classification)
+    reference = sr_module.encode_reference(
+        sr_module.build_sr_reference(header, classification, info, WHEN)
+    )
+    fast = builder.encode(header, classification)
+    assert (
+        fast.sop_instance_uid
+        == pydicom.dcmread(pydicom.filebase.DicomBytesIO(reference)).SOPInstanceUID
+    )
+    return fast.data, reference
+
+
+def _assert_identical(fast: bytes, reference: bytes, what: str) -> None:
+    if fast == reference:
+        return
+    # Say where they part, element by element, rather than at a byte offset.
+    ours = pydicom.dcmread(pydicom.filebase.DicomBytesIO(fast))
+    theirs = pydicom.dcmread(pydicom.filebase.DicomBytesIO(reference))
+    ours_elements = [(e.tag, e.VR, repr(e.value)) for e in ours.iterall()]
+    theirs_elements = [(e.tag, e.VR, repr(e.value)) for e in theirs.iterall()]
+    assert ours_elements == theirs_elements, what
+    raise AssertionError(f"{what}: same elements, different bytes")
+
+
+@pytest.fixture(scope="module")
+def fast_builder(labels: list[str]) -> sr_module.SRBuilder:
+    """One builder for the whole module, without its run-time check (which would hide a
+    difference by falling back to the reference): every document below is compared, and
+    most use a template compiled from another source than their own."""
+    info = sr_module.ModelInfo.from_results(model_block(labels))
+    return sr_module.SRBuilder(info, WHEN, check_first=False)
+
+
+def test_fast_path_is_byte_identical_on_every_classifiable_corpus_file(
+    corpus_dir: Path,
+    manifest: list[dict[str, str]],
+    labels: list[str],
+    fast_builder: sr_module.SRBuilder,
+) -> None:
+    rng = np.random.default_rng(7)
+    names = [row["filename"] for row in manifest if row["expected"].startswith("classify")]
+    assert len(names) == 9
+    for name in names:
+        entry = classified_entry(str(corpus_dir / name), labels, rng)
+        _assert_identical(*_both_paths(fast_builder, entry, model_block(labels)), name)
+    assert not fast_builder.use_reference
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [
+        "all-zero",
+        "all-one",
+        "threshold",
+        "awkward",
+    ],
+)
+def test_fast_path_is_byte_identical_for_any_scores(
+    corpus_dir: Path, labels: list[str], fast_builder: sr_module.SRBuilder, scores: str
+) -> None:
+    """DS is at most 16 characters (PS3.5 6.2): values that need rounding, exponents, 0, 1."""
+    awkward = [
+        0.1 + 0.2, 1e-300, 5e-324, 1 - 2**-53, 0.49999999999999994, 2 / 3, 1e-5, 0.123456789012345678,
+        9.999999999999999e-05, 0.5 + 2**-52, 1e-10, 0.30000000000000004, 3e-7, 0.7, 0.05, 1e-16,
+        0.999999, 0.0001,
+    ]  # fmt: skip
+    values = {
+        "all-zero": [0.0] * len(labels),
+        "all-one": [1.0] * len(labels),
+        "threshold": [0.5] * len(labels),
+        "awkward": awkward,
+    }[scores]
+    entry = classified_entry(
+        str(corpus_dir / "cxr10_nih_dx_8bit.dcm"), labels, np.random.default_rng(8)
+    )
+    entry["scores"] = dict(zip(labels, values, strict=True))
+    entry["findings"] = [label for label in labels if entry["scores"][label] >= 0.5]
+    _assert_identical(*_both_paths(fast_builder, entry, model_block(labels)), scores)
+    assert not fast_builder.use_reference
+
+
+def test_fast_path_is_byte_identical_for_changed_scores_and_unknown_labels(
+    corpus_dir: Path, labels: list[str]
+) -> None:
+    source = str(corpus_dir / "cxr11_siim_cr_jpeg8.dcm")
+    unknown = [*labels[:3], "Tension_Pneumothorax_Or_Other_Very_Long_Label", "Épanchement"]
+    for these_labels in (labels, unknown):
+        model = model_block(these_labels)
+        builder = sr_module.SRBuilder(
+            sr_module.ModelInfo.from_results(model), WHEN, check_first=False
+        )
+        for seed in range(3):
+            entry = classified_entry(source, these_labels, np.random.default_rng(seed))
+            _assert_identical(*_both_paths(builder, entry, model), f"{len(these_labels)}/{seed}")
+
+
+def _variant(corpus_dir: Path, tmp_path: Path, name: str, change: str) -> Path:
+    source = pydicom.dcmread(corpus_dir / name)
+    if change == "latin-1":
+        assert source.SpecificCharacterSet == "ISO_IR 100"
+        source.PatientName = "Müller^Jürgen"
+        source.StudyDescription = "Thorax p.a. – Lunge"[:8] + "ä"
+    elif change == "no-orientation":
+        del source.PatientOrientation
+    elif change == "no-spacing":
+        del source.ImagerPixelSpacing
+    elif change == "neither":
+        for keyword in ("PatientOrientation", "ImagerPixelSpacing", "InstanceNumber"):
+            if keyword in source:
+                delattr(source, keyword)
+    elif change == "no-character-set":
+        del source.SpecificCharacterSet
+    path = tmp_path / f"{change}.dcm"
+    source.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, change",
+    [
+        ("cxr04_nema_RG1_JLSN.dcm", "latin-1"),
+        ("cxr04_nema_RG1_JLSN.dcm", "no-character-set"),
+        ("edge_vet_dog_dx_thorax_small.dcm", "no-orientation"),
+        ("edge_vet_dog_dx_thorax_small.dcm", "no-spacing"),
+        ("edge_vet_dog_dx_thorax_small.dcm", "neither"),
+    ],
+)
+def test_fast_path_is_byte_identical_for_synthetic_sources(
+    corpus_dir: Path,
+    tmp_path: Path,
+    labels: list[str],
+    fast_builder: sr_module.SRBuilder,
+    name: str,
+    change: str,
+) -> None:
+    path = _variant(corpus_dir, tmp_path, name, change)
+    entry = classified_entry(str(path), labels, np.random.default_rng(9))
+    _assert_identical(*_both_paths(fast_builder, entry, model_block(labels)), change)
+    # A label outside the table, with a non-ASCII meaning, in the source's character set.
+    odd_labels = [*labels[:2], "Épanchement_pleural"]
+    builder = sr_module.SRBuilder(
+        sr_module.ModelInfo.from_results(model_block(odd_labels)), WHEN, check_first=False
+    )
+    entry = classified_entry(str(path), odd_labels, np.random.default_rng(10))
+    _assert_identical(*_both_paths(builder, entry, model_block(odd_labels)), f"{change}, odd")
+    assert not fast_builder.use_reference and not builder.use_reference
+
+
+def test_fast_path_falls_back_to_the_reference_if_it_ever_differs(
+    corpus_dir: Path, labels: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info = sr_module.ModelInfo.from_results(model_block(labels))
+    entry = classified_entry(
+        str(corpus_dir / "cxr10_nih_dx_8bit.dcm"), labels, np.random.default_rng(11)
+    )
+    classification = sr_module.Classification.from_entry(entry, info, 0)
+    header = sr_module.read_source_header(classification)
+    real = sr_module.encode_document
+    monkeypatch.setattr(sr_module, "encode_document", lambda sr, content: real(sr, content)[:-2])
+    builder = sr_module.SRBuilder(info, WHEN)
+    encoded = builder.encode(header, classification)
+    assert builder.use_reference
+    assert encoded.data == sr_module.encode_reference(
+        sr_module.build_sr_reference(header, classification, info, WHEN)
+    )
+    assert any("differs from the highdicom reference" in note for _level, note in encoded.notes)
+
+
+def test_jobs_change_neither_the_files_nor_their_order(
+    corpus_results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    document = load_results_json(corpus_results)
+    one = sr_module.generate_srs(document, tmp_path / "one", WHEN, jobs=1)
+    monkeypatch.setattr(sr_module, "MIN_SRS_PER_WORKER", 1)  # a pool even for 9 SRs
+    two = sr_module.generate_srs(document, tmp_path / "two", WHEN, jobs=2)
+    assert [p.name for p in one.written] == [p.name for p in two.written]
+    assert len(one.written) == 9 and not one.errors and not two.errors
+    for first, second in zip(one.written, two.written, strict=True):
+        assert first.read_bytes() == second.read_bytes()
+
+
+def test_jobs_option_is_checked() -> None:
+    done = run_script("--jobs", "0")
+    assert done.returncode == 2 and "--jobs" in done.stderr and "at least 1" in done.stderr
 
 
 # --- sources that are gone, changed, or in an archive --------------------------------------
@@ -539,3 +735,47 @@ def _all_uids(ds: pydicom.Dataset) -> list[str]:
             values = element.value if element.VM > 1 else [element.value]
             found.extend(str(v) for v in values)
     return found
+
+
+# --- content time and hostile sources ---------------------------------------------------
+
+
+def test_content_date_is_when_the_result_was_made(
+    corpus_dir: Path, labels: list[str], tmp_path: Path
+) -> None:
+    """ContentDate/Time come from the entry's classified_at, not the clock or the file's mtime."""
+    rng = np.random.default_rng(3)
+    entry = classified_entry(str(corpus_dir / "cxr11_siim_cr_jpeg8.dcm"), labels, rng)
+    entry["classified_at"] = "2031-02-03T04:05:06+00:00"
+    results = tmp_path / "results.json"
+    write_json_atomic(results, results_document([entry], labels))
+    done = run_script("-q", "--results", results, "--output-dir", tmp_path / "sr")
+    assert done.returncode == 0, done.stderr
+    (sr,) = written_srs(tmp_path / "sr").values()
+    assert (sr.ContentDate, sr.ContentTime) == ("20310203", "040506")
+    first = next((tmp_path / "sr").glob("*.dcm")).read_bytes()
+    os.utime(results, (0, 0))  # the file's time must not matter
+    run_script("-q", "--results", results, "--output-dir", tmp_path / "sr")
+    assert next((tmp_path / "sr").glob("*.dcm")).read_bytes() == first
+
+
+def test_a_source_highdicom_refuses_is_reported_not_a_crash(
+    corpus_dir: Path, labels: list[str], tmp_path: Path
+) -> None:
+    """A DX-class image without Modality is classified; its SR fails with a reason, the rest go on."""
+    source = pydicom.dcmread(corpus_dir / "edge_vet_dog_dx_thorax_small.dcm")
+    del source.Modality
+    odd = tmp_path / "no-modality.dcm"
+    source.save_as(odd)
+    rng = np.random.default_rng(4)
+    entries = [
+        classified_entry(str(odd), labels, rng),
+        classified_entry(str(corpus_dir / "cxr11_siim_cr_jpeg8.dcm"), labels, rng),
+    ]
+    results = tmp_path / "results.json"
+    write_json_atomic(results, results_document(entries, labels))
+    done = run_script("--results", results, "--output-dir", tmp_path / "sr")
+    assert "Traceback" not in done.stderr
+    assert done.returncode == 1
+    assert f"E: {odd}: cannot build an SR from this source" in done.stderr
+    assert len(written_srs(tmp_path / "sr")) == 1
