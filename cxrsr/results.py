@@ -24,12 +24,11 @@ every run.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from cxrsr.errors import PipelineError
+from cxrsr.files import write_atomic
 
 FORMAT = "cxrsr-results/1"
 
@@ -85,32 +84,10 @@ def keep_classification_times(
             entry["classified_at"] = previous.get(_result_key(entry, model["weights_sha256"]), now)
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def write_json_atomic(path: Path, document: Any) -> None:
-    """Write JSON so that a crash leaves either the old file or the new one, never half.
-
-    The text goes to a temporary file in the same folder, is flushed to disk, and then
-    renamed over the target (``os.replace`` is atomic on POSIX and Windows).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; results are to share
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(document, fh, indent=2, ensure_ascii=False, allow_nan=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    """Write JSON atomically (see :func:`cxrsr.files.write_atomic`)."""
+    text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    write_atomic(Path(path), text.encode("utf-8"))
 
 
 def load_results(path: Path) -> dict[str, Any]:

@@ -33,7 +33,6 @@ import math
 import multiprocessing
 import multiprocessing.context
 import os
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -65,6 +64,7 @@ from cxrsr.codes import (
 )
 from cxrsr.discovery import open_source
 from cxrsr.errors import InputError, PipelineError
+from cxrsr.files import write_atomic
 from cxrsr.results import CLASSIFIED, FAILED, SKIPPED
 from cxrsr.sr_template import ContentTemplate, character_encodings, encode_document
 
@@ -765,18 +765,8 @@ def write_encoded(encoded: EncodedSR, output_dir: Path) -> Path:
     The name is the SR's own UID, so a rerun with the same results overwrites the file with
     the same bytes, and an SR for changed results never replaces the earlier one's file.
     """
-    output_dir.mkdir(parents=True, exist_ok=True)
     target = output_dir / f"{encoded.sop_instance_uid}.dcm"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=output_dir)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(encoded.data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_atomic(target, encoded.data)
     return target
 
 
