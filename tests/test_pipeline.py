@@ -1,0 +1,122 @@
+"""The three scripts end to end, as run.sh chains them, into a real Orthanc of their own."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+
+from cxrsr.config import PROJECT_ROOT
+from cxrsr.local_orthanc import LocalOrthanc
+
+IMAGES = [
+    "cxr04_nema_RG1_JLSN.dcm",
+    "cxr05_dx_canon_966_fixed_j2kr.dcm",
+    "cxr09_orthanc_issue44_mono1_jpeg8.dcm",
+    "cxr11_siim_cr_jpeg8.dcm",
+    "edge_vet_dog_dx_thorax_small.dcm",
+]
+NOT_CLASSIFIED = ["bad_ct_small.dcm", "edge_cxr_corrupt_j2k_966.dcm"]
+
+
+@pytest.fixture
+def server(tmp_path: Path, orthanc_binary: str) -> Iterator[LocalOrthanc]:
+    with LocalOrthanc(
+        tmp_path / "orthanc", "pipeline", secrets.token_urlsafe(12), binary=orthanc_binary
+    ) as s:
+        yield s
+
+
+def step(
+    script: str, *args: str | Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+def test_pipeline_lands_each_sr_in_its_image_study_and_reruns_add_nothing(
+    server: LocalOrthanc, corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
+) -> None:
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in IMAGES + NOT_CLASSIFIED[:1]:
+        shutil.copy(corpus_dir / name, data / name)
+    results, sr_dir = tmp_path / "results.json", tmp_path / "sr"
+    env = dict(
+        os.environ,
+        ORTHANC_URL=server.url,
+        ORTHANC_USERNAME=server.username,
+        ORTHANC_PASSWORD=server.password,
+    )
+
+    def run_all() -> list[subprocess.CompletedProcess[str]]:
+        return [
+            step("process_dicom.py", data, "-o", results, "--cache-dir", weights_cache_dir, "-q"),
+            step("generate_sr.py", "--results", results, "--output-dir", sr_dir, "-q"),
+            step("upload_dicom.py", data, sr_dir, "-q", env=env),
+        ]
+
+    first = run_all()
+    assert [p.returncode for p in first] == [0, 0, 0], [p.stderr for p in first]
+    assert "5 classified, 1 skipped, 0 failed" in first[0].stdout
+    n = len(IMAGES) + 1 + len(IMAGES)  # images, the CT, one SR per image
+    assert f"{n} stored, 0 already stored, 0 rejected, 0 failed" in first[2].stdout
+    assert f"verified {n}/{n}" in first[2].stdout
+    assert f"SRs in source study {len(IMAGES)}/{len(IMAGES)}" in first[2].stdout
+
+    auth = (server.username, server.password)
+
+    def get(path: str) -> dict:
+        return requests.get(f"{server.url}{path}", auth=auth, timeout=10).json()
+
+    def lookup(sop_instance_uid: str) -> str:
+        (match,) = requests.post(
+            f"{server.url}/tools/lookup", data=sop_instance_uid, auth=auth, timeout=10
+        ).json()
+        return match["ID"]
+
+    for sr_file in sr_dir.glob("*.dcm"):
+        sr = pydicom.dcmread(sr_file)
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+        source_uid = (
+            evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        )
+        source_id, sr_id = lookup(source_uid), lookup(sr.SOPInstanceUID)
+        source_study, sr_study = (
+            get(f"/instances/{source_id}/study"),
+            get(f"/instances/{sr_id}/study"),
+        )
+        assert sr_study["ID"] == source_study["ID"]
+        assert (
+            get(f"/instances/{sr_id}/patient")["ID"] == get(f"/instances/{source_id}/patient")["ID"]
+        )
+        sr_series, source_series = (
+            get(f"/instances/{sr_id}/series"),
+            get(f"/instances/{source_id}/series"),
+        )
+        assert sr_series["ID"] != source_series["ID"]
+        assert sr_series["MainDicomTags"]["Modality"] == "SR"
+    count = get("/statistics")["CountInstances"]
+    assert count == n
+
+    second = run_all()
+    assert [p.returncode for p in second] == [0, 0, 0], [p.stderr for p in second]
+    assert f"0 stored, {n} already stored, 0 rejected, 0 failed" in second[2].stdout
+    assert f"verified {n}/{n}" in second[2].stdout
+    assert get("/statistics")["CountInstances"] == count
+    assert json.loads(results.read_text())["images"]  # the results file is still there
