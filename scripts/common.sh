@@ -17,11 +17,10 @@ ensure_venv() {
   digest=$(cat "$requirements" requirements.txt | sha256sum | cut -d' ' -f1)
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
     say "I: installing $requirements into $VENV (the first time takes a few minutes: PyTorch is large)"
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
     # torch and torchvision must come as a matching pair; pin the pair known to work.
-    "$VENV/bin/python" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" \
+    "$VENV/bin/python" -m pip install -qq "torch==2.14.1" "torchvision==0.29.1" \
       || "$VENV/bin/python" -m pip install --quiet "torch<2.15" "torchvision<0.30"
-    "$VENV/bin/python" -m pip install --quiet -r "$requirements"
+    "$VENV/bin/python" -m pip install -qq -r "$requirements"
     echo "$digest" > "$stamp"
   fi
 }
