@@ -15,7 +15,14 @@ from tqdm import tqdm
 from cxrsr import cli
 from cxrsr.discovery import check_inputs_exist, iter_sources
 from cxrsr.errors import PipelineError
-from cxrsr.results import FAILED, FORMAT, SKIPPED, keep_classification_times, write_json_atomic
+from cxrsr.results import (
+    FAILED,
+    FORMAT,
+    SKIPPED,
+    flag_shared_instance_uids,
+    keep_classification_times,
+    write_json_atomic,
+)
 
 DESCRIPTION = """\
 Classify chest radiographs (CR/DX) with a TorchXRayVision DenseNet and write one JSON
@@ -128,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         classifier, entries = classify(sources, load, args.batch_size, args.workers, report)
 
+    for message in flag_shared_instance_uids(entries):
+        cli.log.warning("%s", message)
     model_block = classifier.describe()
     now = datetime.now(UTC).replace(microsecond=0).isoformat()
     keep_classification_times(entries, model_block, args.output, now)

@@ -84,6 +84,29 @@ def keep_classification_times(
             entry["classified_at"] = previous.get(_result_key(entry, model["weights_sha256"]), now)
 
 
+def flag_shared_instance_uids(entries: list[dict[str, Any]]) -> list[str]:
+    """Warn on classified entries that share a SOP Instance UID, and say so in each entry.
+
+    Two different files with one SOP Instance UID are one instance to a PACS: Orthanc keeps
+    whichever arrives first, and both SRs would point at it. Exports that re-encode a file,
+    and hand-edited test files, produce this.
+    """
+    by_uid: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        if entry["status"] == CLASSIFIED:
+            by_uid.setdefault(entry["sop_instance_uid"], []).append(entry)
+    messages = []
+    for uid, group in by_uid.items():
+        if len(group) < 2:
+            continue
+        for entry in group:
+            others = ", ".join(e["path"] for e in group if e is not entry)
+            note = f"SOP Instance UID {uid} is also used by {others}: a PACS keeps only one of them"
+            entry.setdefault("warnings", []).append(note)
+            messages.append(f"{entry['path']}: {note}")
+    return messages
+
+
 def write_json_atomic(path: Path, document: Any) -> None:
     """Write JSON atomically (see :func:`cxrsr.files.write_atomic`)."""
     text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
