@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # rerun on the same results file writes the same bytes (see cxrsr.sr.sr_document).
     classified_at = datetime.datetime.fromtimestamp(args.results.stat().st_mtime, datetime.UTC)
     outcome = generate_srs(
-        document, args.output_dir, classified_at, cli.show_progress(args), jobs=args.jobs
+        document, args.output_dir, classified_at, cli.progress_disabled(args), jobs=args.jobs
     )
     cli.summary(outcome.summary(args.output_dir))
     return cli.EXIT_FAILED if outcome.errors else cli.EXIT_OK

@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     counts: Counter[str] = Counter()
     with tqdm(
-        total=len(sources), unit="img", disable=not cli.show_progress(args), file=sys.stderr
+        total=len(sources), unit="img", disable=cli.progress_disabled(args), file=sys.stderr
     ) as bar:
 
         def report(entry: dict) -> None:

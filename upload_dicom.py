@@ -24,9 +24,9 @@ from cxrsr.cli import (
     EXIT_OK,
     log,
     make_parser,
+    progress_disabled,
     run,
     setup_logging,
-    show_progress,
     summary,
 )
 from cxrsr.config import orthanc_settings
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tqdm(
         total=len(sources),
         unit="file",
-        disable=None if show_progress(args) else True,
+        disable=progress_disabled(args),
         file=sys.stderr,
     ) as bar:
 

@@ -102,6 +102,12 @@ def show_progress(args: argparse.Namespace) -> bool:
     return not getattr(args, "quiet", False)
 
 
+def progress_disabled(args: argparse.Namespace) -> bool | None:
+    """tqdm's ``disable``: off with ``--quiet``; otherwise ``None``, drawn on a terminal only,
+    so logs and pipes get clean lines."""
+    return None if show_progress(args) else True
+
+
 def summary(line: str) -> None:
     """The one-line summary every script ends with; printed even with ``--quiet``."""
     print(line, flush=True)

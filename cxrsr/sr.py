@@ -894,7 +894,7 @@ def generate_srs(
     document: Mapping[str, Any],
     output_dir: Path,
     content_datetime: datetime.datetime,
-    progress: bool = False,
+    disable_progress: bool | None = True,
     jobs: int = 1,
 ) -> Outcome:
     """Write one SR per classified entry of a loaded results ``document`` into ``output_dir``.
@@ -939,7 +939,7 @@ def generate_srs(
             ahead = map(local, (work[i] for i in firsts))
         first_set = set(firsts)
         seen: dict[str, str] = {}
-        for index in tqdm(range(len(work)), desc="SRs", unit="SR", disable=not progress):
+        for index in tqdm(range(len(work)), desc="SRs", unit="SR", disable=disable_progress):
             classification, sr_uid = work[index], sr_uids[index]
             if sr_uid in seen:
                 log.info(
