@@ -74,17 +74,20 @@ def orthanc(
 
     Tests that need an empty server or must stop it start their own ``LocalOrthanc``.
     """
-    server = LocalOrthanc(
-        tmp_path_factory.mktemp("orthanc"),
-        username="cxrsr-test",
-        password=secrets.token_urlsafe(16),
-        binary=orthanc_binary,
-    )
-    server.start()
-    try:
+    with new_orthanc(tmp_path_factory.mktemp("orthanc"), orthanc_binary) as server:
         yield server
-    finally:
-        server.stop()
+
+
+@pytest.fixture
+def empty_orthanc(tmp_path: Path, orthanc_binary: str) -> Iterator[LocalOrthanc]:
+    """An Orthanc of the test's own: empty at the start, free to be stopped and restarted."""
+    with new_orthanc(tmp_path / "orthanc", orthanc_binary) as server:
+        yield server
+
+
+def new_orthanc(workdir: Path, binary: str) -> LocalOrthanc:
+    """A LocalOrthanc from the project's orthanc.json with a random password (a context manager)."""
+    return LocalOrthanc(workdir, "cxrsr-test", secrets.token_urlsafe(16), binary=binary)
 
 
 @pytest.fixture(scope="session")

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
-import pytest
 import requests
 
 from cxrsr.config import PROJECT_ROOT
@@ -28,14 +25,6 @@ IMAGES = [
 NOT_CLASSIFIED = ["bad_ct_small.dcm", "edge_cxr_corrupt_j2k_966.dcm"]
 
 
-@pytest.fixture
-def server(tmp_path: Path, orthanc_binary: str) -> Iterator[LocalOrthanc]:
-    with LocalOrthanc(
-        tmp_path / "orthanc", "pipeline", secrets.token_urlsafe(12), binary=orthanc_binary
-    ) as s:
-        yield s
-
-
 def step(
     script: str, *args: str | Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -49,7 +38,7 @@ def step(
 
 
 def test_pipeline_lands_each_sr_in_its_image_study_and_reruns_add_nothing(
-    server: LocalOrthanc, corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
+    empty_orthanc: LocalOrthanc, corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
 ) -> None:
 
     data = tmp_path / "data"
@@ -57,6 +46,7 @@ def test_pipeline_lands_each_sr_in_its_image_study_and_reruns_add_nothing(
     for name in IMAGES + NOT_CLASSIFIED[:1]:
         shutil.copy(corpus_dir / name, data / name)
     results, sr_dir = tmp_path / "results.json", tmp_path / "sr"
+    server = empty_orthanc
     env = dict(
         os.environ,
         ORTHANC_URL=server.url,

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,22 +191,6 @@ def write_copies(source: Path, folder: Path, count: int) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
-
-
-@pytest.fixture
-def empty_orthanc(tmp_path: Path, orthanc_binary: str) -> Iterator[LocalOrthanc]:
-    """An Orthanc of this test's own, empty at start, free to be stopped."""
-    server = LocalOrthanc(
-        tmp_path / "orthanc",
-        username="uploader",
-        password=secrets.token_urlsafe(16),
-        binary=orthanc_binary,
-    )
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
