@@ -7,7 +7,6 @@ references the source image; see the README's "Structured Report" section.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
 from collections.abc import Sequence
@@ -47,7 +46,7 @@ def parse_args(argv: Sequence[str] | None):
     )
     parameters.add_argument(
         "--jobs",
-        type=_positive_int,
+        type=cli.positive_int,
         default=default_jobs(),
         metavar="N",
         help="worker processes (default: the CPUs available, here %(default)s); the files "
@@ -56,22 +55,12 @@ def parse_args(argv: Sequence[str] | None):
     return parser.parse_args(argv)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     cli.setup_logging(args)
     document = load_results(args.results)
-    # Content Date/Time: when the classification was written, not when this runs, so a
-    # rerun on the same results file writes the same bytes (see cxrsr.sr.sr_document).
+    # Content Date/Time is each entry's classified_at; results files without it fall back
+    # to when the file was written, never to the clock, so reruns write the same bytes.
     classified_at = datetime.datetime.fromtimestamp(args.results.stat().st_mtime, datetime.UTC)
     outcome = generate_srs(
         document, args.output_dir, classified_at, cli.progress_disabled(args), jobs=args.jobs

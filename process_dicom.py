@@ -84,18 +84,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eager PyTorch on CUDA (default: %(default)s)",
     )
     model.add_argument(
-        "--batch-size", type=int, default=16, help="images per network call (default: %(default)s)"
+        "--batch-size",
+        type=cli.positive_int,
+        default=16,
+        help="images per network call (default: %(default)s)",
     )
     model.add_argument(
         "--workers",
-        type=int,
+        type=cli.non_negative_int,
         default=os.cpu_count() or 1,
         help="reader processes; 0 reads in the main process (default: CPU count, %(default)s)",
     )
     args = parser.parse_args(argv)
     cli.setup_logging(args)
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
     missing = check_inputs_exist(args.inputs)
     if missing:
         parser.error(f"no such file or folder: {', '.join(missing)}")

@@ -24,6 +24,8 @@ from cxrsr.cli import (
     EXIT_OK,
     log,
     make_parser,
+    non_negative_int,
+    positive_int,
     progress_disabled,
     run,
     setup_logging,
@@ -64,14 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
         "a command-line password is visible to other users of this machine)",
     )
     net.add_argument(
-        "--workers", type=_positive_int, default=8, help="parallel uploads (default: 8)"
+        "--workers", type=positive_int, default=8, help="parallel uploads (default: 8)"
     )
     net.add_argument(
         "--timeout", type=float, default=30.0, help="seconds to wait for each answer (default: 30)"
     )
     net.add_argument(
         "--retries",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=4,
         help="retries after a connection error, timeout or 5xx, with exponential backoff "
         "and jitter (default: 4, waiting at most 7.5 s in all); 4xx answers are never retried",
@@ -138,20 +140,6 @@ def dry_run(sources: Sequence[Source]) -> int:
         f"{passed_over} passed over; nothing sent"
     )
     return EXIT_OK
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
 
 
 if __name__ == "__main__":

@@ -83,6 +83,26 @@ def make_parser(prog: str, description: str, fatal_reasons: str) -> argparse.Arg
     return parser
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type`` for counts that must be at least 1 (workers, batch size, jobs)."""
+    return _bounded_int(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse ``type`` for counts that may be 0 (retries, in-process workers)."""
+    return _bounded_int(text, 0)
+
+
+def _bounded_int(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
+    return value
+
+
 def setup_logging(args: argparse.Namespace) -> None:
     """Route the package's log through tqdm with level prefixes, at the level the flags ask for."""
     handler = _TqdmHandler()
