@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cxrsr import cli
 from cxrsr.results import load_results
-from cxrsr.sr import default_jobs, generate_srs
+from cxrsr.sr import generate_srs
 
 DEFAULT_RESULTS = Path("output/results.json")
 DEFAULT_OUTPUT_DIR = Path("output/sr")
@@ -47,10 +47,16 @@ def parse_args(argv: Sequence[str] | None):
     parameters.add_argument(
         "--jobs",
         type=cli.positive_int,
-        default=default_jobs(),
+        default=cli.available_cpus(),
         metavar="N",
         help="worker processes (default: the CPUs available, here %(default)s); the files "
         "and their bytes do not depend on N, and small runs use one process anyway",
+    )
+    parameters.add_argument(
+        "--clean",
+        action="store_true",
+        help="remove this tool's SRs in the output folder that these results no longer "
+        "produce (run.sh uses it, so a PACS never receives outdated results)",
     )
     return parser.parse_args(argv)
 
@@ -59,11 +65,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     cli.setup_logging(args)
     document = load_results(args.results)
+    if document.get("complete") is False:
+        cli.log.warning(
+            "%s: process_dicom.py was interrupted; SRs only for the files it finished",
+            args.results,
+        )
     # Content Date/Time is each entry's classified_at; results files without it fall back
     # to when the file was written, never to the clock, so reruns write the same bytes.
     classified_at = datetime.datetime.fromtimestamp(args.results.stat().st_mtime, datetime.UTC)
     outcome = generate_srs(
-        document, args.output_dir, classified_at, cli.progress_disabled(args), jobs=args.jobs
+        document,
+        args.output_dir,
+        classified_at,
+        cli.progress_disabled(args),
+        jobs=args.jobs,
+        clean=args.clean,
     )
     cli.summary(outcome.summary(args.output_dir))
     return cli.EXIT_FAILED if outcome.errors else cli.EXIT_OK

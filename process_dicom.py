@@ -15,14 +15,7 @@ from tqdm import tqdm
 from cxrsr import cli
 from cxrsr.discovery import check_inputs_exist, iter_sources
 from cxrsr.errors import PipelineError
-from cxrsr.results import (
-    FAILED,
-    FORMAT,
-    SKIPPED,
-    flag_shared_instance_uids,
-    keep_classification_times,
-    write_json_atomic,
-)
+from cxrsr.results import FAILED, SKIPPED, save_results
 
 DESCRIPTION = """\
 Classify chest radiographs (CR/DX) with a TorchXRayVision DenseNet and write one JSON
@@ -92,14 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     model.add_argument(
         "--workers",
         type=cli.non_negative_int,
-        default=os.cpu_count() or 1,
-        help="reader processes; 0 reads in the main process (default: CPU count, %(default)s)",
+        default=cli.available_cpus(),
+        help="reader processes; 0 reads in the main process (default: the CPUs available, %(default)s)",
     )
     args = parser.parse_args(argv)
     cli.setup_logging(args)
     missing = check_inputs_exist(args.inputs)
     if missing:
         parser.error(f"no such file or folder: {', '.join(missing)}")
+    check_writable(args.output)  # before any work, not after it
 
     sources = list(iter_sources(args.inputs))
     if not sources:
@@ -131,26 +125,46 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cli.log.error("%s: %s", entry["path"], entry["reason"])
             else:
                 for note in entry.get("warnings", []):
-                    cli.log.info("%s: %s", entry["path"], note)
+                    cli.log.warning("%s: %s", entry["path"], note)
             bar.update(1)
 
-        classifier, entries = classify(sources, load, args.batch_size, args.workers, report)
+        run = classify(sources, load, args.batch_size, args.workers, report)
 
-    for message in flag_shared_instance_uids(entries):
-        cli.log.warning("%s", message)
-    model_block = classifier.describe()
     now = datetime.now(UTC).replace(microsecond=0).isoformat()
-    keep_classification_times(entries, model_block, args.output, now)
-    document = {"format": FORMAT, "model": model_block, "images": entries}
     try:
-        write_json_atomic(args.output, document)
+        notes = save_results(
+            args.output, run.classifier.describe(), run.entries, run.interrupted, now
+        )
     except OSError as exc:
         raise PipelineError(f"{args.output}: cannot write results: {exc}", exit_code=3) from exc
+    for note in notes:
+        cli.log.warning("%s", note)
     cli.summary(
         f"{counts['classified']} classified, {counts['skipped']} skipped, {counts['failed']} failed"
         f" -> {args.output}"
     )
+    if run.interrupted:
+        cli.log.error(
+            "interrupted after %d of %d files; their results are in %s (marked incomplete)",
+            len(run.entries),
+            len(sources),
+            args.output,
+        )
+        return cli.EXIT_INTERRUPTED
     return cli.EXIT_FAILED if counts["failed"] else cli.EXIT_OK
+
+
+def check_writable(output: Path) -> None:
+    """Stop at once (exit 3) if the results file could not be written at the end."""
+    if output.is_dir():
+        raise PipelineError(f"{output}: is a folder; --output names the results file", exit_code=2)
+    folder = output.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"{folder}: cannot create the results folder: {exc}", 3) from exc
+    if not os.access(folder, os.W_OK):
+        raise PipelineError(f"{folder}: cannot write the results file there", exit_code=3)
 
 
 if __name__ == "__main__":

@@ -33,19 +33,25 @@ from cxrsr.config import orthanc_settings
 s = orthanc_settings()
 try:
     r = requests.get(f"{s.url}/system", auth=(s.username, s.password), timeout=3)
-    print(r.status_code)
-except requests.RequestException:
+    name = r.json().get("Name", "?") if r.status_code == 200 else ""
+    print(r.status_code, name)
+except (requests.RequestException, ValueError):
     print("down")
 PY
 }
 wait_for_orthanc() {
   for _ in $(seq 1 90); do
-    [ "$(orthanc_status)" = 200 ] && return 0
+    [ "$(orthanc_status | cut -d' ' -f1)" = 200 ] && return 0
     sleep 1
   done
   return 1
 }
-status=$(orthanc_status)
+answer=$(orthanc_status)
+status=${answer%% *}
+name=${answer#* }
+if [ "$status" = 200 ] && [ "$name" != cxrsr ]; then
+  say "W: the Orthanc at $ORTHANC_URL is named '$name', not this project's 'cxrsr' (orthanc.json); using it"
+fi
 if [ "$status" = 401 ] || [ "$status" = 403 ]; then
   say "E: an Orthanc answers at $ORTHANC_URL but refuses the credentials in .env; fix ORTHANC_USERNAME/ORTHANC_PASSWORD there (or stop that Orthanc)"
   exit 3
@@ -76,7 +82,7 @@ step() {
   fi
 }
 step process_dicom.py data --output output/results.json
-step generate_sr.py --results output/results.json --output-dir output/sr
+step generate_sr.py --results output/results.json --output-dir output/sr --clean
 step upload_dicom.py data output/sr
 
 cat >&2 <<MSG

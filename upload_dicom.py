@@ -26,13 +26,14 @@ from cxrsr.cli import (
     make_parser,
     non_negative_int,
     positive_int,
+    positive_seconds,
     progress_disabled,
     run,
     setup_logging,
     summary,
 )
 from cxrsr.config import orthanc_settings
-from cxrsr.discovery import Source, check_inputs_exist, iter_sources, sniff_dicom
+from cxrsr.discovery import Source, check_inputs_exist, iter_sources
 
 #: Inputs when no PATH is given: the images, and generate_sr.py's output if it exists.
 DEFAULT_INPUTS = (Path("data"), Path("output") / "sr")
@@ -57,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     net = parser.add_argument_group("network options")
     net.add_argument(
-        "--url", help="Orthanc's REST URL (default: ORTHANC_URL, else http://127.0.0.1:8042)"
+        "--url",
+        type=orthanc_url,
+        help="Orthanc's REST URL (default: ORTHANC_URL, else http://127.0.0.1:8042)",
     )
     net.add_argument("--username", help="default: ORTHANC_USERNAME (environment or .env)")
     net.add_argument(
@@ -69,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=positive_int, default=8, help="parallel uploads (default: 8)"
     )
     net.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds to wait for each answer (default: 30)"
+        "--timeout",
+        type=positive_seconds,
+        default=30.0,
+        help="seconds to wait for each answer (default: 30)",
     )
     net.add_argument(
         "--retries",
@@ -79,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
         "and jitter (default: 4, waiting at most 7.5 s in all); 4xx answers are never retried",
     )
     return parser
+
+
+def orthanc_url(text: str) -> str:
+    """argparse ``type`` for ``--url``: a usage error that never echoes a password."""
+    problem = orthanc.url_problem(text)
+    if problem is not None:
+        # argparse's own message for a failed type would repeat the value, password and all.
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,22 +139,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def dry_run(sources: Sequence[Source]) -> int:
     """Print each file that would be sent (stdout) and each passed over (``W:``)."""
-    count = size = passed_over = 0
+    count = size = passed_over = unreadable = 0
     for source in sources:
-        head = source.head()
-        if not sniff_dicom(head):
-            reason = "empty file" if not head else "not a DICOM file"
-            log.warning("%s: %s, would not be sent", source.name, reason)
+        try:
+            head = source.head(orthanc.HEAD_BYTES)
+            reason = orthanc.passed_over_reason(head)
+            file_size = source.size if reason is None else 0
+        except OSError as exc:  # SourceReadError included: a damaged zip or hostile member
+            log.error("%s: cannot read: %s, would fail", source.name, exc.strerror or exc)
+            unreadable += 1
+            continue
+        if reason is not None:
+            log.warning("%s: %s", source.name, reason.replace("not sent", "would not be sent"))
             passed_over += 1
             continue
         count += 1
-        size += source.size
+        size += file_size
         print(source.name)
     summary(
         f"dry run: {count} files ({size / 1e6:.1f} MB) would be sent, "
-        f"{passed_over} passed over; nothing sent"
+        f"{passed_over} passed over"
+        + (f", {unreadable} unreadable" if unreadable else "")
+        + "; nothing sent"
     )
-    return EXIT_OK
+    return EXIT_FAILED if unreadable else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ METHODS: dict[str, Callable[[BenchSet, str, int], list[str]]] = {
 
 def time_one(bench: BenchSet, method: str, delay: float, workdir: Path) -> tuple[float, str]:
     """Start a fresh Orthanc, send the set once with ``method``; (seconds, failure or "")."""
-    server = LocalOrthanc(workdir, USERNAME, PASSWORD)
+    server = LocalOrthanc(workdir, USERNAME, PASSWORD, dicom_server=True)
     server.start()
     proxies: list[DelayProxy] = []
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -73,13 +74,19 @@ def prepare(source: Source) -> Prepared:
     )
 
 
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole process group; the main process decides what to keep, and
+    # workers that died of it first would only turn that into broken-pool errors.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def prepared_in_order(sources: Iterable[Source], workers: int, window: int) -> Iterator[Prepared]:
     """``prepare`` over ``sources`` with ``workers`` processes, in order, ``window`` in flight."""
     if workers <= 0:
         yield from map(prepare, sources)
         return
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
     try:
         pending: deque[Future[Prepared]] = deque()
         for source in sources:
@@ -118,18 +125,31 @@ def classified_entry(item: Prepared, scores: dict[str, float], threshold: float)
     return entry
 
 
+@dataclass
+class Run:
+    """What :func:`classify` returns."""
+
+    classifier: Classifier
+    entries: list[dict[str, Any]]
+    """One results entry per finished file, in input order."""
+    interrupted: bool = False
+    """Ctrl-C stopped the run; ``entries`` holds the files finished before it."""
+
+
 def classify(
     sources: list[Source],
     load_classifier: Callable[[], Classifier],
     batch_size: int,
     workers: int,
     on_entry: Callable[[dict[str, Any]], None] = lambda entry: None,
-) -> tuple[Classifier, list[dict[str, Any]]]:
-    """Classify ``sources``; return the classifier and one results entry per source, in order.
+) -> Run:
+    """Classify ``sources``, in order.
 
     The model loads in a background thread while the worker processes start and decode
     the first files, so start-up costs the longer of the two, not their sum.
-    ``on_entry`` is called once per finished file (progress and messages).
+    ``on_entry`` is called once per finished file (progress and messages). Ctrl-C ends
+    the run early but keeps what is finished (``Run.interrupted``), unless the model
+    has not even loaded yet.
     """
     threshold = 0.5
     entries: list[dict[str, Any] | None] = [None] * len(sources)
@@ -149,16 +169,21 @@ def classify(
         batch.clear()
 
     window = batch_size * 2 + max(workers, 1) * 2
-    for index, item in enumerate(prepared_in_order(sources, workers, window)):
-        if loading.done() and loading.exception() is not None:
-            break  # the model cannot load: stop reading files, report that error below
-        if item.status == "ready":
-            batch.append((index, item))
-            if len(batch) >= batch_size:
-                flush()
-        else:
-            entries[index] = {"path": item.path, "status": item.status, "reason": item.reason}
-            on_entry(entries[index])
-    classifier = loading.result()
-    flush()
-    return classifier, [entry for entry in entries if entry is not None]
+    interrupted = False
+    try:
+        for index, item in enumerate(prepared_in_order(sources, workers, window)):
+            if loading.done() and loading.exception() is not None:
+                break  # the model cannot load: stop reading files, report that error below
+            if item.status == "ready":
+                batch.append((index, item))
+                if len(batch) >= batch_size:
+                    flush()
+            else:
+                entries[index] = {"path": item.path, "status": item.status, "reason": item.reason}
+                on_entry(entries[index])
+        flush()
+    except KeyboardInterrupt:
+        if not loading.done() or loading.exception() is not None:
+            raise
+        interrupted = True
+    return Run(loading.result(), [e for e in entries if e is not None], interrupted)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
@@ -25,6 +28,8 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 #: The run could not start or had to stop (missing weights, wrong credentials, server down).
 EXIT_FATAL = 3
+#: A bug: an unexpected exception (its traceback is printed, to report it).
+EXIT_INTERNAL = 4
 #: Interrupted by the user (Ctrl-C), as shells report SIGINT.
 EXIT_INTERRUPTED = 130
 
@@ -33,6 +38,7 @@ EXIT_CODES_HELP = """exit codes:
   1    finished, but at least one input failed (each named on an E: line)
   2    usage error (bad option or argument)
   3    could not run: {fatal}
+  4    internal error (a bug: the traceback is printed; please report it)
   130  interrupted (Ctrl-C); work already written is kept
 """
 
@@ -83,6 +89,14 @@ def make_parser(prog: str, description: str, fatal_reasons: str) -> argparse.Arg
     return parser
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (``sched_getaffinity`` honours taskset and cpusets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def positive_int(text: str) -> int:
     """argparse ``type`` for counts that must be at least 1 (workers, batch size, jobs)."""
     return _bounded_int(text, 1)
@@ -100,6 +114,24 @@ def _bounded_int(text: str, least: int) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < least:
         raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
+    return value
+
+
+#: Longest wait :func:`positive_seconds` accepts: a day. Far beyond any useful network
+#: timeout, and far below what sockets can represent (1e300 s overflows ``time_t``).
+MAX_SECONDS = 86400.0
+
+
+def positive_seconds(text: str) -> float:
+    """argparse ``type`` for durations that must be more than 0 (timeouts), up to a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SECONDS:.0f} seconds, not {text}")
     return value
 
 
@@ -143,3 +175,12 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     except KeyboardInterrupt:
         print("E: interrupted; work already written is kept", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except Exception:
+        traceback.print_exc()
+        print(
+            "E: internal error (a bug, not a problem with your files): please report the "
+            "traceback above",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_INTERNAL

@@ -5,21 +5,46 @@ extension, with ``.dcm``, ``.DCM``, ``.ima`` or numeric names, and some old file
 no 128-byte preamble and no ``DICM`` prefix at all (ACR-NEMA style, PS3.10 7.1 not
 followed). Zip members are read in memory, never extracted to disk.
 
-A source is named by a string that the later steps can open again: a plain path, or
-``ARCHIVE.zip!MEMBER`` for a member of an archive.
+A source is named by a string that the later steps can open again: an absolute path
+(as the user named it, symbolic links kept, so a results file means the same from any
+working folder), or ``ARCHIVE.zip!MEMBER`` for a member of an archive.
+
+Hostile or damaged input never stops a run:
+
+* Only regular files are candidates. A FIFO would block the reader forever and a
+  character device such as ``/dev/zero`` never ends, so anything else met in a folder
+  walk (or given by name) is reported on a ``W:`` line through the ``cxrsr`` logger and
+  not yielded at all.
+* Symbolically linked sub-folders are followed (``data/study1 -> /nas/study1``); a
+  folder already being walked is not entered again, so a link loop ends.
+* Expanding an archive never raises. A zip whose directory cannot be read becomes one
+  :class:`Source` that fails with "corrupt zip archive: ..." when read; a member that
+  declares more bytes than any radiograph (:data:`MAX_MEMBER_SIZE`) or expands like a
+  zip bomb (:data:`MAX_COMPRESSION_RATIO`) fails with its reason, unread.
+* Every read error of a source (CRC error, encryption, unsupported compression,
+  truncation) is raised as :class:`~cxrsr.errors.SourceReadError`, which both the
+  classifier and the uploader record per file before going on.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import logging
+import lzma
 import os
+import stat
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
+
+from cxrsr.errors import SourceMissingError, SourceReadError
+
+log = logging.getLogger("cxrsr")
 
 #: Separator between an archive path and a member name in a source name.
 ZIP_SEPARATOR = "!"
@@ -30,15 +55,50 @@ _IGNORED_NAMES = {"README.md", "README.txt", "README", "Thumbs.db", "desktop.ini
 #: Bytes needed by :func:`sniff_dicom`.
 SNIFF_BYTES = 132
 
+#: Largest uncompressed archive member read. The largest radiographs (43 x 43 cm
+#: detectors, 4300 x 4300 pixels, 16 bit) are under 40 MB uncompressed; a member that
+#: declares more than this is not a radiograph and is refused without being read.
+MAX_MEMBER_SIZE = 1 << 30
+
+#: Members that expand more than this many times, beyond :data:`_BOMB_MIN_SIZE`, are
+#: refused as zip bombs. Deflate's best is about 1030:1 (all zeros); real DICOM
+#: images, even with large black borders, stay far below 100:1.
+MAX_COMPRESSION_RATIO = 100
+_BOMB_MIN_SIZE = 64 << 20
+
+#: What zipfile raises on damaged or hostile archives: BadZipFile (bad directory, CRC
+#: error), RuntimeError (encrypted member), NotImplementedError (deflate64, implode),
+#: zlib/lzma errors and EOFError (truncated data), ValueError/struct.error/
+#: OverflowError (nonsense offsets and sizes), OSError (the read itself).
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    RuntimeError,
+    NotImplementedError,
+    zlib.error,
+    lzma.LZMAError,
+    EOFError,
+    ValueError,
+    struct.error,
+    OverflowError,
+    OSError,
+)
+
 
 @dataclass(frozen=True)
 class Source:
-    """One candidate input: a file on disk or a member of a zip archive."""
+    """One candidate input: a file on disk or a member of a zip archive.
+
+    A source that is known to be unusable before it is read (a corrupt archive, a zip
+    bomb) carries ``problem``; every read then raises :class:`SourceReadError` with it.
+    """
 
     path: str
     """The file on disk (the archive, for a zip member)."""
     member: str | None = None
     """The member name inside the archive, or ``None`` for a plain file."""
+    problem: str | None = field(default=None, compare=False)
+    """Why this source cannot be read, found while expanding its archive."""
 
     @property
     def name(self) -> str:
@@ -48,29 +108,124 @@ class Source:
     def read_bytes(self) -> bytes:
         """The whole file's bytes."""
         if self.member is None:
+            self._check()
             return Path(self.path).read_bytes()
-        return _zip(self.path).read(self.member)
+        with self._member() as fh:
+            return fh.read()
 
     def open(self) -> BinaryIO:
         """A readable binary stream (the member's bytes in memory for an archive)."""
         if self.member is None:
+            self._check()
             return open(self.path, "rb")
         return io.BytesIO(self.read_bytes())
 
     def head(self, n: int = SNIFF_BYTES) -> bytes:
         """The first ``n`` bytes, for sniffing without reading a whole file."""
         if self.member is None:
-            with open(self.path, "rb") as fh:
+            with self.open() as fh:
                 return fh.read(n)
-        with _zip(self.path).open(self.member) as fh:
+        with self._member() as fh:
             return fh.read(n)
 
     @property
     def size(self) -> int:
         """Size in bytes (uncompressed, for an archive member)."""
         if self.member is None:
+            self._check()
             return os.path.getsize(self.path)
-        return _zip(self.path).getinfo(self.member).file_size
+        self._check()
+        return self._member_info().file_size
+
+    def _check(self) -> None:
+        if self.problem is not None:
+            raise SourceReadError(self.problem)
+
+    def _member_info(self) -> zipfile.ZipInfo:
+        assert self.member is not None
+        try:
+            return _zip(self.path).getinfo(self.member)
+        except KeyError:
+            raise SourceMissingError(f"no member {self.member!r} in the zip archive") from None
+        except _ZIP_ERRORS as exc:
+            raise SourceReadError(f"corrupt zip archive: {_describe(exc)}") from exc
+
+    def _member(self) -> _MemberReader:
+        self._check()
+        info = self._member_info()
+        problem = member_problem(info)
+        if problem is not None:
+            raise SourceReadError(problem)
+        return _MemberReader(self.path, info)
+
+
+class _MemberReader:
+    """A zip member opened for reading; every zipfile error comes out as SourceReadError.
+
+    zipfile itself stops at the member's declared size (and reports a CRC error when
+    the data does not match it), so :func:`member_problem`'s check of that size bounds
+    what a read can return.
+    """
+
+    def __init__(self, archive: str, info: zipfile.ZipInfo) -> None:
+        self._archive = archive
+        self._info = info
+        self._fh: BinaryIO | None = None
+
+    def __enter__(self) -> _MemberReader:
+        try:
+            self._fh = _zip(self._archive).open(self._info)  # type: ignore[assignment]
+        except _ZIP_ERRORS as exc:
+            raise SourceReadError(self._problem(exc)) from exc
+        return self
+
+    def read(self, n: int = -1) -> bytes:
+        assert self._fh is not None
+        try:
+            return self._fh.read(n)
+        except _ZIP_ERRORS as exc:
+            raise SourceReadError(self._problem(exc)) from exc
+
+    def _problem(self, exc: BaseException) -> str:
+        if isinstance(exc, RuntimeError) and "encrypted" in str(exc):
+            return "encrypted zip member (password-protected archive): cannot be read"
+        if isinstance(exc, NotImplementedError):
+            method = self._info.compress_type
+            return (
+                "zip member compressed with a method Python cannot read "
+                f"({_COMPRESSION_NAMES.get(method, f'method {method}')})"
+            )
+        return f"damaged zip member: {_describe(exc)}"
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+#: Compression methods zipfile cannot read (APPNOTE 4.4.5), named for the message.
+_COMPRESSION_NAMES = {1: "Shrink", 6: "Implode", 9: "Deflate64", 93: "Zstandard", 98: "PPMd"}
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def member_problem(info: zipfile.ZipInfo) -> str | None:
+    """Why a zip member must not be read, judged from its directory entry alone."""
+    if info.file_size > MAX_MEMBER_SIZE:
+        return (
+            f"zip member declares {info.file_size} bytes uncompressed, more than any "
+            f"radiograph (limit {MAX_MEMBER_SIZE} bytes): not read"
+        )
+    ratio = info.file_size / max(info.compress_size, 1)
+    if info.file_size > _BOMB_MIN_SIZE and ratio > MAX_COMPRESSION_RATIO:
+        return (
+            f"zip member expands {ratio:.0f}:1 ({info.compress_size} to {info.file_size} "
+            f"bytes), like a zip bomb (limit {MAX_COMPRESSION_RATIO}:1): not read"
+        )
+    return None
 
 
 @functools.lru_cache(maxsize=8)
@@ -80,11 +235,18 @@ def _zip(path: str) -> zipfile.ZipFile:
 
 
 def open_source(name: str) -> Source:
-    """Turn a name written by :attr:`Source.name` back into a :class:`Source`."""
+    """Turn a name written by :attr:`Source.name` back into a :class:`Source`.
+
+    Member names may themselves hold the separator (``Study!1/IM1``), so each ``!`` is
+    tried from the left until the part before it is an existing zip file.
+    """
     if ZIP_SEPARATOR in name and not os.path.exists(name):
-        archive, _, member = name.rpartition(ZIP_SEPARATOR)
-        if archive and zipfile.is_zipfile(archive):
-            return Source(archive, member)
+        start = 0
+        while (index := name.find(ZIP_SEPARATOR, start)) >= 0:
+            archive, member = name[:index], name[index + 1 :]
+            if archive and os.path.isfile(archive) and zipfile.is_zipfile(archive):
+                return Source(archive, member)
+            start = index + 1
     return Source(name)
 
 
@@ -112,63 +274,139 @@ def sniff_dicom(head: bytes) -> bool:
 
 
 def _walk(folder: Path) -> Iterator[Path]:
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for file_name in sorted(files):
-            if file_name.startswith(".") or file_name in _IGNORED_NAMES:
-                continue
-            yield Path(root) / file_name
+    """Regular files under ``folder``, sorted, following symbolically linked folders.
+
+    ``os.walk`` does not follow links to folders, and following them blindly would
+    recurse forever on a loop, so each folder is entered once, known by (st_dev, st_ino).
+    """
+    yield from _walk_folder(folder, set(), ())
+
+
+def _walk_folder(
+    folder: Path, entered: set[tuple[int, int]], ancestors: tuple[tuple[int, int], ...]
+) -> Iterator[Path]:
+    try:
+        info = folder.stat()
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        log.warning("%s: cannot list the folder: %s", folder, exc.strerror or exc)
+        return
+    key = (info.st_dev, info.st_ino)
+    if key in ancestors:
+        log.warning("%s: symbolic link loop (back to a folder above it), not followed", folder)
+        return
+    if key in entered:
+        log.debug("%s: folder already walked through another link", folder)
+        return
+    entered.add(key)
+    for entry in entries:
+        if entry.name.startswith(".") or entry.name in _IGNORED_NAMES:
+            continue
+        path = folder / entry.name
+        try:
+            is_dir = entry.is_dir(follow_symlinks=True)
+        except OSError:
+            is_dir = False
+        if is_dir:
+            yield from _walk_folder(path, entered, (*ancestors, key))
+        else:
+            yield path
+
+
+def _file_kind(path: Path) -> str | None:
+    """``None`` for a regular file (after links), else what it is, for the warning."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "broken symbolic link" if path.is_symlink() else "no such file"
+    except OSError as exc:
+        return f"cannot stat: {exc.strerror or exc}"
+    if stat.S_ISREG(mode):
+        return None
+    for test, kind in (
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return f"not a regular file ({kind})"
+    return "not a regular file"
 
 
 def _expand_zip(path: Path) -> Iterator[Source]:
-    archive = _zip(str(path))
-    for info in sorted(archive.infolist(), key=lambda i: i.filename):
+    """The archive's members; never raises (a broken archive is one failing Source)."""
+    try:
+        infos = sorted(_zip(str(path)).infolist(), key=lambda i: i.filename)
+    except _ZIP_ERRORS as exc:
+        yield Source(str(path), problem=f"corrupt zip archive: {_describe(exc)}")
+        return
+    for info in infos:
         if info.is_dir():
             continue
         base = info.filename.rsplit("/", 1)[-1]
         if base.startswith(".") or base in _IGNORED_NAMES or info.filename.startswith("__MACOSX/"):
             continue
-        yield Source(str(path), info.filename)
+        yield Source(str(path), info.filename, problem=member_problem(info))
 
 
 def iter_sources(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Source]:
-    """Every candidate file under ``inputs``, in a stable order, each once.
+    """Every candidate file under ``inputs``, in a stable order, each once, by absolute path.
 
     Folders are walked recursively in sorted order; ``.zip`` archives (recognised by
-    content) are expanded into their members. A missing input raises
-    ``FileNotFoundError`` (a usage error for the scripts, checked up front).
+    content) are expanded into their members. Paths are made absolute but not resolved
+    (:meth:`Path.absolute`), so names keep the user's symbolic links. Anything that is
+    not a regular file is reported on a ``W:`` line and not yielded. A missing input
+    raises ``FileNotFoundError`` (a usage error for the scripts, checked up front).
     """
     seen: set[str] = set()
     for raw in inputs:
-        path = Path(raw)
-        if not path.exists():
+        path = Path(raw).absolute()
+        if not os.path.lexists(path):
             if ZIP_SEPARATOR in str(raw):
                 source = open_source(str(raw))
                 if source.member is not None:
-                    if source.name not in seen:
-                        seen.add(source.name)
+                    source = Source(str(Path(source.path).absolute()), source.member)
+                    key = os.path.realpath(source.path) + ZIP_SEPARATOR + source.member
+                    if key not in seen:
+                        seen.add(key)
                         yield source
                     continue
             raise FileNotFoundError(f"{raw}: no such file or folder")
         files = _walk(path) if path.is_dir() else iter([path])
         for file_path in files:
+            kind = _file_kind(file_path)
+            if kind is not None:
+                log.warning("%s: %s, passed over", file_path, kind)
+                continue
             key = os.path.realpath(file_path)
             if key in seen:
                 continue
             seen.add(key)
-            if zipfile.is_zipfile(file_path) and not _looks_like_dicom_file(file_path):
+            if _is_zip(file_path) and not _looks_like_dicom_file(file_path):
                 for member in _expand_zip(file_path):
-                    if member.name not in seen:
-                        seen.add(member.name)
+                    member_key = key + ZIP_SEPARATOR + (member.member or "")
+                    if member_key not in seen:
+                        seen.add(member_key)
                         yield member
             else:
                 yield Source(str(file_path))
 
 
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except _ZIP_ERRORS:
+        return False
+
+
 def _looks_like_dicom_file(path: Path) -> bool:
     # A DICOM file can end with bytes that look like a zip directory; trust DICM first.
-    with open(path, "rb") as fh:
-        return sniff_dicom(fh.read(SNIFF_BYTES))
+    try:
+        with open(path, "rb") as fh:
+            return sniff_dicom(fh.read(SNIFF_BYTES))
+    except OSError:
+        return False
 
 
 def check_inputs_exist(inputs: Iterable[str | os.PathLike[str]]) -> list[str]:
@@ -190,9 +428,17 @@ def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cxrsr.discovery")
     parser.add_argument("--count-dicom", nargs="+", metavar="INPUT", required=True)
     args = parser.parse_args(argv)
+    logging.basicConfig(format="W: %(message)s", level=logging.WARNING)
     present = [p for p in args.count_dicom if Path(p).exists()]
-    print(sum(1 for source in iter_sources(present) if sniff_dicom(source.head())))
+    print(sum(1 for source in iter_sources(present) if _sniffs_as_dicom(source)))
     return 0
+
+
+def _sniffs_as_dicom(source: Source) -> bool:
+    try:
+        return sniff_dicom(source.head())
+    except OSError:  # SourceReadError included: a broken archive holds no countable file
+        return False
 
 
 if __name__ == "__main__":

@@ -27,3 +27,16 @@ class InputError(Exception):
 
 class NotARadiographError(InputError):
     """The file is valid DICOM but not something the model should see (skipped, not failed)."""
+
+
+class SourceReadError(InputError, OSError):
+    """A file or archive member cannot be read: a damaged or hostile zip, a vanished member.
+
+    Both an :class:`InputError` (process_dicom.py records the file as failed) and an
+    ``OSError`` (upload_dicom.py reports it as "cannot read"), so every consumer that
+    handles one unreadable file and goes on handles this one too.
+    """
+
+
+class SourceMissingError(SourceReadError, FileNotFoundError):
+    """A named archive member is not (or no longer) in its archive: the source has gone."""

@@ -15,7 +15,6 @@ Command line (for run.sh)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -65,6 +64,7 @@ class LocalOrthanc:
         config_template: Path = PROJECT_ROOT / "orthanc.json",
         binary: str | None = None,
         remote_access: bool = False,
+        dicom_server: bool = False,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.username = username
@@ -74,6 +74,7 @@ class LocalOrthanc:
         self.config_template = config_template
         self.binary = binary or find_orthanc_binary()
         self.remote_access = remote_access
+        self.dicom_server = dicom_server
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -98,13 +99,30 @@ class LocalOrthanc:
                 "HttpPort": self.http_port,
                 "DicomPort": self.dicom_port,
                 "Plugins": [],
-                # Outside Docker there is no 127.0.0.1-only port publishing, so refuse
-                # HTTP requests from other hosts at the application level instead.
+                # Outside Docker there is no 127.0.0.1-only port publishing, and
+                # Orthanc 1.10 cannot bind one address: refuse HTTP requests from other
+                # hosts at the application level instead...
                 "RemoteAccessAllowed": self.remote_access,
+                # ...and keep the DICOM port closed unless asked for: the pipeline uses
+                # REST only, and Orthanc's DICOM server would accept C-STORE from anyone.
+                "DicomServerEnabled": self.dicom_server,
             }
         )
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.storage.mkdir(parents=True, exist_ok=True)
+        if self.dicom_server:
+            # Only peers on this machine may store or echo (the benchmark's storescu).
+            config.update(
+                {
+                    "DicomAlwaysAllowStore": False,
+                    "DicomAlwaysAllowEcho": False,
+                    "DicomCheckModalityHost": True,
+                    "DicomModalities": {
+                        "local": {"AET": "STORESCU", "Host": "127.0.0.1", "Port": 104}
+                    },
+                }
+            )
+        self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.storage.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o700)  # patient data: the owner only
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(config, indent=2), encoding="utf-8")
         return path
@@ -176,6 +194,15 @@ class LocalOrthanc:
         self.stop()
 
 
+def _is_orthanc(pid: int) -> bool:
+    """Whether ``pid`` still runs Orthanc (pid files outlive their process; pids are reused)."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"Orthanc" in command.split(b"\0")[0]
+
+
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cxrsr.local_orthanc",
@@ -192,8 +219,10 @@ def _main(argv: list[str] | None = None) -> int:
             print("I: no local Orthanc is running", file=sys.stderr)
             return 0
         pid = int(pid_file.read_text())
-        with contextlib.suppress(ProcessLookupError):
+        if _is_orthanc(pid):
             os.kill(pid, signal.SIGTERM)
+        else:
+            print(f"I: pid {pid} is no longer an Orthanc; nothing to stop", file=sys.stderr)
         pid_file.unlink(missing_ok=True)
         print(f"I: stopped Orthanc (pid {pid})", file=sys.stderr)
         return 0

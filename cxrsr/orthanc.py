@@ -29,6 +29,7 @@ import logging
 import random
 import socket
 import ssl
+import struct
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
@@ -53,6 +54,14 @@ REJECTED = "rejected"
 FAILED = "failed"
 #: Not DICOM (or empty): not sent at all, and not a failure.
 PASSED_OVER = "passed over"
+
+#: Media Storage Directory Storage (PS3.4 Annex B; PS3.10 8.6): a DICOMDIR, the index
+#: of a CD or USB export. Orthanc cannot store it ("Inexistent tag": it has no patient
+#: or study), and it holds no image, so it is passed over rather than rejected.
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+#: Bytes read to sniff a file and find its file meta information (PS3.10 7.1).
+HEAD_BYTES = 4096
 
 #: SOP Class UIDs of the Structured Report family (PS3.4 Annex B, B.5: ``...1.1.88.x``).
 SR_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
@@ -151,9 +160,10 @@ class OrthancClient:
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
     ) -> None:
+        problem = url_problem(settings.url)
+        if problem is not None:
+            raise OrthancFatalError(problem)
         parsed = urllib.parse.urlsplit(settings.url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise OrthancFatalError(f"not an http(s) URL: {display_url(settings.url)!r}")
         username = settings.username
         password = settings.password
         if parsed.username is not None:
@@ -394,14 +404,33 @@ class OrthancClient:
 
 
 def display_url(url: str) -> str:
-    """The URL without any ``user:password@`` part, safe to print."""
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.username is None and parsed.password is None:
+    """The URL without any ``user:password@`` part, safe to print even when malformed.
+
+    The authority is cut out by hand rather than with ``urlsplit``, which raises on
+    some malformed URLs (``http://[::1``) and would leave nothing safe to show.
+    """
+    scheme, separator, rest = url.partition("//")
+    if not separator:
         return url
-    host = parsed.hostname or ""
-    if parsed.port is not None:
-        host = f"{host}:{parsed.port}"
-    return urllib.parse.urlunsplit(parsed._replace(netloc=host))
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority = rest[:end]
+    if "@" not in authority:
+        return url
+    return f"{scheme}//{authority.rpartition('@')[2]}{rest[end:]}"
+
+
+def url_problem(url: str) -> str | None:
+    """What makes ``url`` unusable as Orthanc's REST URL, or ``None``; never shows a password."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        port = parsed.port
+    except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535", ...
+        return f"not a valid URL: {display_url(url)!r} ({exc})"
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return f"not an http(s) URL: {display_url(url)!r}"
+    if port == 0:
+        return f"not a valid URL: {display_url(url)!r} (port 0)"
+    return None
 
 
 def _expect_ok(answer: Response, doing: str) -> None:
@@ -551,20 +580,71 @@ def sr_references(data: bytes) -> tuple[bool, tuple[str, ...]]:
     return True, tuple(dict.fromkeys(uids))
 
 
+def media_storage_sop_class(head: bytes) -> str | None:
+    """The file meta's Media Storage SOP Class UID (0002,0002), from a file's first bytes.
+
+    The file meta group always follows ``DICM`` in explicit VR little endian (PS3.10
+    7.1), so it is walked directly; ``None`` when there is no file meta or the element
+    is not within ``head``.
+    """
+    if head[128:132] != b"DICM":
+        return None
+    offset = 132
+    while offset + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, offset)
+        if group != 0x0002:
+            return None
+        vr = head[offset + 4 : offset + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL"):
+            if offset + 12 > len(head):
+                return None
+            (length,) = struct.unpack_from("<I", head, offset + 8)
+            offset += 12
+        else:
+            (length,) = struct.unpack_from("<H", head, offset + 6)
+            offset += 8
+        if element == 0x0002:
+            value = head[offset : offset + length]
+            return value.rstrip(b"\0 ").decode("ascii", "replace")
+        offset += length
+    return None
+
+
+def passed_over_reason(head: bytes) -> str | None:
+    """Why a file whose first :data:`HEAD_BYTES` are ``head`` is not sent, if it is not."""
+    if not head:
+        return "empty file, not sent"
+    if not sniff_dicom(head[:SNIFF_BYTES]):
+        return "not a DICOM file, not sent"
+    if media_storage_sop_class(head) == MEDIA_STORAGE_DIRECTORY:
+        return "DICOMDIR (media directory), not an image: not sent"
+    return None
+
+
+def _unreadable(exc: BaseException) -> str:
+    if isinstance(exc, MemoryError):
+        return "cannot read: not enough memory"
+    return f"cannot read: {getattr(exc, 'strerror', None) or exc}"
+
+
 def read_and_store(source: Source, client: OrthancClient) -> Outcome:
     """Read one file once, sniff it, send it, and classify the answer.
 
     Only this function holds the file's bytes, so memory stays bounded by the number
-    of workers however many files there are.
+    of workers however many files there are. The first bytes are sniffed before the
+    rest is read, so a large file that is not DICOM is never read whole.
     """
     try:
+        head = source.head(HEAD_BYTES)
+    except OSError as exc:  # SourceReadError included: a damaged zip or hostile member
+        return Outcome(source.name, FAILED, _unreadable(exc))
+    reason = passed_over_reason(head)
+    if reason is not None:
+        return Outcome(source.name, PASSED_OVER, reason, size=len(head))
+    try:
         data = source.read_bytes()
-    except OSError as exc:
-        return Outcome(source.name, FAILED, f"cannot read: {exc.strerror or exc}")
-    if not data:
-        return Outcome(source.name, PASSED_OVER, "empty file, not sent")
-    if not sniff_dicom(data[:SNIFF_BYTES]):
-        return Outcome(source.name, PASSED_OVER, "not a DICOM file, not sent", size=len(data))
+    except (OSError, MemoryError) as exc:
+        return Outcome(source.name, FAILED, _unreadable(exc))
     outcome = Outcome(source.name, FAILED, size=len(data), md5=hashlib.md5(data).hexdigest())
     try:
         outcome.is_sr, outcome.sr_references = sr_references(data)

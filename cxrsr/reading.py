@@ -45,6 +45,7 @@ DX_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
 }
 RADIOGRAPH_MODALITIES = {"CR", "DX"}
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR (PS3.10 8.6)
 
 #: BodyPartExamined values (PS3.16 Annex L and common vendor spellings) that mean the chest.
 CHEST_WORDS = ("CHEST", "THORAX", "THORACIC", "LUNG", "TORAX", "TORACE", "POUMON", "BRUST")
@@ -86,11 +87,10 @@ def read_dataset(source: Source) -> Dataset:
     style); pydicom then knows how it parsed them (``original_encoding``) but not the
     Transfer Syntax UID it needs to decode pixels, so it is set from that encoding.
     """
+    # Sniff before open(): opening an archive member reads all of it.
+    if not sniff_dicom(source.head(SNIFF_BYTES)):
+        raise NotARadiographError("not a DICOM file")
     with source.open() as fh:
-        head = fh.read(SNIFF_BYTES)
-        if not sniff_dicom(head):
-            raise NotARadiographError("not a DICOM file")
-        fh.seek(0)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -138,7 +138,9 @@ def check_pixel_data(ds: Dataset) -> None:
     Done before any decoding so a header that declares gigabytes of pixels but holds a
     few bytes never makes us allocate them.
     """
-    sop_class = _text(ds, "SOPClassUID")
+    sop_class = _text(ds, "SOPClassUID") or str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
+    if sop_class == MEDIA_STORAGE_DIRECTORY:
+        raise NotARadiographError("DICOMDIR (media directory), not an image")
     if "PixelData" not in ds:
         name = _sop_class_name(sop_class)
         if sop_class and "Image" not in name:
@@ -363,6 +365,20 @@ def to_model_range(array: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarr
     return (2 * scaled - 1.0) * MODEL_RANGE
 
 
+def check_uids(ds: Dataset, notes: list[str]) -> None:
+    """Warn about identifying UIDs that break PS3.5 9.1 (digits and dots, no leading zeros).
+
+    Such files are common in the wild. The image can still be classified, but a PACS may
+    refuse it, and an SR cannot validly reference it (generate_sr.py says so too).
+    """
+    for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+        value = _text(ds, keyword)
+        if not value:
+            raise InputError(f"no {keyword}: the image cannot be identified")
+        if not UID(value).is_valid:
+            notes.append(f"{keyword} {value!r} is not a valid DICOM UID (PS3.5 9.1)")
+
+
 def read_radiograph(source: Source, min_size: int | None = None) -> Radiograph:
     """Read, check and decode one file; raise :class:`InputError` (or its subclass) if unusable.
 
@@ -373,6 +389,7 @@ def read_radiograph(source: Source, min_size: int | None = None) -> Radiograph:
     check_pixel_data(ds)
     notes: list[str] = []
     check_radiograph(ds, notes)
+    check_uids(ds, notes)
     reduced = _decode_reduced(ds, min_size) if min_size else None
     array, decimation, origin = reduced if reduced is not None else (_decode(ds), 1, None)
     low_value, high_value = array.min(), array.max()

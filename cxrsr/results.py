@@ -100,10 +100,28 @@ def flag_shared_instance_uids(entries: list[dict[str, Any]]) -> list[str]:
         if len(group) < 2:
             continue
         for entry in group:
-            others = ", ".join(e["path"] for e in group if e is not entry)
-            note = f"SOP Instance UID {uid} is also used by {others}: a PACS keeps only one of them"
+            other = next(e["path"] for e in group if e is not entry)
+            more = f" and {len(group) - 2} more files" if len(group) > 2 else ""
+            note = f"SOP Instance UID {uid} is also used by {other}{more}: a PACS keeps only one"
             entry.setdefault("warnings", []).append(note)
             messages.append(f"{entry['path']}: {note}")
+    return messages
+
+
+def save_results(
+    path: Path, model: dict[str, Any], entries: list[dict[str, Any]], interrupted: bool, now: str
+) -> list[str]:
+    """Write the results file for ``entries``; return the warnings to show.
+
+    Keeps each unchanged result's ``classified_at`` from the file being replaced, flags
+    shared SOP Instance UIDs, and marks a run stopped by Ctrl-C as ``"complete": false``.
+    """
+    messages = flag_shared_instance_uids(entries)
+    keep_classification_times(entries, model, path, now)
+    document: dict[str, Any] = {"format": FORMAT, "model": model, "images": entries}
+    if interrupted:
+        document["complete"] = False
+    write_json_atomic(path, document)
     return messages
 
 

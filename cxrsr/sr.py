@@ -32,7 +32,6 @@ import logging
 import math
 import multiprocessing
 import multiprocessing.context
-import os
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -46,6 +45,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.uid import UID
 from pydicom.valuerep import DT, validate_value
 from tqdm import tqdm
 
@@ -728,6 +728,20 @@ class SRBuilder:
         return EncodedSR(str(sr.SOPInstanceUID), encode_reference(sr), notes)
 
 
+def invalid_uids(classification: Classification) -> str:
+    """The source UIDs that break PS3.5 9.1, described; empty when all are valid."""
+    bad = [
+        f"{name} {value!r} is not a valid DICOM UID (PS3.5 9.1)"
+        for name, value in (
+            ("SOP Instance UID", classification.sop_instance_uid),
+            ("Series Instance UID", classification.series_instance_uid),
+            ("Study Instance UID", classification.study_instance_uid),
+        )
+        if not UID(value).is_valid
+    ]
+    return "; ".join(bad)
+
+
 def instance_number(header: Dataset) -> int:
     """The source's Instance Number, so the SR series sorts like the image series it mirrors."""
     try:
@@ -818,14 +832,6 @@ MIN_SRS_PER_WORKER = 32
 POOL_CHUNK_SIZE = 8
 
 
-def default_jobs() -> int:
-    """The CPUs this process may run on (``sched_getaffinity`` honours taskset and cgroups)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
 @dataclass(frozen=True)
 class EntryResult:
     """What became of one classified entry; log lines travel with it, so a pool logs in order."""
@@ -854,6 +860,12 @@ class _Writer:
                 header = read_source_header(classification)
             except SourceError as exc:
                 return EntryResult(source_error=str(exc))
+            invalid = invalid_uids(classification)
+            if invalid:
+                return EntryResult(
+                    source_error=f"{classification.path}: {invalid}; an SR referencing it "
+                    "would be invalid DICOM (fix the source's UIDs first)"
+                )
             try:
                 encoded = self.builder.encode(header, classification)
             except Exception as exc:  # highdicom refuses some headers (e.g. no Modality)
@@ -896,6 +908,7 @@ def generate_srs(
     content_datetime: datetime.datetime,
     disable_progress: bool | None = True,
     jobs: int = 1,
+    clean: bool = False,
 ) -> Outcome:
     """Write one SR per classified entry of a loaded results ``document`` into ``output_dir``.
 
@@ -952,7 +965,7 @@ def generate_srs(
             result = next(ahead) if index in first_set else local(classification)
             if _record(result, outcome, output_dir):
                 seen[sr_uid] = classification.path
-    _warn_other_files(output_dir, outcome.written)
+    _tidy_other_files(output_dir, outcome.written, clean)
     return outcome
 
 
@@ -990,16 +1003,44 @@ def _warn_shared_sop_instance_uids(work: Sequence[Classification], model: ModelI
             )
 
 
-def _warn_other_files(output_dir: Path, written: Iterable[Path]) -> None:
-    """SRs from earlier results stay in the folder; the uploader would send them too."""
+def _tidy_other_files(output_dir: Path, written: Iterable[Path], clean: bool) -> None:
+    """SRs from earlier results stay in the folder, and the uploader would send them too.
+
+    With ``clean``, remove those that are SRs made by this tool (Modality SR, Manufacturer
+    "cxrsr"): a PACS should not receive results that the current results file no longer
+    holds. Anything else in the folder is left alone.
+    """
     if not output_dir.is_dir():
         return
     ours = {path.name for path in written}
-    others = [p for p in output_dir.glob("*.dcm") if p.name not in ours]
-    if others:
+    others = [p for p in sorted(output_dir.glob("*.dcm")) if p.name not in ours]
+    if not others:
+        return
+    if not clean:
         log.warning(
             "%d other .dcm files in %s were not written by this run (SRs from earlier "
-            "results?); they are left alone",
+            "results?); they are left alone (--clean removes this tool's)",
             len(others),
             output_dir,
         )
+        return
+    removed = [p for p in others if _is_our_sr(p)]
+    for path in removed:
+        path.unlink()
+    log.info("removed %d SRs of earlier results from %s", len(removed), output_dir)
+    if len(removed) < len(others):
+        log.warning(
+            "%d other .dcm files in %s are not this tool's SRs; left alone",
+            len(others) - len(removed),
+            output_dir,
+        )
+
+
+def _is_our_sr(path: Path) -> bool:
+    try:
+        ds = pydicom.dcmread(
+            path, stop_before_pixels=True, specific_tags=["Modality", "Manufacturer"]
+        )
+    except Exception:
+        return False
+    return ds.get("Modality") == "SR" and ds.get("Manufacturer") == SR_MANUFACTURER

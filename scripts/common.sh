@@ -30,7 +30,7 @@ ensure_dotenv() {
   if [ ! -f .env ]; then
     local password
     password=$("$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(18))')
-    umask 077
+    touch .env && chmod 600 .env
     cat > .env <<ENV
 # Orthanc connection for the cxrsr scripts and docker compose. Created by run.sh; git-ignored.
 ORTHANC_URL=http://127.0.0.1:8042
@@ -55,7 +55,17 @@ ensure_packages() {
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     say "I: installing ${missing[*]} from the system packages"
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || return 1
+    case " ${missing[*]} " in
+      *" orthanc "*)
+        # The package starts a system-wide Orthanc (no authentication, all interfaces,
+        # port 8042) where systemd runs. We only want the binary: stop and disable it.
+        if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled orthanc >/dev/null 2>&1; then
+          systemctl disable --now orthanc >/dev/null 2>&1 || true
+          say "I: disabled the orthanc system service that the package started; cxrsr runs its own"
+        fi
+        ;;
+    esac
   else
     say "W: missing ${missing[*]}; install them with your package manager (e.g. sudo apt-get install ${missing[*]})"
     return 1

@@ -255,3 +255,51 @@ def test_results_file_is_replaced_atomically(corpus_dir, weights_cache_dir, tmp_
     run_process(tmp_path / "x.dcm", "-o", out, "--cache-dir", weights_cache_dir, "-q")
     assert json.loads(out.read_text())["images"][0]["status"] == "classified"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_ctrl_c_keeps_the_finished_results(corpus_dir, weights_cache_dir, tmp_path) -> None:
+    """Ctrl-C (SIGINT to the process group): exit 130, the finished files' results written."""
+    import os
+    import signal
+    import time
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    total = 400
+    for i in range(total):
+        os.link(corpus_dir / "cxr09_orthanc_issue44_mono1_jpeg8.dcm", folder / f"{i:04d}.dcm")
+    out = tmp_path / "r.json"
+    args = [
+        folder,
+        "-o",
+        out,
+        "--cache-dir",
+        weights_cache_dir,
+        "--batch-size",
+        "2",
+        "--workers",
+        "1",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        cwd=PROJECT_ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert process.stderr is not None
+    finished = 0
+    deadline = time.monotonic() + 120
+    while finished < 6 and time.monotonic() < deadline:  # one W: line per classified file
+        line = process.stderr.readline()
+        finished += "BodyPartExamined is absent" in line
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted after" in stderr and "Traceback" not in stderr
+    results = json.loads(out.read_text())
+    assert results["complete"] is False
+    assert 6 <= len(results["images"]) < total
+    assert all(e["status"] == "classified" for e in results["images"])

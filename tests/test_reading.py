@@ -121,3 +121,27 @@ def test_non_dicom_and_empty_files_are_skipped(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(content)
         with pytest.raises(NotARadiographError, match="not a DICOM file"):
             read_radiograph(Source(str(tmp_path / name)))
+
+
+def test_dicomdir_is_skipped_as_a_media_directory(tmp_path: Path) -> None:
+    ds = pydicom.Dataset()
+    ds.FileSetID = "CXR"
+    ds.DirectoryRecordSequence = []
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "DICOMDIR"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(NotARadiographError, match="DICOMDIR"):
+        read_radiograph(Source(str(path)))
+
+
+def test_invalid_uids_are_reported(corpus_dir: Path) -> None:
+    """The dental CR's SOP Instance UID has a leading zero ('01'): classified, with a warning."""
+    result = read_radiograph(Source(str(corpus_dir / "bad_cr_dental_panoramic.dcm")))
+    assert any(
+        "SOPInstanceUID '999.999.01.23.45.6789' is not a valid" in w for w in result.warnings
+    )
+    clean = read_radiograph(Source(str(corpus_dir / "cxr11_siim_cr_jpeg8.dcm")))
+    assert not any("valid DICOM UID" in w for w in clean.warnings)

@@ -779,3 +779,43 @@ def test_a_source_highdicom_refuses_is_reported_not_a_crash(
     assert done.returncode == 1
     assert f"E: {odd}: cannot build an SR from this source" in done.stderr
     assert len(written_srs(tmp_path / "sr")) == 1
+
+
+def test_a_source_with_an_invalid_uid_gets_no_sr(
+    corpus_dir: Path, labels: list[str], tmp_path: Path
+) -> None:
+    """An SR must reference its source's SOP Instance UID; an invalid one makes it invalid."""
+    rng = np.random.default_rng(5)
+    entries = [
+        classified_entry(str(corpus_dir / "bad_cr_dental_panoramic.dcm"), labels, rng),
+        classified_entry(str(corpus_dir / "cxr11_siim_cr_jpeg8.dcm"), labels, rng),
+    ]
+    results = tmp_path / "results.json"
+    write_json_atomic(results, results_document(entries, labels))
+    done = run_script("-q", "--results", results, "--output-dir", tmp_path / "sr")
+    assert done.returncode == 1
+    assert "SOP Instance UID '999.999.01.23.45.6789' is not a valid DICOM UID" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(written_srs(tmp_path / "sr")) == 1
+
+
+def test_clean_removes_only_this_tools_outdated_srs(
+    corpus_dir: Path, labels: list[str], tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(6)
+    entry = classified_entry(str(corpus_dir / "cxr11_siim_cr_jpeg8.dcm"), labels, rng)
+    results, out = tmp_path / "results.json", tmp_path / "sr"
+    write_json_atomic(results, results_document([entry], labels))
+    assert run_script("-q", "--results", results, "--output-dir", out).returncode == 0
+    (old,) = out.glob("*.dcm")
+    shutil.copy(corpus_dir / "cxr10_nih_dx_8bit.dcm", out / "someone-elses.dcm")
+    entry["scores"][labels[0]] = 0.999  # new results: a new SR instance
+    write_json_atomic(results, results_document([entry], labels))
+    kept = run_script("--results", results, "--output-dir", out)
+    assert old.exists() and "2 other .dcm files" in kept.stderr  # without --clean: a warning
+    cleaned = run_script("--results", results, "--output-dir", out, "--clean")
+    assert cleaned.returncode == 0, cleaned.stderr
+    names = sorted(p.name for p in out.glob("*.dcm"))
+    assert not old.exists()
+    assert "someone-elses.dcm" in names and len(names) == 2
+    assert "removed 1 SRs of earlier results" in cleaned.stderr

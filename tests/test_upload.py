@@ -436,6 +436,109 @@ def test_orthanc_killed_mid_upload_is_reported_truthfully_then_completed(
     assert len({sop_instance_uid(p) for p in files}) == total
 
 
+def test_broken_zips_and_special_files_fail_one_by_one_and_the_rest_arrive(
+    orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
+) -> None:
+    # The archives of test_discovery.py: each is damaged the way real ones are.
+    from test_discovery import (
+        bomb_zip,
+        crc_error_zip,
+        damaged_directory_zip,
+        deflate64_zip,
+        encrypted_zip,
+    )
+
+    (valid,) = write_copies(small_dicom, tmp_path / "in", 1)
+    dicom = valid.read_bytes()
+    folder = tmp_path / "in"
+    damaged_directory_zip(folder / "a_broken.zip", dicom)
+    crc_error_zip(folder / "b_crc.zip", dicom)
+    encrypted_zip(folder / "c_encrypted.zip", dicom)
+    deflate64_zip(folder / "d_deflate64.zip", dicom)
+    bomb_zip(folder / "e_bomb.zip")
+    os.mkfifo(folder / "pipe")  # would block a reader forever
+    (folder / "zero").symlink_to("/dev/zero")  # would be read until MemoryError
+    run = upload(orthanc, folder, timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert run.counts["stored"] == 1 and run.counts["failed"] == 5
+    errors = sorted(run.lines("E: "))  # in the order the workers finished
+    assert errors[0] == (
+        f"E: {folder / 'a_broken.zip'}: failed: cannot read: "
+        "corrupt zip archive: Bad magic number for central directory"
+    )
+    assert errors[1] == (
+        f"E: {folder / 'b_crc.zip'}!IM1: failed: cannot read: "
+        "damaged zip member: Bad CRC-32 for file 'IM1'"
+    )
+    assert "encrypted zip member" in errors[2] and "(Deflate64)" in errors[3]
+    assert "zip bomb" in errors[4]
+    assert len(errors) == 5
+    assert f"W: {folder / 'pipe'}: not a regular file (FIFO), passed over" in run.stderr
+    assert f"W: {folder / 'zero'}: not a regular file (character device), passed over" in (
+        run.stderr
+    )
+    assert lookup(orthanc, sop_instance_uid(valid))
+
+
+def test_dicomdir_is_passed_over_not_rejected(
+    orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
+) -> None:
+    write_copies(small_dicom, tmp_path / "in", 1)
+    dicomdir = Dataset()
+    dicomdir.FileSetID = "CXR"
+    dicomdir.OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity = 0
+    dicomdir.OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity = 0
+    dicomdir.FileSetConsistencyFlag = 0
+    dicomdir.DirectoryRecordSequence = []
+    dicomdir.file_meta = FileMetaDataset()
+    dicomdir.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    dicomdir.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dicomdir.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dicomdir.save_as(tmp_path / "in" / "DICOMDIR", enforce_file_format=True)
+    run = upload(orthanc, tmp_path / "in")
+    assert run.returncode == 0, run.stderr
+    assert run.counts["stored"] + run.counts["already"] == 1
+    assert (run.counts["rejected"], run.counts["passed"]) == (0, 1)
+    assert (
+        f"W: {tmp_path / 'in' / 'DICOMDIR'}: DICOMDIR (media directory), not an image: not sent"
+        in run.stderr
+    )
+    dry = upload(None, tmp_path / "in", "--dry-run")
+    assert dry.returncode == 0 and "1 passed over" in dry.stdout
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--timeout", "-1"],
+        ["--timeout", "0"],
+        ["--timeout", "nan"],
+        ["--timeout", "inf"],
+        ["--timeout", "1e300"],
+        ["--timeout", "soon"],
+        ["--url", "http://alice:pw-s3cret@127.0.0.1:abc"],
+        ["--url", "http://alice:pw-s3cret@127.0.0.1:99999"],
+        ["--url", "http://alice:pw-s3cret@[::1"],
+        ["--url", "ftp://alice:pw-s3cret@127.0.0.1:8042"],
+    ],
+)
+def test_bad_timeout_and_url_are_usage_errors(option: list[str], small_dicom: Path) -> None:
+    run = upload(None, small_dicom, *option)
+    assert run.returncode == 2, run.stderr
+    (error,) = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert error.startswith(f"upload_dicom.py: error: argument {option[0]}: ")
+    assert "pw-s3cret" not in run.stdout + run.stderr
+    assert option[0] == "--timeout" or "URL: " in error  # names the URL, without the user
+
+
+def test_malformed_orthanc_url_in_the_environment_is_one_line(small_dicom: Path) -> None:
+    run = upload(None, small_dicom, url="http://alice:pw-s3cret@127.0.0.1:99999")
+    assert run.returncode == 3, run.stderr
+    (error,) = run.lines("E: ")
+    assert "not a valid URL: 'http://127.0.0.1:99999'" in error
+    assert "pw-s3cret" not in run.stdout + run.stderr
+
+
 # -- SR placement and dry run --------------------------------------------------------
 
 
