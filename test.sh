@@ -9,4 +9,5 @@ ensure_packages Orthanc:orthanc dsrdump:dcmtk storescu:dcmtk dciodvfy:dicom3tool
   || say "W: integration tests will be skipped (or fail under CI) without these"
 ensure_venv requirements-dev.txt
 "$VENV/bin/ruff" check .
+"$VENV/bin/mypy"
 "$VENV/bin/python" -m pytest "$@"

@@ -179,8 +179,9 @@ def classify(
                 if len(batch) >= batch_size:
                     flush()
             else:
-                entries[index] = {"path": item.path, "status": item.status, "reason": item.reason}
-                on_entry(entries[index])
+                entry = {"path": item.path, "status": item.status, "reason": item.reason}
+                entries[index] = entry
+                on_entry(entry)
         flush()
     except KeyboardInterrupt:
         if not loading.done() or loading.exception() is not None:

@@ -365,9 +365,10 @@ def iter_sources(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Source]:
         if not os.path.lexists(path):
             if ZIP_SEPARATOR in str(raw):
                 source = open_source(str(raw))
-                if source.member is not None:
-                    source = Source(str(Path(source.path).absolute()), source.member)
-                    key = os.path.realpath(source.path) + ZIP_SEPARATOR + source.member
+                member = source.member
+                if member is not None:
+                    source = Source(str(Path(source.path).absolute()), member)
+                    key = os.path.realpath(source.path) + ZIP_SEPARATOR + member
                     if key not in seen:
                         seen.add(key)
                         yield source
@@ -384,11 +385,11 @@ def iter_sources(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Source]:
                 continue
             seen.add(key)
             if _is_zip(file_path) and not _looks_like_dicom_file(file_path):
-                for member in _expand_zip(file_path):
-                    member_key = key + ZIP_SEPARATOR + (member.member or "")
-                    if member_key not in seen:
-                        seen.add(member_key)
-                        yield member
+                for entry in _expand_zip(file_path):
+                    entry_key = key + ZIP_SEPARATOR + (entry.member or "")
+                    if entry_key not in seen:
+                        seen.add(entry_key)
+                        yield entry
             else:
                 yield Source(str(file_path))
 

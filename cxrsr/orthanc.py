@@ -174,7 +174,7 @@ class OrthancClient:
         self.url = display_url(settings.url)
         self.username = username
         self._https = parsed.scheme == "https"
-        self._host = parsed.hostname
+        self._host = parsed.hostname or ""
         self._port = parsed.port or (443 if self._https else 80)
         self._base_path = parsed.path.rstrip("/")
         self._headers: dict[str, str] = {"Accept": "application/json"}
@@ -245,6 +245,7 @@ class OrthancClient:
                 # http.client writes the headers and the body with separate send() calls;
                 # with Nagle's algorithm on, the body's last segment would wait for the
                 # ACK of the headers, which the server delays (delayed ACK).
+                assert conn.sock is not None  # connect() just made it
                 conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.request(method, self._base_path + path, body=body, headers=headers)
             answer = conn.getresponse()
@@ -762,10 +763,10 @@ def verify(outcomes: Iterable[Outcome], client: OrthancClient, workers: int = 8)
                 continue
             for outcome in by_id[instance_id]:
                 _judge_md5(outcome, stored_md5, sop_instance_uid)
-        for future in as_completed(sr_futures):
-            outcome = sr_futures[future]
+        for sr_future in as_completed(sr_futures):
+            outcome = sr_futures[sr_future]
             try:
-                verdict, message = future.result()
+                verdict, message = sr_future.result()
             except OrthancUnavailable as exc:
                 verdict, message = _SR_UNCHECKED, f"could not check the SR's study: {exc}"
             report.srs_checked += 1

@@ -281,7 +281,8 @@ def _decode_reduced(ds: Dataset, min_size: int) -> tuple[np.ndarray, int, float 
                 image.draft(image.mode, (columns >> level, rows >> level))
                 level = round(np.log2(columns / image.size[0]))
             else:
-                image.reduce = level  # type: ignore[attr-defined]
+                # Jpeg2KImageFile reads this attribute before decoding (not in Pillow's stubs).
+                setattr(image, "reduce", level)  # noqa: B010
             array = np.asarray(image)
     except Exception:
         return None
@@ -403,7 +404,7 @@ def read_radiograph_bytes(data: bytes, name: str = "<bytes>") -> Radiograph:
     """Like :func:`read_radiograph` for bytes already in memory (tests, archives)."""
 
     class _Memory(Source):
-        def open(self) -> io.BytesIO:  # type: ignore[override]
+        def open(self) -> io.BytesIO:
             return io.BytesIO(data)
 
     return read_radiograph(_Memory(name))
