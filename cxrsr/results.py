@@ -144,6 +144,12 @@ def load_results(path: Path) -> dict[str, Any]:
         raise PipelineError(f"{path}: not a readable results file: {exc}", exit_code=2) from exc
     if not isinstance(document, dict) or not isinstance(document.get("images"), list):
         raise PipelineError(f"{path}: not a results file (no 'images' list)", exit_code=2)
+    found = document.get("format", FORMAT)
+    if found != FORMAT:
+        raise PipelineError(
+            f"{path}: results format {found!r} is not {FORMAT!r}, the one this version reads",
+            exit_code=2,
+        )
     model = document.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("labels"), list):
         raise PipelineError(f"{path}: not a results file (no 'model.labels')", exit_code=2)

@@ -222,7 +222,7 @@ class Classification:
             raise PipelineError(f"{where}: findings name unknown {', '.join(unknown)}", 2)
         for key in ("path", *IDENTITY_KEYS):
             if not isinstance(entry[key], str) or not entry[key]:
-                raise PipelineError(f"{where}: '{key}' is empty", exit_code=2)
+                raise PipelineError(f"{where}: '{key}' must be a non-empty string", exit_code=2)
         return cls(
             path=entry["path"],
             sop_instance_uid=entry["sop_instance_uid"],

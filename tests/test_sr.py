@@ -819,3 +819,14 @@ def test_clean_removes_only_this_tools_outdated_srs(
     assert not old.exists()
     assert "someone-elses.dcm" in names and len(names) == 2
     assert "removed 1 SRs of earlier results" in cleaned.stderr
+
+
+def test_results_of_another_format_are_a_usage_error(labels: list[str], tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    document = results_document([], labels)
+    document["format"] = "cxrsr-results/99"
+    write_json_atomic(results, document)
+    done = run_script("--results", results, "--output-dir", tmp_path / "sr")
+    assert done.returncode == 2
+    assert "results format 'cxrsr-results/99'" in done.stderr
+    assert not (tmp_path / "sr").exists()
