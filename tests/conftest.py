@@ -11,6 +11,8 @@ import csv
 import os
 import secrets
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +49,30 @@ def manifest(corpus_dir: Path) -> list[dict[str, str]]:
     """MANIFEST.tsv rows: filename, expected, and the file's properties."""
     with open(corpus_dir / "MANIFEST.tsv", encoding="utf-8", newline="") as fh:
         return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def run_script(
+    script: str, *args: str | Path, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run one of the project's scripts as a user would: a real process, from the project root."""
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def orthanc_env(server: LocalOrthanc) -> dict[str, str]:
+    """This process's environment plus the Orthanc URL and credentials of ``server``."""
+    return dict(
+        os.environ,
+        ORTHANC_URL=server.url,
+        ORTHANC_USERNAME=server.username,
+        ORTHANC_PASSWORD=server.password,
+    )
 
 
 def require_program(name: str) -> str:

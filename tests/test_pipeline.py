@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
 import requests
+from conftest import orthanc_env, run_script
 
-from cxrsr.config import PROJECT_ROOT
 from cxrsr.local_orthanc import LocalOrthanc
 
 IMAGES = [
@@ -25,18 +23,6 @@ IMAGES = [
 NOT_CLASSIFIED = ["bad_ct_small.dcm", "edge_cxr_corrupt_j2k_966.dcm"]
 
 
-def step(
-    script: str, *args: str | Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-
-
 def test_pipeline_lands_each_sr_in_its_image_study_and_reruns_add_nothing(
     empty_orthanc: LocalOrthanc, corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
 ) -> None:
@@ -47,18 +33,15 @@ def test_pipeline_lands_each_sr_in_its_image_study_and_reruns_add_nothing(
         shutil.copy(corpus_dir / name, data / name)
     results, sr_dir = tmp_path / "results.json", tmp_path / "sr"
     server = empty_orthanc
-    env = dict(
-        os.environ,
-        ORTHANC_URL=server.url,
-        ORTHANC_USERNAME=server.username,
-        ORTHANC_PASSWORD=server.password,
-    )
+    env = orthanc_env(server)
 
     def run_all() -> list[subprocess.CompletedProcess[str]]:
         return [
-            step("process_dicom.py", data, "-o", results, "--cache-dir", weights_cache_dir, "-q"),
-            step("generate_sr.py", "--results", results, "--output-dir", sr_dir, "-q"),
-            step("upload_dicom.py", data, sr_dir, "-q", env=env),
+            run_script(
+                "process_dicom.py", data, "-o", results, "--cache-dir", weights_cache_dir, "-q"
+            ),
+            run_script("generate_sr.py", "--results", results, "--output-dir", sr_dir, "-q"),
+            run_script("upload_dicom.py", data, sr_dir, "-q", env=env),
         ]
 
     first = run_all()

@@ -12,20 +12,15 @@ from typing import Any
 
 import pydicom
 import pytest
+from conftest import run_script
 
 from cxrsr.config import PROJECT_ROOT
 
 SCRIPT = PROJECT_ROOT / "process_dicom.py"
 
 
-def run_process(*args: str | Path, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def run_process(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return run_script("process_dicom.py", *args)
 
 
 def expected_statuses(expected: str) -> set[str]:

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from conftest import require_program
+from conftest import require_program, run_script
 from pydicom.sr.codedict import codes
 
 from cxrsr import sr as sr_module
@@ -89,14 +88,8 @@ def results_document(images: list[dict[str, Any]], labels: list[str]) -> dict[st
     return {"format": "cxrsr-results/1", "model": model_block(labels), "images": images}
 
 
-def run_script(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=PROJECT_ROOT,
-        timeout=600,
-    )
+def run_generate(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return run_script("generate_sr.py", *args)
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +120,7 @@ def corpus_run(
     tmp_path_factory: pytest.TempPathFactory, corpus_results: Path
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
     output_dir = tmp_path_factory.mktemp("sr")
-    done = run_script("--results", corpus_results, "--output-dir", output_dir)
+    done = run_generate("--results", corpus_results, "--output-dir", output_dir)
     return done, output_dir
 
 
@@ -326,7 +319,7 @@ def test_same_results_give_the_same_files(
     tmp_path: Path,
 ) -> None:
     _, first_dir = corpus_run
-    done = run_script("-q", "--results", corpus_results, "--output-dir", tmp_path)
+    done = run_generate("-q", "--results", corpus_results, "--output-dir", tmp_path)
     assert done.returncode == 0, done.stderr
     assert "SRs:" not in done.stderr  # -q: no progress bar
     first = {p.name: p.read_bytes() for p in first_dir.glob("*.dcm")}
@@ -334,7 +327,7 @@ def test_same_results_give_the_same_files(
     assert first.keys() == second.keys()
     assert first == second  # byte for byte
     # A rerun into the same folder replaces each file by the same bytes and adds nothing.
-    again = run_script("-q", "--results", corpus_results, "--output-dir", tmp_path)
+    again = run_generate("-q", "--results", corpus_results, "--output-dir", tmp_path)
     assert again.returncode == 0
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.dcm")} == second
 
@@ -596,7 +589,7 @@ def test_jobs_change_neither_the_files_nor_their_order(
 
 
 def test_jobs_option_is_checked() -> None:
-    done = run_script("--jobs", "0")
+    done = run_generate("--jobs", "0")
     assert done.returncode == 2 and "--jobs" in done.stderr and "at least 1" in done.stderr
 
 
@@ -628,7 +621,7 @@ def test_vanished_and_changed_sources_are_reported_and_skipped(
     vanished.unlink()
     shutil.copyfile(corpus_dir / "cxr11_siim_cr_jpeg8.dcm", changed)
 
-    done = run_script("--results", results, "--output-dir", tmp_path / "sr")
+    done = run_generate("--results", results, "--output-dir", tmp_path / "sr")
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     error_lines = [line for line in done.stderr.splitlines() if line.startswith("E: ")]
@@ -659,7 +652,7 @@ def test_zip_member_source(corpus_dir: Path, tmp_path: Path, labels: list[str]) 
     entry = classified_entry(name, labels, np.random.default_rng(5))
     results = tmp_path / "results.json"
     write_json_atomic(results, results_document([entry], labels))
-    done = run_script("-q", "--results", results, "--output-dir", tmp_path / "sr")
+    done = run_generate("-q", "--results", results, "--output-dir", tmp_path / "sr")
     assert done.returncode == 0, done.stderr
     (written,) = (tmp_path / "sr").glob("*.dcm")
     assert source_of(pydicom.dcmread(written))[2] == entry["sop_instance_uid"]
@@ -699,17 +692,17 @@ def test_malformed_results_is_a_usage_error(tmp_path: Path, labels: list[str]) -
         labels,
     )
     write_json_atomic(results, document)
-    done = run_script("--results", results, "--output-dir", tmp_path / "sr")
+    done = run_generate("--results", results, "--output-dir", tmp_path / "sr")
     assert done.returncode == 2
     assert done.stderr.startswith("E: ") and "no score for Consolidation" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "sr").exists()
-    missing = run_script("--results", tmp_path / "nope.json")
+    missing = run_generate("--results", tmp_path / "nope.json")
     assert missing.returncode == 2 and "results file not found" in missing.stderr
 
 
 def test_help_documents_defaults_and_exit_codes() -> None:
-    done = run_script("--help")
+    done = run_generate("--help")
     assert done.returncode == 0
     for text in ("--results", "output/results.json", "--output-dir", "output/sr", "exit codes:"):
         assert text in done.stdout
@@ -749,13 +742,13 @@ def test_content_date_is_when_the_result_was_made(
     entry["classified_at"] = "2031-02-03T04:05:06+00:00"
     results = tmp_path / "results.json"
     write_json_atomic(results, results_document([entry], labels))
-    done = run_script("-q", "--results", results, "--output-dir", tmp_path / "sr")
+    done = run_generate("-q", "--results", results, "--output-dir", tmp_path / "sr")
     assert done.returncode == 0, done.stderr
     (sr,) = written_srs(tmp_path / "sr").values()
     assert (sr.ContentDate, sr.ContentTime) == ("20310203", "040506")
     first = next((tmp_path / "sr").glob("*.dcm")).read_bytes()
     os.utime(results, (0, 0))  # the file's time must not matter
-    run_script("-q", "--results", results, "--output-dir", tmp_path / "sr")
+    run_generate("-q", "--results", results, "--output-dir", tmp_path / "sr")
     assert next((tmp_path / "sr").glob("*.dcm")).read_bytes() == first
 
 
@@ -774,7 +767,7 @@ def test_a_source_highdicom_refuses_is_reported_not_a_crash(
     ]
     results = tmp_path / "results.json"
     write_json_atomic(results, results_document(entries, labels))
-    done = run_script("--results", results, "--output-dir", tmp_path / "sr")
+    done = run_generate("--results", results, "--output-dir", tmp_path / "sr")
     assert "Traceback" not in done.stderr
     assert done.returncode == 1
     assert f"E: {odd}: cannot build an SR from this source" in done.stderr
@@ -792,7 +785,7 @@ def test_a_source_with_an_invalid_uid_gets_no_sr(
     ]
     results = tmp_path / "results.json"
     write_json_atomic(results, results_document(entries, labels))
-    done = run_script("-q", "--results", results, "--output-dir", tmp_path / "sr")
+    done = run_generate("-q", "--results", results, "--output-dir", tmp_path / "sr")
     assert done.returncode == 1
     assert "SOP Instance UID '999.999.01.23.45.6789' is not a valid DICOM UID" in done.stderr
     assert "Traceback" not in done.stderr
@@ -806,14 +799,14 @@ def test_clean_removes_only_this_tools_outdated_srs(
     entry = classified_entry(str(corpus_dir / "cxr11_siim_cr_jpeg8.dcm"), labels, rng)
     results, out = tmp_path / "results.json", tmp_path / "sr"
     write_json_atomic(results, results_document([entry], labels))
-    assert run_script("-q", "--results", results, "--output-dir", out).returncode == 0
+    assert run_generate("-q", "--results", results, "--output-dir", out).returncode == 0
     (old,) = out.glob("*.dcm")
     shutil.copy(corpus_dir / "cxr10_nih_dx_8bit.dcm", out / "someone-elses.dcm")
     entry["scores"][labels[0]] = 0.999  # new results: a new SR instance
     write_json_atomic(results, results_document([entry], labels))
-    kept = run_script("--results", results, "--output-dir", out)
+    kept = run_generate("--results", results, "--output-dir", out)
     assert old.exists() and "2 other .dcm files" in kept.stderr  # without --clean: a warning
-    cleaned = run_script("--results", results, "--output-dir", out, "--clean")
+    cleaned = run_generate("--results", results, "--output-dir", out, "--clean")
     assert cleaned.returncode == 0, cleaned.stderr
     names = sorted(p.name for p in out.glob("*.dcm"))
     assert not old.exists()
@@ -826,7 +819,7 @@ def test_results_of_another_format_are_a_usage_error(labels: list[str], tmp_path
     document = results_document([], labels)
     document["format"] = "cxrsr-results/99"
     write_json_atomic(results, document)
-    done = run_script("--results", results, "--output-dir", tmp_path / "sr")
+    done = run_generate("--results", results, "--output-dir", tmp_path / "sr")
     assert done.returncode == 2
     assert "results format 'cxrsr-results/99'" in done.stderr
     assert not (tmp_path / "sr").exists()

@@ -20,6 +20,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
+from conftest import orthanc_env
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -347,12 +348,7 @@ def test_orthanc_coming_up_during_the_retries_is_waited_for(
         tmp_path / "o", "uploader", secrets.token_urlsafe(16), binary=orthanc_binary
     )
     files = write_copies(small_dicom, tmp_path / "in", 3)
-    env = dict(
-        os.environ,
-        ORTHANC_URL=server.url,
-        ORTHANC_USERNAME=server.username,
-        ORTHANC_PASSWORD=server.password,
-    )
+    env = orthanc_env(server)
     process = subprocess.Popen(
         [sys.executable, str(SCRIPT), str(tmp_path / "in"), "--retries", "6"],
         stdout=subprocess.PIPE,
@@ -381,12 +377,7 @@ def test_orthanc_killed_mid_upload_is_reported_truthfully_then_completed(
 ) -> None:
     total = 1500
     files = write_copies(small_dicom, tmp_path / "in", total)
-    env = dict(
-        os.environ,
-        ORTHANC_URL=empty_orthanc.url,
-        ORTHANC_USERNAME=empty_orthanc.username,
-        ORTHANC_PASSWORD=empty_orthanc.password,
-    )
+    env = orthanc_env(empty_orthanc)
     workers = 2
     process = subprocess.Popen(
         [sys.executable, str(SCRIPT), str(tmp_path / "in"), "-v", "--workers", str(workers)],
