@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cxrsr import cli
 from cxrsr.results import load_results
-from cxrsr.sr import generate_srs
+from cxrsr.sr_batch import generate_srs
 
 DEFAULT_RESULTS = Path("output/results.json")
 DEFAULT_OUTPUT_DIR = Path("output/sr")

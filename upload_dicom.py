@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cxrsr import orthanc
+from cxrsr import orthanc, upload
 from cxrsr.cli import (
     EXIT_FAILED,
     EXIT_OK,
@@ -125,12 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
     ) as bar:
 
-        def done(outcome: orthanc.Outcome) -> None:
-            orthanc.log_outcome(outcome)
+        def done(outcome: upload.Outcome) -> None:
+            upload.log_outcome(outcome)
             bar.update(1)
 
-        outcomes = orthanc.upload(sources, client, workers=args.workers, on_done=done)
-    report = orthanc.verify(outcomes, client, workers=2 * args.workers)
+        outcomes = upload.upload(sources, client, workers=args.workers, on_done=done)
+    report = upload.verify(outcomes, client, workers=2 * args.workers)
     client.close()
     report.log_problems()
     summary(report.summary())
@@ -142,8 +142,8 @@ def dry_run(sources: Sequence[Source]) -> int:
     count = size = passed_over = unreadable = 0
     for source in sources:
         try:
-            head = source.head(orthanc.HEAD_BYTES)
-            reason = orthanc.passed_over_reason(head)
+            head = source.head(upload.HEAD_BYTES)
+            reason = upload.passed_over_reason(head)
             file_size = source.size if reason is None else 0
         except OSError as exc:  # SourceReadError included: a damaged zip or hostile member
             log.error("%s: cannot read: %s, would fail", source.name, exc.strerror or exc)

@@ -6,7 +6,7 @@ source file: a header-only copy (no Pixel Data, which generate_sr never reads) o
 few corpus files, with a fresh SOP Instance UID and one series per 50 images, so the
 source check (UIDs re-read from the file) does its real work. Then:
 
-1. end to end: ``cxrsr.sr.generate_srs`` on the whole file, as generate_sr.py runs it,
+1. end to end: ``cxrsr.sr_batch.generate_srs`` on the whole file, as generate_sr.py runs it,
    once per ``--jobs`` value (the files must be byte-identical across them);
 2. per stage of the fast path, on the same entries: source header read and check,
    highdicom header (Comprehensive3DSR around an empty root), per-image highdicom items
@@ -37,7 +37,7 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cxrsr import sr, sr_template, uids
+from cxrsr import sr, sr_batch, sr_template, uids
 from cxrsr.config import PROJECT_ROOT
 
 CORPUS = PROJECT_ROOT.parent / "shared" / "cxr-corpus"
@@ -99,7 +99,7 @@ def synthetic_results(count: int, folder: Path) -> dict:
 def end_to_end(document: dict, output_dir: Path, when: datetime.datetime, jobs: int) -> float:
     """Seconds for generate_srs on the whole document into ``output_dir``."""
     start = time.perf_counter()
-    outcome = sr.generate_srs(document, output_dir, when, jobs=jobs)
+    outcome = sr_batch.generate_srs(document, output_dir, when, jobs=jobs)
     seconds = time.perf_counter() - start
     assert len(outcome.written) == len(document["images"]) and not outcome.errors
     return seconds
@@ -122,7 +122,7 @@ def fast_stages(document: dict, output_dir: Path, when: datetime.datetime) -> di
         0.0,
     )
     names = list(stages)
-    for _index, classification in sr.classifications(document, model):
+    for _index, classification in sr_batch.classifications(document, model):
         ticks = [time.perf_counter()]
         header = sr.read_source_header(classification)
         ticks.append(time.perf_counter())
@@ -158,7 +158,7 @@ def reference_stages(document: dict, count: int, when: datetime.datetime) -> dic
     """Seconds per stage of the highdicom reference path on the first ``count`` entries."""
     model = sr.ModelInfo.from_results(document["model"])
     stages = {"highdicom build": 0.0, "pydicom serialise": 0.0}
-    for _index, classification in sr.classifications(document, model)[:count]:
+    for _index, classification in sr_batch.classifications(document, model)[:count]:
         header = sr.read_source_header(classification)
         t0 = time.perf_counter()
         document_sr = sr.build_sr_reference(header, classification, model, when)

@@ -24,6 +24,7 @@ from conftest import require_program, run_script
 from pydicom.sr.codedict import codes
 
 from cxrsr import sr as sr_module
+from cxrsr import sr_batch
 from cxrsr.codes import (
     ABSENT,
     CERTAINTY_OF_FINDING,
@@ -579,9 +580,9 @@ def test_jobs_change_neither_the_files_nor_their_order(
     corpus_results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     document = load_results_json(corpus_results)
-    one = sr_module.generate_srs(document, tmp_path / "one", WHEN, jobs=1)
-    monkeypatch.setattr(sr_module, "MIN_SRS_PER_WORKER", 1)  # a pool even for 9 SRs
-    two = sr_module.generate_srs(document, tmp_path / "two", WHEN, jobs=2)
+    one = sr_batch.generate_srs(document, tmp_path / "one", WHEN, jobs=1)
+    monkeypatch.setattr(sr_batch, "MIN_SRS_PER_WORKER", 1)  # a pool even for 9 SRs
+    two = sr_batch.generate_srs(document, tmp_path / "two", WHEN, jobs=2)
     assert [p.name for p in one.written] == [p.name for p in two.written]
     assert len(one.written) == 9 and not one.errors and not two.errors
     for first, second in zip(one.written, two.written, strict=True):
@@ -669,7 +670,7 @@ def test_duplicate_entries_make_one_sr(corpus_dir: Path, tmp_path: Path, labels:
     )
     second["scores"], second["findings"] = first["scores"], first["findings"]
     document = results_document([first, second], labels)
-    outcome = sr_module.generate_srs(document, tmp_path, WHEN)
+    outcome = sr_batch.generate_srs(document, tmp_path, WHEN)
     assert len(outcome.written) == 1 and outcome.duplicates == 1 and not outcome.errors
 
 

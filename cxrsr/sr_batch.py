@@ -1,0 +1,301 @@
+"""Running the SR builder over a whole results file: what ``generate_sr.py`` does.
+
+:mod:`cxrsr.sr` builds one document; this module turns a loaded results file into a
+folder of them. It checks every entry before writing anything, re-reads each source
+(one that has gone or changed is an error for that entry only), builds in a process pool
+when there is enough work, yet writes the same files and logs the same lines in the same
+order for every ``--jobs``, writes an identical entry's SR once, and warns about (or with
+``--clean`` removes) SRs of earlier results left in the output folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import multiprocessing
+import multiprocessing.context
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from tqdm import tqdm
+
+from cxrsr.errors import PipelineError
+from cxrsr.results import CLASSIFIED, FAILED, SKIPPED
+from cxrsr.sr import (
+    SR_MANUFACTURER,
+    Classification,
+    ModelInfo,
+    SourceError,
+    SRBuilder,
+    invalid_uids,
+    read_source_header,
+    write_encoded,
+)
+
+log = logging.getLogger("cxrsr")
+
+
+@dataclass
+class Outcome:
+    """What a run did, for the summary line and the exit code."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def passed_over(self) -> int:
+        return self.skipped + self.failed
+
+    def summary(self, output_dir: Path) -> str:
+        line = (
+            f"{len(self.written)} SRs written to {output_dir}, {self.passed_over} passed over "
+            f"({self.skipped} skipped, {self.failed} failed in classification), "
+            f"{len(self.errors)} errors"
+        )
+        if self.duplicates:
+            line += f", {self.duplicates} duplicate entries (same SR as an earlier entry)"
+        return line
+
+
+def classifications(
+    document: Mapping[str, Any], model: ModelInfo
+) -> list[tuple[int, Classification]]:
+    """Every ``classified`` entry, checked before anything is written (a bad file is exit 2)."""
+    return [
+        (index, Classification.from_entry(entry, model, index))
+        for index, entry in enumerate(document["images"])
+        if entry["status"] == CLASSIFIED
+    ]
+
+
+#: Below this many documents per worker process, a pool costs more than it saves (each
+#: worker compiles its own template and checks it against the reference, ~0.5 s).
+MIN_SRS_PER_WORKER = 32
+
+#: Documents handed to a worker at a time: large enough to amortise the inter-process
+#: round trip, small enough to keep both cores busy to the end.
+POOL_CHUNK_SIZE = 8
+
+
+@dataclass(frozen=True)
+class EntryResult:
+    """What became of one classified entry; log lines travel with it, so a pool logs in order."""
+
+    path: Path | None = None
+    source_error: str | None = None
+    write_error: str | None = None
+    notes: tuple[tuple[int, str], ...] = ()
+
+
+class _Writer:
+    """Reads, builds and writes one entry's SR; one per process."""
+
+    def __init__(
+        self, model: ModelInfo, content_datetime: datetime.datetime, output_dir: Path
+    ) -> None:
+        self.builder = SRBuilder(model, content_datetime)
+        self.output_dir = output_dir
+
+    def __call__(self, classification: Classification) -> EntryResult:
+        # pydicom and highdicom warn about odd but legal source values (single-component
+        # person names, for one); they are the source's business, so only -v shows them.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                header = read_source_header(classification)
+            except SourceError as exc:
+                return EntryResult(source_error=str(exc))
+            invalid = invalid_uids(classification)
+            if invalid:
+                return EntryResult(
+                    source_error=f"{classification.path}: {invalid}; an SR referencing it "
+                    "would be invalid DICOM (fix the source's UIDs first)"
+                )
+            try:
+                encoded = self.builder.encode(header, classification)
+            except Exception as exc:  # highdicom refuses some headers (e.g. no Modality)
+                reason = f"{classification.path}: cannot build an SR from this source: {type(exc).__name__}: {exc}"
+                return EntryResult(source_error=reason)
+        notes = [
+            *encoded.notes,
+            *((logging.DEBUG, f"{classification.path}: {w.message}") for w in caught),
+        ]
+        try:
+            path = write_encoded(encoded, self.output_dir)
+        except OSError as exc:
+            return EntryResult(write_error=str(exc), notes=tuple(notes))
+        notes.append((logging.DEBUG, f"{classification.path} -> {path}"))
+        return EntryResult(path=path, notes=tuple(notes))
+
+
+_worker: _Writer | None = None
+
+
+def _start_worker(model: ModelInfo, content_datetime: datetime.datetime, output_dir: Path) -> None:
+    global _worker
+    _worker = _Writer(model, content_datetime, output_dir)
+
+
+def _run_in_worker(classification: Classification) -> EntryResult:
+    assert _worker is not None, "pool worker not initialised"
+    return _worker(classification)
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """fork where there is one: workers start at once, without re-importing highdicom."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else None)
+
+
+def generate_srs(
+    document: Mapping[str, Any],
+    output_dir: Path,
+    content_datetime: datetime.datetime,
+    disable_progress: bool | None = True,
+    jobs: int = 1,
+    clean: bool = False,
+) -> Outcome:
+    """Write one SR per classified entry of a loaded results ``document`` into ``output_dir``.
+
+    Skipped and failed entries are counted, not written. A source that has gone or changed
+    is an error for that entry only; the others are still written. With ``jobs`` > 1 the
+    documents are built in a process pool; files, their bytes, the order of ``written``
+    and the log lines are the same for every ``jobs``.
+    """
+    model = ModelInfo.from_results(document["model"])
+    work = [classification for _index, classification in classifications(document, model)]
+    outcome = Outcome()
+    for entry in document["images"]:
+        if entry["status"] in (SKIPPED, FAILED):
+            log.debug("%s: %s (%s), no SR", entry.get("path"), entry["status"], entry.get("reason"))
+    statuses = Counter(entry["status"] for entry in document["images"])
+    outcome.skipped, outcome.failed = statuses[SKIPPED], statuses[FAILED]
+    _warn_shared_sop_instance_uids(work, model)
+    sr_uids = [classification.sr_instance_uid(model) for classification in work]
+    # An entry that repeats an earlier one's SR is not sent to the pool; it is built here
+    # only if the earlier one failed, as a one-by-one run would then try it.
+    first_of: dict[str, int] = {}
+    for index, uid in enumerate(sr_uids):
+        first_of.setdefault(uid, index)
+    firsts = sorted(first_of.values())
+    workers = min(jobs, len(firsts) // MIN_SRS_PER_WORKER)
+    local = _Writer(model, content_datetime, output_dir)
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            pool = stack.enter_context(
+                ProcessPoolExecutor(
+                    workers,
+                    mp_context=_pool_context(),
+                    initializer=_start_worker,
+                    initargs=(model, content_datetime, output_dir),
+                )
+            )
+            # On an error or Ctrl-C, drop the documents not yet started (what is written stays).
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+            ahead = pool.map(_run_in_worker, [work[i] for i in firsts], chunksize=POOL_CHUNK_SIZE)
+        else:
+            ahead = map(local, (work[i] for i in firsts))
+        first_set = set(firsts)
+        seen: dict[str, str] = {}
+        for index in tqdm(range(len(work)), desc="SRs", unit="SR", disable=disable_progress):
+            classification, sr_uid = work[index], sr_uids[index]
+            if sr_uid in seen:
+                log.info(
+                    "%s: same SR as %s (same image, same results)",
+                    classification.path,
+                    seen[sr_uid],
+                )
+                outcome.duplicates += 1
+                continue
+            result = next(ahead) if index in first_set else local(classification)
+            if _record(result, outcome, output_dir):
+                seen[sr_uid] = classification.path
+    _tidy_other_files(output_dir, outcome.written, clean)
+    return outcome
+
+
+def _record(result: EntryResult, outcome: Outcome, output_dir: Path) -> bool:
+    """Log one entry's lines and count it; whether its SR was written."""
+    if result.source_error is not None:
+        log.error("%s; no SR written", result.source_error)
+        outcome.errors.append(result.source_error)
+        return False
+    for level, message in result.notes:
+        log.log(level, "%s", message)
+    if result.write_error is not None:
+        # A folder that cannot be written fails every SR alike: stop (exit 3), keep
+        # what is written.
+        raise PipelineError(f"{output_dir}: cannot write SRs: {result.write_error}", 3)
+    assert result.path is not None
+    outcome.written.append(result.path)
+    return True
+
+
+def _warn_shared_sop_instance_uids(work: Sequence[Classification], model: ModelInfo) -> None:
+    """Two different images under one SOP Instance UID break PS3.3 C.12.1.1.1; say so."""
+    by_uid: dict[str, set[str]] = {}
+    for classification in work:
+        by_uid.setdefault(classification.sop_instance_uid, set()).add(
+            classification.result_digest(model)
+        )
+    for sop_instance_uid, digests in by_uid.items():
+        if len(digests) > 1:
+            log.warning(
+                "%d entries with different scores share SOPInstanceUID %s; each gets its own SR, "
+                "all referencing the same instance",
+                len(digests),
+                sop_instance_uid,
+            )
+
+
+def _tidy_other_files(output_dir: Path, written: Iterable[Path], clean: bool) -> None:
+    """SRs from earlier results stay in the folder, and the uploader would send them too.
+
+    With ``clean``, remove those that are SRs made by this tool (Modality SR, Manufacturer
+    "cxrsr"): a PACS should not receive results that the current results file no longer
+    holds. Anything else in the folder is left alone.
+    """
+    if not output_dir.is_dir():
+        return
+    ours = {path.name for path in written}
+    others = [p for p in sorted(output_dir.glob("*.dcm")) if p.name not in ours]
+    if not others:
+        return
+    if not clean:
+        log.warning(
+            "%d other .dcm files in %s were not written by this run (SRs from earlier "
+            "results?); they are left alone (--clean removes this tool's)",
+            len(others),
+            output_dir,
+        )
+        return
+    removed = [p for p in others if _is_our_sr(p)]
+    for path in removed:
+        path.unlink()
+    log.info("removed %d SRs of earlier results from %s", len(removed), output_dir)
+    if len(removed) < len(others):
+        log.warning(
+            "%d other .dcm files in %s are not this tool's SRs; left alone",
+            len(others) - len(removed),
+            output_dir,
+        )
+
+
+def _is_our_sr(path: Path) -> bool:
+    try:
+        ds = pydicom.dcmread(
+            path, stop_before_pixels=True, specific_tags=["Modality", "Manufacturer"]
+        )
+    except Exception:
+        return False
+    return ds.get("Modality") == "SR" and ds.get("Manufacturer") == SR_MANUFACTURER
