@@ -1,15 +1,19 @@
-"""The three scripts end to end, as run.sh chains them, into a real Orthanc of their own."""
+"""The three scripts end to end, as run.sh chains them, into the session's real Orthanc.
+
+The images are corpus files with fresh UIDs, so what other tests stored cannot collide
+with them, and Orthanc's instance count is compared before and after.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pydicom
 import requests
 from conftest import orthanc_env, run_script
+from pydicom.uid import generate_uid
 
 from cxrsr.local_orthanc import LocalOrthanc
 
@@ -23,16 +27,23 @@ IMAGES = [
 NOT_CLASSIFIED = ["bad_ct_small.dcm", "edge_cxr_corrupt_j2k_966.dcm"]
 
 
-def test_pipeline_lands_each_sr_in_its_image_study_and_reruns_add_nothing(
-    empty_orthanc: LocalOrthanc, corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
-) -> None:
+def copy_with_new_uids(source: Path, target: Path) -> None:
+    """The same image (pixel data and transfer syntax untouched) as a new instance."""
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(target)
 
+
+def test_pipeline_lands_each_sr_in_its_image_study_and_reruns_add_nothing(
+    orthanc: LocalOrthanc, corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
+) -> None:
     data = tmp_path / "data"
     data.mkdir()
     for name in IMAGES + NOT_CLASSIFIED[:1]:
-        shutil.copy(corpus_dir / name, data / name)
+        copy_with_new_uids(corpus_dir / name, data / name)
     results, sr_dir = tmp_path / "results.json", tmp_path / "sr"
-    server = empty_orthanc
+    server = orthanc
     env = orthanc_env(server)
 
     def run_all() -> list[subprocess.CompletedProcess[str]]:
@@ -44,6 +55,9 @@ def test_pipeline_lands_each_sr_in_its_image_study_and_reruns_add_nothing(
             run_script("upload_dicom.py", data, sr_dir, "-q", env=env),
         ]
 
+    before = requests.get(
+        f"{server.url}/statistics", auth=(server.username, server.password), timeout=10
+    ).json()["CountInstances"]
     first = run_all()
     assert [p.returncode for p in first] == [0, 0, 0], [p.stderr for p in first]
     assert "5 classified, 1 skipped, 0 failed" in first[0].stdout
@@ -85,7 +99,7 @@ def test_pipeline_lands_each_sr_in_its_image_study_and_reruns_add_nothing(
         assert sr_series["ID"] != source_series["ID"]
         assert sr_series["MainDicomTags"]["Modality"] == "SR"
     count = get("/statistics")["CountInstances"]
-    assert count == n
+    assert count == before + n
 
     second = run_all()
     assert [p.returncode for p in second] == [0, 0, 0], [p.stderr for p in second]
