@@ -170,17 +170,22 @@ def test_process_worker_records_broken_sources_as_failed(
     assert not any("unexpected error" in r for r in reasons)
 
 
+def count_dicom(folder: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m cxrsr.discovery --count-dicom`` (as run.sh calls it), bounded in time."""
+    return subprocess.run(
+        [sys.executable, "-m", "cxrsr.discovery", "--count-dicom", str(folder)],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=30,
+    )
+
+
 def test_count_dicom_survives_a_broken_zip(tmp_path: Path, dicom_bytes: bytes) -> None:
     damaged_directory_zip(tmp_path / "broken.zip", dicom_bytes)
     bomb_zip(tmp_path / "bomb.zip")
     (tmp_path / "IM1").write_bytes(dicom_bytes)
-    result = subprocess.run(
-        [sys.executable, "-m", "cxrsr.discovery", "--count-dicom", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=PROJECT_ROOT,
-        timeout=60,
-    )
+    result = count_dicom(tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout.strip() == "1"
@@ -198,13 +203,7 @@ def test_fifo_and_device_links_are_reported_not_yielded(tmp_path: Path, dicom_by
     (tmp_path / "zero").symlink_to("/dev/zero")  # reading it never ends
     (tmp_path / "IM1").write_bytes(dicom_bytes)
     # In a subprocess with a time limit: without the check, this hangs or eats memory.
-    result = subprocess.run(
-        [sys.executable, "-m", "cxrsr.discovery", "--count-dicom", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=PROJECT_ROOT,
-        timeout=30,
-    )
+    result = count_dicom(tmp_path)
     assert (result.returncode, result.stdout.strip()) == (0, "1"), result.stderr
     assert result.stderr.splitlines() == [
         f"W: {tmp_path / 'pipe'}: not a regular file (FIFO), passed over",
