@@ -10,8 +10,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tqdm import tqdm
-
 from cxrsr import cli
 from cxrsr.discovery import check_inputs_exist, iter_sources
 from cxrsr.errors import PipelineError
@@ -113,9 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return classifier
 
     counts: Counter[str] = Counter()
-    with tqdm(
-        total=len(sources), unit="img", disable=cli.progress_disabled(args), file=sys.stderr
-    ) as bar:
+    with cli.progress(args, total=len(sources), unit="img") as bar:
 
         def report(entry: dict) -> None:
             counts[entry["status"]] += 1

@@ -16,8 +16,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
 from cxrsr import orthanc, upload
 from cxrsr.cli import (
     EXIT_FAILED,
@@ -27,7 +25,7 @@ from cxrsr.cli import (
     non_negative_int,
     positive_int,
     positive_seconds,
-    progress_disabled,
+    progress,
     run,
     setup_logging,
     summary,
@@ -117,20 +115,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     system = client.system()  # wrong credentials or no server: one line, exit 3
     log.info("Orthanc %s at %s: sending %d files", system.get("Version"), client.url, len(sources))
-    # disable=None: tqdm draws the bar only on a terminal, never into a log file.
-    with tqdm(
-        total=len(sources),
-        unit="file",
-        disable=progress_disabled(args),
-        file=sys.stderr,
-    ) as bar:
+    with progress(args, total=len(sources), unit="file") as bar:
 
         def done(outcome: upload.Outcome) -> None:
             upload.log_outcome(outcome)
             bar.update(1)
 
         outcomes = upload.upload(sources, client, workers=args.workers, on_done=done)
-    report = upload.verify(outcomes, client, workers=2 * args.workers)
+    report = upload.verify(outcomes, client, workers=args.workers)
     client.close()
     report.log_problems()
     summary(report.summary())

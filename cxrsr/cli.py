@@ -14,8 +14,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-
-from tqdm import tqdm
+from typing import Any
 
 from cxrsr import __version__
 from cxrsr.errors import PipelineError
@@ -54,11 +53,18 @@ _PREFIX = {
 
 
 class _TqdmHandler(logging.Handler):
-    """Write log records with ``tqdm.write`` so an active progress bar is redrawn below them."""
+    """Write log records with ``tqdm.write`` so an active progress bar is redrawn below them.
+
+    Without a bar (tqdm not even imported, see :func:`progress`) a plain write does.
+    """
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record), file=sys.stderr)
+            tqdm_module = sys.modules.get("tqdm")
+            if tqdm_module is not None:
+                tqdm_module.tqdm.write(self.format(record), file=sys.stderr)
+            else:
+                print(self.format(record), file=sys.stderr, flush=True)
         except Exception:  # pragma: no cover - logging must never raise
             self.handleError(record)
 
@@ -158,6 +164,33 @@ def progress_disabled(args: argparse.Namespace) -> bool | None:
     """tqdm's ``disable``: off with ``--quiet``; otherwise ``None``, drawn on a terminal only,
     so logs and pipes get clean lines."""
     return None if show_progress(args) else True
+
+
+class _NoBar:
+    """A progress bar that draws nothing: for ``--quiet``, pipes and log files."""
+
+    def update(self, n: float | None = 1) -> bool | None:
+        return None
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def progress(args: argparse.Namespace, total: int, unit: str, desc: str | None = None) -> Any:
+    """A tqdm bar on standard error when it is a terminal (unless ``--quiet``), else a no-op.
+
+    tqdm is imported only when a bar is drawn: importing it costs about 25 ms (it looks
+    its own version up among the installed packages), which is a tenth of the client's
+    CPU in a 300-file upload run from a script or a pipeline.
+    """
+    if progress_disabled(args) or not sys.stderr.isatty():
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr)
 
 
 def summary(line: str) -> None:

@@ -5,28 +5,32 @@ retries with exponential backoff and jitter for connection errors, timeouts and
 5xx answers, never for 4xx; 401/403 raise :class:`CredentialsRefused` at once.
 Sending files and checking that they arrived is :mod:`cxrsr.upload`'s job.
 
-The client uses ``http.client`` rather than ``requests``: on this project's 2-core
-benchmark machine, where Orthanc competes with the client for CPU, ``requests`` spent
-about twice the client CPU per upload (measured; see ``bench/bench_upload.py``).
+The client speaks HTTP through :mod:`cxrsr.httpconn` rather than ``requests`` or
+``http.client``: on this project's 2-core benchmark machine, where Orthanc competes
+with the client for CPU, client CPU is upload time, and ``requests`` spent about four
+times, ``http.client`` twice, the CPU per request (measured; see
+``bench/bench_upload.py``).
 """
 
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import logging
 import random
 import socket
-import ssl
 import threading
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from cxrsr import httpconn
 from cxrsr.cli import EXIT_FATAL
 from cxrsr.config import OrthancSettings
 from cxrsr.errors import PipelineError
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("cxrsr")
 
@@ -108,9 +112,11 @@ class RetryPolicy:
 class OrthancClient:
     """A thread-safe client for Orthanc's REST API, with keep-alive and retries.
 
-    Each worker thread keeps its own persistent connection (Orthanc's
-    ``"KeepAlive": true`` in the project's ``orthanc.json``), so an upload costs one
-    round trip instead of a TCP handshake plus a round trip.
+    Connections are persistent (Orthanc's ``"KeepAlive": true`` in the project's
+    ``orthanc.json``) and pooled: a request takes an idle connection or opens one, and
+    gives it back afterwards, so an upload costs one round trip instead of a TCP
+    handshake plus a round trip, and the verification that follows an upload reuses
+    the upload's connections.
 
     When a request runs out of retries because the server cannot be reached, the client
     marks the server as down (a circuit breaker): every later request fails at once
@@ -139,49 +145,46 @@ class OrthancClient:
         self._https = parsed.scheme == "https"
         self._host = parsed.hostname or ""
         self._port = parsed.port or (443 if self._https else 80)
-        self._base_path = parsed.path.rstrip("/")
-        self._headers: dict[str, str] = {"Accept": "application/json"}
+        self._base_path = urllib.parse.quote(parsed.path.rstrip("/"), safe="/%:@!$&'()*+,;=~")
+        headers = "Accept: application/json\r\n"
         if username is not None or password is not None:
             token = f"{username or ''}:{password or ''}".encode()
-            self._headers["Authorization"] = "Basic " + base64.b64encode(token).decode("ascii")
+            headers += "Authorization: Basic " + base64.b64encode(token).decode("ascii") + "\r\n"
+        self._headers = headers.encode("ascii")
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self._local = threading.local()
-        self._connections: list[http.client.HTTPConnection] = []
+        self._ssl_context: ssl.SSLContext | None = None
+        self._idle: list[httpconn.Connection] = []
         self._lock = threading.Lock()
         self._down = threading.Event()
         self.down_reason: str | None = None
 
     # -- connections -------------------------------------------------------------
 
-    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
-        """This thread's connection, and whether it has served a request before."""
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn, True
-        if self._https:
-            conn = http.client.HTTPSConnection(
-                self._host, self._port, timeout=self.timeout, context=ssl.create_default_context()
-            )
-        else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
-        self._local.conn = conn
+    def _acquire(self) -> tuple[httpconn.Connection, bool]:
+        """An idle open connection (most recently used first) and ``True``, or a new one."""
         with self._lock:
-            self._connections.append(conn)
-        return conn, False
+            while self._idle:
+                conn = self._idle.pop()
+                if conn.is_open:
+                    return conn, True
+            if self._https and self._ssl_context is None:
+                import ssl  # only for https: importing it costs a plain-http run 4 ms
 
-    def _drop_connection(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+                self._ssl_context = ssl.create_default_context()
+        return httpconn.Connection(self._host, self._port, self.timeout, self._ssl_context), False
+
+    def _release(self, conn: httpconn.Connection) -> None:
+        if conn.is_open:
+            with self._lock:
+                self._idle.append(conn)
 
     def close(self) -> None:
-        """Close every worker's connection."""
+        """Close every idle connection (each request gives its connection back when done)."""
         with self._lock:
-            for conn in self._connections:
+            for conn in self._idle:
                 conn.close()
-            self._connections.clear()
+            self._idle.clear()
 
     # -- requests ----------------------------------------------------------------
 
@@ -192,39 +195,27 @@ class OrthancClient:
 
     def _send_once(
         self,
-        conn: http.client.HTTPConnection,
+        conn: httpconn.Connection,
         method: str,
         path: str,
-        body: bytes | None,
+        body: bytes | bytearray | memoryview | None,
         content_type: str | None,
     ) -> Response:
-        """One attempt on this thread's connection; the connection is dropped on error."""
-        headers = dict(self._headers)
+        """One attempt; the connection closes itself on error and goes back to the pool."""
+        headers = self._headers
         if content_type:
-            headers["Content-Type"] = content_type
+            headers += f"Content-Type: {content_type}\r\n".encode("ascii")
         try:
-            if conn.sock is None:
-                conn.connect()
-                # http.client writes the headers and the body with separate send() calls;
-                # with Nagle's algorithm on, the body's last segment would wait for the
-                # ACK of the headers, which the server delays (delayed ACK).
-                assert conn.sock is not None  # connect() just made it
-                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.request(method, self._base_path + path, body=body, headers=headers)
-            answer = conn.getresponse()
-            data = answer.read()
-        except BaseException:
-            self._drop_connection()
-            raise
-        if answer.will_close:
-            self._drop_connection()
-        return Response(answer.status, data)
+            answer = conn.request(method, self._base_path + path, headers, body)
+        finally:
+            self._release(conn)
+        return Response(answer.status, answer.body)
 
     def request(
         self,
         method: str,
         path: str,
-        body: bytes | None = None,
+        body: bytes | bytearray | memoryview | None = None,
         content_type: str | None = None,
     ) -> Response:
         """Send a request, retrying what a retry can fix; return any other answer.
@@ -246,10 +237,10 @@ class OrthancClient:
                     maybe_delivered,
                     attempted=retry > 0 or not free_reconnect,
                 )
-            conn, reused = self._connection()
+            conn, reused = self._acquire()
             try:
                 answer = self._send_once(conn, method, path, body, content_type)
-            except (OSError, http.client.HTTPException) as exc:
+            except OSError as exc:
                 if not isinstance(exc, ConnectionRefusedError | socket.gaierror):
                     maybe_delivered = True
                 if reused and free_reconnect:
@@ -329,7 +320,7 @@ class OrthancClient:
             )
         return document
 
-    def store_instance(self, data: bytes) -> Response:
+    def store_instance(self, data: bytes | bytearray | memoryview) -> Response:
         """``POST /instances`` with the file's bytes as the body (retried as :meth:`request`)."""
         return self.request("POST", "/instances", body=data, content_type="application/dicom")
 
@@ -409,8 +400,8 @@ def _describe_network_error(exc: BaseException) -> str:
         return "connection refused"
     if isinstance(exc, TimeoutError | socket.timeout):
         return "timed out"
-    if isinstance(exc, http.client.RemoteDisconnected):
-        return "the server closed the connection without answering"
+    if isinstance(exc, httpconn.RemoteDisconnected | httpconn.ProtocolError):
+        return str(exc)
     if isinstance(exc, ConnectionResetError):
         return "connection reset"
     if isinstance(exc, socket.gaierror):
