@@ -313,16 +313,24 @@ def _walk_folder(
             yield path
 
 
-def _file_kind(path: Path) -> str | None:
-    """``None`` for a regular file (after links), else what it is, for the warning."""
+def _file_kind(path: Path) -> tuple[str | None, str]:
+    """(``None``, its identity) for a regular file (after links), else (what it is, "").
+
+    The identity, device and inode, names the file itself whatever the path to it
+    (symbolic or hard links), so each file is yielded once; one ``stat`` finds both.
+    """
     try:
-        mode = path.stat().st_mode
+        info = path.stat()
     except FileNotFoundError:
-        return "broken symbolic link" if path.is_symlink() else "no such file"
+        return ("broken symbolic link" if path.is_symlink() else "no such file"), ""
     except OSError as exc:
-        return f"cannot stat: {exc.strerror or exc}"
-    if stat.S_ISREG(mode):
-        return None
+        return f"cannot stat: {exc.strerror or exc}", ""
+    if stat.S_ISREG(info.st_mode):
+        return None, f"{info.st_dev}:{info.st_ino}"
+    return _irregular_kind(info.st_mode), ""
+
+
+def _irregular_kind(mode: int) -> str:
     for test, kind in (
         (stat.S_ISFIFO, "FIFO"),
         (stat.S_ISCHR, "character device"),
@@ -368,7 +376,7 @@ def iter_sources(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Source]:
                 member = source.member
                 if member is not None:
                     source = Source(str(Path(source.path).absolute()), member)
-                    key = os.path.realpath(source.path) + ZIP_SEPARATOR + member
+                    key = _file_kind(Path(source.path))[1] + ZIP_SEPARATOR + member
                     if key not in seen:
                         seen.add(key)
                         yield source
@@ -376,15 +384,16 @@ def iter_sources(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Source]:
             raise FileNotFoundError(f"{raw}: no such file or folder")
         files = _walk(path) if path.is_dir() else iter([path])
         for file_path in files:
-            kind = _file_kind(file_path)
+            kind, key = _file_kind(file_path)
             if kind is not None:
                 log.warning("%s: %s, passed over", file_path, kind)
                 continue
-            key = os.path.realpath(file_path)
             if key in seen:
                 continue
             seen.add(key)
-            if _is_zip(file_path) and not _looks_like_dicom_file(file_path):
+            # DICOM first: it is the common case, and the zip test reads up to 64 kB
+            # from the end of every file that has no zip directory.
+            if not _looks_like_dicom_file(file_path) and _is_zip(file_path):
                 for entry in _expand_zip(file_path):
                     entry_key = key + ZIP_SEPARATOR + (entry.member or "")
                     if entry_key not in seen:
