@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import shutil
 import statistics
 import subprocess
 import sys
@@ -179,7 +178,14 @@ METHODS: dict[str, Callable[[BenchSet, str, int], list[str]]] = {
 
 
 def time_one(bench: BenchSet, method: str, delay: float, workdir: Path) -> tuple[float, str]:
-    """Start a fresh Orthanc, send the set once with ``method``; (seconds, failure or "")."""
+    """Start a fresh Orthanc, send the set once with ``method``; (seconds, failure or "").
+
+    ``workdir`` must be new: its storage is left for the caller to delete after the
+    whole benchmark. Deleting a run's few thousand files and folders just before the
+    next run starts made that run's Orthanc slower (ext4 skips recently freed inodes
+    when it allocates new ones: ``recently_deleted`` in a profile), so later runs
+    were slower than earlier ones whatever the method.
+    """
     server = LocalOrthanc(workdir, USERNAME, PASSWORD, dicom_server=True)
     server.start()
     proxies: list[DelayProxy] = []
@@ -216,7 +222,6 @@ def time_one(bench: BenchSet, method: str, delay: float, workdir: Path) -> tuple
         for proxy in proxies:
             proxy.stop()
         server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main() -> int:
@@ -250,6 +255,7 @@ def main() -> int:
         bench = make_bench_set(Path(tmp) / "files", args.files)
         print(f"{bench.count} files, {bench.size / 1e6:.1f} MB; {os.cpu_count()} CPUs", flush=True)
         results: list[Result] = []
+        runs = 0
         for setting in chosen:
             label = "loopback" if setting == "loopback" else f"{args.delay_ms:g} ms each way"
             rows = {m: Result(label, m) for m in methods}
@@ -257,8 +263,9 @@ def main() -> int:
                 # Rotate the order so no method always runs first (warm caches, drifting load).
                 order = methods[repeat % len(methods) :] + methods[: repeat % len(methods)]
                 for method in order:
+                    runs += 1
                     seconds, failure = time_one(
-                        bench, method, settings[setting], Path(tmp) / "orthanc"
+                        bench, method, settings[setting], Path(tmp) / f"orthanc-{runs}"
                     )
                     rows[method].seconds.append(seconds)
                     if failure:

@@ -17,7 +17,7 @@ exception type.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
     import ssl
@@ -29,6 +29,32 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 #: Bodies up to this size are joined to the request head and sent with one system call.
 _JOIN_BELOW = 64 * 1024
 _RECV_SIZE = 64 * 1024
+
+
+class FileBody:
+    """A request body sent straight from an open file with ``sendfile``: ``size`` bytes
+    from offset 0.
+
+    The kernel then moves the file's cached pages to the socket without copying them
+    through the process, and the client needs no buffer the size of the file.
+    """
+
+    __slots__ = ("file", "size")
+
+    def __init__(self, file: BinaryIO, size: int) -> None:
+        self.file = file
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class FileShrank(Exception):
+    """A :class:`FileBody` ended before its ``size``: the file changed while being sent.
+
+    Not an :class:`OSError`: the network is fine, and a retry would send the same
+    short file; the connection is closed, since the server still waits for the rest.
+    """
 
 
 class ProtocolError(OSError):
@@ -111,7 +137,7 @@ class Connection:
         method: str,
         target: str,
         headers: bytes = b"",
-        body: bytes | bytearray | memoryview | None = None,
+        body: bytes | bytearray | memoryview | FileBody | None = None,
     ) -> Response:
         """Send one request and read its whole answer; the connection is closed on error.
 
@@ -128,6 +154,13 @@ class Connection:
         try:
             if body is None or len(body) == 0:
                 self.sock.sendall(head)
+            elif isinstance(body, FileBody):
+                self.sock.sendall(head)
+                sent = self.sock.sendfile(body.file, 0, body.size)
+                if sent != body.size:
+                    raise FileShrank(
+                        f"the file shrank while being sent ({sent} of {body.size} bytes)"
+                    )
             elif len(body) < _JOIN_BELOW:
                 self.sock.sendall(head + body)
             else:

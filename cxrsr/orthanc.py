@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cxrsr")
 
+#: A request body: bytes in memory, or an open file sent with ``sendfile``.
+Body = bytes | bytearray | memoryview | httpconn.FileBody
+
 #: Answers that mean "the server, or the proxy in front of it, cannot serve now".
 _UNAVAILABLE_STATUSES = {502, 503, 504}
 
@@ -198,7 +201,7 @@ class OrthancClient:
         conn: httpconn.Connection,
         method: str,
         path: str,
-        body: bytes | bytearray | memoryview | None,
+        body: Body | None,
         content_type: str | None,
     ) -> Response:
         """One attempt; the connection closes itself on error and goes back to the pool."""
@@ -215,7 +218,7 @@ class OrthancClient:
         self,
         method: str,
         path: str,
-        body: bytes | bytearray | memoryview | None = None,
+        body: Body | None = None,
         content_type: str | None = None,
     ) -> Response:
         """Send a request, retrying what a retry can fix; return any other answer.
@@ -320,8 +323,12 @@ class OrthancClient:
             )
         return document
 
-    def store_instance(self, data: bytes | bytearray | memoryview) -> Response:
-        """``POST /instances`` with the file's bytes as the body (retried as :meth:`request`)."""
+    def store_instance(self, data: Body) -> Response:
+        """``POST /instances`` with the file as the body (retried as :meth:`request`).
+
+        A :class:`~cxrsr.httpconn.FileBody` that shrinks while being sent raises
+        :class:`~cxrsr.httpconn.FileShrank`, not retried.
+        """
         return self.request("POST", "/instances", body=data, content_type="application/dicom")
 
     def attachment_md5(self, instance_id: str) -> str | None:

@@ -16,8 +16,8 @@ answers mean, on top of it:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import itertools
 import logging
 import os
@@ -26,8 +26,9 @@ import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, BinaryIO, TypeVar
 
+from cxrsr import httpconn, orthanc
 from cxrsr.discovery import SNIFF_BYTES, Source, sniff_dicom
 from cxrsr.orthanc import OrthancClient, OrthancUnavailable, Response
 
@@ -55,6 +56,9 @@ HEAD_BYTES = 4096
 #: SOP Class UIDs of the Structured Report family (PS3.4 Annex B, B.5: ``...1.1.88.x``).
 SR_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 _SR_MARKER = SR_SOP_CLASS_PREFIX.encode("ascii")
+#: How far into a file the SR SOP Class UID is looked for: it is (0008,0016), among
+#: the first elements of the data set, and in the file meta (0002,0002) before that.
+SR_SCAN_BYTES = 65536
 
 
 # -- upload ----------------------------------------------------------------------------
@@ -157,18 +161,20 @@ def classify_answer(answer: Response) -> tuple[str, str, dict[str, Any]]:
     return REJECTED, f"unexpected answer from Orthanc: Status {status!r}", {}
 
 
-def sr_references(data: bytes | memoryview) -> tuple[bool, tuple[str, ...]]:
-    """Whether ``data`` is a Structured Report, and the SOP Instance UIDs it is evidence of.
+def sr_references(source: Source, start: bytes) -> tuple[bool, tuple[str, ...]]:
+    """Whether a file is a Structured Report, and the SOP Instance UIDs it is evidence of.
 
-    The images an SR describes are listed in its Current Requested Procedure Evidence
-    Sequence (0040,A375), by study, series and SOP instance (PS3.3 C.17.2). A bytes
-    search for the SR SOP Class prefix keeps pydicom away from the (many) image files.
+    ``start`` is the file's first :data:`SR_SCAN_BYTES`: a bytes search there for the SR
+    SOP Class prefix keeps pydicom away from the (many) image files. The images an SR
+    describes are listed in its Current Requested Procedure Evidence Sequence
+    (0040,A375), by study, series and SOP instance (PS3.3 C.17.2).
     """
-    if _SR_MARKER not in bytes(data[:65536]):
+    if _SR_MARKER not in start:
         return False, ()
     import pydicom
 
-    ds = pydicom.dcmread(io.BytesIO(bytes(data)), stop_before_pixels=True, force=True)
+    with source.open() as fh:
+        ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
     if not str(ds.get("SOPClassUID", "")).startswith(SR_SOP_CLASS_PREFIX):
         return False, ()
     uids: list[str] = []
@@ -228,80 +234,113 @@ def _unreadable(exc: BaseException) -> str:
     return f"cannot read: {getattr(exc, 'strerror', None) or exc}"
 
 
-#: Files up to this size are read into a buffer that each upload thread keeps and
-#: reuses. A new ``bytes`` object per file costs the page faults of fresh memory for
-#: every byte read: about a third of the client's system time on a mixed upload here.
-REUSED_BUFFER_MAX = 64 * 1024 * 1024
+#: Files up to this size are read into memory and sent with their request head in one
+#: system call; larger ones are hashed through a small buffer and sent with ``sendfile``.
+SMALL_FILE = 64 * 1024
+#: The buffer each upload thread hashes large files through: small enough to stay in
+#: the CPU cache and to cost nothing to keep, large enough for few system calls.
+HASH_CHUNK = 256 * 1024
 
 
-class _ThreadBuffer(threading.local):
-    data = bytearray()
+class _HashBuffer(threading.local):
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(HASH_CHUNK))
 
 
-_buffer = _ThreadBuffer()
+_hash_buffer = _HashBuffer()
 
 
-def _read_file(source: Source) -> tuple[bytes, memoryview | None]:
-    """A plain file's first :data:`HEAD_BYTES` and, unless they say it is not sent, all of it.
+@dataclass
+class _Prepared:
+    """A file ready to send: its body, its MD5, and the first bytes for the SR check."""
 
-    The whole file is read into this thread's reusable buffer (see
-    :data:`REUSED_BUFFER_MAX`); the returned view is valid until this thread reads its
-    next file. The head is read first, so a large file that is not DICOM is never
-    read whole.
+    body: orthanc.Body
+    md5: str
+    size: int
+    start: bytes
+
+
+def _hash_file(fh: BinaryIO, head: bytes, size: int) -> tuple[str, bytes]:
+    """The MD5 of a whole open file whose first bytes, ``head``, are already read, and
+    its first :data:`SR_SCAN_BYTES`.
+
+    Raises :class:`~cxrsr.httpconn.FileShrank` when the file no longer has ``size``
+    bytes: it is being written, and what would be sent is not a finished file.
     """
-    with source.open() as stream:
-        fh = cast("io.BufferedReader", stream)  # a plain file: open(path, "rb")
-        head = fh.read(HEAD_BYTES)
+    digest = hashlib.md5(head)
+    start = bytearray(head)
+    total = len(head)
+    view = _hash_buffer.view
+    while count := fh.readinto(view):  # type: ignore[attr-defined]
+        digest.update(view[:count])
+        if len(start) < SR_SCAN_BYTES:
+            start += view[: min(count, SR_SCAN_BYTES - len(start))]
+        total += count
+    if total != size:
+        raise httpconn.FileShrank(f"the file changed while being read ({total} of {size} bytes)")
+    return digest.hexdigest(), bytes(start)
+
+
+def _prepare(source: Source, stack: contextlib.ExitStack) -> tuple[bytes, _Prepared | None]:
+    """A file's first :data:`HEAD_BYTES` and, unless they say it is not sent, its body.
+
+    The head is read first, so a large file that is not DICOM is never read whole. A
+    large plain file stays open (on ``stack``) to be sent from the file itself.
+    """
+    if source.member is not None:
+        head = source.head(HEAD_BYTES)
         if passed_over_reason(head) is not None:
             return head, None
-        size = os.fstat(fh.fileno()).st_size
-        if size > REUSED_BUFFER_MAX:
-            return head, memoryview(head + fh.read())
-        if len(_buffer.data) <= size:  # one spare byte shows a file that grew meanwhile
-            _buffer.data = bytearray(max(size + 1, 2 * len(_buffer.data)))
-        buffer = memoryview(_buffer.data)
-        buffer[: len(head)] = head
-        filled = len(head)
-        while filled < len(buffer):
-            count = fh.readinto(buffer[filled:])
-            if not count:
-                return head, buffer[:filled]
-            filled += count
-        return head, memoryview(bytes(buffer) + fh.read())
+        data = source.read_bytes()
+        return head, _Prepared(data, hashlib.md5(data).hexdigest(), len(data), data[:SR_SCAN_BYTES])
+    fh = stack.enter_context(source.open())
+    head = fh.read(HEAD_BYTES)
+    if passed_over_reason(head) is not None:
+        return head, None
+    size = os.fstat(fh.fileno()).st_size
+    if size <= SMALL_FILE:
+        data = head + fh.read()
+        return head, _Prepared(data, hashlib.md5(data).hexdigest(), len(data), data[:SR_SCAN_BYTES])
+    md5, start = _hash_file(fh, head, size)
+    return head, _Prepared(httpconn.FileBody(fh, size), md5, size, start)
 
 
 def read_and_store(source: Source, client: OrthancClient) -> Outcome:
-    """Read one file once, sniff it, send it, and classify the answer.
+    """Read one file, sniff it, send it, and classify the answer.
 
-    Only this function holds the file's bytes, so memory stays bounded by the number
-    of workers however many files there are. The first bytes are sniffed before the
-    rest is read, so a large file that is not DICOM is never read whole.
+    Memory stays bounded by the number of workers however large the files: a small
+    file is held whole, a large one only through a :data:`HASH_CHUNK` buffer (the
+    kernel sends it from the page cache).
     """
-    try:
-        if source.member is None:
-            head, data = _read_file(source)
-        else:
-            head = source.head(HEAD_BYTES)
-            data = None if passed_over_reason(head) else memoryview(source.read_bytes())
-    except (OSError, MemoryError) as exc:  # SourceReadError: a damaged zip or hostile member
-        return Outcome(source.name, FAILED, _unreadable(exc))
-    if data is None:
-        reason = passed_over_reason(head) or ""
-        return Outcome(source.name, PASSED_OVER, reason, size=len(head))
-    outcome = Outcome(source.name, FAILED, size=len(data), md5=hashlib.md5(data).hexdigest())
-    try:
-        outcome.is_sr, outcome.sr_references = sr_references(data)
-    except Exception as exc:  # a damaged SR is still sent; Orthanc decides whether it is DICOM
-        log.debug("%s: cannot read the SR's references: %s", source.name, exc)
-    try:
-        answer = client.store_instance(data)
-    except OrthancUnavailable as exc:
-        outcome.reason = str(exc)
-        if exc.maybe_delivered:
-            outcome.reason += "; Orthanc may have stored it before failing: run again to be sure"
-        elif not exc.attempted:
-            outcome.reason = "not sent: " + outcome.reason
-        return outcome
+    with contextlib.ExitStack() as stack:
+        try:
+            head, prepared = _prepare(source, stack)
+        except (OSError, MemoryError) as exc:  # SourceReadError: damaged zip, hostile member
+            return Outcome(source.name, FAILED, _unreadable(exc))
+        except httpconn.FileShrank as exc:
+            return Outcome(source.name, FAILED, str(exc))
+        if prepared is None:
+            reason = passed_over_reason(head) or ""
+            return Outcome(source.name, PASSED_OVER, reason, size=len(head))
+        outcome = Outcome(source.name, FAILED, size=prepared.size, md5=prepared.md5)
+        try:
+            outcome.is_sr, outcome.sr_references = sr_references(source, prepared.start)
+        except Exception as exc:  # a damaged SR is still sent; Orthanc decides if it is DICOM
+            log.debug("%s: cannot read the SR's references: %s", source.name, exc)
+        try:
+            answer = client.store_instance(prepared.body)
+        except httpconn.FileShrank as exc:
+            outcome.reason = str(exc)
+            return outcome
+        except OrthancUnavailable as exc:
+            outcome.reason = str(exc)
+            if exc.maybe_delivered:
+                outcome.reason += (
+                    "; Orthanc may have stored it before failing: run again to be sure"
+                )
+            elif not exc.attempted:
+                outcome.reason = "not sent: " + outcome.reason
+            return outcome
     outcome.status, outcome.reason, document = classify_answer(answer)
     outcome.instance_id = document.get("ID")
     outcome.study_id = document.get("ParentStudy")
