@@ -313,24 +313,16 @@ def _walk_folder(
             yield path
 
 
-def _file_kind(path: Path) -> tuple[str | None, str]:
-    """(``None``, its identity) for a regular file (after links), else (what it is, "").
-
-    The identity, device and inode, names the file itself whatever the path to it
-    (symbolic or hard links), so each file is yielded once; one ``stat`` finds both.
-    """
+def _file_kind(path: Path) -> str | None:
+    """``None`` for a regular file (after links), else what it is, for the warning."""
     try:
-        info = path.stat()
+        mode = path.stat().st_mode
     except FileNotFoundError:
-        return ("broken symbolic link" if path.is_symlink() else "no such file"), ""
+        return "broken symbolic link" if path.is_symlink() else "no such file"
     except OSError as exc:
-        return f"cannot stat: {exc.strerror or exc}", ""
-    if stat.S_ISREG(info.st_mode):
-        return None, f"{info.st_dev}:{info.st_ino}"
-    return _irregular_kind(info.st_mode), ""
-
-
-def _irregular_kind(mode: int) -> str:
+        return f"cannot stat: {exc.strerror or exc}"
+    if stat.S_ISREG(mode):
+        return None
     for test, kind in (
         (stat.S_ISFIFO, "FIFO"),
         (stat.S_ISCHR, "character device"),
@@ -376,7 +368,7 @@ def iter_sources(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Source]:
                 member = source.member
                 if member is not None:
                     source = Source(str(Path(source.path).absolute()), member)
-                    key = _file_kind(Path(source.path))[1] + ZIP_SEPARATOR + member
+                    key = os.path.realpath(source.path) + ZIP_SEPARATOR + member
                     if key not in seen:
                         seen.add(key)
                         yield source
@@ -384,10 +376,11 @@ def iter_sources(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Source]:
             raise FileNotFoundError(f"{raw}: no such file or folder")
         files = _walk(path) if path.is_dir() else iter([path])
         for file_path in files:
-            kind, key = _file_kind(file_path)
+            kind = _file_kind(file_path)
             if kind is not None:
                 log.warning("%s: %s, passed over", file_path, kind)
                 continue
+            key = os.path.realpath(file_path)
             if key in seen:
                 continue
             seen.add(key)

@@ -49,8 +49,11 @@ class FileBody:
         return self.size
 
 
-class FileShrank(Exception):
-    """A :class:`FileBody` ended before its ``size``: the file changed while being sent.
+class FileChanged(Exception):
+    """A file no longer has the size it had when its upload began: it is being written.
+
+    Raised by :meth:`Connection.request` when a :class:`FileBody` ends before its
+    ``size``.
 
     Not an :class:`OSError`: the network is fine, and a retry would send the same
     short file; the connection is closed, since the server still waits for the rest.
@@ -158,7 +161,7 @@ class Connection:
                 self.sock.sendall(head)
                 sent = self.sock.sendfile(body.file, 0, body.size)
                 if sent != body.size:
-                    raise FileShrank(
+                    raise FileChanged(
                         f"the file shrank while being sent ({sent} of {body.size} bytes)"
                     )
             elif len(body) < _JOIN_BELOW:

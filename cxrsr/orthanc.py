@@ -327,7 +327,7 @@ class OrthancClient:
         """``POST /instances`` with the file as the body (retried as :meth:`request`).
 
         A :class:`~cxrsr.httpconn.FileBody` that shrinks while being sent raises
-        :class:`~cxrsr.httpconn.FileShrank`, not retried.
+        :class:`~cxrsr.httpconn.FileChanged`, which is not retried.
         """
         return self.request("POST", "/instances", body=data, content_type="application/dicom")
 

@@ -3,8 +3,9 @@
 :mod:`cxrsr.orthanc` only talks HTTP; this module decides what to send and what the
 answers mean, on top of it:
 
-* :func:`upload` reads each file once, sniffs it by content, sends it with
-  ``POST /instances`` from a few parallel workers and classifies Orthanc's answer as
+* :func:`upload` sniffs each file by its first bytes, hashes it, sends it with
+  ``POST /instances`` from a few parallel workers (a large file straight from the page
+  cache with ``sendfile``) and classifies Orthanc's answer as
   ``stored`` (``"Status": "Success"``), ``already stored`` (``"AlreadyStored"``),
   ``rejected`` (4xx, with Orthanc's own message) or ``failed`` (after the retries).
   Files that are not DICOM, and DICOMDIRs, are passed over with a reason.
@@ -264,8 +265,10 @@ def _hash_file(fh: BinaryIO, head: bytes, size: int) -> tuple[str, bytes]:
     """The MD5 of a whole open file whose first bytes, ``head``, are already read, and
     its first :data:`SR_SCAN_BYTES`.
 
-    Raises :class:`~cxrsr.httpconn.FileShrank` when the file no longer has ``size``
-    bytes: it is being written, and what would be sent is not a finished file.
+    Raises :class:`~cxrsr.httpconn.FileChanged` when the file no longer has ``size``
+    bytes: it is being written, and what would be sent is not a finished file. (A file
+    rewritten in place between this hash and the send is caught by :func:`verify`,
+    whose MD5 comparison then fails.)
     """
     digest = hashlib.md5(head)
     start = bytearray(head)
@@ -277,7 +280,7 @@ def _hash_file(fh: BinaryIO, head: bytes, size: int) -> tuple[str, bytes]:
             start += view[: min(count, SR_SCAN_BYTES - len(start))]
         total += count
     if total != size:
-        raise httpconn.FileShrank(f"the file changed while being read ({total} of {size} bytes)")
+        raise httpconn.FileChanged(f"the file changed while being read ({total} of {size} bytes)")
     return digest.hexdigest(), bytes(start)
 
 
@@ -317,7 +320,7 @@ def read_and_store(source: Source, client: OrthancClient) -> Outcome:
             head, prepared = _prepare(source, stack)
         except (OSError, MemoryError) as exc:  # SourceReadError: damaged zip, hostile member
             return Outcome(source.name, FAILED, _unreadable(exc))
-        except httpconn.FileShrank as exc:
+        except httpconn.FileChanged as exc:
             return Outcome(source.name, FAILED, str(exc))
         if prepared is None:
             reason = passed_over_reason(head) or ""
@@ -329,7 +332,7 @@ def read_and_store(source: Source, client: OrthancClient) -> Outcome:
             log.debug("%s: cannot read the SR's references: %s", source.name, exc)
         try:
             answer = client.store_instance(prepared.body)
-        except httpconn.FileShrank as exc:
+        except httpconn.FileChanged as exc:
             outcome.reason = str(exc)
             return outcome
         except OrthancUnavailable as exc:
