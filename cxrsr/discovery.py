@@ -31,16 +31,17 @@ from __future__ import annotations
 import functools
 import io
 import logging
-import lzma
 import os
 import stat
 import struct
-import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    import zipfile
 
 from cxrsr.errors import SourceMissingError, SourceReadError
 
@@ -66,23 +67,34 @@ MAX_MEMBER_SIZE = 1 << 30
 MAX_COMPRESSION_RATIO = 100
 _BOMB_MIN_SIZE = 64 << 20
 
-#: What zipfile raises on damaged or hostile archives: BadZipFile (bad directory, CRC
-#: error), RuntimeError (encrypted member), NotImplementedError (deflate64, implode),
-#: zlib/lzma errors and EOFError (truncated data), ValueError/struct.error/
-#: OverflowError (nonsense offsets and sizes), OSError (the read itself).
-_ZIP_ERRORS = (
-    zipfile.BadZipFile,
-    zipfile.LargeZipFile,
-    RuntimeError,
-    NotImplementedError,
-    zlib.error,
-    lzma.LZMAError,
-    EOFError,
-    ValueError,
-    struct.error,
-    OverflowError,
-    OSError,
-)
+
+@functools.cache
+def _zip_errors() -> tuple[type[BaseException], ...]:
+    """What zipfile raises on damaged or hostile archives.
+
+    BadZipFile (bad directory, CRC error), RuntimeError (encrypted member),
+    NotImplementedError (deflate64, implode), zlib/lzma errors and EOFError (truncated
+    data), ValueError/struct.error/OverflowError (nonsense offsets and sizes), OSError
+    (the read itself). A function, so that ``zipfile`` and ``lzma`` are imported only
+    when an archive is met (``except`` evaluates it only when something was raised):
+    they cost a run of DICOM files about 4 ms of start-up.
+    """
+    import lzma
+    import zipfile
+
+    return (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        RuntimeError,
+        NotImplementedError,
+        zlib.error,
+        lzma.LZMAError,
+        EOFError,
+        ValueError,
+        struct.error,
+        OverflowError,
+        OSError,
+    )
 
 
 @dataclass(frozen=True)
@@ -147,7 +159,7 @@ class Source:
             return _zip(self.path).getinfo(self.member)
         except KeyError:
             raise SourceMissingError(f"no member {self.member!r} in the zip archive") from None
-        except _ZIP_ERRORS as exc:
+        except _zip_errors() as exc:
             raise SourceReadError(f"corrupt zip archive: {_describe(exc)}") from exc
 
     def _member(self) -> _MemberReader:
@@ -175,7 +187,7 @@ class _MemberReader:
     def __enter__(self) -> _MemberReader:
         try:
             self._fh = _zip(self._archive).open(self._info)  # type: ignore[assignment]
-        except _ZIP_ERRORS as exc:
+        except _zip_errors() as exc:
             raise SourceReadError(self._problem(exc)) from exc
         return self
 
@@ -183,7 +195,7 @@ class _MemberReader:
         assert self._fh is not None
         try:
             return self._fh.read(n)
-        except _ZIP_ERRORS as exc:
+        except _zip_errors() as exc:
             raise SourceReadError(self._problem(exc)) from exc
 
     def _problem(self, exc: BaseException) -> str:
@@ -231,6 +243,8 @@ def member_problem(info: zipfile.ZipInfo) -> str | None:
 @functools.lru_cache(maxsize=8)
 def _zip(path: str) -> zipfile.ZipFile:
     """One open ``ZipFile`` per archive and process; reading a member re-reads no directory."""
+    import zipfile
+
     return zipfile.ZipFile(path)
 
 
@@ -244,7 +258,7 @@ def open_source(name: str) -> Source:
         start = 0
         while (index := name.find(ZIP_SEPARATOR, start)) >= 0:
             archive, member = name[:index], name[index + 1 :]
-            if archive and os.path.isfile(archive) and zipfile.is_zipfile(archive):
+            if archive and os.path.isfile(archive) and _is_zip(Path(archive)):
                 return Source(archive, member)
             start = index + 1
     return Source(name)
@@ -338,7 +352,7 @@ def _expand_zip(path: Path) -> Iterator[Source]:
     """The archive's members; never raises (a broken archive is one failing Source)."""
     try:
         infos = sorted(_zip(str(path)).infolist(), key=lambda i: i.filename)
-    except _ZIP_ERRORS as exc:
+    except _zip_errors() as exc:
         yield Source(str(path), problem=f"corrupt zip archive: {_describe(exc)}")
         return
     for info in infos:
@@ -397,9 +411,11 @@ def iter_sources(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Source]:
 
 
 def _is_zip(path: Path) -> bool:
+    import zipfile
+
     try:
         return zipfile.is_zipfile(path)
-    except _ZIP_ERRORS:
+    except _zip_errors():
         return False
 
 

@@ -22,10 +22,9 @@ import hashlib
 import itertools
 import logging
 import os
-import queue
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
@@ -369,23 +368,36 @@ def in_parallel(
     function: Callable[[T], R],
     items: Sequence[T],
     workers: int,
+    on_result: Callable[[int, R | BaseException], None],
     expected: tuple[type[BaseException], ...] = (),
     on_stop: Callable[[], None] | None = None,
-) -> Iterator[tuple[int, R | BaseException]]:
-    """``(index, function(item))`` for every item, as they finish, from ``workers`` threads.
+) -> None:
+    """Run ``function`` on every item from ``workers`` threads; ``on_result(index, result)``
+    for each, as they finish.
 
-    An ``expected`` exception is yielded in place of its item's result; any other is
-    raised here. When the caller stops early (that exception, Ctrl-C), items not yet
+    ``on_result`` runs on the worker that finished the item, one call at a time (under a
+    lock). An ``expected`` exception is passed to it in place of the item's result; any
+    other exception, or Ctrl-C in the calling thread, stops the run: items not yet
     started are never run, ``on_stop`` is called (to cut short the items in flight),
-    and the threads are joined before the generator ends.
+    the threads are joined, and the exception is raised here.
 
-    Plain threads taking the next index, rather than an executor with a future per item:
-    on the 2-core benchmark machine the futures' locks and wake-ups cost the uploader
-    more CPU than its own Python work per file.
+    Plain threads taking the next index, rather than an executor with a future per item,
+    and results handled where they are made, rather than woken up for in the calling
+    thread: on the 2-core benchmark machine those hand-overs cost the uploader more CPU
+    than its own Python work per file.
     """
-    finished: queue.SimpleQueue[tuple[int, R | BaseException, bool]] = queue.SimpleQueue()
     indices = itertools.count()  # next() on a count is atomic: each index goes to one thread
     stop = threading.Event()
+    lock = threading.Lock()
+    fatal: list[BaseException] = []
+
+    def halt(exc: BaseException) -> None:
+        with lock:
+            first = not stop.is_set()
+            stop.set()
+            fatal.append(exc)
+        if first and on_stop is not None:
+            on_stop()
 
     def work() -> None:
         while not stop.is_set():
@@ -393,11 +405,18 @@ def in_parallel(
             if index >= len(items):
                 return
             try:
-                finished.put((index, function(items[index]), False))
+                result: R | BaseException = function(items[index])
             except expected as exc:
-                finished.put((index, exc, False))
+                result = exc
+            except BaseException as exc:  # CredentialsRefused, a bug: raised in the caller
+                halt(exc)
+                return
+            try:
+                with lock:
+                    if not stop.is_set():
+                        on_result(index, result)
             except BaseException as exc:
-                finished.put((index, exc, True))
+                halt(exc)
                 return
 
     threads = [
@@ -406,21 +425,16 @@ def in_parallel(
     ]
     for thread in threads:
         thread.start()
-    completed = False
     try:
-        for _ in range(len(items)):
-            index, result, fatal = finished.get()
-            if fatal:
-                assert isinstance(result, BaseException)
-                raise result
-            yield index, result
-        completed = True
-    finally:
-        stop.set()
-        if not completed and on_stop is not None:
-            on_stop()
         for thread in threads:
             thread.join()
+    except BaseException as exc:  # Ctrl-C while waiting
+        halt(exc)
+        for thread in threads:
+            thread.join()
+        raise
+    if fatal:
+        raise fatal[0]
 
 
 def upload(
@@ -437,13 +451,9 @@ def upload(
     """
     outcomes: list[Outcome | None] = [None] * len(sources)
     announced = False
-    for index, result in in_parallel(
-        lambda s: read_and_store(s, client),
-        sources,
-        workers,
-        # Wrong credentials, Ctrl-C: requests in flight end at once instead of retrying.
-        on_stop=lambda: client.stop("the run was stopped"),
-    ):
+
+    def record(index: int, result: Outcome | BaseException) -> None:
+        nonlocal announced
         assert isinstance(result, Outcome)
         outcomes[index] = result
         if client.is_down and not announced:
@@ -456,6 +466,15 @@ def upload(
             )
         if on_done is not None:
             on_done(result)
+
+    in_parallel(
+        lambda s: read_and_store(s, client),
+        sources,
+        workers,
+        record,
+        # Wrong credentials, Ctrl-C: requests in flight end at once instead of retrying.
+        on_stop=lambda: client.stop("the run was stopped"),
+    )
     return [o for o in outcomes if o is not None]
 
 
@@ -493,25 +512,23 @@ def verify(outcomes: Iterable[Outcome], client: OrthancClient, workers: int = 8)
         by_id.setdefault(str(outcome.instance_id), []).append(outcome)
     srs = [o for o in sent if o.is_sr]
     instance_ids = list(by_id)
-    for index, result in in_parallel(
-        lambda i: _stored_copy(client, i, by_id[i]), instance_ids, workers, (OrthancUnavailable,)
-    ):
+
+    def judge(index: int, result: tuple[str | None, str] | BaseException) -> None:
         checked = by_id[instance_ids[index]]
         if isinstance(result, BaseException):
             for outcome in checked:
                 outcome.problems.append(f"could not verify: {result}")
-            continue
+            return
         stored_md5, sop_instance_uid = result
         for outcome in checked:
             _judge_md5(outcome, stored_md5, sop_instance_uid)
-    for index, placement in in_parallel(
-        lambda o: _sr_placement(o, client), srs, workers, (OrthancUnavailable,)
-    ):
+
+    def place(index: int, result: tuple[str, str] | BaseException) -> None:
         outcome = srs[index]
-        if isinstance(placement, BaseException):
-            verdict, message = _SR_UNCHECKED, f"could not check the SR's study: {placement}"
+        if isinstance(result, BaseException):
+            verdict, message = _SR_UNCHECKED, f"could not check the SR's study: {result}"
         else:
-            verdict, message = placement
+            verdict, message = result
         report.srs_checked += 1
         if verdict == _SR_IN_PLACE:
             report.srs_in_source_study += 1
@@ -521,6 +538,11 @@ def verify(outcomes: Iterable[Outcome], client: OrthancClient, workers: int = 8)
         else:
             report.srs_misplaced += 1
             outcome.problems.append(message)
+
+    expected = (OrthancUnavailable,)
+    stored_copy = lambda i: _stored_copy(client, i, by_id[i])  # noqa: E731
+    in_parallel(stored_copy, instance_ids, workers, judge, expected)
+    in_parallel(lambda o: _sr_placement(o, client), srs, workers, place, expected)
     return report
 
 

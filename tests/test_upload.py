@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -425,6 +426,51 @@ def test_orthanc_killed_mid_upload_is_reported_truthfully_then_completed(
     assert second.counts["verified"] == total
     assert instance_count(empty_orthanc) == total
     assert len({sop_instance_uid(p) for p in files}) == total
+
+
+def test_ctrl_c_stops_the_upload_at_once_and_a_rerun_completes_it(
+    orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C (SIGINT to the process group): exit 130, one line, files not yet started are
+    not sent, and every "stored" line was true."""
+    total = 1500
+    write_copies(small_dicom, tmp_path / "in", total)
+    before = instance_count(orthanc)
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(tmp_path / "in"), "-v"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=orthanc_env(orthanc),
+        cwd=PROJECT_ROOT,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert process.stderr is not None
+    reported_stored = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(reported_stored) < 50 and time.monotonic() < deadline:
+            match = re.match(r"D: .*: stored as (\S+)$", process.stderr.readline())
+            if match:
+                reported_stored.append(match.group(1))
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "E: interrupted; work already written is kept" in stderr
+    reported_stored += re.findall(r"^D: .*: stored as (\S+)$", stderr, re.MULTILINE)
+    sent = instance_count(orthanc) - before
+    assert 50 <= len(reported_stored) <= sent < total  # stopped early; each "stored" is there
+    for instance_id in reported_stored:
+        assert api(orthanc, f"/instances/{instance_id}").status_code == 200
+
+    rerun = upload(orthanc, tmp_path / "in")
+    assert rerun.returncode == 0, rerun.stderr
+    assert (rerun.counts["already"], rerun.counts["stored"]) == (sent, total - sent)
+    assert instance_count(orthanc) - before == total
 
 
 def test_broken_zips_and_special_files_fail_one_by_one_and_the_rest_arrive(
