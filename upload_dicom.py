@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cxrsr import orthanc, upload
@@ -104,9 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = check_inputs_exist(inputs)
     if missing:
         parser.error(f"no such file or folder: {', '.join(missing)}")
-    sources = list(iter_sources(inputs))
     if args.dry_run:
-        return dry_run(sources)
+        return dry_run(list(iter_sources(inputs)))
 
     client = orthanc.OrthancClient(
         orthanc_settings(args.url, args.username, args.password),
@@ -114,14 +113,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         retry=orthanc.RetryPolicy(retries=args.retries),
     )
     system = client.system()  # wrong credentials or no server: one line, exit 3
-    log.info("Orthanc %s at %s: sending %d files", system.get("Version"), client.url, len(sources))
-    with progress(args, total=len(sources), unit="file") as bar:
+    log.info("Orthanc %s at %s: uploading", system.get("Version"), client.url)
+    with progress(args, total=None, unit="file") as bar:
+
+        def found() -> Iterator[Source]:
+            """The files, as discovery finds them; the bar learns the total at the end."""
+            count = 0
+            for source in iter_sources(inputs):
+                count += 1
+                yield source
+            bar.total = count
+            bar.refresh()
 
         def done(outcome: upload.Outcome) -> None:
             upload.log_outcome(outcome)
             bar.update(1)
 
-        outcomes = upload.upload(sources, client, workers=args.workers, on_done=done)
+        # Uploads start with the first file found, not after a walk of every folder.
+        outcomes = upload.upload(found(), client, workers=args.workers, on_done=done)
     report = upload.verify(outcomes, client, workers=args.workers)
     client.close()
     report.log_problems()

@@ -169,7 +169,12 @@ def progress_disabled(args: argparse.Namespace) -> bool | None:
 class _NoBar:
     """A progress bar that draws nothing: for ``--quiet``, pipes and log files."""
 
+    total: float | None = None
+
     def update(self, n: float | None = 1) -> bool | None:
+        return None
+
+    def refresh(self) -> None:
         return None
 
     def __enter__(self) -> _NoBar:
@@ -179,8 +184,13 @@ class _NoBar:
         return None
 
 
-def progress(args: argparse.Namespace, total: int, unit: str, desc: str | None = None) -> Any:
+def progress(
+    args: argparse.Namespace, total: int | None, unit: str, desc: str | None = None
+) -> Any:
     """A tqdm bar on standard error when it is a terminal (unless ``--quiet``), else a no-op.
+
+    ``total`` may be ``None`` while the work is still being found; set ``bar.total`` and
+    call ``bar.refresh()`` once it is known.
 
     tqdm is imported only when a bar is drawn: importing it costs about 25 ms (it looks
     its own version up among the installed packages), which is a tenth of the client's

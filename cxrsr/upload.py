@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import logging
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
@@ -366,7 +365,7 @@ R = TypeVar("R")
 
 def in_parallel(
     function: Callable[[T], R],
-    items: Sequence[T],
+    items: Iterable[T],
     workers: int,
     on_result: Callable[[int, R | BaseException], None],
     expected: tuple[type[BaseException], ...] = (),
@@ -381,12 +380,17 @@ def in_parallel(
     started are never run, ``on_stop`` is called (to cut short the items in flight),
     the threads are joined, and the exception is raised here.
 
-    Plain threads taking the next index, rather than an executor with a future per item,
+    ``items`` may be a generator, such as the file discovery: the workers take items
+    from it one at a time (under a lock) as they need them, so work starts with the first
+    item found instead of after the last one.
+
+    Plain threads taking the next item, rather than an executor with a future per item,
     and results handled where they are made, rather than woken up for in the calling
     thread: on the 2-core benchmark machine those hand-overs cost the uploader more CPU
     than its own Python work per file.
     """
-    indices = itertools.count()  # next() on a count is atomic: each index goes to one thread
+    numbered = enumerate(items)
+    take_lock = threading.Lock()
     stop = threading.Event()
     lock = threading.Lock()
     fatal: list[BaseException] = []
@@ -401,11 +405,17 @@ def in_parallel(
 
     def work() -> None:
         while not stop.is_set():
-            index = next(indices)
-            if index >= len(items):
-                return
             try:
-                result: R | BaseException = function(items[index])
+                with take_lock:
+                    taken = next(numbered, None)
+            except BaseException as exc:  # the generator failed: a bug, raised in the caller
+                halt(exc)
+                return
+            if taken is None:
+                return
+            index, item = taken
+            try:
+                result: R | BaseException = function(item)
             except expected as exc:
                 result = exc
             except BaseException as exc:  # CredentialsRefused, a bug: raised in the caller
@@ -419,9 +429,11 @@ def in_parallel(
                 halt(exc)
                 return
 
+    if isinstance(items, Sized):
+        workers = min(workers, len(items))
     threads = [
         threading.Thread(target=work, name=f"cxrsr-{n}", daemon=True)
-        for n in range(max(1, min(workers, len(items))))
+        for n in range(max(1, workers))
     ]
     for thread in threads:
         thread.start()
@@ -438,18 +450,19 @@ def in_parallel(
 
 
 def upload(
-    sources: Sequence[Source],
+    sources: Iterable[Source],
     client: OrthancClient,
     workers: int = 4,
     on_done: Callable[[Outcome], None] | None = None,
 ) -> list[Outcome]:
     """Send every source from ``workers`` threads; outcomes come back in input order.
 
-    ``on_done`` is called from the main thread as each file finishes (progress bar,
-    log lines). :class:`CredentialsRefused` from any worker stops the whole run at once,
-    as does Ctrl-C: files not yet started are then not sent.
+    ``sources`` may be the discovery generator itself: uploads start with the first file
+    found. ``on_done`` is called as each file finishes (progress bar, log lines), one
+    call at a time. :class:`CredentialsRefused` from any worker stops the whole run at
+    once, as does Ctrl-C: files not yet started are then not sent.
     """
-    outcomes: list[Outcome | None] = [None] * len(sources)
+    outcomes: dict[int, Outcome] = {}
     announced = False
 
     def record(index: int, result: Outcome | BaseException) -> None:
@@ -475,7 +488,7 @@ def upload(
         # Wrong credentials, Ctrl-C: requests in flight end at once instead of retrying.
         on_stop=lambda: client.stop("the run was stopped"),
     )
-    return [o for o in outcomes if o is not None]
+    return [outcomes[index] for index in sorted(outcomes)]
 
 
 # -- verification ----------------------------------------------------------------------
