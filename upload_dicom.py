@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Upload DICOM images and SRs to Orthanc, then prove through its API that they arrived.
 
-Each file is read once, recognised by content (not by name), sent with
+Each file is recognised by content (not by name), hashed, sent with
 ``POST /instances`` by a few parallel workers over keep-alive connections, and ends as
 ``stored``, ``already stored``, ``rejected`` (Orthanc answered 4xx) or ``failed`` (no
 answer after the retries); files that are not DICOM are passed over with a reason.
