@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/common.sh
 
-ensure_packages Orthanc:orthanc dsrdump:dcmtk storescu:dcmtk dciodvfy:dicom3tools \
+ensure_packages Orthanc:orthanc dsrdump:dcmtk storescu:dcmtk dciodvfy:dicom3tools openssl:openssl \
   || say "W: integration tests will be skipped (or fail under CI) without these"
 ensure_venv requirements-dev.txt
 "$VENV/bin/ruff" check .

@@ -8,7 +8,10 @@ closing the connection, interim 100 answers, closing idle connections.
 
 from __future__ import annotations
 
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,8 +52,9 @@ def read_request(conn: socket.socket, pending: bytearray) -> bytes | None:
 class ScriptedServer:
     """Accepts connections and answers each request with the next script in the list."""
 
-    def __init__(self, scripts: list[Script]) -> None:
+    def __init__(self, scripts: list[Script], tls: ssl.SSLContext | None = None) -> None:
         self.scripts = list(scripts)
+        self.tls = tls
         self.requests: list[bytes] = []
         self.connections = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -65,6 +69,12 @@ class ScriptedServer:
             except OSError:
                 return
             self.connections += 1
+            if self.tls is not None:
+                try:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                except OSError:  # the client refused the certificate
+                    conn.close()
+                    continue
             with conn:
                 pending = bytearray()
                 while self.scripts:
@@ -83,11 +93,11 @@ class ScriptedServer:
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[list[Script]], ScriptedServer]]:
+def serve() -> Iterator[Callable[..., ScriptedServer]]:
     servers: list[ScriptedServer] = []
 
-    def start(scripts: list[Script]) -> ScriptedServer:
-        servers.append(ScriptedServer(scripts))
+    def start(scripts: list[Script], tls: ssl.SSLContext | None = None) -> ScriptedServer:
+        servers.append(ScriptedServer(scripts, tls))
         return servers[-1]
 
     yield start
@@ -217,3 +227,52 @@ def test_client_reconnects_once_when_an_idle_connection_was_closed(serve: Callab
     assert client.system() == {"Version": "1"}  # first attempt met the closed connection
     assert server.connections == 2
     assert all(b"Authorization: Basic dTpw\r\n" in r for r in server.requests)
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, ssl.SSLContext]:
+    """A certificate for 127.0.0.1 made with openssl, and a server context that uses it."""
+    openssl = shutil.which("openssl")
+    assert openssl, "openssl is needed (test.sh installs it)"
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    command = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    command += ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"]
+    command += ["-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(command, check=True, capture_output=True)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    return cert, tls
+
+
+def test_https_with_a_file_body_through_the_client(
+    serve: Callable,
+    self_signed: tuple[Path, ssl.SSLContext],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Orthanc behind a TLS proxy: the client verifies the certificate (a self-signed one,
+    trusted through SSL_CERT_FILE) and a large file goes through TLS, where the kernel's
+    sendfile cannot be used, byte for byte."""
+    cert, tls = self_signed
+    body = b'{"Status": "Success"}'
+    server = serve([answer(b"HTTP/1.1 200 OK\r\nContent-Length: 21\r\n\r\n" + body)], tls=tls)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    client = OrthancClient(OrthancSettings(f"https://127.0.0.1:{server.port}", "u", "p"))
+    data = bytes(range(256)) * 2048  # 512 kB
+    path = tmp_path / "body.dcm"
+    path.write_bytes(data)
+    with open(path, "rb") as fh:
+        stored = client.store_instance(httpconn.FileBody(fh, len(data)))
+    assert (stored.status, stored.json()) == (200, {"Status": "Success"})
+    assert server.requests[0].startswith(b"POST /instances HTTP/1.1\r\n")
+    assert server.requests[0].endswith(b"\r\n\r\n" + data)
+
+
+def test_https_refuses_an_untrusted_certificate(
+    serve: Callable, self_signed: tuple[Path, ssl.SSLContext]
+) -> None:
+    server = serve([answer(OK_JSON)], tls=self_signed[1])
+    conn = httpconn.Connection("127.0.0.1", server.port, 5, ssl.create_default_context())
+    with pytest.raises(ssl.SSLCertVerificationError):
+        conn.request("GET", "/system")
+    assert not conn.is_open
