@@ -38,7 +38,9 @@ from pydicom.uid import generate_uid
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cxrsr import sr, sr_batch, sr_template, uids
+from cxrsr.classify import Prepared, classified_entry
 from cxrsr.config import PROJECT_ROOT
+from cxrsr.reading import identity_of
 
 CORPUS = PROJECT_ROOT.parent / "shared" / "cxr-corpus"
 SOURCES = (
@@ -73,19 +75,8 @@ def synthetic_results(count: int, folder: Path) -> dict:
         path = folder / f"src{index:05d}.dcm"
         pydicom.dcmwrite(path, header, enforce_file_format=False)
         scores = {label: float(rng.random()) for label in LABELS}
-        images.append(
-            {
-                "path": str(path),
-                "status": "classified",
-                "sop_instance_uid": header.SOPInstanceUID,
-                "series_instance_uid": header.SeriesInstanceUID,
-                "study_instance_uid": header.StudyInstanceUID,
-                "sop_class_uid": header.SOPClassUID,
-                "patient_id": str(header.get("PatientID", "")),
-                "scores": scores,
-                "findings": [label for label in LABELS if scores[label] >= 0.5],
-            }
-        )
+        prepared = Prepared(str(path), "ready", identity=identity_of(header))
+        images.append(classified_entry(prepared, scores, 0.5))
     model = {
         "weights": "densenet121-res224-all",
         "weights_sha256": "0" * 64,

@@ -25,6 +25,8 @@ from pydicom.sr.codedict import codes
 
 from cxrsr import sr as sr_module
 from cxrsr import sr_batch
+from cxrsr.classify import Prepared
+from cxrsr.classify import classified_entry as production_entry
 from cxrsr.codes import (
     ABSENT,
     CERTAINTY_OF_FINDING,
@@ -35,6 +37,7 @@ from cxrsr.codes import (
 )
 from cxrsr.config import PROJECT_ROOT
 from cxrsr.discovery import open_source
+from cxrsr.reading import identity_of
 from cxrsr.results import write_json_atomic
 from cxrsr.uids import is_valid_uid
 
@@ -66,23 +69,12 @@ def model_block(labels: list[str], weights_sha256: str = WEIGHTS_SHA256) -> dict
 
 
 def classified_entry(path: str, labels: list[str], rng: np.random.Generator) -> dict[str, Any]:
-    """A results entry for ``path`` as process_dicom.py writes it, with random scores."""
+    """A results entry for ``path``, made by process_dicom.py's own builder, with random scores."""
     source = open_source(path)
     with source.open() as stream:
         ds = pydicom.dcmread(stream, stop_before_pixels=True, force=True)
     scores = {label: float(rng.random()) for label in labels}
-    return {
-        "path": path,
-        "status": "classified",
-        "sop_instance_uid": ds.SOPInstanceUID,
-        "series_instance_uid": ds.SeriesInstanceUID,
-        "study_instance_uid": ds.StudyInstanceUID,
-        "sop_class_uid": ds.SOPClassUID,
-        "patient_id": str(ds.get("PatientID", "")),
-        "scores": scores,
-        "findings": [label for label in labels if scores[label] >= 0.5],
-        "warnings": [],
-    }
+    return production_entry(Prepared(path, "ready", identity=identity_of(ds)), scores, 0.5)
 
 
 def results_document(images: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
