@@ -17,6 +17,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -95,6 +96,31 @@ def upload(
         for secret in {server.password, password} - {None}:
             assert secret not in run.stdout + run.stderr
     return run
+
+
+def start_upload(
+    server: LocalOrthanc, *args: str | Path, ctrl_c_target: bool = False
+) -> subprocess.Popen[str]:
+    """upload_dicom.py started in the background, for tests that act while it runs.
+
+    ``ctrl_c_target``: in its own process group with SIGINT at its default, so that
+    ``os.killpg(process.pid, SIGINT)`` is what Ctrl-C in a terminal does.
+    """
+    extra: dict[str, Any] = {}
+    if ctrl_c_target:
+        extra = {
+            "start_new_session": True,
+            "preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        }
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=orthanc_env(server),
+        cwd=PROJECT_ROOT,
+        **extra,
+    )
 
 
 def api(server: LocalOrthanc, path: str) -> requests.Response:
@@ -349,15 +375,7 @@ def test_orthanc_coming_up_during_the_retries_is_waited_for(
         tmp_path / "o", "uploader", secrets.token_urlsafe(16), binary=orthanc_binary
     )
     files = write_copies(small_dicom, tmp_path / "in", 3)
-    env = orthanc_env(server)
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(tmp_path / "in"), "--retries", "6"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=PROJECT_ROOT,
-    )
+    process = start_upload(server, tmp_path / "in", "--retries", "6")
     try:
         time.sleep(1.0)  # the first attempts are refused
         server.start()
@@ -378,16 +396,8 @@ def test_orthanc_killed_mid_upload_is_reported_truthfully_then_completed(
 ) -> None:
     total = 1500
     files = write_copies(small_dicom, tmp_path / "in", total)
-    env = orthanc_env(empty_orthanc)
     workers = 2
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(tmp_path / "in"), "-v", "--workers", str(workers)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=PROJECT_ROOT,
-    )
+    process = start_upload(empty_orthanc, tmp_path / "in", "-v", "--workers", str(workers))
     try:
         deadline = time.monotonic() + 60
         while instance_count(empty_orthanc) < 100:
@@ -436,16 +446,7 @@ def test_ctrl_c_stops_the_upload_at_once_and_a_rerun_completes_it(
     total = 1500
     write_copies(small_dicom, tmp_path / "in", total)
     before = instance_count(orthanc)
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(tmp_path / "in"), "-v"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=orthanc_env(orthanc),
-        cwd=PROJECT_ROOT,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    process = start_upload(orthanc, tmp_path / "in", "-v", ctrl_c_target=True)
     assert process.stderr is not None
     reported_stored = []
     try:
