@@ -282,28 +282,32 @@ def _hash_file(fh: BinaryIO, head: bytes, size: int) -> tuple[str, bytes]:
     return digest.hexdigest(), bytes(start)
 
 
-def _prepare(source: Source, stack: contextlib.ExitStack) -> tuple[bytes, _Prepared | None]:
-    """A file's first :data:`HEAD_BYTES` and, unless they say it is not sent, its body.
+def _in_memory(data: bytes) -> _Prepared:
+    return _Prepared(data, hashlib.md5(data).hexdigest(), len(data), data[:SR_SCAN_BYTES])
 
-    The head is read first, so a large file that is not DICOM is never read whole. A
-    large plain file stays open (on ``stack``) to be sent from the file itself.
+
+def _prepare(source: Source, stack: contextlib.ExitStack) -> _Prepared | Outcome:
+    """A file ready to send, or its ``passed over`` outcome when its head says it is not sent.
+
+    The first :data:`HEAD_BYTES` are read first, so a large file that is not DICOM is
+    never read whole. A large plain file stays open (on ``stack``) to be sent from the
+    file itself.
     """
     if source.member is not None:
         head = source.head(HEAD_BYTES)
-        if passed_over_reason(head) is not None:
-            return head, None
-        data = source.read_bytes()
-        return head, _Prepared(data, hashlib.md5(data).hexdigest(), len(data), data[:SR_SCAN_BYTES])
-    fh = stack.enter_context(source.open())
-    head = fh.read(HEAD_BYTES)
-    if passed_over_reason(head) is not None:
-        return head, None
+    else:
+        fh = stack.enter_context(source.open())
+        head = fh.read(HEAD_BYTES)
+    reason = passed_over_reason(head)
+    if reason is not None:
+        return Outcome(source.name, PASSED_OVER, reason, size=len(head))
+    if source.member is not None:
+        return _in_memory(source.read_bytes())
     size = os.fstat(fh.fileno()).st_size
     if size <= SMALL_FILE:
-        data = head + fh.read()
-        return head, _Prepared(data, hashlib.md5(data).hexdigest(), len(data), data[:SR_SCAN_BYTES])
+        return _in_memory(head + fh.read())
     md5, start = _hash_file(fh, head, size)
-    return head, _Prepared(httpconn.FileBody(fh, size), md5, size, start)
+    return _Prepared(httpconn.FileBody(fh, size), md5, size, start)
 
 
 def read_and_store(source: Source, client: OrthancClient) -> Outcome:
@@ -315,14 +319,13 @@ def read_and_store(source: Source, client: OrthancClient) -> Outcome:
     """
     with contextlib.ExitStack() as stack:
         try:
-            head, prepared = _prepare(source, stack)
+            prepared = _prepare(source, stack)
         except (OSError, MemoryError) as exc:  # SourceReadError: damaged zip, hostile member
             return Outcome(source.name, FAILED, _unreadable(exc))
         except httpconn.FileChanged as exc:
             return Outcome(source.name, FAILED, str(exc))
-        if prepared is None:
-            reason = passed_over_reason(head) or ""
-            return Outcome(source.name, PASSED_OVER, reason, size=len(head))
+        if isinstance(prepared, Outcome):
+            return prepared
         outcome = Outcome(source.name, FAILED, size=prepared.size, md5=prepared.md5)
         try:
             outcome.is_sr, outcome.sr_references = sr_references(source, prepared.start)
