@@ -160,19 +160,23 @@ def classify_answer(answer: Response) -> tuple[str, str, dict[str, Any]]:
     return REJECTED, f"unexpected answer from Orthanc: Status {status!r}", {}
 
 
-def sr_references(source: Source, start: bytes) -> tuple[bool, tuple[str, ...]]:
+def sr_references(source: Source, start: bytes, size: int) -> tuple[bool, tuple[str, ...]]:
     """Whether a file is a Structured Report, and the SOP Instance UIDs it is evidence of.
 
-    ``start`` is the file's first :data:`SR_SCAN_BYTES`: a bytes search there for the SR
-    SOP Class prefix keeps pydicom away from the (many) image files. The images an SR
+    ``start`` is the file's first :data:`SR_SCAN_BYTES` (all of it when ``size`` is no
+    larger, as for this project's SRs, which are then parsed without reading the file
+    again): a bytes search there for the SR SOP Class prefix keeps pydicom away from
+    the (many) image files. The images an SR
     describes are listed in its Current Requested Procedure Evidence Sequence
     (0040,A375), by study, series and SOP instance (PS3.3 C.17.2).
     """
     if _SR_MARKER not in start:
         return False, ()
+    import io
+
     import pydicom
 
-    with source.open() as fh:
+    with io.BytesIO(start) if len(start) == size else source.open() as fh:
         ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
     if not str(ds.get("SOPClassUID", "")).startswith(SR_SOP_CLASS_PREFIX):
         return False, ()
@@ -328,7 +332,9 @@ def read_and_store(source: Source, client: OrthancClient) -> Outcome:
             return prepared
         outcome = Outcome(source.name, FAILED, size=prepared.size, md5=prepared.md5)
         try:
-            outcome.is_sr, outcome.sr_references = sr_references(source, prepared.start)
+            outcome.is_sr, outcome.sr_references = sr_references(
+                source, prepared.start, prepared.size
+            )
         except Exception as exc:  # a damaged SR is still sent; Orthanc decides if it is DICOM
             log.debug("%s: cannot read the SR's references: %s", source.name, exc)
         try:
