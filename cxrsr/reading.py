@@ -37,12 +37,18 @@ from pydicom.uid import (
 from cxrsr.discovery import SNIFF_BYTES, Source, sniff_dicom
 from cxrsr.errors import InputError, NotARadiographError
 
-#: SOP classes of projection radiographs (PS3.4 B.5): CR, and DX for presentation/processing.
+#: SOP classes of projection radiographs (PS3.4 B.5): CR, and DX for presentation.
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_SOP_CLASSES = {
     CR_IMAGE_STORAGE,
     "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
-    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+}
+#: DX, mammography and intra-oral "For Processing" SOP classes (PS3.4 B.5): raw detector
+#: data, before the vendor's image processing; the model was trained on processed images.
+FOR_PROCESSING_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.1.2.1": "Digital Mammography X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.1.3.1": "Digital Intra-Oral X-Ray Image Storage - For Processing",
 }
 RADIOGRAPH_MODALITIES = {"CR", "DX"}
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR (PS3.10 8.6)
@@ -169,9 +175,23 @@ def check_pixel_data(ds: Dataset) -> None:
 
 
 def check_radiograph(ds: Dataset, notes: list[str]) -> None:
-    """Skip what the model must not see: other modalities, colour, multi-frame, other body parts."""
+    """Skip what the model must not see: other modalities, colour, multi-frame, other body parts.
+
+    DX "For Processing" images are skipped first and alone: they are raw detector data
+    (PS3.3 C.8.11.1.1.1 Presentation Intent Type), whatever else the header says.
+    """
     modality = _text(ds, "Modality").upper()
     sop_class = _text(ds, "SOPClassUID")
+    if sop_class in FOR_PROCESSING_SOP_CLASSES:
+        raise NotARadiographError(
+            f"{FOR_PROCESSING_SOP_CLASSES[sop_class]}: raw detector data, not a processed "
+            "image the model was trained on"
+        )
+    if _text(ds, "PresentationIntentType").upper() == "FOR PROCESSING":
+        raise NotARadiographError(
+            "Presentation Intent Type FOR PROCESSING: raw detector data, not a processed "
+            "image the model was trained on"
+        )
     reasons = []
     if modality not in RADIOGRAPH_MODALITIES and not (not modality and sop_class in DX_SOP_CLASSES):
         shown = (
@@ -302,6 +322,48 @@ def _decode_reduced(ds: Dataset, min_size: int) -> tuple[np.ndarray, int, float 
     return array, 1 << level, origin
 
 
+def embedded_overlay_bits(ds: Dataset) -> list[int]:
+    """Bit positions of overlays stored in the pixel data's unused bits, for unsigned data.
+
+    Older CR files put overlay graphics (annotations, shutters) into the bits of each
+    pixel outside BitsStored (PS3.5 8.1.2 and PS3.3 C.9.2, usage retired since 2004): an
+    Overlay Plane with Overlay Bit Position (60xx,0102) outside the stored bits and no
+    Overlay Data (60xx,3000) of its own. Those bits are graphics, not image.
+    """
+    if int(ds.get("PixelRepresentation") or 0) != 0:
+        return []  # signed data: pydicom already clears the bits above HighBit
+    bits_allocated = int(ds.get("BitsAllocated") or 0)
+    bits_stored = int(ds.get("BitsStored") or bits_allocated)
+    high_bit = int(ds.get("HighBit") if ds.get("HighBit") is not None else bits_stored - 1)
+    low_bit = high_bit - bits_stored + 1
+    positions = []
+    for group in range(0x6000, 0x6020, 2):
+        element = ds.get((group, 0x0102))
+        if element is None or (group, 0x3000) in ds:
+            continue
+        try:
+            position = int(element.value)
+        except (TypeError, ValueError):
+            continue
+        if (position < low_bit or position > high_bit) and 0 <= position < bits_allocated:
+            positions.append(position)
+    return sorted(set(positions))
+
+
+def mask_embedded_overlays(array: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarray:
+    """Clear the bits that hold embedded overlays (:func:`embedded_overlay_bits`)."""
+    positions = embedded_overlay_bits(ds)
+    if not positions or array.dtype.kind != "u":
+        return array
+    mask = 0
+    for position in positions:
+        mask |= 1 << position
+    keep = np.array(~mask & ((1 << (8 * array.dtype.itemsize)) - 1), dtype=array.dtype)
+    shown = ", ".join(str(p) for p in positions)
+    notes.append(f"overlay graphics embedded in pixel bit {shown} (Overlay Plane) masked out")
+    return np.bitwise_and(array, keep)
+
+
 def _value_range(array: np.ndarray, ds: Dataset, notes: list[str]) -> tuple[float, float]:
     """The range of stored values the header allows, widened when the data exceeds it."""
     bits_stored = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
@@ -366,16 +428,29 @@ def to_model_range(array: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarr
     return (2 * scaled - 1.0) * MODEL_RANGE
 
 
-def check_uids(ds: Dataset, notes: list[str]) -> None:
-    """Warn about identifying UIDs that break PS3.5 9.1 (digits and dots, no leading zeros).
+#: The UIDs an SR copies to reference its source image (PS3.3 C.17.2.1, TID 1500).
+REFERENCED_UIDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
 
-    Such files are common in the wild. The image can still be classified, but a PACS may
-    refuse it, and an SR cannot validly reference it (generate_sr.py says so too).
+
+def check_uids(ds: Dataset, notes: list[str]) -> None:
+    """Fail images an SR cannot reference; warn about UIDs that merely break PS3.5 9.1.
+
+    An SR references its source by SOP Class and SOP Instance UID (and copies the study
+    and series UIDs): without them, or with values no UI element can hold (more than 64
+    characters, anything but digits and dots), the image fails. A UID that only breaks
+    the finer rules (leading zeros, empty components) is common in the wild: the image
+    is classified with a warning, as a PACS may still refuse it.
     """
-    for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+    for keyword in REFERENCED_UIDS:
         value = _text(ds, keyword)
         if not value:
-            raise InputError(f"no {keyword}: the image cannot be identified")
+            raise InputError(f"no {keyword}: an SR cannot reference this image")
+        if len(value) > 64 or set(value) - set("0123456789."):
+            shown = value if len(value) <= 80 else value[:77] + "..."
+            raise InputError(
+                f"{keyword} {shown!r} is not usable (a UID holds at most 64 digits and dots): "
+                "an SR cannot reference this image"
+            )
         if not UID(value).is_valid:
             notes.append(f"{keyword} {value!r} is not a valid DICOM UID (PS3.5 9.1)")
 
@@ -393,6 +468,7 @@ def read_radiograph(source: Source, min_size: int | None = None) -> Radiograph:
     check_uids(ds, notes)
     reduced = _decode_reduced(ds, min_size) if min_size else None
     array, decimation, origin = reduced if reduced is not None else (_decode(ds), 1, None)
+    array = mask_embedded_overlays(array, ds, notes)
     low_value, high_value = array.min(), array.max()
     if low_value == high_value:
         raise InputError(f"every pixel has the value {low_value}: no image content")
