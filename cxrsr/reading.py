@@ -18,8 +18,10 @@ windowing is not applied, because the model was trained without it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +61,15 @@ CHEST_WORDS = ("CHEST", "THORAX", "THORACIC", "LUNG", "TORAX", "TORACE", "POUMON
 #: No radiograph has more pixels than this (a 43 cm detector at 50 µm is ~8600², 74 M).
 MAX_PIXELS = 16384 * 16384
 
+#: Memory one reader process may spend on one image (issue 9, item 4): the file's bytes
+#: (pydicom holds Pixel Data in memory), the decoder's output and temporaries, and the
+#: float32 image. An image whose :func:`decode_memory` estimate exceeds it is refused
+#: before anything is decoded. 1 GiB admits the largest detectors at full resolution
+#: (8600x8600 at 16 bits, 43x43 cm at 50 µm: about 650 MB) and refuses a header that
+#: claims 16384x16384 (about 2.2 GB, where a JPEG-LS stream of a few kB cost 3.6 GB).
+MEMORY_BUDGET = 1 << 30
+
+
 MODEL_RANGE = 1024.0
 
 # Real-world headers break VR rules all the time (e.g. UIDs with leading zeros); reading
@@ -86,8 +97,18 @@ def _text(ds: Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
-def read_dataset(source: Source) -> Dataset:
+#: Values longer than this (Pixel Data above all) are read from the file only when used,
+#: after :func:`check_pixel_data` has judged the header (pydicom's ``defer_size``).
+DEFER_BYTES = 1 << 20
+
+
+@contextlib.contextmanager
+def open_dataset(source: Source) -> Iterator[Dataset]:
     """Parse a file that sniffs as DICOM; files without meta get a transfer syntax.
+
+    The file stays open inside the ``with`` block: values over :data:`DEFER_BYTES`
+    (native Pixel Data) are read from it only when used, so a header that declares
+    more than the memory budget is refused before its pixels are read.
 
     ``force=True`` reads bare data sets without preamble or file meta (ACR-NEMA
     style); pydicom then knows how it parsed them (``original_encoding``) but not the
@@ -96,24 +117,44 @@ def read_dataset(source: Source) -> Dataset:
     # Sniff before open(): opening an archive member reads all of it.
     if not sniff_dicom(source.head(SNIFF_BYTES)):
         raise NotARadiographError("not a DICOM file")
+    size = source.size
+    if size > MEMORY_BUDGET:
+        raise InputError(
+            f"file of {size:,} bytes is larger than the per-worker memory budget of "
+            f"{MEMORY_BUDGET >> 20:,} MiB; not read"
+        )
     with source.open() as fh:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(fh, force=True)
+                ds = pydicom.dcmread(fh, force=True, defer_size=DEFER_BYTES)
         except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as exc:
             raise InputError(f"cannot parse DICOM: {exc}") from exc
-    if not isinstance(getattr(ds, "file_meta", None), FileMetaDataset):
-        ds.file_meta = FileMetaDataset()
-    if "TransferSyntaxUID" not in ds.file_meta:
-        implicit, little = ds.original_encoding
-        if implicit:
-            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-        else:
-            ds.file_meta.TransferSyntaxUID = (
-                ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-            )
-    return ds
+        if not isinstance(getattr(ds, "file_meta", None), FileMetaDataset):
+            ds.file_meta = FileMetaDataset()
+        if "TransferSyntaxUID" not in ds.file_meta:
+            implicit, little = ds.original_encoding
+            if implicit:
+                ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            else:
+                ds.file_meta.TransferSyntaxUID = (
+                    ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+                )
+        ds.cxrsr_file_size = size  # for check_pixel_data: what a deferred value can hold
+        yield ds
+
+
+def _pixel_data_bytes(ds: Dataset) -> int:
+    """Bytes of Pixel Data the file holds, without reading a deferred value."""
+    element = ds.get_item("PixelData", keep_deferred=True)
+    if element is None:
+        return 0
+    value = element.value
+    if value is not None:
+        return len(value)
+    # Deferred: the declared length, or what is left of the file when it is truncated.
+    remaining = int(getattr(ds, "cxrsr_file_size", 0)) - int(getattr(element, "value_tell", 0))
+    return max(min(int(getattr(element, "length", 0)), remaining), 0)
 
 
 def identity_of(ds: Dataset) -> dict[str, Any]:
@@ -163,15 +204,47 @@ def check_pixel_data(ds: Dataset) -> None:
             f"declares {rows}x{columns}x{frames} pixels, more than any radiograph "
             f"(limit {MAX_PIXELS:,}); not decoded"
         )
+    held = _pixel_data_bytes(ds)
     if not ds.file_meta.TransferSyntaxUID.is_encapsulated:
         bits_allocated = int(ds.get("BitsAllocated") or 0)
         expected = (pixels * samples * bits_allocated + 7) // 8
-        held = len(ds.PixelData)
         if held < expected:
             raise InputError(
                 f"declares {rows}x{columns} pixels ({expected:,} bytes) but holds "
                 f"{held:,} bytes of pixel data"
             )
+    needed = decode_memory(ds, held)
+    if needed > MEMORY_BUDGET:
+        raise InputError(
+            f"decoding {rows}x{columns}x{frames} pixels would need about {needed >> 20:,} MiB, "
+            f"more than the per-worker memory budget of {MEMORY_BUDGET >> 20:,} MiB; not decoded"
+        )
+
+
+def decode_memory(ds: Dataset, held_bytes: int) -> int:
+    """Bytes a reader process needs at its peak to decode and map ``ds``, estimated from the header.
+
+    The encoded bytes already held, plus per pixel: the decoder's output (BitsAllocated
+    rounded up to whole bytes, per sample), its temporaries (:data:`_DECODER_TEMPORARY`)
+    and the float32 image (:func:`to_model_range` works in place). ``bench/memory.py``
+    measures the real peak against it.
+    """
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    sample_bytes = max((int(ds.get("BitsAllocated") or 16) + 7) // 8, 1)
+    transfer_syntax = ds.file_meta.TransferSyntaxUID
+    # Besides its output array, per sample: native data is copied once into the output;
+    # RLE, JPEG and JPEG-LS decoders return a buffer of the output's size that pydicom
+    # copies; OpenJPEG decodes JPEG 2000 into 32-bit integers first.
+    if not transfer_syntax.is_encapsulated:
+        temporary = 0
+    elif str(transfer_syntax) in JPEG_2000:
+        temporary = 4
+    else:
+        temporary = sample_bytes
+    per_pixel = samples * (sample_bytes + temporary + 4)  # + the float32 image
+    return held_bytes + rows * columns * frames * per_pixel
 
 
 def check_radiograph(ds: Dataset, notes: list[str]) -> None:
@@ -397,7 +470,10 @@ def _apply_modality_lut(
     if slope == 1.0 and intercept == 0.0:
         return array, low, high
     ends = sorted((low * slope + intercept, high * slope + intercept))
-    return array.astype(np.float64) * slope + intercept, ends[0], ends[1]
+    values = array.astype(np.float32)  # float32 throughout: 4 bytes per pixel, in place
+    values *= np.float32(slope)
+    values += np.float32(intercept)
+    return values, ends[0], ends[1]
 
 
 def _inverts(ds: Dataset) -> bool:
@@ -418,14 +494,19 @@ def to_model_range(array: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarr
     values, low, high = _apply_modality_lut(array, ds, low, high)
     if high <= low:
         raise InputError(f"empty value range [{low}, {high}] after the Modality LUT")
-    if low == 0.0:
-        # Same float32 arithmetic as xrv.utils.normalize, so results match it exactly.
-        scaled = values.astype(np.float32) / np.float32(high)
-    else:
-        scaled = ((values.astype(np.float64) - low) / (high - low)).astype(np.float32)
+    # float32 in place: one 4-byte array per pixel, never a float64 copy (issue 9, item 4).
+    # With low == 0 this is xrv.utils.normalize's arithmetic, so results match it exactly.
+    owned = values is not array and values.dtype == np.float32
+    scaled = values if owned else values.astype(np.float32)
+    if low != 0.0:
+        scaled -= np.float32(low)
+    scaled /= np.float32(high - low)
     if _inverts(ds):
-        scaled = np.float32(1.0) - scaled
-    return (2 * scaled - 1.0) * MODEL_RANGE
+        np.subtract(np.float32(1.0), scaled, out=scaled)
+    scaled *= np.float32(2.0)
+    scaled -= np.float32(1.0)
+    scaled *= np.float32(MODEL_RANGE)
+    return scaled
 
 
 #: The UIDs an SR copies to reference its source image (PS3.3 C.17.2.1, TID 1500).
@@ -461,19 +542,20 @@ def read_radiograph(source: Source, min_size: int | None = None) -> Radiograph:
     With ``min_size``, codecs that can decode at reduced resolution may return an image
     whose short side is at least ``min_size`` (see :attr:`Radiograph.decimation`).
     """
-    ds = read_dataset(source)
-    check_pixel_data(ds)
-    notes: list[str] = []
-    check_radiograph(ds, notes)
-    check_uids(ds, notes)
-    reduced = _decode_reduced(ds, min_size) if min_size else None
-    array, decimation, origin = reduced if reduced is not None else (_decode(ds), 1, None)
-    array = mask_embedded_overlays(array, ds, notes)
-    low_value, high_value = array.min(), array.max()
-    if low_value == high_value:
-        raise InputError(f"every pixel has the value {low_value}: no image content")
-    pixels = to_model_range(array, ds, notes)
-    return Radiograph(pixels, identity_of(ds), notes, decimation, origin)
+    with open_dataset(source) as ds:
+        check_pixel_data(ds)
+        notes: list[str] = []
+        check_radiograph(ds, notes)
+        check_uids(ds, notes)
+        reduced = _decode_reduced(ds, min_size) if min_size else None
+        array, decimation, origin = reduced if reduced is not None else (_decode(ds), 1, None)
+        del ds.PixelData  # the encoded bytes are no longer needed: free them before mapping
+        array = mask_embedded_overlays(array, ds, notes)
+        low_value, high_value = array.min(), array.max()
+        if low_value == high_value:
+            raise InputError(f"every pixel has the value {low_value}: no image content")
+        pixels = to_model_range(array, ds, notes)
+        return Radiograph(pixels, identity_of(ds), notes, decimation, origin)
 
 
 def read_radiograph_bytes(data: bytes, name: str = "<bytes>") -> Radiograph:
@@ -482,5 +564,12 @@ def read_radiograph_bytes(data: bytes, name: str = "<bytes>") -> Radiograph:
     class _Memory(Source):
         def open(self) -> io.BytesIO:
             return io.BytesIO(data)
+
+        def head(self, n: int = SNIFF_BYTES) -> bytes:
+            return data[:n]
+
+        @property
+        def size(self) -> int:
+            return len(data)
 
     return read_radiograph(_Memory(name))

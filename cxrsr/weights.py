@@ -55,14 +55,12 @@ DENSENET_CLASSES = (
 )
 
 #: Functions and containers a pickle may call: tensor rebuilding and plain containers.
+#: (Storage classes never reach here: torch.load maps them to its own storage types.)
 CALLABLES = (
-    "torch._utils._rebuild_tensor",
     "torch._utils._rebuild_tensor_v2",
     "torch._utils._rebuild_parameter",
-    "torch.nn.parameter.Parameter",
     "collections.OrderedDict",
     "builtins.set",
-    "torch.Size",
 )
 
 
