@@ -221,12 +221,17 @@ def check_pixel_data(ds: Dataset) -> None:
         )
 
 
+#: What any decode costs besides its pixels: decoder modules imported on first use, the
+#: resize's small arrays (about 15 MiB measured; ``bench/memory.py``).
+_FIXED_COST = 32 << 20
+
+
 def decode_memory(ds: Dataset, held_bytes: int) -> int:
     """Bytes a reader process needs at its peak to decode and map ``ds``, estimated from the header.
 
-    The encoded bytes already held, plus per pixel: the decoder's output (BitsAllocated
-    rounded up to whole bytes, per sample), its temporaries (:data:`_DECODER_TEMPORARY`)
-    and the float32 image (:func:`to_model_range` works in place). ``bench/memory.py``
+    A fixed cost and the encoded bytes already held, plus per pixel: the decoder's output (BitsAllocated
+    rounded up to whole bytes, per sample), its temporaries and the float32 image
+    (:func:`to_model_range` works in place). ``bench/memory.py``
     measures the real peak against it.
     """
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
@@ -243,8 +248,11 @@ def decode_memory(ds: Dataset, held_bytes: int) -> int:
         temporary = 4
     else:
         temporary = sample_bytes
-    per_pixel = samples * (sample_bytes + temporary + 4)  # + the float32 image
-    return held_bytes + rows * columns * frames * per_pixel
+    # Then the float32 image; pydicom's Modality LUT Sequence lookup needs about 10 bytes
+    # per pixel of masks and index arrays besides.
+    mapping = 4 + (10 if "ModalityLUTSequence" in ds else 0)
+    per_pixel = samples * (sample_bytes + temporary + mapping)
+    return _FIXED_COST + held_bytes + rows * columns * frames * per_pixel
 
 
 def check_radiograph(ds: Dataset, notes: list[str]) -> None:

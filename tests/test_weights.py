@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import WEIGHTS_NAME, run_script
 
 from cxrsr.errors import PipelineError
 from cxrsr.model import load_classifier, load_torch_model, sha256_of
 from cxrsr.weights import WeightsRefused, load_state_dict
-from tests.conftest import WEIGHTS_NAME, run_script
 
 
 def weights_file_name() -> str:
