@@ -33,7 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = cli.make_parser(
         "process_dicom.py",
         DESCRIPTION,
-        "the model weights are missing and cannot be downloaded (the message says where to put them)",
+        "the model weights are missing and cannot be downloaded (the message says where to put "
+        "them), or the weights file is refused (not plain DenseNet weights, or not the "
+        "--weights-sha256 file)",
     )
     params = parser.add_argument_group("parameters")
     params.add_argument(

@@ -216,7 +216,8 @@ def load_state_dict(data: bytes, path: Path) -> dict[str, Any]:
     except Exception as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WeightsRefused(
-            f"weights file {path} refused: {detail} (not a torchxrayvision DenseNet weights file)"
+            f"weights file {path} refused: {detail} (not a torchxrayvision DenseNet weights "
+            "file; delete it and rerun to download it again)"
         ) from exc
     densenet = _module_classes()["torchxrayvision.models.DenseNet"]
     if type(loaded) is not densenet:

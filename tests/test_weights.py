@@ -242,3 +242,15 @@ def test_a_valid_export_of_other_weights_is_not_used(
     with pytest.raises(PipelineError, match="does not match --weights-sha256") as info:
         load_classifier(cache_dir=other, backend="onnx", weights_sha256=wanted)
     assert info.value.exit_code == 3
+
+
+def test_a_truncated_download_is_refused_with_advice(
+    tmp_path: Path, weights_cache_dir: Path
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    whole = (weights_cache_dir / weights_file_name()).read_bytes()
+    (cache / weights_file_name()).write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(WeightsRefused, match="delete it and rerun to download it again") as info:
+        load_torch_model(WEIGHTS_NAME, cache)
+    assert info.value.exit_code == 3 and "\n" not in str(info.value)
