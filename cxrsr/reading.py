@@ -4,16 +4,20 @@ The order of checks matters and follows what a PACS engineer would report first:
 
 1. not DICOM at all → skipped;
 2. a non-image object (presentation state, SR, ...) → skipped;
-3. an image object whose pixel data is missing, truncated or absurdly large → failed
-   (a broken file: someone should look at it);
-4. not a chest radiograph (Modality, colour, multi-frame, BodyPartExamined) → skipped;
-5. pixel data that cannot be decoded, or holds one value everywhere → failed.
+3. an image object whose pixel data is missing, truncated, absurdly large or over the
+   per-worker memory budget (judged from the header, before the pixels are read) →
+   failed (a broken or hostile file: someone should look at it);
+4. not a chest radiograph (DX For Processing, Modality, colour, multi-frame,
+   BodyPartExamined) → skipped;
+5. no usable SOP Class or SOP Instance UID (an SR could not reference it) → failed;
+6. pixel data that cannot be decoded, or holds one value everywhere → failed.
 
 Pixel values are mapped to torchxrayvision's [-1024, 1024] range by the range the
 header declares (``2**BitsStored - 1`` for unsigned data, exactly as
 ``xrv.utils.read_xray_dcm`` does), after the Modality LUT (PS3.3 C.11.1), and
-inverted once for MONOCHROME1 so that bone is bright (PS3.3 C.7.6.3.1.2). VOI LUT
-windowing is not applied, because the model was trained without it.
+inverted once for MONOCHROME1 so that bone is bright (PS3.3 C.7.6.3.1.2), in float32.
+Overlay graphics embedded in unused high bits are masked first. VOI LUT windowing is
+not applied, because the model was trained without it.
 """
 
 from __future__ import annotations
@@ -65,10 +69,10 @@ MAX_PIXELS = 16384 * 16384
 #: (pydicom holds Pixel Data in memory), the decoder's output and temporaries, and the
 #: float32 image. An image whose :func:`decode_memory` estimate exceeds it is refused
 #: before anything is decoded. 1 GiB admits the largest detectors at full resolution
-#: (8600x8600 at 16 bits, 43x43 cm at 50 µm: about 650 MB) and refuses a header that
-#: claims 16384x16384 (about 2.2 GB, where a JPEG-LS stream of a few kB cost 3.6 GB).
+#: (8600x8600 at 16 bits, 43x43 cm at 50 µm: 600-680 MiB) and refuses a header that
+#: claims 16384x16384 (over 2 GiB; a JPEG-LS stream of a few kB that really was that
+#: size cost 3.6 GB before this check). ``bench/memory.py`` measures both.
 MEMORY_BUDGET = 1 << 30
-
 
 MODEL_RANGE = 1024.0
 
