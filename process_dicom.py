@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections import Counter
@@ -32,7 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = cli.make_parser(
         "process_dicom.py",
         DESCRIPTION,
-        "the model weights are missing and cannot be downloaded (the message says where to put them)",
+        "the model weights are missing and cannot be downloaded (the message says where to put "
+        "them), or the weights file is refused (not plain DenseNet weights, or not the "
+        "--weights-sha256 file)",
     )
     params = parser.add_argument_group("parameters")
     params.add_argument(
@@ -60,6 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         default=None,
         help="folder holding the weights file (default: torchxrayvision's, ~/.torchxrayvision/models_data)",
+    )
+    model.add_argument(
+        "--weights-sha256",
+        type=sha256_hex,
+        metavar="HEX",
+        help="refuse (exit 3) a weights file whose SHA-256 differs, before reading anything in it",
     )
     model.add_argument(
         "--device",
@@ -104,7 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cxrsr.model import Classifier, load_classifier
 
     def load() -> Classifier:
-        classifier = load_classifier(args.weights, args.cache_dir, args.device, args.backend)
+        classifier = load_classifier(
+            args.weights, args.cache_dir, args.device, args.backend, args.weights_sha256
+        )
         cli.log.debug(
             "model %s on %s, %s backend", args.weights, classifier.device, classifier.backend
         )
@@ -148,6 +159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return cli.EXIT_INTERRUPTED
     return cli.EXIT_FAILED if counts["failed"] else cli.EXIT_OK
+
+
+def sha256_hex(text: str) -> str:
+    """``--weights-sha256``: 64 hexadecimal digits, in either case."""
+    if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a SHA-256 (64 hexadecimal digits)")
+    return text.lower()
 
 
 def check_writable(output: Path) -> None:

@@ -56,10 +56,13 @@ _IGNORED_NAMES = {"README.md", "README.txt", "README", "Thumbs.db", "desktop.ini
 #: Bytes needed by :func:`sniff_dicom`.
 SNIFF_BYTES = 132
 
-#: Largest uncompressed archive member read. The largest radiographs (43 x 43 cm
-#: detectors, 4300 x 4300 pixels, 16 bit) are under 40 MB uncompressed; a member that
-#: declares more than this is not a radiograph and is refused without being read.
-MAX_MEMBER_SIZE = 1 << 30
+#: Largest uncompressed archive member read. A member is read into memory whole (pydicom
+#: needs to seek in it; a deflated member cannot), so this bounds what one reader process
+#: holds for it, far below its 1 GiB budget (``cxrsr.reading.MEMORY_BUDGET``). The
+#: largest radiographs (43 x 43 cm detectors at 50 µm, 8600 x 8600 pixels, 16 bit) are
+#: under 150 MB uncompressed; a member that declares more than this is not a radiograph
+#: and is refused without being read.
+MAX_MEMBER_SIZE = 256 << 20
 
 #: Members that expand more than this many times, beyond :data:`_BOMB_MIN_SIZE`, are
 #: refused as zip bombs. Deflate's best is about 1030:1 (all zeros); real DICOM

@@ -1,8 +1,8 @@
 """Load a torchxrayvision DenseNet and run it in batches, through ONNX Runtime or PyTorch.
 
-Weights are loaded through torchxrayvision's own ``DenseNet(weights=..., cache_dir=...)``,
-which downloads the file once; when that fails (offline machines, firewalls) the error
-says which file to put where.
+Weights are downloaded once by torchxrayvision's own ``get_weights`` (when that fails,
+offline machines, firewalls, the error says which file to put where), then read as data
+by :mod:`cxrsr.weights`, never by torchxrayvision's ``torch.load(weights_only=False)``.
 
 Backends, all fp32 (the model's own precision):
 
@@ -39,6 +39,7 @@ import numpy as np
 
 from cxrsr.errors import PipelineError
 from cxrsr.results import OPERATING_POINT_SCORE, write_json_atomic
+from cxrsr.weights import WeightsRefused, load_state_dict, read_weights_bytes
 
 log = logging.getLogger("cxrsr")
 
@@ -204,43 +205,64 @@ def _logits_module(model: Any) -> Any:
     return _Logits(model).eval()
 
 
-def load_torch_model(weights: str, cache_dir: Path) -> tuple[Any, ModelCard]:
-    """torchxrayvision's own loading path (downloads once), with errors that say what to do."""
+def load_torch_model(
+    weights: str, cache_dir: Path, expected_sha256: str | None = None
+) -> tuple[Any, ModelCard]:
+    """torchxrayvision's DenseNet with its weights read as data (:mod:`cxrsr.weights`).
+
+    The file is downloaded once by torchxrayvision's own ``get_weights``; then its bytes
+    are checked against ``expected_sha256`` (if given) before anything is unpickled, and
+    its tensors are loaded into a DenseNet built as ``xrv.models.DenseNet(weights=...)``
+    builds it, without torchxrayvision's ``torch.load(weights_only=False)``.
+    """
+    import torch
     import torchxrayvision as xrv
 
     names = sorted(name for name in xrv.models.model_urls if name.startswith("densenet"))
     if weights not in names:
         raise PipelineError(f"unknown weights {weights!r}; choose one of: {', '.join(names)}", 2)
-    url = xrv.models.model_urls[weights]["weights_url"]
+    spec = xrv.models.model_urls[weights]
+    url = spec["weights_url"]
     path = cache_dir / os.path.basename(url)
     fix = (
         f"offline? download {url} on a machine with internet access and copy it to {path} "
         f"(or pass --cache-dir with the folder that holds it)"
     )
-    downloading = not path.is_file()
-    if downloading:
+    if not path.is_file():
         log.info("downloading weights %s to %s (once)", weights, path)
-    try:
-        # torchxrayvision prints its download chatter; keep stdout for our summary.
-        with contextlib.redirect_stdout(io.StringIO()):
-            model = xrv.models.DenseNet(weights=weights, cache_dir=str(cache_dir))
-    except Exception as exc:
-        if downloading:
+        try:
+            # torchxrayvision prints its download chatter; keep stdout for our summary.
+            with contextlib.redirect_stdout(io.StringIO()):
+                xrv.models.get_weights(weights, str(cache_dir))
+        except Exception as exc:
             path.unlink(missing_ok=True)  # never leave a partial download behind
             reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
             raise PipelineError(
                 f"cannot download weights {weights} ({type(exc).__name__}: {reason}); {fix}", 3
             ) from exc
-        raise PipelineError(
-            f"weights file {path} is unreadable ({type(exc).__name__}); delete it and rerun "
-            f"to download it again, or {fix}",
-            3,
+    data, digest = read_weights_bytes(path, expected_sha256)
+    state = load_state_dict(data, path)
+    model = xrv.models.DenseNet(num_classes=len(spec["labels"]))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = str(exc).splitlines()[0]
+        raise WeightsRefused(
+            f"weights file {path} refused: its tensors do not fit {weights} ({detail})"
         ) from exc
+    # What DenseNet(weights=...) sets besides the tensors (torchxrayvision 1.5.7).
+    model.weights = weights
+    model.targets = model.pathologies = list(spec["labels"])
+    model.weights_filename_local = str(path)
+    if "op_threshs" in spec:
+        model.op_threshs = torch.tensor(spec["op_threshs"])
+    if "input_resolution" in spec:
+        model.input_resolution = spec["input_resolution"]
     thresholds = getattr(model, "op_threshs", None)
     card = ModelCard(
         weights=weights,
         weights_file=path,
-        weights_sha256=sha256_of(path),
+        weights_sha256=digest,
         outputs=list(model.pathologies),
         op_threshs=[float(t) for t in thresholds] if thresholds is not None else None,
         torchxrayvision_version=xrv.__version__,
@@ -272,22 +294,37 @@ def _onnx_paths(card_or_weights: ModelCard | str, cache_dir: Path) -> tuple[Path
     return folder / f"{weights}.json", folder / f"{weights}.onnx"
 
 
-def _cached_onnx_card(weights: str, cache_dir: Path) -> ModelCard | None:
-    """The card of a previous export of these weights, if it is still valid."""
+def _cached_onnx(
+    weights: str, cache_dir: Path, expected_sha256: str | None = None
+) -> tuple[ModelCard, bytes] | None:
+    """A previous export of these weights and its bytes, if it is still theirs.
+
+    The card binds the export to the weights it was made from: the weights file must
+    still hash to the card's ``weights_sha256`` (and to ``expected_sha256`` when given),
+    and the ONNX bytes to its ``onnx_sha256``. A cache edited by hand, or left from other
+    weights, is not used (the export is made again). The bytes are hashed and given to
+    ONNX Runtime from memory, so the file cannot change in between; an ONNX model is a
+    protobuf graph of standard operators, and ONNX Runtime runs no code from it (custom
+    operator libraries are loaded only when the host program registers them; we do not).
+    """
     card_path, onnx_path = _onnx_paths(weights, cache_dir)
     try:
         data = json.loads(card_path.read_text(encoding="utf-8"))
         card = ModelCard.from_json(data, cache_dir)
+        onnx_sha256 = str(data["onnx_sha256"])
+        onnx_bytes = onnx_path.read_bytes()
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if (
-        not onnx_path.is_file()
-        or not card.weights_file.is_file()
+        not card.weights_file.is_file()
+        or card.weights != weights
         or card.torchxrayvision_version != torchxrayvision_version()
+        or (expected_sha256 is not None and card.weights_sha256 != expected_sha256.lower())
         or sha256_of(card.weights_file) != card.weights_sha256
+        or hashlib.sha256(onnx_bytes).hexdigest() != onnx_sha256
     ):
         return None
-    return card
+    return card, onnx_bytes
 
 
 def _export_onnx(model: Any, card: ModelCard, cache_dir: Path) -> None:
@@ -316,10 +353,11 @@ def _export_onnx(model: Any, card: ModelCard, cache_dir: Path) -> None:
         drift = _max_score_drift(_onnx_logits(tmp), _eager_logits(model, "cpu"), card)
         if drift > ONNX_SCORE_TOLERANCE:
             raise RuntimeError(f"ONNX scores differ from eager PyTorch by {drift:.2g}")
+        onnx_sha256 = sha256_of(tmp)
         os.replace(tmp, onnx_path)
     finally:
         tmp.unlink(missing_ok=True)
-    write_json_atomic(card_path, card.to_json())
+    write_json_atomic(card_path, {**card.to_json(), "onnx_sha256": onnx_sha256})
 
 
 def _max_score_drift(
@@ -334,12 +372,13 @@ def _max_score_drift(
     return float(np.max(np.abs(a - b)))
 
 
-def _onnx_logits(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+def _onnx_logits(model: Path | bytes) -> Callable[[np.ndarray], np.ndarray]:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
     def run(batch: np.ndarray) -> np.ndarray:
         return session.run(None, {"input": batch})[0]
@@ -376,20 +415,25 @@ def load_classifier(
     cache_dir: str | os.PathLike[str] | None = None,
     device: str = "auto",
     backend: str = "auto",
+    weights_sha256: str | None = None,
 ) -> Classifier:
-    """The fastest backend that reproduces torchxrayvision's eager model on this device."""
+    """The fastest backend that reproduces torchxrayvision's eager model on this device.
+
+    ``weights_sha256``: the weights file must have this SHA-256 before anything in it is
+    unpickled (and a cached ONNX export must have been made from such a file).
+    """
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     want_onnx = backend in ("auto", "onnx") and device in ("auto", "cpu") and _has_onnxruntime()
     if want_onnx and (device == "cpu" or not _cuda_visible()):
-        card = _cached_onnx_card(weights, folder)
-        if card is not None:
-            return Classifier(card, "cpu", "onnx", _onnx_logits(_onnx_paths(card, folder)[1]))
+        cached = _cached_onnx(weights, folder, weights_sha256)
+        if cached is not None:
+            return Classifier(cached[0], "cpu", "onnx", _onnx_logits(cached[1]))
     if backend == "onnx" and not _has_onnxruntime():
         raise PipelineError("--backend onnx needs the onnxruntime package", 2)
     device = resolve_device(device)
     if backend == "onnx" and device != "cpu":
         raise PipelineError("--backend onnx runs on the CPU only; use --backend eager", 2)
-    model, card = load_torch_model(weights, folder)
+    model, card = load_torch_model(weights, folder, weights_sha256)
     if device == "cpu" and want_onnx:
         try:
             _export_onnx(model, card, folder)

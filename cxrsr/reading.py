@@ -4,22 +4,28 @@ The order of checks matters and follows what a PACS engineer would report first:
 
 1. not DICOM at all → skipped;
 2. a non-image object (presentation state, SR, ...) → skipped;
-3. an image object whose pixel data is missing, truncated or absurdly large → failed
-   (a broken file: someone should look at it);
-4. not a chest radiograph (Modality, colour, multi-frame, BodyPartExamined) → skipped;
-5. pixel data that cannot be decoded, or holds one value everywhere → failed.
+3. an image object whose pixel data is missing, truncated, absurdly large or over the
+   per-worker memory budget (judged from the header, before the pixels are read) →
+   failed (a broken or hostile file: someone should look at it);
+4. not a chest radiograph (DX For Processing, Modality, colour, multi-frame,
+   BodyPartExamined) → skipped;
+5. no usable SOP Class or SOP Instance UID (an SR could not reference it) → failed;
+6. pixel data that cannot be decoded, or holds one value everywhere → failed.
 
 Pixel values are mapped to torchxrayvision's [-1024, 1024] range by the range the
 header declares (``2**BitsStored - 1`` for unsigned data, exactly as
 ``xrv.utils.read_xray_dcm`` does), after the Modality LUT (PS3.3 C.11.1), and
-inverted once for MONOCHROME1 so that bone is bright (PS3.3 C.7.6.3.1.2). VOI LUT
-windowing is not applied, because the model was trained without it.
+inverted once for MONOCHROME1 so that bone is bright (PS3.3 C.7.6.3.1.2), in float32.
+Overlay graphics embedded in unused high bits are masked first. VOI LUT windowing is
+not applied, because the model was trained without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,12 +43,18 @@ from pydicom.uid import (
 from cxrsr.discovery import SNIFF_BYTES, Source, sniff_dicom
 from cxrsr.errors import InputError, NotARadiographError
 
-#: SOP classes of projection radiographs (PS3.4 B.5): CR, and DX for presentation/processing.
+#: SOP classes of projection radiographs (PS3.4 B.5): CR, and DX for presentation.
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_SOP_CLASSES = {
     CR_IMAGE_STORAGE,
     "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
-    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+}
+#: DX, mammography and intra-oral "For Processing" SOP classes (PS3.4 B.5): raw detector
+#: data, before the vendor's image processing; the model was trained on processed images.
+FOR_PROCESSING_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.1.2.1": "Digital Mammography X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.1.3.1": "Digital Intra-Oral X-Ray Image Storage - For Processing",
 }
 RADIOGRAPH_MODALITIES = {"CR", "DX"}
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR (PS3.10 8.6)
@@ -52,6 +64,15 @@ CHEST_WORDS = ("CHEST", "THORAX", "THORACIC", "LUNG", "TORAX", "TORACE", "POUMON
 
 #: No radiograph has more pixels than this (a 43 cm detector at 50 µm is ~8600², 74 M).
 MAX_PIXELS = 16384 * 16384
+
+#: Memory one reader process may spend on one image (issue 9, item 4): the file's bytes
+#: (pydicom holds Pixel Data in memory), the decoder's output and temporaries, and the
+#: float32 image. An image whose :func:`decode_memory` estimate exceeds it is refused
+#: before anything is decoded. 1 GiB admits the largest detectors at full resolution
+#: (8600x8600 at 16 bits, 43x43 cm at 50 µm: 600-680 MiB) and refuses a header that
+#: claims 16384x16384 (over 2 GiB; a JPEG-LS stream of a few kB that really was that
+#: size cost 3.6 GB before this check). ``bench/memory.py`` measures both.
+MEMORY_BUDGET = 1 << 30
 
 MODEL_RANGE = 1024.0
 
@@ -80,8 +101,18 @@ def _text(ds: Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
-def read_dataset(source: Source) -> Dataset:
+#: Values longer than this (Pixel Data above all) are read from the file only when used,
+#: after :func:`check_pixel_data` has judged the header (pydicom's ``defer_size``).
+DEFER_BYTES = 1 << 20
+
+
+@contextlib.contextmanager
+def open_dataset(source: Source) -> Iterator[Dataset]:
     """Parse a file that sniffs as DICOM; files without meta get a transfer syntax.
+
+    The file stays open inside the ``with`` block: values over :data:`DEFER_BYTES`
+    (native Pixel Data) are read from it only when used, so a header that declares
+    more than the memory budget is refused before its pixels are read.
 
     ``force=True`` reads bare data sets without preamble or file meta (ACR-NEMA
     style); pydicom then knows how it parsed them (``original_encoding``) but not the
@@ -90,24 +121,44 @@ def read_dataset(source: Source) -> Dataset:
     # Sniff before open(): opening an archive member reads all of it.
     if not sniff_dicom(source.head(SNIFF_BYTES)):
         raise NotARadiographError("not a DICOM file")
+    size = source.size
+    if size > MEMORY_BUDGET:
+        raise InputError(
+            f"file of {size:,} bytes is larger than the per-worker memory budget of "
+            f"{MEMORY_BUDGET >> 20:,} MiB; not read"
+        )
     with source.open() as fh:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(fh, force=True)
+                ds = pydicom.dcmread(fh, force=True, defer_size=DEFER_BYTES)
         except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as exc:
             raise InputError(f"cannot parse DICOM: {exc}") from exc
-    if not isinstance(getattr(ds, "file_meta", None), FileMetaDataset):
-        ds.file_meta = FileMetaDataset()
-    if "TransferSyntaxUID" not in ds.file_meta:
-        implicit, little = ds.original_encoding
-        if implicit:
-            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-        else:
-            ds.file_meta.TransferSyntaxUID = (
-                ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-            )
-    return ds
+        if not isinstance(getattr(ds, "file_meta", None), FileMetaDataset):
+            ds.file_meta = FileMetaDataset()
+        if "TransferSyntaxUID" not in ds.file_meta:
+            implicit, little = ds.original_encoding
+            if implicit:
+                ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            else:
+                ds.file_meta.TransferSyntaxUID = (
+                    ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+                )
+        ds.cxrsr_file_size = size  # for check_pixel_data: what a deferred value can hold
+        yield ds
+
+
+def _pixel_data_bytes(ds: Dataset) -> int:
+    """Bytes of Pixel Data the file holds, without reading a deferred value."""
+    element = ds.get_item("PixelData", keep_deferred=True)
+    if element is None:
+        return 0
+    value = element.value
+    if value is not None:
+        return len(value)
+    # Deferred: the declared length, or what is left of the file when it is truncated.
+    remaining = int(getattr(ds, "cxrsr_file_size", 0)) - int(getattr(element, "value_tell", 0))
+    return max(min(int(getattr(element, "length", 0)), remaining), 0)
 
 
 def identity_of(ds: Dataset) -> dict[str, Any]:
@@ -157,21 +208,75 @@ def check_pixel_data(ds: Dataset) -> None:
             f"declares {rows}x{columns}x{frames} pixels, more than any radiograph "
             f"(limit {MAX_PIXELS:,}); not decoded"
         )
+    held = _pixel_data_bytes(ds)
     if not ds.file_meta.TransferSyntaxUID.is_encapsulated:
         bits_allocated = int(ds.get("BitsAllocated") or 0)
         expected = (pixels * samples * bits_allocated + 7) // 8
-        held = len(ds.PixelData)
         if held < expected:
             raise InputError(
                 f"declares {rows}x{columns} pixels ({expected:,} bytes) but holds "
                 f"{held:,} bytes of pixel data"
             )
+    needed = decode_memory(ds, held)
+    if needed > MEMORY_BUDGET:
+        raise InputError(
+            f"decoding {rows}x{columns}x{frames} pixels would need about {needed >> 20:,} MiB, "
+            f"more than the per-worker memory budget of {MEMORY_BUDGET >> 20:,} MiB; not decoded"
+        )
+
+
+#: What any decode costs besides its pixels: decoder modules imported on first use, the
+#: resize's small arrays (about 15 MiB measured; ``bench/memory.py``).
+_FIXED_COST = 32 << 20
+
+
+def decode_memory(ds: Dataset, held_bytes: int) -> int:
+    """Bytes a reader process needs at its peak to decode and map ``ds``, estimated from the header.
+
+    A fixed cost and the encoded bytes already held, plus per pixel: the decoder's output (BitsAllocated
+    rounded up to whole bytes, per sample), its temporaries and the float32 image
+    (:func:`to_model_range` works in place). ``bench/memory.py``
+    measures the real peak against it.
+    """
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    sample_bytes = max((int(ds.get("BitsAllocated") or 16) + 7) // 8, 1)
+    transfer_syntax = ds.file_meta.TransferSyntaxUID
+    # Besides its output array, per sample: native data is copied once into the output;
+    # RLE, JPEG and JPEG-LS decoders return a buffer of the output's size that pydicom
+    # copies; OpenJPEG decodes JPEG 2000 into 32-bit integers first.
+    if not transfer_syntax.is_encapsulated:
+        temporary = 0
+    elif str(transfer_syntax) in JPEG_2000:
+        temporary = 4
+    else:
+        temporary = sample_bytes
+    # Then the float32 image; pydicom's Modality LUT Sequence lookup needs about 10 bytes
+    # per pixel of masks and index arrays besides.
+    mapping = 4 + (10 if "ModalityLUTSequence" in ds else 0)
+    per_pixel = samples * (sample_bytes + temporary + mapping)
+    return _FIXED_COST + held_bytes + rows * columns * frames * per_pixel
 
 
 def check_radiograph(ds: Dataset, notes: list[str]) -> None:
-    """Skip what the model must not see: other modalities, colour, multi-frame, other body parts."""
+    """Skip what the model must not see: other modalities, colour, multi-frame, other body parts.
+
+    DX "For Processing" images are skipped first and alone: they are raw detector data
+    (PS3.3 C.8.11.1.1.1 Presentation Intent Type), whatever else the header says.
+    """
     modality = _text(ds, "Modality").upper()
     sop_class = _text(ds, "SOPClassUID")
+    if sop_class in FOR_PROCESSING_SOP_CLASSES:
+        raise NotARadiographError(
+            f"{FOR_PROCESSING_SOP_CLASSES[sop_class]}: raw detector data, not a processed "
+            "image the model was trained on"
+        )
+    if _text(ds, "PresentationIntentType").upper() == "FOR PROCESSING":
+        raise NotARadiographError(
+            "Presentation Intent Type FOR PROCESSING: raw detector data, not a processed "
+            "image the model was trained on"
+        )
     reasons = []
     if modality not in RADIOGRAPH_MODALITIES and not (not modality and sop_class in DX_SOP_CLASSES):
         shown = (
@@ -302,6 +407,48 @@ def _decode_reduced(ds: Dataset, min_size: int) -> tuple[np.ndarray, int, float 
     return array, 1 << level, origin
 
 
+def embedded_overlay_bits(ds: Dataset) -> list[int]:
+    """Bit positions of overlays stored in the pixel data's unused bits, for unsigned data.
+
+    Older CR files put overlay graphics (annotations, shutters) into the bits of each
+    pixel outside BitsStored (PS3.5 8.1.2 and PS3.3 C.9.2, usage retired since 2004): an
+    Overlay Plane with Overlay Bit Position (60xx,0102) outside the stored bits and no
+    Overlay Data (60xx,3000) of its own. Those bits are graphics, not image.
+    """
+    if int(ds.get("PixelRepresentation") or 0) != 0:
+        return []  # signed data: pydicom already clears the bits above HighBit
+    bits_allocated = int(ds.get("BitsAllocated") or 0)
+    bits_stored = int(ds.get("BitsStored") or bits_allocated)
+    high_bit = int(ds.get("HighBit") if ds.get("HighBit") is not None else bits_stored - 1)
+    low_bit = high_bit - bits_stored + 1
+    positions = []
+    for group in range(0x6000, 0x6020, 2):
+        element = ds.get((group, 0x0102))
+        if element is None or (group, 0x3000) in ds:
+            continue
+        try:
+            position = int(element.value)
+        except (TypeError, ValueError):
+            continue
+        if (position < low_bit or position > high_bit) and 0 <= position < bits_allocated:
+            positions.append(position)
+    return sorted(set(positions))
+
+
+def mask_embedded_overlays(array: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarray:
+    """Clear the bits that hold embedded overlays (:func:`embedded_overlay_bits`)."""
+    positions = embedded_overlay_bits(ds)
+    if not positions or array.dtype.kind != "u":
+        return array
+    mask = 0
+    for position in positions:
+        mask |= 1 << position
+    keep = np.array(~mask & ((1 << (8 * array.dtype.itemsize)) - 1), dtype=array.dtype)
+    shown = ", ".join(str(p) for p in positions)
+    notes.append(f"overlay graphics embedded in pixel bit {shown} (Overlay Plane) masked out")
+    return np.bitwise_and(array, keep)
+
+
 def _value_range(array: np.ndarray, ds: Dataset, notes: list[str]) -> tuple[float, float]:
     """The range of stored values the header allows, widened when the data exceeds it."""
     bits_stored = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
@@ -335,7 +482,10 @@ def _apply_modality_lut(
     if slope == 1.0 and intercept == 0.0:
         return array, low, high
     ends = sorted((low * slope + intercept, high * slope + intercept))
-    return array.astype(np.float64) * slope + intercept, ends[0], ends[1]
+    values = array.astype(np.float32)  # float32 throughout: 4 bytes per pixel, in place
+    values *= np.float32(slope)
+    values += np.float32(intercept)
+    return values, ends[0], ends[1]
 
 
 def _inverts(ds: Dataset) -> bool:
@@ -356,26 +506,44 @@ def to_model_range(array: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarr
     values, low, high = _apply_modality_lut(array, ds, low, high)
     if high <= low:
         raise InputError(f"empty value range [{low}, {high}] after the Modality LUT")
-    if low == 0.0:
-        # Same float32 arithmetic as xrv.utils.normalize, so results match it exactly.
-        scaled = values.astype(np.float32) / np.float32(high)
-    else:
-        scaled = ((values.astype(np.float64) - low) / (high - low)).astype(np.float32)
+    # float32 in place: one 4-byte array per pixel, never a float64 copy (issue 9, item 4).
+    # With low == 0 this is xrv.utils.normalize's arithmetic, so results match it exactly.
+    owned = values is not array and values.dtype == np.float32
+    scaled = values if owned else values.astype(np.float32)
+    if low != 0.0:
+        scaled -= np.float32(low)
+    scaled /= np.float32(high - low)
     if _inverts(ds):
-        scaled = np.float32(1.0) - scaled
-    return (2 * scaled - 1.0) * MODEL_RANGE
+        np.subtract(np.float32(1.0), scaled, out=scaled)
+    scaled *= np.float32(2.0)
+    scaled -= np.float32(1.0)
+    scaled *= np.float32(MODEL_RANGE)
+    return scaled
+
+
+#: The UIDs an SR copies to reference its source image (PS3.3 C.17.2.1, TID 1500).
+REFERENCED_UIDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
 
 
 def check_uids(ds: Dataset, notes: list[str]) -> None:
-    """Warn about identifying UIDs that break PS3.5 9.1 (digits and dots, no leading zeros).
+    """Fail images an SR cannot reference; warn about UIDs that merely break PS3.5 9.1.
 
-    Such files are common in the wild. The image can still be classified, but a PACS may
-    refuse it, and an SR cannot validly reference it (generate_sr.py says so too).
+    An SR references its source by SOP Class and SOP Instance UID (and copies the study
+    and series UIDs): without them, or with values no UI element can hold (more than 64
+    characters, anything but digits and dots), the image fails. A UID that only breaks
+    the finer rules (leading zeros, empty components) is common in the wild: the image
+    is classified with a warning, as a PACS may still refuse it.
     """
-    for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+    for keyword in REFERENCED_UIDS:
         value = _text(ds, keyword)
         if not value:
-            raise InputError(f"no {keyword}: the image cannot be identified")
+            raise InputError(f"no {keyword}: an SR cannot reference this image")
+        if len(value) > 64 or set(value) - set("0123456789."):
+            shown = value if len(value) <= 80 else value[:77] + "..."
+            raise InputError(
+                f"{keyword} {shown!r} is not usable (a UID holds at most 64 digits and dots): "
+                "an SR cannot reference this image"
+            )
         if not UID(value).is_valid:
             notes.append(f"{keyword} {value!r} is not a valid DICOM UID (PS3.5 9.1)")
 
@@ -386,18 +554,20 @@ def read_radiograph(source: Source, min_size: int | None = None) -> Radiograph:
     With ``min_size``, codecs that can decode at reduced resolution may return an image
     whose short side is at least ``min_size`` (see :attr:`Radiograph.decimation`).
     """
-    ds = read_dataset(source)
-    check_pixel_data(ds)
-    notes: list[str] = []
-    check_radiograph(ds, notes)
-    check_uids(ds, notes)
-    reduced = _decode_reduced(ds, min_size) if min_size else None
-    array, decimation, origin = reduced if reduced is not None else (_decode(ds), 1, None)
-    low_value, high_value = array.min(), array.max()
-    if low_value == high_value:
-        raise InputError(f"every pixel has the value {low_value}: no image content")
-    pixels = to_model_range(array, ds, notes)
-    return Radiograph(pixels, identity_of(ds), notes, decimation, origin)
+    with open_dataset(source) as ds:
+        check_pixel_data(ds)
+        notes: list[str] = []
+        check_radiograph(ds, notes)
+        check_uids(ds, notes)
+        reduced = _decode_reduced(ds, min_size) if min_size else None
+        array, decimation, origin = reduced if reduced is not None else (_decode(ds), 1, None)
+        del ds.PixelData  # the encoded bytes are no longer needed: free them before mapping
+        array = mask_embedded_overlays(array, ds, notes)
+        low_value, high_value = array.min(), array.max()
+        if low_value == high_value:
+            raise InputError(f"every pixel has the value {low_value}: no image content")
+        pixels = to_model_range(array, ds, notes)
+        return Radiograph(pixels, identity_of(ds), notes, decimation, origin)
 
 
 def read_radiograph_bytes(data: bytes, name: str = "<bytes>") -> Radiograph:
@@ -406,5 +576,12 @@ def read_radiograph_bytes(data: bytes, name: str = "<bytes>") -> Radiograph:
     class _Memory(Source):
         def open(self) -> io.BytesIO:
             return io.BytesIO(data)
+
+        def head(self, n: int = SNIFF_BYTES) -> bytes:
+            return data[:n]
+
+        @property
+        def size(self) -> int:
+            return len(data)
 
     return read_radiograph(_Memory(name))

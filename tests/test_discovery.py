@@ -91,11 +91,11 @@ def bomb_zip(path: Path) -> Path:
     return path
 
 
-def huge_member_zip(path: Path, dicom: bytes) -> Path:
-    """A member whose directory entry declares 3 GB uncompressed (stored, so ratio 1)."""
+def huge_member_zip(path: Path, dicom: bytes, size: int = 3_000_000_000) -> Path:
+    """A member whose directory entry declares ``size`` bytes uncompressed (stored, ratio 1)."""
     write_zip(path, {"IM1": dicom})
-    patch_central_header(path, 20, "<I", 3_000_000_000)  # compressed size
-    patch_central_header(path, 24, "<I", 3_000_000_000)  # uncompressed size
+    patch_central_header(path, 20, "<I", size)  # compressed size
+    patch_central_header(path, 24, "<I", size)  # uncompressed size
     return path
 
 
@@ -149,6 +149,14 @@ def test_zip_bomb_and_absurd_member_size_are_refused_unread(
     # The same check guards a member named directly (generate_sr.py reopens names).
     with pytest.raises(SourceReadError, match="zip bomb"):
         open_source(f"{bomb}!IM1").read_bytes()
+
+
+def test_members_are_capped_far_below_a_worker_budget(tmp_path: Path, dicom_bytes: bytes) -> None:
+    """A member is read into memory whole: 300 MB (under the old 1 GiB cap) is refused."""
+    huge = huge_member_zip(tmp_path / "huge.zip", dicom_bytes, size=300_000_000)
+    (source,) = iter_sources([huge])
+    with pytest.raises(SourceReadError, match=r"declares 300000000 bytes .*limit 268435456"):
+        source.head()
 
 
 def test_process_worker_records_broken_sources_as_failed(

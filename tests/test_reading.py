@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +146,101 @@ def test_invalid_uids_are_reported(corpus_dir: Path) -> None:
     )
     clean = read_radiograph(Source(str(corpus_dir / "cxr11_siim_cr_jpeg8.dcm")))
     assert not any("valid DICOM UID" in w for w in clean.warnings)
+
+
+CR_CHEST = "cxr08_panimg_CR-MONO1-10-chest_withmeta.dcm"
+
+
+@pytest.mark.parametrize(
+    "sop_class",
+    [
+        "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX For Processing
+        "1.2.840.10008.5.1.4.1.1.1.2.1",  # mammography For Processing
+        "1.2.840.10008.5.1.4.1.1.1.3.1",  # intra-oral For Processing
+    ],
+)
+def test_for_processing_sop_classes_are_skipped(corpus_dir: Path, sop_class: str) -> None:
+    ds = _native_copy(corpus_dir / CR_CHEST)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.Modality = "DX"
+    with pytest.raises(NotARadiographError, match="For Processing: raw detector data"):
+        read_radiograph_bytes(_to_bytes(ds))
+
+
+def test_presentation_intent_for_processing_is_skipped(corpus_dir: Path, tmp_path: Path) -> None:
+    from cxrsr.classify import prepare
+
+    ds = _native_copy(corpus_dir / CR_CHEST)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.Modality = "DX"
+    ds.PresentationIntentType = "FOR PROCESSING"
+    path = tmp_path / "raw.dcm"
+    path.write_bytes(_to_bytes(ds))
+    prepared = prepare(Source(str(path)))
+    assert prepared.status == "skipped" and prepared.model_input is None
+    assert "Presentation Intent Type FOR PROCESSING" in prepared.reason
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    path.write_bytes(_to_bytes(ds))
+    assert prepare(Source(str(path))).status == "ready"
+
+
+def _with_embedded_overlay(ds: pydicom.Dataset, bit: int, group: int = 0x6000) -> np.ndarray:
+    """Draw a rectangle into pixel bit ``bit`` and describe it as an embedded Overlay Plane."""
+    pixels = ds.pixel_array.astype(np.uint16)
+    graphic = np.zeros(pixels.shape, dtype=bool)
+    graphic[20:60, 30:200] = True  # a burnt-in annotation box
+    ds.PixelData = (pixels | (graphic.astype(np.uint16) << bit)).tobytes()
+    ds.add_new((group, 0x0010), "US", pixels.shape[0])  # Overlay Rows
+    ds.add_new((group, 0x0011), "US", pixels.shape[1])  # Overlay Columns
+    ds.add_new((group, 0x0040), "CS", "G")  # Overlay Type: graphics
+    ds.add_new((group, 0x0050), "SS", [1, 1])  # Overlay Origin
+    ds.add_new((group, 0x0100), "US", 16)  # Overlay Bits Allocated (= the pixel's)
+    ds.add_new((group, 0x0102), "US", bit)  # Overlay Bit Position, no (60xx,3000)
+    return graphic
+
+
+def test_embedded_overlay_bits_are_masked_not_read_as_image(corpus_dir: Path) -> None:
+    """Graphics in bit 12 of 10-bit CR data: masked; 'BitsStored understates' must not fire."""
+    original = read_radiograph(Source(str(corpus_dir / CR_CHEST)))
+    ds = _native_copy(corpus_dir / CR_CHEST)
+    _with_embedded_overlay(ds, 12)
+    _with_embedded_overlay(ds, 15, group=0x6002)
+    result = read_radiograph_bytes(_to_bytes(ds))
+    np.testing.assert_array_equal(result.pixels, original.pixels)
+    assert not any("above BitsStored" in w for w in result.warnings)
+    assert any("embedded in pixel bit 12, 15" in w for w in result.warnings)
+
+
+def test_overlay_with_its_own_data_leaves_the_high_bits_alone(corpus_dir: Path) -> None:
+    """With Overlay Data (60xx,3000) the overlay is not in the pixels: the data rule still holds."""
+    ds = _native_copy(corpus_dir / CR_CHEST)
+    graphic = _with_embedded_overlay(ds, 12)
+    ds.add_new((0x6000, 0x3000), "OW", np.packbits(graphic, bitorder="little").tobytes())
+    result = read_radiograph_bytes(_to_bytes(ds))
+    assert any("above BitsStored 10" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "reason"),
+    [
+        ("SOPClassUID", None, "no SOPClassUID: an SR cannot reference this image"),
+        ("SOPInstanceUID", "", "no SOPInstanceUID: an SR cannot reference this image"),
+        ("SOPClassUID", "CR Image Storage", "SOPClassUID 'CR Image Storage' is not usable"),
+        ("SOPInstanceUID", "1." * 40 + "1", "SOPInstanceUID '1.1.1.*' is not usable"),
+    ],
+)
+def test_images_an_sr_cannot_reference_fail(
+    corpus_dir: Path, tmp_path: Path, keyword: str, value: str | None, reason: str
+) -> None:
+    from cxrsr.classify import prepare
+
+    ds = _native_copy(corpus_dir / CR_CHEST)
+    if value is None:
+        delattr(ds, keyword)
+    else:
+        setattr(ds, keyword, value)
+    path = tmp_path / "noref.dcm"
+    path.write_bytes(_to_bytes(ds))
+    prepared = prepare(Source(str(path)))
+    assert prepared.status == "failed", prepared.reason
+    assert re.search(reason, prepared.reason), prepared.reason
