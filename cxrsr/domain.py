@@ -53,6 +53,8 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 
 class DomainPolicy(enum.StrEnum):
@@ -92,6 +94,15 @@ FRONTAL_VIEW_CODES = {
     ("SRT", "R-10206"): "AP",
 }
 FRONTAL_VIEW_MEANINGS = {"postero-anterior": "PA", "antero-posterior": "AP", "frontal": "frontal"}
+
+#: View Position terms as CID 4010 codes, for the SR's Image View (111031) when the image
+#: has no View Code Sequence.
+VIEW_POSITION_CODES = {
+    "PA": codes.cid4010.PosteroAnterior,
+    "AP": codes.cid4010.AnteroPosterior,
+    "LL": codes.cid4010.LeftLateral,
+    "RL": codes.cid4010.RightLateral,
+}
 
 #: Patient Orientation (0020,0020) of an image shown the standard way (see the module text).
 STANDARD_ORIENTATION = ("L", "F")
@@ -276,6 +287,15 @@ def view_of(ds: Dataset) -> tuple[str, list[Concern]]:
             )
         )
     return projection, concerns
+
+
+def view_code(ds: Dataset) -> Code | None:
+    """The image's view as a CID 4010 code: View Code Sequence's, else View Position's."""
+    for item in list(_sequence(ds, "ViewCodeSequence"))[:1]:
+        scheme, value, meaning = _code(item)
+        if scheme and value and meaning:
+            return Code(value, scheme, meaning)
+    return VIEW_POSITION_CODES.get(_text(ds, "ViewPosition").upper())
 
 
 def _not_frontal(kind: str, named: str) -> Concern:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from conftest import run_script
+from conftest import require_program, run_script
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -327,12 +327,13 @@ def variants(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     _variant(upright, folder, "upright")
     for name, (turn, orientation) in TURNS.items():
         _variant(upright, folder, name, pixels=turn(pixels), PatientOrientation=orientation)
-    _variant(upright, folder, "feline", PatientSpeciesDescription="Feline")
+    _variant(upright, folder, "feline", PatientSpeciesDescription="Feline", **VETERINARY)
     _variant(
         upright,
         folder,
         "dog_code",
         PatientSpeciesCodeSequence=[code_item("448771007", "SCT", "Canis lupus familiaris")],
+        **VETERINARY,
     )
     _variant(upright, folder, "lateral", ViewPosition="LL")
     _variant(
@@ -347,6 +348,16 @@ def variants(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     _variant(upright, folder, "tilted", PatientOrientation=["LH", "FR"])
     return folder
 
+
+#: Type 2C attributes a real veterinary header has (PS3.3 C.7.1.1, C.7.2.2): empty is allowed.
+VETERINARY: dict[str, Any] = {
+    "PatientBreedDescription": "",
+    "PatientBreedCodeSequence": [],
+    "BreedRegistrationSequence": [],
+    "ResponsiblePerson": "",
+    "ResponsibleOrganization": "",
+    "PatientSexNeutered": "",
+}
 
 OUTSIDE = {"feline", "dog_code", "lateral", "lateral_code", "tilted"}
 
@@ -455,13 +466,20 @@ def test_turned_images_give_the_model_the_upright_input(
     assert np.abs(as_stored - upright).mean() > 50
 
 
-def test_warn_classifies_everything_with_the_reason(
-    variants: Path, weights_cache_dir: Path, tmp_path: Path, strict_run
-) -> None:
-    _, strict = strict_run
+@pytest.fixture(scope="module")
+def warn_run(
+    variants: Path, weights_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[subprocess.CompletedProcess[str], dict[str, dict[str, Any]], Path]:
+    out = tmp_path_factory.mktemp("warn") / "results.json"
     proc, entries = run_process(
-        variants, tmp_path / "warn.json", weights_cache_dir, "--domain", "warn", "--workers", "0"
+        variants, out, weights_cache_dir, "--domain", "warn", "--workers", "0"
     )
+    return proc, entries, out
+
+
+def test_warn_classifies_everything_with_the_reason(warn_run, strict_run) -> None:
+    _, strict = strict_run
+    proc, entries, _ = warn_run
     assert all(entry["status"] == "classified" for entry in entries.values())
     for name in OUTSIDE:
         (warning,) = entries[name]["domain_warnings"]
@@ -471,6 +489,57 @@ def test_warn_classifies_everything_with_the_reason(
     assert entries["lateral_code"]["projection"] == "lateral"
     assert entries["tilted"]["orientation_transform"] == "none"
     assert "12 classified, 0 skipped, 0 failed" in proc.stdout
+
+
+def _sr_items(sr: Dataset, concept: str) -> list[Dataset]:
+    """Every content item, at any depth, named by code value ``concept``."""
+    found = []
+    for item in sr.get("ContentSequence", []):
+        if item.ConceptNameCodeSequence[0].CodeValue == concept:
+            found.append(item)
+        found += _sr_items(item, concept)
+    return found
+
+
+def test_sr_records_the_projection_and_the_notes(warn_run, tmp_path: Path) -> None:
+    """generate_sr.py: Image View from the header, the gates' warnings as visible TEXT notes."""
+    dciodvfy, dsrdump = require_program("dciodvfy"), require_program("dsrdump")
+    _, entries, results = warn_run
+    done = run_script("generate_sr.py", "--results", results, "--output-dir", tmp_path)
+    assert done.returncode == 0, done.stderr
+    by_source = {}
+    for path in sorted(tmp_path.glob("*.dcm")):
+        checked = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True)
+        output = checked.stdout + checked.stderr
+        assert [line for line in output.splitlines() if line.startswith("Error")] == [], output
+        dumped = subprocess.run([dsrdump, "-Ee", "+Pl", str(path)], capture_output=True, text=True)
+        assert dumped.returncode == 0 and not dumped.stderr.startswith(("E:", "F:")), path
+        sr = pydicom.dcmread(path)
+        instance = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        by_source[instance.ReferencedSOPSequence[0].ReferencedSOPInstanceUID] = (sr, dumped.stdout)
+    assert len(by_source) == len(entries)
+
+    def sr_of(name: str) -> tuple[Dataset, str]:
+        return by_source[entries[name]["sop_instance_uid"]]
+
+    def notes(sr: Dataset) -> list[str]:
+        return [item.TextValue for item in _sr_items(sr, "121106")]
+
+    upright, dump = sr_of("upright")
+    (view,) = _sr_items(upright, "111031")
+    assert view.ConceptCodeSequence[0].CodeValue == "272479007"  # postero-anterior
+    assert "postero-anterior" in dump
+    assert notes(upright) == [] and _sr_items(upright, "C0034375") == []
+    child, dump = sr_of("child_age")
+    assert notes(child) == entries["child_age"]["domain_warnings"]
+    assert "age 7 years (Patient Age 007Y)" in dump
+    (container,) = _sr_items(child, "C0034375")
+    assert container.ValueType == "CONTAINER" and container.RelationshipType == "CONTAINS"
+    lateral, _ = sr_of("lateral")
+    assert _sr_items(lateral, "111031")[0].ConceptCodeSequence[0].CodeMeaning == "left lateral"
+    assert notes(lateral)[0].startswith("lateral view (View Position LL)")
+    # The notes are part of what the SR says: the same scores without them are another SR.
+    assert sr_of("child_age")[0].SOPInstanceUID != sr_of("child_birth")[0].SOPInstanceUID
 
 
 def test_off_ignores_the_gates(
