@@ -104,8 +104,7 @@ VIEW_POSITION_CODES = {
     "RL": codes.cid4010.RightLateral,
 }
 
-#: Patient Orientation (0020,0020) of an image shown the standard way (see the module text).
-STANDARD_ORIENTATION = ("L", "F")
+#: PS3.3 C.7.6.1.1.1: Anterior, Posterior, Right, Left, Head, Feet.
 _DIRECTION_LETTERS = set("APRLHF")
 
 ADULT_AGE_YEARS = 18
@@ -185,7 +184,7 @@ class DomainDecision:
     reorientation: Reorientation = IDENTITY
     """Apply to the decoded pixels before preprocessing."""
     projection: str = ""
-    """"PA", "AP", "frontal", another view as the header names it, or "" when unknown."""
+    """The projection: PA, AP, frontal, another view as the header names it, or ""."""
     patient_orientation: str = ""
     """Patient Orientation as stored (``R\\F``), "" when absent."""
     concerns: tuple[Concern, ...] = field(default=(), compare=False)
