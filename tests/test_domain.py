@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -324,7 +325,9 @@ def variants(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     assert list(upright.PatientOrientation) == ["L", "F"]
     pixels = upright.pixel_array
     _variant(upright, folder, "upright")
+    unique = np.arange(4 * 6, dtype=np.float32).reshape(4, 6)
     for name, (turn, orientation) in TURNS.items():
+        assert _orientation_of(turn(unique), unique) == tuple(orientation), name  # C.7.6.1.1.1
         _variant(upright, folder, name, pixels=turn(pixels), PatientOrientation=orientation)
     _variant(upright, folder, "feline", PatientSpeciesDescription="Feline", **VETERINARY)
     _variant(
@@ -534,6 +537,8 @@ def test_sr_records_the_projection_and_the_notes(warn_run, tmp_path: Path) -> No
     assert "age 7 years (Patient Age 007Y)" in dump
     (container,) = _sr_items(child, "C0034375")
     assert container.ValueType == "CONTAINER" and container.RelationshipType == "CONTAINS"
+    report = hd.sr.Comprehensive3DSR.from_dataset(child).content  # readers still parse it
+    assert len(report.get_image_measurement_groups()) == 18
     lateral, _ = sr_of("lateral")
     assert _sr_items(lateral, "111031")[0].ConceptCodeSequence[0].CodeMeaning == "left lateral"
     assert notes(lateral)[0].startswith("lateral view (View Position LL)")
