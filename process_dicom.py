@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cxrsr import cli
 from cxrsr.discovery import check_inputs_exist, iter_sources
+from cxrsr.domain import DomainPolicy
 from cxrsr.errors import PipelineError
 from cxrsr.results import FAILED, SKIPPED, save_results
 
@@ -21,7 +22,10 @@ Classify chest radiographs (CR/DX) with a TorchXRayVision DenseNet and write one
 results file. Inputs are files, folders (searched recursively) and .zip archives;
 DICOM files are recognised by content. Other modalities, colour, multi-frame and
 non-chest images are skipped with the reason; unreadable files fail with the reason;
-the rest of the batch always goes on.
+the rest of the batch always goes on. Domain gates keep to what the model was trained
+on (human, frontal PA/AP, upright chest radiographs; children are flagged): see
+--domain. Images stored rotated or mirrored are turned upright as Patient Orientation
+says before the model sees them.
 
 Scores: for the default weights (densenet121-res224-all) they are operating-point
 normalised, NOT probabilities: 0.5 is each label's decision threshold, and a label is
@@ -51,6 +55,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         default=Path("output/results.json"),
         help="results file to write (default: %(default)s)",
+    )
+    params.add_argument(
+        "--domain",
+        default=DomainPolicy.STRICT.value,
+        choices=[policy.value for policy in DomainPolicy],
+        help="images outside the training domain (veterinary, lateral or oblique views, "
+        "orientations no turn explains): strict skips them, warn classifies them with a "
+        "warning, off ignores the gates (default: %(default)s)",
     )
     model = parser.add_argument_group("model options")
     model.add_argument(
@@ -135,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cli.log.warning("%s: %s", entry["path"], note)
             bar.update(1)
 
-        run = classify(sources, load, args.batch_size, args.workers, report)
+        run = classify(
+            sources, load, args.batch_size, args.workers, report, DomainPolicy(args.domain)
+        )
 
     now = datetime.now(UTC).replace(microsecond=0).isoformat()
     try:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from cxrsr.discovery import Source
+from cxrsr.domain import DomainPolicy, entry_fields
 from cxrsr.errors import InputError, NotARadiographError
 from cxrsr.model import Classifier
 from cxrsr.preprocess import INPUT_SIZE, preprocess
@@ -45,15 +46,20 @@ class Prepared:
     model_input: np.ndarray | None = None
 
 
-def prepare(source: Source) -> Prepared:
+def prepare(source: Source, domain: DomainPolicy = DomainPolicy.STRICT) -> Prepared:
     """Read, check, decode and preprocess one file (runs in a worker process)."""
     try:
-        radiograph = read_radiograph(source, min_size=REDUCED_DECODE_MIN_SIZE)
+        radiograph = read_radiograph(source, min_size=REDUCED_DECODE_MIN_SIZE, domain=domain)
+        # A reduced decode keeps the stored geometry; a turned image is decoded in full, its
+        # shape the turned one (a transpose swaps Rows and Columns).
+        reduced = radiograph.decimation > 1
         model_input = preprocess(
             radiograph.pixels,
             decimation=radiograph.decimation,
             sample_origin=radiograph.sample_origin,
-            original_shape=(radiograph.identity["rows"], radiograph.identity["columns"]),
+            original_shape=(radiograph.identity["rows"], radiograph.identity["columns"])
+            if reduced
+            else radiograph.pixels.shape,
         )
     except NotARadiographError as exc:
         return Prepared(source.name, SKIPPED, reason=str(exc))
@@ -80,17 +86,22 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def prepared_in_order(sources: Iterable[Source], workers: int, window: int) -> Iterator[Prepared]:
+def prepared_in_order(
+    sources: Iterable[Source],
+    workers: int,
+    window: int,
+    domain: DomainPolicy = DomainPolicy.STRICT,
+) -> Iterator[Prepared]:
     """``prepare`` over ``sources`` with ``workers`` processes, in order, ``window`` in flight."""
     if workers <= 0:
-        yield from map(prepare, sources)
+        yield from (prepare(source, domain) for source in sources)
         return
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
     try:
         pending: deque[Future[Prepared]] = deque()
         for source in sources:
-            pending.append(pool.submit(prepare, source))
+            pending.append(pool.submit(prepare, source, domain))
             if len(pending) >= window:
                 yield pending.popleft().result()
         while pending:
@@ -117,6 +128,7 @@ def classified_entry(item: Prepared, scores: dict[str, float], threshold: float)
         "rows": identity["rows"],
         "columns": identity["columns"],
         "transfer_syntax_uid": identity["transfer_syntax_uid"],
+        **entry_fields(identity),
         "scores": scores,
         "findings": [label for label, score in scores.items() if score >= threshold],
     }
@@ -142,6 +154,7 @@ def classify(
     batch_size: int,
     workers: int,
     on_entry: Callable[[dict[str, Any]], None] = lambda entry: None,
+    domain: DomainPolicy = DomainPolicy.STRICT,
 ) -> Run:
     """Classify ``sources``, in order.
 
@@ -149,7 +162,7 @@ def classify(
     the first files, so start-up costs the longer of the two, not their sum.
     ``on_entry`` is called once per finished file (progress and messages). Ctrl-C ends
     the run early but keeps what is finished (``Run.interrupted``), unless the model
-    has not even loaded yet.
+    has not even loaded yet. ``domain`` is the domain gates' policy (:mod:`cxrsr.domain`).
     """
     threshold = 0.5
     entries: list[dict[str, Any] | None] = [None] * len(sources)
@@ -171,7 +184,7 @@ def classify(
     window = batch_size * 2 + max(workers, 1) * 2
     interrupted = False
     try:
-        for index, item in enumerate(prepared_in_order(sources, workers, window)):
+        for index, item in enumerate(prepared_in_order(sources, workers, window, domain)):
             if loading.done() and loading.exception() is not None:
                 break  # the model cannot load: stop reading files, report that error below
             if item.status == "ready":

@@ -10,6 +10,8 @@ The order of checks matters and follows what a PACS engineer would report first:
 4. not a chest radiograph (DX For Processing, Modality, colour, multi-frame,
    BodyPartExamined) → skipped;
 5. no usable SOP Class or SOP Instance UID (an SR could not reference it) → failed;
+   outside the model's training domain (species, view, orientation: :mod:`cxrsr.domain`)
+   → skipped, or classified with a warning, as the domain policy says;
 6. pixel data that cannot be decoded, or holds one value everywhere → failed.
 
 Pixel values are mapped to torchxrayvision's [-1024, 1024] range by the range the
@@ -41,6 +43,7 @@ from pydicom.uid import (
 )
 
 from cxrsr.discovery import SNIFF_BYTES, Source, sniff_dicom
+from cxrsr.domain import DomainPolicy, check_domain
 from cxrsr.errors import InputError, NotARadiographError
 
 #: SOP classes of projection radiographs (PS3.4 B.5): CR, and DX for presentation.
@@ -548,17 +551,31 @@ def check_uids(ds: Dataset, notes: list[str]) -> None:
             notes.append(f"{keyword} {value!r} is not a valid DICOM UID (PS3.5 9.1)")
 
 
-def read_radiograph(source: Source, min_size: int | None = None) -> Radiograph:
+def read_radiograph(
+    source: Source,
+    min_size: int | None = None,
+    domain: DomainPolicy = DomainPolicy.STRICT,
+) -> Radiograph:
     """Read, check and decode one file; raise :class:`InputError` (or its subclass) if unusable.
 
     With ``min_size``, codecs that can decode at reduced resolution may return an image
     whose short side is at least ``min_size`` (see :attr:`Radiograph.decimation`).
+    ``domain`` is the policy of the domain gates (:mod:`cxrsr.domain`); the pixels come
+    back turned to the standard display the gates found in Patient Orientation.
     """
     with open_dataset(source) as ds:
         check_pixel_data(ds)
         notes: list[str] = []
         check_radiograph(ds, notes)
         check_uids(ds, notes)
+        decision = check_domain(ds, domain)
+        if decision.skip_reason:
+            raise NotARadiographError(decision.skip_reason)
+        notes.extend(decision.warnings)
+        if not decision.reorientation.is_identity:
+            # A reduced decode's sample phase is anchored at the stored top-left corner;
+            # after a flip it would sit at the other end, so a turned image is decoded in full.
+            min_size = None
         reduced = _decode_reduced(ds, min_size) if min_size else None
         array, decimation, origin = reduced if reduced is not None else (_decode(ds), 1, None)
         del ds.PixelData  # the encoded bytes are no longer needed: free them before mapping
@@ -566,11 +583,13 @@ def read_radiograph(source: Source, min_size: int | None = None) -> Radiograph:
         low_value, high_value = array.min(), array.max()
         if low_value == high_value:
             raise InputError(f"every pixel has the value {low_value}: no image content")
-        pixels = to_model_range(array, ds, notes)
-        return Radiograph(pixels, identity_of(ds), notes, decimation, origin)
+        pixels = decision.reorientation.apply(to_model_range(array, ds, notes))
+        return Radiograph(pixels, identity_of(ds) | decision.record(), notes, decimation, origin)
 
 
-def read_radiograph_bytes(data: bytes, name: str = "<bytes>") -> Radiograph:
+def read_radiograph_bytes(
+    data: bytes, name: str = "<bytes>", domain: DomainPolicy = DomainPolicy.STRICT
+) -> Radiograph:
     """Like :func:`read_radiograph` for bytes already in memory (tests, archives)."""
 
     class _Memory(Source):
@@ -584,4 +603,4 @@ def read_radiograph_bytes(data: bytes, name: str = "<bytes>") -> Radiograph:
         def size(self) -> int:
             return len(data)
 
-    return read_radiograph(_Memory(name))
+    return read_radiograph(_Memory(name), domain=domain)

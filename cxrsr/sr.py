@@ -57,6 +57,7 @@ from cxrsr.codes import (
     finding_for_label,
 )
 from cxrsr.discovery import open_source
+from cxrsr.domain import view_code
 from cxrsr.errors import InputError, PipelineError
 from cxrsr.files import write_atomic
 from cxrsr.sr_template import ContentTemplate, character_encodings, encode_document
@@ -65,7 +66,7 @@ log = logging.getLogger("cxrsr")
 
 #: Bumped whenever the SR's content changes for the same results; part of the SOP Instance
 #: UID, so a PACS holding the old document receives a new instance, not a silent clash.
-SR_LAYOUT_VERSION = "1"
+SR_LAYOUT_VERSION = "2"  # 2: Image View in the image library; domain notes (issue 13)
 
 #: Series Number of every SR series (PS3.3 C.17.1 requires one; a fixed, high number keeps
 #: the AI series after the acquired ones in a viewer's series list).
@@ -99,6 +100,9 @@ TYPE_2_PATIENT_STUDY = (
     "StudyID",
     "AccessionNumber",
 )
+
+#: TID 1500 row 12: the root's container of qualitative evaluations (CODE and TEXT items).
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 
 #: Keys of a results entry checked against the source header before an SR is written.
 IDENTITY_KEYS = {
@@ -195,6 +199,8 @@ class Classification:
     present: tuple[bool, ...]
     classified_at: datetime.datetime | None = None
     """When process_dicom.py first produced this result: the SR's Content Date/Time."""
+    domain_warnings: tuple[str, ...] = ()
+    """The domain gates' caveats (a child, a view outside the domain): notes in the SR."""
 
     @classmethod
     def from_entry(cls, entry: Mapping[str, Any], model: ModelInfo, index: int) -> Classification:
@@ -216,6 +222,9 @@ class Classification:
         for key in ("path", *IDENTITY_KEYS):
             if not isinstance(entry[key], str) or not entry[key]:
                 raise PipelineError(f"{where}: '{key}' must be a non-empty string", exit_code=2)
+        notes = entry.get("domain_warnings") or []
+        if not isinstance(notes, list) or not all(isinstance(n, str) and n for n in notes):
+            raise PipelineError(f"{where}: 'domain_warnings' must be a list of strings", 2)
         return cls(
             path=entry["path"],
             sop_instance_uid=entry["sop_instance_uid"],
@@ -225,6 +234,7 @@ class Classification:
             scores=tuple(float(scores[label]) for label in model.labels),
             present=tuple(label in findings for label in model.labels),
             classified_at=_parse_time(entry.get("classified_at"), where),
+            domain_warnings=tuple(notes),
         )
 
     def content_datetime(self, fallback: datetime.datetime) -> datetime.datetime:
@@ -244,6 +254,8 @@ class Classification:
             "threshold": model.threshold,
             "score_kind": model.score_kind,
         }
+        if self.domain_warnings:  # what the SR says, so part of what its UID names
+            payload["domain_warnings"] = self.domain_warnings
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -411,7 +423,28 @@ def measurement_report(
     # TID 1500 row 6: the Image Library comes before the Imaging Measurements (the last item).
     root_items = report[0].ContentSequence
     root_items.insert(len(root_items) - 1, image_library(evidence))
+    if classification.domain_warnings:
+        root_items.append(domain_notes(classification.domain_warnings))
     return report
+
+
+def domain_notes(notes: tuple[str, ...]) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12 Qualitative Evaluations: one TEXT (121106, DCM, "Comment") per caveat.
+
+    The domain gates' warnings (a child, a view or species outside the training domain
+    classified under ``--domain warn``) belong with the result, in words a reader sees.
+    """
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(codes.DCM.Comment, note, hd.sr.RelationshipTypeValues.CONTAINS)
+            for note in notes
+        ]
+    )
+    return container
 
 
 def image_library(image: Dataset) -> hd.sr.ContainerContentItem:
@@ -443,7 +476,7 @@ def image_library(image: Dataset) -> hd.sr.ContainerContentItem:
 
 
 def image_descriptors(image: Dataset) -> list[hd.sr.ContentItem]:
-    """TID 1602 (Modality, Rows, Columns) and TID 1603 (orientation, spacing) where known."""
+    """TID 1602 (Modality, Rows, Columns, Image View) and TID 1603 (orientation, spacing)."""
     acquisition = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
     pixels = hd.sr.CodedConcept("{pixels}", "UCUM", "Pixels")
     items: list[hd.sr.ContentItem] = []
@@ -460,6 +493,10 @@ def image_descriptors(image: Dataset) -> list[hd.sr.ContentItem]:
                     name, int(image[keyword].value), pixels, relationship_type=acquisition
                 )
             )
+    view = view_code(image)
+    if view is not None:
+        # The projection (AP films look different; readers want to know), as TID 4020 row 3.
+        items.append(hd.sr.CodeContentItem(codes.DCM.ImageView, view, acquisition))
     orientation = image.get("PatientOrientation")
     spacing = image.get("ImagerPixelSpacing")
     if orientation and len(orientation) == 2 and spacing and len(spacing) == 2:
@@ -649,7 +686,9 @@ class SRBuilder:
 
     def encode(self, header: Dataset, classification: Classification) -> EncodedSR:
         """The SR file of one classified image, byte for byte what the reference writes."""
-        if self.use_reference:
+        if self.use_reference or classification.domain_warnings:
+            # The template has no slot for domain notes; the few such documents (children,
+            # --domain warn) are built by highdicom in full.
             return self._encode_reference(header, classification)
         evidence, emptied = evidence_dataset(header)
         template = self.template(evidence, classification)
@@ -692,7 +731,9 @@ class SRBuilder:
         roots = [
             measurement_report(
                 evidence,
-                dataclasses.replace(classification, present=(call,) * len(self.model.labels)),
+                dataclasses.replace(
+                    classification, present=(call,) * len(self.model.labels), domain_warnings=()
+                ),
                 self.model,
                 sr_uid,
             )[0]

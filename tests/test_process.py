@@ -137,6 +137,22 @@ def test_classified_entries_carry_the_source_identity_and_scores(corpus_results)
     assert "warnings" not in names["cxr04_nema_RG1_JLSN.dcm"]
 
 
+def test_domain_gates_on_the_corpus(corpus_results) -> None:
+    """Under the default --domain strict: projection and orientation recorded; the corpus dog,
+    whose header names no species, is classified with what the gates can see (issue 13)."""
+    _, results, _ = corpus_results
+    entries = by_name(results)
+    cxr04 = entries["cxr04_nema_RG1_JLSN.dcm"]
+    assert (cxr04["projection"], cxr04["patient_orientation"]) == ("PA", "L\\F")
+    assert cxr04["orientation_transform"] == "none" and cxr04["domain_warnings"] == []
+    dog = entries["edge_vet_dog_dx_thorax_small.dcm"]
+    assert dog["status"] == "classified"
+    assert [w.split(":")[0] for w in dog["domain_warnings"]] == [
+        "no View Position or View Code Sequence",
+        "paediatric patient, age 5 years (Patient Age 005Y)",
+    ]
+
+
 def test_rerun_gives_the_same_file(corpus_results, corpus_dir, weights_cache_dir, tmp_path) -> None:
     """Same inputs, same bytes: including each result's classified_at, kept from the last run."""
     _, results, first = corpus_results
