@@ -9,7 +9,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-from pathlib import Path
 
 from conftest import missing_prerequisite
 
@@ -43,13 +42,6 @@ def run_chromium(url: str, *extra: str, timeout: float = 120) -> subprocess.Comp
             text=True,
             timeout=timeout,
         )
-
-
-def screenshot(url: str, target: Path, width: int = 1280, height: int = 2400) -> Path:
-    """A PNG of the page at ``url`` as Chromium renders it in a ``width`` x ``height`` window."""
-    done = run_chromium(url, f"--screenshot={target}", f"--window-size={width},{height}")
-    assert target.is_file(), f"no screenshot: {done.stderr[-2000:]}"
-    return target
 
 
 def dump_dom(url: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.client
 import io
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -30,26 +29,13 @@ from pydicom.uid import generate_uid
 from test_report import copy_with_new_uids
 
 from cxrsr.errors import PipelineError
-from cxrsr.local_orthanc import LocalOrthanc
+from cxrsr.local_orthanc import DICOMWEB_PLUGIN, LocalOrthanc
 from cxrsr.ohif import OhifServer, ensure_ohif_dist
 
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 CACHE = Path.home() / ".cache" / "cxrsr-test"
 #: WebGL in headless Chromium needs SwiftShader (../shared/docs/ohif.md).
 BROWSER_ARGS = ["--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
 SECONDARY_CAPTURE_CLASSES = ("1.2.840.10008.5.1.4.1.1.7",)  # and its multi-frame .7.x
-
-
-class DicomWebOrthanc(LocalOrthanc):
-    """The project's Orthanc with Debian's DICOMweb plugin loaded at ``/dicom-web/``."""
-
-    def write_config(self) -> Path:
-        path = super().write_config()
-        config = json.loads(path.read_text(encoding="utf-8"))
-        config["Plugins"] = [str(DICOMWEB_PLUGIN)]
-        config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
-        path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-        return path
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +55,12 @@ def dicomweb_orthanc(
         missing_prerequisite(
             "Orthanc's DICOMweb plugin missing (test.sh installs orthanc-dicomweb)"
         )
-    server = DicomWebOrthanc(
+    server = LocalOrthanc(
         tmp_path_factory.mktemp("orthanc-dicomweb"),
         "cxrsr-test",
         "ohif-test-pw",
         binary=orthanc_binary,
+        dicomweb=True,
     )
     with server:
         yield server

@@ -69,6 +69,7 @@ ul.warnings{margin:8px 0 0;padding-left:18px;color:#8a5300;font-size:13px}
 .meta{font-size:13px;color:#5a6375;overflow-wrap:anywhere}
 table.others td,table.others th{border-top:1px solid #e1e4ea;padding:4px 6px;text-align:left;
  vertical-align:top;font-size:13px;overflow-wrap:anywhere}
+table.tally{width:auto;min-width:320px}
 a{color:#1f5fbf}
 footer{color:#5a6375;font-size:12px;padding-bottom:24px}
 """
@@ -140,7 +141,7 @@ def _counts(
         for label, n in sorted(per_label.items(), key=lambda item: (-item[1], item[0]))
     )
     tally = (
-        f'<table class="others"><tr><th>finding (score &ge; {threshold:g})</th>'
+        f'<table class="others tally"><tr><th>finding (score &ge; {threshold:g})</th>'
         f"<th>images</th></tr>{rows}</table>"
         if rows
         else f"<p>No image has a score at or above {threshold:g}.</p>"
