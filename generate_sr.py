@@ -85,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # The HTML report beside the results file (README "The HTML report"); it links each
     # study into Orthanc Explorer when ORTHANC_URL is set in the environment or .env.
-    report_file, report = write_report(document, args.results, setting("ORTHANC_URL"))
+    report_file, report = write_report(
+        document, args.results, setting("ORTHANC_URL"), jobs=args.jobs
+    )
     for problem in report.problems:
         cli.log.warning(problem)
     cli.log.info("report: %s", report_file)

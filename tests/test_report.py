@@ -310,3 +310,12 @@ def test_study_ids_computed_offline_are_orthancs_own(
     answer = requests.get(f"{orthanc.url}/studies/{study_id}", auth=auth, timeout=10)
     assert answer.json()["MainDicomTags"]["StudyInstanceUID"] == ds.StudyInstanceUID
     assert orthanc_env(orthanc)["ORTHANC_URL"] == orthanc.url
+
+
+def test_worker_processes_make_the_same_page(processed: Path) -> None:
+    document = json.loads(processed.read_text(encoding="utf-8"))
+    classified = [e for e in document["images"] if e["status"] == "classified"]
+    document["images"] = classified * 12  # 36 cards: enough for two workers
+    one = render_report(document, processed.parent, "http://127.0.0.1:8042", jobs=1)
+    two = render_report(document, processed.parent, "http://127.0.0.1:8042", jobs=2)
+    assert one.html == two.html and len(read_page(two.html).cards) == 36

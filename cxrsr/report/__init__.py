@@ -26,7 +26,10 @@ def report_path(results_path: Path) -> Path:
 
 
 def write_report(
-    document: dict[str, Any], results_path: Path, orthanc_url: str | None = None
+    document: dict[str, Any],
+    results_path: Path,
+    orthanc_url: str | None = None,
+    jobs: int = 1,
 ) -> tuple[Path, Report]:
     """Write the report for the results file ``results_path`` (already loaded as ``document``).
 
@@ -35,7 +38,9 @@ def write_report(
     (exit 3, like an output folder that cannot be written).
     """
     results_path = Path(results_path)
-    report = render_report(document, results_path.parent, orthanc_url, title=results_path.name)
+    report = render_report(
+        document, results_path.parent, orthanc_url, title=results_path.name, jobs=jobs
+    )
     target = report_path(results_path)
     try:
         write_atomic(target, report.html.encode("utf-8"))

@@ -9,9 +9,12 @@ as beside the results. It carries no clock time: the same results give the same 
 
 from __future__ import annotations
 
+import functools
 import math
+import multiprocessing
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path, PurePath
@@ -27,6 +30,9 @@ NOT_FOR_DIAGNOSIS = "AI RESULT - NOT FOR DIAGNOSTIC USE"
 ATTENTION_NOTE = "colour shows model attention, not a localisation"
 
 #: No fetches, no scripts, no frames: pictures only from data: URIs, styles only inline.
+#: Below this many cards per worker process, one process is faster than starting a pool.
+MIN_CARDS_PER_WORKER = 16
+
 CONTENT_SECURITY_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 STYLE = """
@@ -88,19 +94,21 @@ def render_report(
     results_dir: Path,
     orthanc_url: str | None = None,
     title: str = "results.json",
+    jobs: int = 1,
 ) -> Report:
     """The report for a loaded results file (see :func:`cxrsr.results.load_results`).
 
     ``results_dir`` is where the relative picture paths start; ``orthanc_url`` (credentials
-    are dropped) adds a link per study into Orthanc Explorer.
+    are dropped) adds a link per study into Orthanc Explorer. With ``jobs`` > 1 the cards
+    (decoding and blending their pictures is most of the work) are made in worker
+    processes; the page is the same byte for byte.
     """
     model = document.get("model") or {}
     threshold = float(model.get("threshold", 0.5))
     entries = document["images"]
     classified = [e for e in entries if e.get("status") == "classified"]
     others = [e for e in entries if e.get("status") != "classified"]
-    problems: list[str] = []
-    cards = [_card(entry, results_dir, threshold, orthanc_url, problems) for entry in classified]
+    cards, problems = _cards(classified, results_dir, threshold, orthanc_url, jobs)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -179,6 +187,35 @@ def _provenance(model: dict[str, Any]) -> str:
 
 def _present(entry: dict[str, Any], threshold: float) -> list[str]:
     return [label for label, score in (entry.get("scores") or {}).items() if score >= threshold]
+
+
+def _cards(
+    entries: Sequence[dict[str, Any]],
+    results_dir: Path,
+    threshold: float,
+    orthanc_url: str | None,
+    jobs: int,
+) -> tuple[list[str], list[str]]:
+    """Each entry's card, in order, and the problems met on the way."""
+    render = functools.partial(
+        _card_alone, results_dir=results_dir, threshold=threshold, orthanc_url=orthanc_url
+    )
+    workers = min(jobs, len(entries) // MIN_CARDS_PER_WORKER)
+    if workers > 1:
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else None)
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            made = list(pool.map(render, entries, chunksize=8))
+    else:
+        made = [render(entry) for entry in entries]
+    return [html for html, _ in made], [problem for _, found in made for problem in found]
+
+
+def _card_alone(
+    entry: dict[str, Any], results_dir: Path, threshold: float, orthanc_url: str | None
+) -> tuple[str, list[str]]:
+    problems: list[str] = []
+    return _card(entry, results_dir, threshold, orthanc_url, problems), problems
 
 
 def _card(
@@ -334,21 +371,22 @@ def _compose(
         return images.heatmap_only(heat)
     if heat is None or crop is None:
         return images.fit(Image.fromarray(preview).convert("RGB"), images.DISPLAY_SIZE)
-    return images.fit(images.overlay(preview, heat, crop), images.DISPLAY_SIZE)
+    return images.overlay(preview, heat, crop, longest=images.DISPLAY_SIZE)
 
 
 def _thumbnail(
     preview: np.ndarray | None, crop: tuple[int, int, int, int] | None, heat: np.ndarray
 ) -> Image.Image:
-    """The model's square only, with this label's heatmap."""
+    """The model's square only, with this label's heatmap, at thumbnail size."""
     if preview is None or crop is None:
         return images.fit(images.heatmap_only(heat), images.THUMBNAIL_SIZE)
     x, y, width, height = crop
     rows, cols = preview.shape
     top, left = min(max(y, 0), rows - 1), min(max(x, 0), cols - 1)
     square = preview[top : max(y + height, top + 1), left : max(x + width, left + 1)]
-    picture = images.overlay(square, heat, (x - left, y - top, width, height))
-    return images.fit(picture, images.THUMBNAIL_SIZE)
+    return images.overlay(
+        square, heat, (x - left, y - top, width, height), longest=images.THUMBNAIL_SIZE
+    )
 
 
 def _not_classified(entries: Sequence[dict[str, Any]]) -> str:
