@@ -256,12 +256,14 @@ def test_results_without_pictures_still_render_and_say_why(processed: Path, tmp_
     folder = tmp_path / "moved"
     shutil.copytree(processed.parent, folder)
     (folder / second["preview"]).unlink()
+    document["complete"] = False  # process_dicom.py was interrupted
     results = folder / "results.json"
     results.write_text(json.dumps(document), encoding="utf-8")
     target, report = write_report(document, results)
     html = target.read_text(encoding="utf-8")
     assert "No picture: this results file names no preview or heatmap" in html
     assert "Picture not shown" in html
+    assert "process_dicom.py was interrupted" in html
     assert report.problems == [
         f"{second['path']}: picture not shown: "
         f"{folder / second['preview']}: cannot read the picture "
