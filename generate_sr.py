@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cxrsr import cli
+from cxrsr.config import setting
+from cxrsr.report import write_report
 from cxrsr.results import load_results
 from cxrsr.sr_batch import generate_srs
 
@@ -81,6 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs=args.jobs,
         clean=args.clean,
     )
+    # The HTML report beside the results file (README "The HTML report"); it links each
+    # study into Orthanc Explorer when ORTHANC_URL is set in the environment or .env.
+    report_file, report = write_report(
+        document, args.results, setting("ORTHANC_URL"), jobs=args.jobs
+    )
+    for problem in report.problems:
+        cli.log.warning(problem)
+    cli.log.info("report: %s", report_file)
     cli.summary(outcome.summary(args.output_dir))
     return cli.EXIT_FAILED if outcome.errors else cli.EXIT_OK
 

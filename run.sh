@@ -2,6 +2,8 @@
 # Set everything up and run the pipeline on data/:
 #   process_dicom.py -> generate_sr.py -> upload_dicom.py, into an Orthanc on this machine.
 # Safe to run again: nothing is stored twice.
+# ./run.sh --demo first downloads a few public chest X-rays into data/demo/ (checked against
+# pinned SHA-256 digests, licences printed) and runs on those alone, into output/demo/.
 set -uo pipefail
 cd "$(dirname "$0")" || exit 1
 . scripts/common.sh
@@ -10,8 +12,19 @@ ensure_venv requirements.txt || { say "E: could not install the Python requireme
 ensure_dotenv
 PY="$VENV/bin/python"
 
+INPUT=data OUTPUT=output
+if [ "${1:-}" = --demo ]; then
+  INPUT=data/demo OUTPUT=output/demo
+  "$PY" -m cxrsr.demo --dir "$INPUT"
+  rc=$?
+  [ $rc -ge 2 ] && { say "E: no demo file could be downloaded (see above)"; exit 3; }
+elif [ $# -gt 0 ]; then
+  say "E: unknown argument '$1'; usage: ./run.sh [--demo]"
+  exit 2
+fi
+
 # Is there anything to do?
-count=$("$PY" -m cxrsr.discovery --count-dicom data)
+count=$("$PY" -m cxrsr.discovery --count-dicom "$INPUT")
 if [ "$count" = 0 ]; then
   cat >&2 <<'MSG'
 E: data/ holds no DICOM file. Put chest X-ray DICOM files there (any names, sub-folders or .zip
@@ -20,7 +33,7 @@ E: data/ holds no DICOM file. Put chest X-ray DICOM files there (any names, sub-
    - NIH ChestX-ray14 as DICOM (Google Cloud Healthcare public datasets), the SIIM-ACR
      Pneumothorax challenge set, or TCIA collections such as COVID-19-NY-SBU;
    - pydicom's and pylibjpeg-data's sample CR files.
-   Then run ./run.sh again.
+   Then run ./run.sh again. Or try ./run.sh --demo: it downloads four public chest X-rays.
 MSG
   exit 1
 fi
@@ -81,13 +94,14 @@ step() {
     exit $rc
   fi
 }
-step process_dicom.py data --output output/results.json
-step generate_sr.py --results output/results.json --output-dir output/sr --clean
-step upload_dicom.py data output/sr
+step process_dicom.py "$INPUT" --output "$OUTPUT/results.json"
+step generate_sr.py --results "$OUTPUT/results.json" --output-dir "$OUTPUT/sr" --clean
+step upload_dicom.py "$INPUT" "$OUTPUT/sr"
 
 cat >&2 <<MSG
 
-Done. Results: output/results.json   SRs: output/sr/
+Done. Results: $OUTPUT/results.json   SRs: $OUTPUT/sr/
+Report: $OUTPUT/report.html  (open it in a browser; it links each study into Orthanc)
 Orthanc: $ORTHANC_URL/app/explorer.html  (user $ORTHANC_USERNAME, password in .env)
 MSG
 [ $worst -ne 0 ] && say "W: some files failed (exit $worst); each is named on an E: line above"

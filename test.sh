@@ -6,7 +6,14 @@ cd "$(dirname "$0")"
 . scripts/common.sh
 
 ensure_packages Orthanc:orthanc dsrdump:dcmtk storescu:dcmtk dciodvfy:dicom3tools openssl:openssl \
+  chromium:chromium npm:npm \
   || say "W: integration tests will be skipped (or fail under CI) without these"
+# OHIF's browser test needs Orthanc's DICOMweb plugin, a library with no command to look for.
+# (Never orthanc-gdcm 1.5: its transcoding segfaults Orthanc 1.10.1.) The test fetches the
+# OHIF viewer itself with npm into ~/.cache/cxrsr-test when it is missing.
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
+  || ensure_packages libOrthancDicomWeb.so:orthanc-dicomweb \
+  || say "W: the OHIF test will be skipped (or fail under CI) without orthanc-dicomweb"
 ensure_venv requirements-dev.txt
 "$VENV/bin/ruff" check .
 "$VENV/bin/mypy"

@@ -30,6 +30,8 @@ import requests
 from cxrsr.config import PROJECT_ROOT
 
 ORTHANC_BINARIES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc")
+#: Debian's orthanc-dicomweb plugin, which OHIF reads studies through (README "Viewing in OHIF").
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 def find_orthanc_binary() -> str | None:
@@ -65,6 +67,7 @@ class LocalOrthanc:
         binary: str | None = None,
         remote_access: bool = False,
         dicom_server: bool = False,
+        dicomweb: bool = False,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.username = username
@@ -75,6 +78,7 @@ class LocalOrthanc:
         self.binary = binary or find_orthanc_binary()
         self.remote_access = remote_access
         self.dicom_server = dicom_server
+        self.dicomweb = dicomweb
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -98,7 +102,7 @@ class LocalOrthanc:
                 "IndexDirectory": str(self.storage),
                 "HttpPort": self.http_port,
                 "DicomPort": self.dicom_port,
-                "Plugins": [],
+                "Plugins": [str(DICOMWEB_PLUGIN)] if self.dicomweb else [],
                 # Outside Docker there is no 127.0.0.1-only port publishing, and
                 # Orthanc 1.10 cannot bind one address: refuse HTTP requests from other
                 # hosts at the application level instead...
@@ -108,6 +112,8 @@ class LocalOrthanc:
                 "DicomServerEnabled": self.dicom_server,
             }
         )
+        if self.dicomweb:
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
         if self.dicom_server:
             # Only peers on this machine may store or echo (the benchmark's storescu).
             config.update(
@@ -233,7 +239,14 @@ def _main(argv: list[str] | None = None) -> int:
     if not username or not password:
         print("E: ORTHANC_USERNAME and ORTHANC_PASSWORD must be set (see .env)", file=sys.stderr)
         return 3
-    server = LocalOrthanc(args.dir, username, password, args.http_port, args.dicom_port)
+    server = LocalOrthanc(
+        args.dir,
+        username,
+        password,
+        args.http_port,
+        args.dicom_port,
+        dicomweb=DICOMWEB_PLUGIN.is_file(),  # for OHIF, when Debian's orthanc-dicomweb is installed
+    )
     try:
         server.start()
     except RuntimeError as exc:
