@@ -38,6 +38,7 @@ from urllib3.exceptions import (
     SSLError,
 )
 
+from cxrsr import __version__
 from cxrsr.config import OrthancSettings
 from cxrsr.errors import PipelineError
 
@@ -268,7 +269,7 @@ class OrthancClient:
         netloc = parsed.netloc.rpartition("@")[2]
         path = urllib.parse.quote(parsed.path.rstrip("/"), safe="/%:@!$&'()*+,;=~")
         self._base = f"{parsed.scheme}://{netloc}{path}"
-        self._headers = {"Accept": "application/json"}
+        self._headers = {"Accept": "application/json", "User-Agent": f"cxrsr/{__version__}"}
         if self._has_credentials:
             self._headers.update(urllib3.make_headers(basic_auth=f"{username or ''}:{password or ''}"))
         self.timeout = timeout
