@@ -157,7 +157,9 @@ def dry_run(sources: Sequence[Source]) -> int:
             size += source.size
             print(source.name)
         elif outcome.status == upload.PASSED_OVER:
-            log.warning("%s: %s", source.name, outcome.reason.replace("not sent", "would not be sent"))
+            log.warning(
+                "%s: %s", source.name, outcome.reason.replace("not sent", "would not be sent")
+            )
             passed_over += 1
         else:
             reason = outcome.reason.removeprefix("not sent: ")

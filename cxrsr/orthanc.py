@@ -271,7 +271,9 @@ class OrthancClient:
         self._base = f"{parsed.scheme}://{netloc}{path}"
         self._headers = {"Accept": "application/json", "User-Agent": f"cxrsr/{__version__}"}
         if self._has_credentials:
-            self._headers.update(urllib3.make_headers(basic_auth=f"{username or ''}:{password or ''}"))
+            self._headers.update(
+                urllib3.make_headers(basic_auth=f"{username or ''}:{password or ''}")
+            )
         self.timeout = timeout
         self.deadline = deadline
         self.retry = retry or RetryPolicy()

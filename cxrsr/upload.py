@@ -181,7 +181,13 @@ def _evidence_uids(ds: Dataset) -> list[str]:
 def _source_image_uids(ds: Dataset) -> list[str]:
     """A derived image's Source Image Sequence (0008,2112): the images it was made from
     (PS3.3 C.7.6.1.1.4)."""
-    return [str(item.get("ReferencedSOPInstanceUID", "")) for item in ds.get("SourceImageSequence", [])]
+    return [
+        str(item.get("ReferencedSOPInstanceUID", "")) for item in ds.get("SourceImageSequence", [])
+    ]
+
+
+def _sop_class(ds: Dataset) -> str:
+    return str(ds.get("SOPClassUID", ""))
 
 
 def _is_derived_secondary_capture(ds: Dataset) -> bool:
@@ -189,7 +195,7 @@ def _is_derived_secondary_capture(ds: Dataset) -> bool:
     image_type = ds.get("ImageType") or []
     values = [image_type] if isinstance(image_type, str) else list(image_type)
     return (
-        str(ds.get("SOPClassUID", "")).startswith(SC_SOP_CLASS_PREFIX)
+        _sop_class(ds).startswith(SC_SOP_CLASS_PREFIX)
         and "DERIVED" in values
         and "SourceImageSequence" in ds
     )
@@ -199,7 +205,7 @@ def _is_derived_secondary_capture(ds: Dataset) -> bool:
 #: objects, the SOP Instance UIDs of the images each references). An object made from an
 #: image belongs in that image's Orthanc study and patient; add a kind here to check it.
 DERIVED_KINDS: tuple[tuple[str, Callable[[Dataset], bool], Callable[[Dataset], list[str]]], ...] = (
-    ("SRs", lambda ds: str(ds.get("SOPClassUID", "")).startswith(SR_SOP_CLASS_PREFIX), _evidence_uids),
+    ("SRs", lambda ds: _sop_class(ds).startswith(SR_SOP_CLASS_PREFIX), _evidence_uids),
     ("key images", _is_derived_secondary_capture, _source_image_uids),
 )
 
