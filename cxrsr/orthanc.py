@@ -488,7 +488,14 @@ def _pool_manager(scheme: str, host: str, connections: int) -> urllib3.PoolManag
     A loopback Orthanc never goes through a proxy: a proxy elsewhere cannot reach this
     machine's loopback, and on this machine it would only add a hop.
     """
-    options: dict[str, Any] = {"maxsize": connections, "block": True, "num_pools": 2}
+    # Large files are streamed in blocks of 1 MiB rather than urllib3's 16 kB: 64 times
+    # fewer send calls, each of which costs Python-level work per block.
+    options: dict[str, Any] = {
+        "maxsize": connections,
+        "block": True,
+        "num_pools": 2,
+        "blocksize": 1024 * 1024,
+    }
     proxy = urllib.request.getproxies().get(scheme)
     if proxy and not is_loopback(host) and not urllib.request.proxy_bypass(host):
         return urllib3.ProxyManager(proxy, **options)

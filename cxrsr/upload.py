@@ -226,9 +226,11 @@ def _unreadable(exc: BaseException) -> str:
     return f"cannot read: {getattr(exc, 'strerror', None) or exc}"
 
 
-#: Files up to this size are read into memory and sent from there; larger ones are
-#: hashed through a small buffer and streamed from the file.
-SMALL_FILE = 1024 * 1024
+#: Files up to this size are read into memory once, then sniffed, parsed, hashed and sent
+#: from there (every compressed radiograph and most uncompressed ones); larger ones are
+#: parsed and hashed from the file and streamed from disk. Memory stays within
+#: ``2 * workers * SMALL_FILE`` (files waiting and being sent).
+SMALL_FILE = 8 * 1024 * 1024
 #: The buffer each upload thread hashes large files through: small enough to stay in
 #: the CPU cache and to cost nothing to keep, large enough for few system calls.
 HASH_CHUNK = 256 * 1024
@@ -318,19 +320,31 @@ def _prepare(source: Source, stack: contextlib.ExitStack) -> _Prepared | Outcome
 
     The first bytes decide whether it is DICOM, so a large file that is not is never
     read whole; then pydicom reads the header (:func:`cxrsr.header.read_header`), and
-    only then is the file hashed. A large plain file stays open (on ``stack``) to be
-    streamed from disk.
+    only then is the file hashed. A file up to :data:`SMALL_FILE` is read once, into
+    memory: parsing from memory costs pydicom no system call per element. A larger plain
+    file stays open (on ``stack``) to be streamed from disk.
     """
     fh, size = _open(source, stack)
-    found = _inspect(fh, size, source.name)
+    if isinstance(fh, io.BytesIO) or size > SMALL_FILE:
+        return _prepared(fh, size, source.name)
+    head = fh.read(SNIFF_BYTES)
+    if not head or not sniff_dicom(head):
+        fh.seek(0)
+        return _prepared(fh, size, source.name)  # passed over, from its first bytes only
+    fh.seek(0)
+    data = fh.read()  # one read, no copy: BytesIO shares the bytes
+    if len(data) != size:
+        raise FileChanged(f"the file changed while being read ({len(data)} of {size} bytes)")
+    return _prepared(io.BytesIO(data), size, source.name)
+
+
+def _prepared(fh: BinaryIO, size: int, name: str) -> _Prepared | Outcome:
+    found = _inspect(fh, size, name)
     if isinstance(found, Outcome):
         return found
     derived, references = derived_from(found)
-    if size <= SMALL_FILE:
-        fh.seek(0)
-        data = fh.read()
-        if len(data) != size:
-            raise FileChanged(f"the file changed while being read ({len(data)} of {size} bytes)")
+    if isinstance(fh, io.BytesIO):
+        data = fh.getvalue()
         return _Prepared(data, hashlib.md5(data).hexdigest(), size, derived, references)
     md5 = _hash_file(fh, size)
     return _Prepared(orthanc.FileBody(fh, size), md5, size, derived, references)
