@@ -18,7 +18,6 @@ A file that fails raises :class:`MalformedDicom` with the reason.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -39,6 +38,10 @@ DEFER_SIZE = 64 * 1024
 UNDEFINED_LENGTH = 0xFFFFFFFF
 
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
+
+# Real-world headers break VR rules all the time (UIDs with leading zeros, ...): what
+# matters for sending is decided here, not in a warning per value (as cxrsr.reading does).
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 class MalformedDicom(InputError):
@@ -63,17 +66,15 @@ def read_header(fh: BinaryIO, size: int) -> Dataset:
     _check_file_meta(fh, size)
     fh.seek(0)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the verdict is ours; pydicom's warnings are noise
-            ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=DEFER_SIZE, force=True)
-            end_of_header = fh.tell()
-            _check_lengths(ds, size)
-            if is_dicomdir(ds):
-                return ds
-            for keyword, tag in (("SOPClassUID", "(0008,0016)"), ("SOPInstanceUID", "(0008,0018)")):
-                if not str(ds.get(keyword) or "").strip("\0 "):
-                    raise MalformedDicom(f"no {_spaced(keyword)} {tag}")
-            _check_pixel_data(fh, ds, end_of_header, size)
+        ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=DEFER_SIZE, force=True)
+        end_of_header = fh.tell()
+        _check_lengths(ds, size)
+        if is_dicomdir(ds):
+            return ds
+        for keyword, tag in (("SOPClassUID", "(0008,0016)"), ("SOPInstanceUID", "(0008,0018)")):
+            if not str(ds.get(keyword) or "").strip("\0 "):
+                raise MalformedDicom(f"no {_spaced(keyword)} {tag}")
+        _check_pixel_data(fh, ds, end_of_header, size)
     except MalformedDicom:
         raise
     except Exception as exc:  # pydicom raises many types on damaged data; each is the reason

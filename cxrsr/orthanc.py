@@ -277,7 +277,15 @@ class OrthancClient:
         self.timeout = timeout
         self.deadline = deadline
         self.retry = retry or RetryPolicy()
-        self._pool = _pool_manager(parsed.scheme, self._host, connections)
+        manager = self._manager = _pool_manager(parsed.scheme, self._host, connections)
+        if isinstance(manager, urllib3.ProxyManager):
+            # The proxy manager adds the proxy's headers and absolute-form targets itself.
+            self._pool: urllib3.PoolManager | urllib3.HTTPConnectionPool = manager
+            self._prefix = self._base
+        else:
+            # One pool for the one Orthanc: no URL parsing or pool lookup per request.
+            self._pool = manager.connection_from_url(self._base)
+            self._prefix = path
         self._down = threading.Event()
         self._lock = threading.Lock()
         self.down_reason: str | None = None
@@ -285,7 +293,7 @@ class OrthancClient:
     @property
     def proxy(self) -> str | None:
         """The proxy the requests go through (from the environment), or ``None``."""
-        proxy = getattr(self._pool, "proxy", None)
+        proxy = self._pool.proxy if isinstance(self._pool, urllib3.ProxyManager) else None
         return display_url(proxy.url) if proxy is not None else None
 
     def cleartext_credentials_warning(self) -> str | None:
@@ -300,7 +308,7 @@ class OrthancClient:
 
     def close(self) -> None:
         """Close every pooled connection."""
-        self._pool.clear()
+        self._manager.clear()
 
     # -- requests ----------------------------------------------------------------
 
@@ -351,14 +359,15 @@ class OrthancClient:
             headers = {**headers, "Content-Length": str(body.size)}
         attempts = _Attempts()
         try:
-            answer = self._pool.request(
+            answer = self._pool.urlopen(
                 method,
-                self._base + path,
+                self._prefix + path,
                 body=body,  # type: ignore[arg-type]
                 headers=headers,
                 retries=self._new_retry(attempts),
                 timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout),
                 preload_content=True,
+                redirect=False,
             )
         except MaxRetryError as exc:
             reason = _describe_network_error(exc.reason) if exc.reason else attempts.last_error
