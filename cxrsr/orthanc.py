@@ -329,7 +329,7 @@ class OrthancClient:
             backoff_jitter=policy.jitter,
             raise_on_redirect=False,
             raise_on_status=False,
-            respect_retry_after_header=True,
+            respect_retry_after_header=False,  # our backoff, bounded; not a server-chosen wait
         )
         retry.attempts, retry.breaker = attempts, self._down
         retry.deadline = time.monotonic() + self.deadline
