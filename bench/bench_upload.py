@@ -14,8 +14,11 @@ start to exit, as a user would run it:
   transfer syntax found), so compressed files go through unconverted.
 
 Two settings: ``loopback`` (direct), and ``5 ms``: through ``delay_proxy.py``, which
-delays each direction by 5 ms, as a PACS across a network would. Each run is checked:
-Orthanc must hold every instance afterwards, or the run is reported as failed.
+delays each direction by 5 ms and charges each new connection one round trip, as a PACS
+across a network would; the benchmark first measures that the proxy does so
+(:func:`check_proxy`). Each run is checked: Orthanc must hold every instance afterwards,
+or the run is reported as failed. Beside the ratios, the table shows each client's own
+CPU time per instance (user + system, from the process's rusage, start-up included).
 
 The file set mixes copies of the corpus's chest radiographs (JPEG, JPEG-LS, JPEG 2000
 and uncompressed, 0.1 to 4 MB, each with fresh study, series and SOP Instance UIDs,
