@@ -26,7 +26,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator, read_preamble
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import MediaStorageDirectoryStorage
+from pydicom.uid import DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage
 
 from cxrsr.errors import InputError
 
@@ -68,13 +68,17 @@ def read_header(fh: BinaryIO, size: int) -> Dataset:
     try:
         ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=DEFER_SIZE, force=True)
         end_of_header = fh.tell()
-        _check_lengths(ds, size)
+        # A deflated data set's lengths count inflated bytes (PS3.5 A.5): only the file
+        # meta, which is never deflated, can be held against the file's size.
+        deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        _check_lengths(ds, size, deflated)
         if is_dicomdir(ds):
             return ds
         for keyword, tag in (("SOPClassUID", "(0008,0016)"), ("SOPInstanceUID", "(0008,0018)")):
             if not str(ds.get(keyword) or "").strip("\0 "):
                 raise MalformedDicom(f"no {_spaced(keyword)} {tag}")
-        _check_pixel_data(fh, ds, end_of_header, size)
+        if not deflated:
+            _check_pixel_data(fh, ds, end_of_header, size)
     except MalformedDicom:
         raise
     except Exception as exc:  # pydicom raises many types on damaged data; each is the reason
@@ -109,13 +113,13 @@ def _past_group(group: int) -> Callable[[BaseTag, str | None, int], bool]:
     return lambda tag, vr, length: tag.group != group
 
 
-def _check_lengths(ds: Dataset, size: int) -> None:
+def _check_lengths(ds: Dataset, size: int, deflated: bool = False) -> None:
     """Every top-level element read (file meta and data set) ends within the file.
 
     Deferred values were skipped with a seek, which succeeds past the end of a file.
     Sequences are checked as a whole: their items lie within their declared length.
     """
-    for dataset in (getattr(ds, "file_meta", Dataset()), ds):
+    for dataset in (getattr(ds, "file_meta", Dataset()), *(() if deflated else (ds,))):
         for tag in dataset.keys():  # noqa: SIM118 - iterating a Dataset converts every element
             _check_length(dataset.get_item(tag), size, "element")
 
@@ -124,6 +128,11 @@ def _check_length(elem: RawDataElement | DataElement | None, size: int, what: st
     if not isinstance(elem, RawDataElement) or elem.length == UNDEFINED_LENGTH:
         return  # converted while parsing (read in full), or delimited rather than counted
     end = elem.value_tell + elem.length
+    if elem.value_tell > size:
+        raise MalformedDicom(
+            f"{what} {elem.tag} starts at byte {elem.value_tell}, beyond the end of the file "
+            f"({size} bytes)"
+        )
     if end > size:
         raise MalformedDicom(
             f"{what} {elem.tag} declares {elem.length} bytes, "
