@@ -9,8 +9,9 @@ cd "$(dirname "$0")" || exit 1
 . scripts/common.sh
 
 ensure_venv requirements.txt || { say "E: could not install the Python requirements"; exit 1; }
-ensure_dotenv
 PY="$VENV/bin/python"
+ensure_dotenv "$PY" || exit 3  # one E: line per value the readers of .env would disagree on
+load_orthanc_settings "$PY" || exit 3
 
 INPUT=data OUTPUT=output
 if [ "${1:-}" = --demo ]; then
@@ -71,6 +72,7 @@ if [ "$status" = 401 ] || [ "$status" = 403 ]; then
 elif [ "$status" != 200 ]; then
   port=${ORTHANC_URL##*:}; port=${port%%/*}
   if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+    "$PY" -m cxrsr.config check --orthanc-json || exit 3
     say "I: starting Orthanc with docker compose (data in the volume cxrsr_orthanc-db)"
     ORTHANC_HTTP_PORT=$port docker compose up -d || { say "E: docker compose up failed"; exit 3; }
   elif ensure_packages Orthanc:orthanc; then

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Upload DICOM images and SRs to Orthanc, then prove through its API that they arrived.
 
-Each file is recognised by content (not by name), hashed, sent with
-``POST /instances`` by a few parallel workers over keep-alive connections, and ends as
+Each file is recognised by content (not by name), its header read with pydicom (a
+file whose header is malformed is never sent: it could crash the PACS), hashed, sent
+with ``POST /instances`` by a few parallel workers over keep-alive connections, and ends as
 ``stored``, ``already stored``, ``rejected`` (Orthanc answered 4xx) or ``failed`` (no
-answer after the retries); files that are not DICOM are passed over with a reason.
-Afterwards every acknowledged instance is checked: present in Orthanc, with the MD5
-of the bytes sent, and each SR in the same Orthanc study and patient as its image.
+answer after the retries, or not sent because malformed); files that are not DICOM are
+passed over with a reason. Afterwards every acknowledged instance is checked: present in
+Orthanc, with the MD5 of the bytes sent, and each SR or key image in the same Orthanc
+study and patient as its image.
 """
 
 from __future__ import annotations
@@ -73,14 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=positive_seconds,
         default=30.0,
-        help="seconds to wait for each answer (default: 30)",
+        help="seconds to wait for a connection and for each answer (default: 30); "
+        "a request with all its retries gives up after 5 minutes",
     )
     net.add_argument(
         "--retries",
         type=non_negative_int,
         default=4,
-        help="retries after a connection error, timeout or 5xx, with exponential backoff "
-        "and jitter (default: 4, waiting at most 7.5 s in all); 4xx answers are never retried",
+        help="retries after a connection error, timeout or 5xx: the first at once, then "
+        "after 0.5, 1, 2 s ... (at most 8 s) plus up to 0.25 s of jitter (default: 4, waiting "
+        "at most 4.25 s in all); 4xx answers are never retried",
     )
     return parser
 
@@ -111,7 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         orthanc_settings(args.url, args.username, args.password),
         timeout=args.timeout,
         retry=orthanc.RetryPolicy(retries=args.retries),
+        connections=args.workers,
     )
+    warning = client.cleartext_credentials_warning()
+    if warning:
+        log.warning(warning)
     system = client.system()  # wrong credentials or no server: one line, exit 3
     log.info("Orthanc %s at %s: uploading", system.get("Version"), client.url)
     with progress(args, total=None, unit="file") as bar:
@@ -139,31 +147,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def dry_run(sources: Sequence[Source]) -> int:
-    """Print each file that would be sent (stdout) and each passed over (``W:``)."""
-    count = size = passed_over = unreadable = 0
+    """Print each file that would be sent (stdout); ``W:`` for each passed over, ``E:`` for
+    each that would fail before sending (unreadable, malformed header)."""
+    count = size = passed_over = failing = 0
     for source in sources:
-        try:
-            head = source.head(upload.HEAD_BYTES)
-            reason = upload.passed_over_reason(head)
-            file_size = source.size if reason is None else 0
-        except OSError as exc:  # SourceReadError included: a damaged zip or hostile member
-            log.error("%s: cannot read: %s, would fail", source.name, exc.strerror or exc)
-            unreadable += 1
-            continue
-        if reason is not None:
-            log.warning("%s: %s", source.name, reason.replace("not sent", "would not be sent"))
+        outcome = upload.inspect_source(source)
+        if outcome is None:
+            count += 1
+            size += source.size
+            print(source.name)
+        elif outcome.status == upload.PASSED_OVER:
+            log.warning(
+                "%s: %s", source.name, outcome.reason.replace("not sent", "would not be sent")
+            )
             passed_over += 1
-            continue
-        count += 1
-        size += file_size
-        print(source.name)
+        else:
+            reason = outcome.reason.removeprefix("not sent: ")
+            log.error("%s: %s, would fail", source.name, reason)
+            failing += 1
     summary(
         f"dry run: {count} files ({size / 1e6:.1f} MB) would be sent, "
         f"{passed_over} passed over"
-        + (f", {unreadable} unreadable" if unreadable else "")
+        + (f", {failing} would fail" if failing else "")
         + "; nothing sent"
     )
-    return EXIT_FAILED if unreadable else EXIT_OK
+    return EXIT_FAILED if failing else EXIT_OK
 
 
 if __name__ == "__main__":

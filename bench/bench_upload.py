@@ -14,8 +14,11 @@ start to exit, as a user would run it:
   transfer syntax found), so compressed files go through unconverted.
 
 Two settings: ``loopback`` (direct), and ``5 ms``: through ``delay_proxy.py``, which
-delays each direction by 5 ms, as a PACS across a network would. Each run is checked:
-Orthanc must hold every instance afterwards, or the run is reported as failed.
+delays each direction by 5 ms and charges each new connection one round trip, as a PACS
+across a network would; the benchmark first measures that the proxy does so
+(:func:`check_proxy`). Each run is checked: Orthanc must hold every instance afterwards,
+or the run is reported as failed. Beside the ratios, the table shows each client's own
+CPU time per instance (user + system, from the process's rusage, start-up included).
 
 The file set mixes copies of the corpus's chest radiographs (JPEG, JPEG-LS, JPEG 2000
 and uncompressed, 0.1 to 4 MB, each with fresh study, series and SOP Instance UIDs,
@@ -43,10 +46,12 @@ import argparse
 import compileall
 import os
 import secrets
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +59,7 @@ from pathlib import Path
 
 import pydicom
 import requests
+import urllib3
 from pydicom.uid import generate_uid
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -110,6 +116,8 @@ class Result:
     setting: str
     method: str
     seconds: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    """Client CPU seconds (user + system) of each run, from the process's own rusage."""
     failures: list[str] = field(default_factory=list)
 
 
@@ -184,8 +192,9 @@ METHODS: dict[str, Callable[[BenchSet, str, int], list[str]]] = {
 }
 
 
-def time_one(bench: BenchSet, method: str, delay: float, workdir: Path) -> tuple[float, str]:
-    """Start a fresh Orthanc, send the set once with ``method``; (seconds, failure or "").
+def time_one(bench: BenchSet, method: str, delay: float, workdir: Path) -> tuple[float, float, str]:
+    """Start a fresh Orthanc, send the set once with ``method``; (seconds, client CPU
+    seconds, failure or "").
 
     ``workdir`` must be new: its storage is left for the caller to delete after the
     whole benchmark. Deleting a run's few thousand files and folders just before the
@@ -212,19 +221,24 @@ def time_one(bench: BenchSet, method: str, delay: float, workdir: Path) -> tuple
             TCP_NODELAY="1",
         )
         command = METHODS[method](bench, url, dicom_port)
-        started = time.perf_counter()
-        result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=PROJECT_ROOT)
-        seconds = time.perf_counter() - started
+        with tempfile.TemporaryFile() as out:
+            started = time.perf_counter()
+            process = subprocess.Popen(command, env=env, stdout=out, stderr=out, cwd=PROJECT_ROOT)
+            _, status, usage = os.wait4(process.pid, 0)  # the client's own CPU time
+            seconds = time.perf_counter() - started
+            process.returncode = os.waitstatus_to_exitcode(status)
+            out.seek(0)
+            output = out.read().decode("utf-8", "replace")
+        cpu = usage.ru_utime + usage.ru_stime
         stored = requests.get(
             f"{server.url}/statistics", auth=(USERNAME, PASSWORD), timeout=10
         ).json()["CountInstances"]
         failure = ""
-        if result.returncode != 0 or stored != bench.count:
+        if process.returncode != 0 or stored != bench.count:
             failure = (
-                f"exit {result.returncode}, {stored}/{bench.count} stored: "
-                f"{(result.stderr or result.stdout).strip()[-300:]}"
+                f"exit {process.returncode}, {stored}/{bench.count} stored: {output.strip()[-300:]}"
             )
-        return seconds, failure
+        return seconds, cpu, failure
     finally:
         for proxy in proxies:
             proxy.stop()
@@ -262,6 +276,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cxrsr-bench-") as tmp:
         bench = make_bench_set(Path(tmp) / "files", args.files)
         print(f"{bench.count} files, {bench.size / 1e6:.1f} MB; {os.cpu_count()} CPUs", flush=True)
+        if "network" in chosen:
+            print(check_proxy(settings["network"]), flush=True)
         results: list[Result] = []
         runs = 0
         for setting in chosen:
@@ -272,33 +288,90 @@ def main() -> int:
                 order = methods[repeat % len(methods) :] + methods[: repeat % len(methods)]
                 for method in order:
                     runs += 1
-                    seconds, failure = time_one(
+                    seconds, cpu, failure = time_one(
                         bench, method, settings[setting], Path(tmp) / f"orthanc-{runs}"
                     )
                     rows[method].seconds.append(seconds)
+                    rows[method].cpu.append(cpu)
                     if failure:
                         rows[method].failures.append(failure)
-                    print(f"  {label:>16}  {method:<20} {seconds:7.2f} s {failure}", flush=True)
+                    print(
+                        f"  {label:>16}  {method:<20} {seconds:7.2f} s, client CPU "
+                        f"{cpu:6.2f} s {failure}",
+                        flush=True,
+                    )
             results.extend(rows.values())
         print_table(results, bench)
     return 1 if any(r.failures for r in results) else 0
 
 
 def print_table(results: list[Result], bench: BenchSet) -> None:
+    """Median throughput, the ratio to the naive loop in the same setting, and the median
+    client CPU per instance (the whole process: start-up, hashing, HTTP, verification)."""
     print()
-    print(f"{'setting':<16}  {'method':<20} {'inst/s':>8} {'MB/s':>7} {'vs naive':>9}  runs (s)")
+    print(
+        f"{'setting':<16}  {'method':<20} {'inst/s':>8} {'MB/s':>7} {'vs naive':>9} "
+        f"{'CPU/inst':>9}  runs (s)"
+    )
     naive: dict[str, float] = {}
     for row in results:
         median = statistics.median(row.seconds)
         if row.method == "naive loop":
             naive[row.setting] = median
         ratio = naive.get(row.setting, median) / median
+        cpu_ms = statistics.median(row.cpu) / bench.count * 1000
         runs = " ".join(f"{s:.2f}" for s in row.seconds)
         flag = "  FAILED" if row.failures else ""
         print(
             f"{row.setting:<16}  {row.method:<20} {bench.count / median:8.0f} "
-            f"{bench.size / 1e6 / median:7.1f} {ratio:8.2f}x  {runs}{flag}"
+            f"{bench.size / 1e6 / median:7.1f} {ratio:8.2f}x {cpu_ms:6.2f} ms  {runs}{flag}"
         )
+
+
+def check_proxy(delay: float, samples: int = 20) -> str:
+    """Measure what the delay proxy charges: a request on a new connection must cost one
+    round trip more than one on a kept-alive connection (the TCP handshake), or the
+    network setting would flatter a connection-per-file client. Raises if it does not."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    def answer_all(conn: socket.socket) -> None:
+        with conn:
+            while conn.recv(65536):
+                conn.sendall(answer)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer_all, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    with DelayProxy("127.0.0.1", listener.getsockname()[1], delay) as proxy:
+        url = f"{proxy.url}/system"
+        fresh, kept = [], []
+        pool = urllib3.PoolManager(maxsize=1)
+        for _ in range(samples):
+            started = time.perf_counter()
+            once = urllib3.PoolManager()  # a new connection each time
+            once.request("GET", url)
+            once.clear()
+            fresh.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            pool.request("GET", url)
+            kept.append(time.perf_counter() - started)
+    listener.close()
+    new_ms = statistics.median(fresh) * 1000
+    kept_ms = statistics.median(kept[1:]) * 1000
+    report = (
+        f"delay proxy check: request on a new connection {new_ms:.1f} ms, on a kept-alive "
+        f"one {kept_ms:.1f} ms (expected {4 * delay * 1000:.0f} and {2 * delay * 1000:.0f})"
+    )
+    if not (new_ms >= 3.8 * delay * 1000 and kept_ms >= 1.9 * delay * 1000):
+        raise SystemExit(f"E: {report}: the proxy does not charge what it should")
+    return report
 
 
 if __name__ == "__main__":

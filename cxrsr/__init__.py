@@ -10,7 +10,8 @@ command-line front ends; this package holds the logic, one module per concern:
 - ``results``: the JSON results file shared by the scripts
 - ``sr``: the TID 1500 Comprehensive 3D SR builder
 - ``uids``: deterministic, PS3.5-valid UIDs
-- ``orthanc``: the Orthanc REST client (upload, verify)
+- ``orthanc``: the Orthanc REST client on urllib3
+- ``header``, ``upload``: the header check before sending, upload and verification
 - ``config``: settings from the environment and the project's ``.env``
 - ``cli``: what the three scripts share (options, logging, exit codes)
 """

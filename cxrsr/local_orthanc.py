@@ -2,9 +2,11 @@
 
 Used where no Docker engine runs: by ``run.sh`` (Debian's ``orthanc`` package) and by
 the tests and benchmarks. Only ports, storage paths, plugin folders and the network
-exposure are overridden; everything else is the project's configuration, and the
-credentials still arrive the way Docker passes them, through the ``ORTHANC_USERNAME``
-and ``ORTHANC_PASSWORD`` environment variables that ``orthanc.json`` references.
+exposure are overridden; everything else is the project's configuration. The
+credentials are written into the generated configuration (owner-only) as JSON strings
+rather than through the ``${ORTHANC_PASSWORD}`` that ``orthanc.json`` references:
+Orthanc substitutes environment variables into the configuration's text before parsing
+it as JSON, so a password holding ``"`` or ``\\`` would break it.
 
 Command line (for run.sh)::
 
@@ -110,6 +112,7 @@ class LocalOrthanc:
                 # ...and keep the DICOM port closed unless asked for: the pipeline uses
                 # REST only, and Orthanc's DICOM server would accept C-STORE from anyone.
                 "DicomServerEnabled": self.dicom_server,
+                "RegisteredUsers": {self.username: self.password},  # JSON-escaped
             }
         )
         if self.dicomweb:
@@ -130,7 +133,9 @@ class LocalOrthanc:
         self.storage.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o700)  # patient data: the owner only
         path = self.workdir / "orthanc.json"
-        path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the password
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(config, indent=2))
         return path
 
     def start(self, timeout: float = 60.0) -> None:

@@ -1,49 +1,65 @@
-"""A client for Orthanc's REST API: keep-alive connections, retries, clear errors.
+"""A client for Orthanc's REST API on urllib3: pooled keep-alive connections, retries, clear errors.
 
-:class:`OrthancClient` talks HTTP: one keep-alive connection per worker thread,
-retries with exponential backoff and jitter for connection errors, timeouts and
-5xx answers, never for 4xx; 401/403 raise :class:`CredentialsRefused` at once.
-Sending files and checking that they arrived is :mod:`cxrsr.upload`'s job.
+:class:`OrthancClient` talks HTTP through one urllib3 pool of keep-alive connections,
+shared by the upload and the verification that follows it. Retries are
+:class:`urllib3.util.Retry`'s: connection errors, timeouts and 5xx answers are retried
+with exponential backoff and jitter, never 4xx; 401/403 raise
+:class:`CredentialsRefused` at once. TLS certificates are verified (the system's trust
+store, or ``SSL_CERT_FILE``), and ``http_proxy``/``https_proxy``/``no_proxy`` are
+honoured as by curl and requests, except for a loopback Orthanc, which no proxy can
+reach on our behalf. Sending files and checking that they arrived is
+:mod:`cxrsr.upload`'s job.
 
-The client speaks HTTP through :mod:`cxrsr.httpconn` rather than ``requests`` or
-``http.client``: on this project's 2-core benchmark machine, where Orthanc competes
-with the client for CPU, client CPU is upload time. ``requests`` cost about twice the
-client CPU of ``http.client`` per upload, and ``http.client`` twice that of
-:mod:`cxrsr.httpconn` per request (70 µs against 33 µs; see ``bench/bench_upload.py``).
+Library code: it raises, and the scripts decide what to print (it never imports
+:mod:`cxrsr.cli`).
 """
 
 from __future__ import annotations
 
-import base64
+import ipaddress
 import json
 import logging
-import socket
 import threading
+import time
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, BinaryIO
 
-from cxrsr import httpconn
-from cxrsr.cli import EXIT_FATAL
+import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    MaxRetryError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+    SSLError,
+)
+
+from cxrsr import __version__
 from cxrsr.config import OrthancSettings
 from cxrsr.errors import PipelineError
 
-if TYPE_CHECKING:
-    import ssl
-
 log = logging.getLogger("cxrsr")
 
-#: A request body: bytes in memory, or an open file sent with ``sendfile``.
-Body = bytes | bytearray | memoryview | httpconn.FileBody
+#: Exit code of :class:`OrthancFatalError`: the same number as ``cli.EXIT_FATAL``, which
+#: this library module must not import (library code raises, scripts report).
+_EXIT_FATAL = 3
 
-#: Answers that mean "the server, or the proxy in front of it, cannot serve now".
-_UNAVAILABLE_STATUSES = {502, 503, 504}
+#: Answers retried: the server, or a proxy in front of it, cannot serve now.
+_RETRIED_STATUSES = frozenset(range(500, 600))
+#: Among those, the answers that say the server as a whole is unavailable: after the
+#: retries they trip the circuit breaker. A 500 about one file says nothing about the
+#: server as a whole.
+_UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
 
 
 class OrthancFatalError(PipelineError):
     """The run cannot go on at all (exit code 3): wrong credentials, no Orthanc at the URL."""
 
-    exit_code = EXIT_FATAL
+    exit_code = _EXIT_FATAL
 
 
 class CredentialsRefused(OrthancFatalError):
@@ -63,6 +79,52 @@ class OrthancUnavailable(Exception):
         super().__init__(message)
         self.maybe_delivered = maybe_delivered
         self.attempted = attempted
+
+
+class FileChanged(Exception):
+    """A file being sent no longer has the size it had when it was hashed: it is being
+    written. Not retried: what would be sent is not a finished file."""
+
+
+class FileBody:
+    """An open file sent as a request body, exactly ``size`` bytes of it.
+
+    urllib3 streams a file-like body in blocks and rewinds it (``tell``/``seek``) for a
+    retry. Reading through this wrapper raises :class:`FileChanged` when the file ends
+    before ``size`` bytes, instead of leaving Orthanc waiting for bytes that never come.
+    """
+
+    def __init__(self, fh: BinaryIO, size: int) -> None:
+        self._fh = fh
+        self.size = size
+        self._start = fh.seek(0)
+        self._sent = 0
+
+    def read(self, amount: int = -1) -> bytes:
+        left = self.size - self._sent
+        if left <= 0:
+            return b""
+        data = self._fh.read(left if amount is None or amount < 0 else min(amount, left))
+        if not data:
+            raise FileChanged(
+                f"the file shrank while being sent ({self._sent} of {self.size} bytes)"
+            )
+        self._sent += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self._sent
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence != 0:
+            raise OSError("FileBody seeks from the start only")
+        self._fh.seek(self._start + offset)
+        self._sent = offset
+        return offset
+
+
+#: A request body: bytes in memory, or a file streamed from disk.
+Body = bytes | bytearray | memoryview | FileBody
 
 
 @dataclass(frozen=True)
@@ -97,30 +159,83 @@ class RetryPolicy:
 
     Repeating ``POST /instances`` is safe: Orthanc stores an instance once and answers
     ``AlreadyStored`` to a repeat, so a retry after a lost answer cannot duplicate.
+    The waits are urllib3's: the first retry at once (a kept-alive connection that the
+    server had just closed is the commonest failure), then ``backoff`` seconds,
+    doubling up to ``max_backoff``, plus up to ``jitter`` seconds at random so parallel
+    workers do not retry in lockstep.
     """
 
     retries: int = 4
     """Attempts after the first one."""
     backoff: float = 0.5
-    """Seconds before the first retry; doubled for each further retry."""
+    """Seconds before the second retry; doubled for each further retry."""
     max_backoff: float = 8.0
+    jitter: float = 0.25
 
-    def delay(self, retry: int) -> float:
-        """Exponential backoff with jitter, so parallel workers do not retry in lockstep."""
-        import random  # only when retrying: importing it costs every run 1-4 ms
 
-        base = min(self.max_backoff, self.backoff * 2**retry)
-        return base * random.uniform(0.5, 1.0)
+class _Attempts:
+    """What the attempts of one request found: shared by the copies urllib3 makes of its Retry."""
+
+    def __init__(self) -> None:
+        self.count = 1
+        self.maybe_delivered = False
+        self.last_error = "no attempt made"
+
+
+class _Stopped(Exception):
+    """The circuit breaker tripped, or the request's deadline passed, while waiting to retry."""
+
+
+class _Retry(urllib3.Retry):
+    """urllib3's Retry that records each attempt and gives up when the breaker trips.
+
+    urllib3 makes a new Retry object for every attempt (:meth:`new`); the shared
+    :class:`_Attempts`, the breaker and the deadline travel with it. The backoff wait is
+    an ``Event.wait`` on the breaker, so a request waiting to retry ends at once when
+    another worker found the server gone, or the user pressed Ctrl-C.
+    """
+
+    attempts: _Attempts
+    breaker: threading.Event
+    deadline: float
+
+    def new(self, **kw: Any) -> _Retry:
+        retry: _Retry = super().new(**kw)
+        retry.attempts, retry.breaker, retry.deadline = self.attempts, self.breaker, self.deadline
+        return retry
+
+    def increment(self, *args: Any, **kwargs: Any) -> _Retry:
+        error = kwargs.get("error")
+        response = kwargs.get("response")
+        if error is not None:
+            self.attempts.last_error = _describe_network_error(error)
+            if not _before_sending(error):
+                self.attempts.maybe_delivered = True
+        elif response is not None:
+            self.attempts.maybe_delivered = True
+            self.attempts.last_error = f"HTTP {response.status}"
+        retry: _Retry = super().increment(*args, **kwargs)
+        self.attempts.count += 1
+        return retry
+
+    def _sleep_backoff(self) -> None:
+        wait = self.get_backoff_time()
+        if time.monotonic() + wait > self.deadline:
+            raise _Stopped("its deadline would pass before the next attempt")
+        if self.breaker.wait(wait) or self.breaker.is_set():
+            raise _Stopped("the client was stopped")
 
 
 class OrthancClient:
     """A thread-safe client for Orthanc's REST API, with keep-alive and retries.
 
     Connections are persistent (Orthanc's ``"KeepAlive": true`` in the project's
-    ``orthanc.json``) and pooled: a request takes an idle connection or opens one, and
-    gives it back afterwards, so an upload costs one round trip instead of a TCP
-    handshake plus a round trip, and the verification that follows an upload reuses
-    the upload's connections.
+    ``orthanc.json``) and pooled by urllib3, up to ``connections`` of them: an upload
+    costs one round trip instead of a TCP handshake plus a round trip, and the
+    verification that follows an upload reuses the upload's connections.
+
+    ``timeout`` bounds each attempt (connecting, and each wait for the server);
+    ``deadline`` bounds a whole request, all attempts and backoff waits included.
 
     When a request runs out of retries because the server cannot be reached, the client
     marks the server as down (a circuit breaker): every later request fails at once
@@ -132,6 +247,8 @@ class OrthancClient:
         settings: OrthancSettings,
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
+        connections: int = 8,
+        deadline: float = 300.0,
     ) -> None:
         problem = url_problem(settings.url)
         if problem is not None:
@@ -146,49 +263,52 @@ class OrthancClient:
             password = urllib.parse.unquote(parsed.password or "")
         self.url = display_url(settings.url)
         self.username = username
-        self._https = parsed.scheme == "https"
+        self._has_credentials = username is not None or password is not None
+        self._scheme = parsed.scheme
         self._host = parsed.hostname or ""
-        self._port = parsed.port or (443 if self._https else 80)
-        self._base_path = urllib.parse.quote(parsed.path.rstrip("/"), safe="/%:@!$&'()*+,;=~")
-        headers = "Accept: application/json\r\n"
-        if username is not None or password is not None:
-            token = f"{username or ''}:{password or ''}".encode()
-            headers += "Authorization: Basic " + base64.b64encode(token).decode("ascii") + "\r\n"
-        self._headers = headers.encode("ascii")
+        netloc = parsed.netloc.rpartition("@")[2]
+        path = urllib.parse.quote(parsed.path.rstrip("/"), safe="/%:@!$&'()*+,;=~")
+        self._base = f"{parsed.scheme}://{netloc}{path}"
+        self._headers = {"Accept": "application/json", "User-Agent": f"cxrsr/{__version__}"}
+        if self._has_credentials:
+            self._headers.update(
+                urllib3.make_headers(basic_auth=f"{username or ''}:{password or ''}")
+            )
         self.timeout = timeout
+        self.deadline = deadline
         self.retry = retry or RetryPolicy()
-        self._ssl_context: ssl.SSLContext | None = None
-        self._idle: list[httpconn.Connection] = []
-        self._lock = threading.Lock()
+        manager = self._manager = _pool_manager(parsed.scheme, self._host, connections)
+        if isinstance(manager, urllib3.ProxyManager):
+            # The proxy manager adds the proxy's headers and absolute-form targets itself.
+            self._pool: urllib3.PoolManager | urllib3.HTTPConnectionPool = manager
+            self._prefix = self._base
+        else:
+            # One pool for the one Orthanc: no URL parsing or pool lookup per request.
+            self._pool = manager.connection_from_url(self._base)
+            self._prefix = path
         self._down = threading.Event()
+        self._lock = threading.Lock()
         self.down_reason: str | None = None
 
-    # -- connections -------------------------------------------------------------
+    @property
+    def proxy(self) -> str | None:
+        """The proxy the requests go through (from the environment), or ``None``."""
+        proxy = self._pool.proxy if isinstance(self._pool, urllib3.ProxyManager) else None
+        return display_url(proxy.url) if proxy is not None else None
 
-    def _acquire(self) -> tuple[httpconn.Connection, bool]:
-        """An idle open connection (most recently used first) and ``True``, or a new one."""
-        with self._lock:
-            while self._idle:
-                conn = self._idle.pop()
-                if conn.is_open:
-                    return conn, True
-            if self._https and self._ssl_context is None:
-                import ssl  # only for https: importing it costs a plain-http run 4 ms
-
-                self._ssl_context = ssl.create_default_context()
-        return httpconn.Connection(self._host, self._port, self.timeout, self._ssl_context), False
-
-    def _release(self, conn: httpconn.Connection) -> None:
-        if conn.is_open:
-            with self._lock:
-                self._idle.append(conn)
+    def cleartext_credentials_warning(self) -> str | None:
+        """Why sending the credentials is unsafe, or ``None``: Basic credentials over plain
+        ``http://`` to another host can be read by anyone on the path."""
+        if self._has_credentials and self._scheme == "http" and not is_loopback(self._host):
+            return (
+                f"the Orthanc password goes to {self._host} over plain http://, readable by "
+                "anyone on the network path; use an https:// URL (Orthanc behind a TLS proxy)"
+            )
+        return None
 
     def close(self) -> None:
-        """Close every idle connection (each request gives its connection back when done)."""
-        with self._lock:
-            for conn in self._idle:
-                conn.close()
-            self._idle.clear()
+        """Close every pooled connection."""
+        self._manager.clear()
 
     # -- requests ----------------------------------------------------------------
 
@@ -197,23 +317,23 @@ class OrthancClient:
         """Whether the circuit breaker has tripped: the server stopped answering."""
         return self._down.is_set()
 
-    def _send_once(
-        self,
-        conn: httpconn.Connection,
-        method: str,
-        path: str,
-        body: Body | None,
-        content_type: str | None,
-    ) -> Response:
-        """One attempt; the connection closes itself on error and goes back to the pool."""
-        headers = self._headers
-        if content_type:
-            headers += f"Content-Type: {content_type}\r\n".encode("ascii")
-        try:
-            answer = conn.request(method, self._base_path + path, headers, body)
-        finally:
-            self._release(conn)
-        return Response(answer.status, answer.body)
+    def _new_retry(self, attempts: _Attempts) -> _Retry:
+        policy = self.retry
+        retry = _Retry(
+            total=policy.retries,
+            redirect=0,
+            status_forcelist=_RETRIED_STATUSES,
+            allowed_methods=None,  # POST /instances and /tools/lookup are safe to repeat
+            backoff_factor=policy.backoff / 2,  # urllib3 waits factor * 2 ** (n - 1)
+            backoff_max=policy.max_backoff,
+            backoff_jitter=policy.jitter,
+            raise_on_redirect=False,
+            raise_on_status=False,
+            respect_retry_after_header=False,  # our backoff, bounded; not a server-chosen wait
+        )
+        retry.attempts, retry.breaker = attempts, self._down
+        retry.deadline = time.monotonic() + self.deadline
+        return retry
 
     def request(
         self,
@@ -224,55 +344,59 @@ class OrthancClient:
     ) -> Response:
         """Send a request, retrying what a retry can fix; return any other answer.
 
-        Retried: connection errors, timeouts, and 5xx answers. A failure on a reused
-        keep-alive connection is retried once at once, without backoff: Orthanc closes
-        idle keep-alive connections after a second (its answers say ``Keep-Alive:
-        timeout=1``), and the client only learns that when it uses one. 401/403 raise
-        :class:`CredentialsRefused`; other 4xx answers are returned to the caller.
+        Retried: connection errors, timeouts and 5xx answers, as :class:`RetryPolicy`
+        says. 401/403 raise :class:`CredentialsRefused`; other 4xx answers are returned
+        to the caller. No usable answer raises :class:`OrthancUnavailable`.
         """
-        maybe_delivered = False
-        last_error = "no attempt made"
-        retry = 0
-        free_reconnect = True
-        while True:
-            if self._down.is_set():
-                raise OrthancUnavailable(
-                    f"Orthanc at {self.url} had stopped answering",
-                    maybe_delivered,
-                    attempted=retry > 0 or not free_reconnect,
-                )
-            conn, reused = self._acquire()
-            try:
-                answer = self._send_once(conn, method, path, body, content_type)
-            except OSError as exc:
-                if not isinstance(exc, ConnectionRefusedError | socket.gaierror):
-                    maybe_delivered = True
-                if reused and free_reconnect:
-                    free_reconnect = False
-                    continue
-                last_error = _describe_network_error(exc)
-            else:
-                if answer.status in (401, 403):
-                    raise CredentialsRefused(self._credentials_message(answer.status))
-                if answer.status < 500:
-                    return answer
-                maybe_delivered = True
-                last_error = f"HTTP {answer.status}: {answer.orthanc_message()}"
-                if answer.status not in _UNAVAILABLE_STATUSES and retry >= self.retry.retries:
-                    # A 500 about one file says nothing about the server as a whole.
-                    raise OrthancUnavailable(
-                        f"Orthanc answered {last_error} (after {retry + 1} attempts)",
-                        maybe_delivered,
-                    )
-            if retry >= self.retry.retries:
+        if self._down.is_set():
+            raise OrthancUnavailable(
+                f"Orthanc at {self.url} had stopped answering", attempted=False
+            )
+        headers = self._headers
+        if content_type:
+            headers = {**headers, "Content-Type": content_type}
+        if isinstance(body, FileBody):
+            headers = {**headers, "Content-Length": str(body.size)}
+        attempts = _Attempts()
+        try:
+            answer = self._pool.urlopen(
+                method,
+                self._prefix + path,
+                body=body,  # type: ignore[arg-type]
+                headers=headers,
+                retries=self._new_retry(attempts),
+                timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout),
+                preload_content=True,
+                redirect=False,
+            )
+        except MaxRetryError as exc:
+            reason = _describe_network_error(exc.reason) if exc.reason else attempts.last_error
+            self._trip(reason)
+            raise OrthancUnavailable(
+                f"no answer from Orthanc at {self.url} after {attempts.count} attempts: {reason}",
+                attempts.maybe_delivered,
+            ) from exc
+        except _Stopped as exc:
+            raise OrthancUnavailable(
+                f"Orthanc at {self.url} stopped answering ({attempts.last_error}; {exc})",
+                attempts.maybe_delivered,
+            ) from exc
+        except (HTTPError, OSError) as exc:  # an error urllib3 does not retry (TLS, ...)
+            raise OrthancUnavailable(
+                f"no answer from Orthanc at {self.url}: {_describe_network_error(exc)}",
+                attempts.maybe_delivered,
+            ) from exc
+        response = Response(answer.status, answer.data)
+        if response.status in (401, 403):
+            raise CredentialsRefused(self._credentials_message(response.status))
+        if response.status >= 500:
+            last_error = f"HTTP {response.status}: {response.orthanc_message()}"
+            if response.status in _UNAVAILABLE_STATUSES:
                 self._trip(last_error)
-                raise OrthancUnavailable(
-                    f"no answer from Orthanc at {self.url} after {retry + 1} attempts: {last_error}",
-                    maybe_delivered,
-                )
-            # Event.wait returns early when another worker trips the breaker.
-            self._down.wait(self.retry.delay(retry))
-            retry += 1
+            raise OrthancUnavailable(
+                f"Orthanc answered {last_error} (after {attempts.count} attempts)", True
+            )
+        return response
 
     def stop(self, reason: str) -> None:
         """Trip the circuit breaker by hand: later requests fail at once (Ctrl-C, 401)."""
@@ -327,8 +451,8 @@ class OrthancClient:
     def store_instance(self, data: Body) -> Response:
         """``POST /instances`` with the file as the body (retried as :meth:`request`).
 
-        A :class:`~cxrsr.httpconn.FileBody` that shrinks while being sent raises
-        :class:`~cxrsr.httpconn.FileChanged`, which is not retried.
+        A :class:`FileBody` that shrinks while being sent raises :class:`FileChanged`,
+        which is not retried.
         """
         return self.request("POST", "/instances", body=data, content_type="application/dicom")
 
@@ -366,6 +490,37 @@ class OrthancClient:
         return str(document["ID"]), str(document["ParentPatient"])
 
 
+def _pool_manager(scheme: str, host: str, connections: int) -> urllib3.PoolManager:
+    """A pool of up to ``connections`` keep-alive connections, through the environment's
+    proxy when one applies (``http_proxy``/``https_proxy``, ``no_proxy``).
+
+    A loopback Orthanc never goes through a proxy: a proxy elsewhere cannot reach this
+    machine's loopback, and on this machine it would only add a hop.
+    """
+    # Large files are streamed in blocks of 1 MiB rather than urllib3's 16 kB: 64 times
+    # fewer send calls, each of which costs Python-level work per block.
+    options: dict[str, Any] = {
+        "maxsize": connections,
+        "block": True,
+        "num_pools": 2,
+        "blocksize": 1024 * 1024,
+    }
+    proxy = urllib.request.getproxies().get(scheme)
+    if proxy and not is_loopback(host) and not urllib.request.proxy_bypass(host):
+        return urllib3.ProxyManager(proxy, **options)
+    return urllib3.PoolManager(**options)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback interface (``localhost``, 127/8, ::1)."""
+    if host.lower() in ("localhost", "localhost.localdomain") or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def display_url(url: str) -> str:
     """The URL without any ``user:password@`` part, safe to print even when malformed.
 
@@ -393,6 +548,8 @@ def url_problem(url: str) -> str | None:
         return f"not an http(s) URL: {display_url(url)!r}"
     if port == 0:
         return f"not a valid URL: {display_url(url)!r} (port 0)"
+    if any(c in url for c in "\r\n\t ") or any(ord(c) < 32 for c in url):
+        return f"not a valid URL: {display_url(url)!r} (it holds white space or control characters)"
     return None
 
 
@@ -403,15 +560,35 @@ def _expect_ok(answer: Response, doing: str) -> None:
         )
 
 
+def _before_sending(error: BaseException) -> bool:
+    """Whether ``error`` happened before any byte of the request could reach the server."""
+    return isinstance(error, NewConnectionError | ConnectTimeoutError | NameResolutionError)
+
+
 def _describe_network_error(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, TimeoutError | socket.timeout):
+    """A short reason for a failed attempt, without urllib3's object reprs."""
+    if isinstance(exc, NameResolutionError):
+        return "host name not found"
+    if isinstance(exc, NewConnectionError):  # before ConnectTimeoutError, its base class
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ConnectionRefusedError) or "refused" in str(exc).lower():
+            return "connection refused"
+        return f"cannot connect ({cause or exc})"
+    if isinstance(exc, ConnectTimeoutError):
+        return "timed out connecting"
+    if isinstance(exc, ReadTimeoutError | TimeoutError):
         return "timed out"
-    if isinstance(exc, httpconn.RemoteDisconnected | httpconn.ProtocolError):
-        return str(exc)
+    if isinstance(exc, SSLError):
+        return f"TLS error: {exc.args[0] if exc.args else exc}"
+    if isinstance(exc, ProtocolError):
+        cause = exc.args[1] if len(exc.args) > 1 else None
+        if isinstance(cause, ConnectionResetError):
+            return "connection reset"
+        if cause is not None and type(cause).__name__ == "RemoteDisconnected":
+            return "the server closed the connection without answering"
+        return f"connection broken ({cause or exc})"
     if isinstance(exc, ConnectionResetError):
         return "connection reset"
-    if isinstance(exc, socket.gaierror):
-        return f"host name not found ({exc.strerror})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
     return str(exc) or type(exc).__name__

@@ -60,7 +60,7 @@ FOR_PROCESSING_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1.3.1": "Digital Intra-Oral X-Ray Image Storage - For Processing",
 }
 RADIOGRAPH_MODALITIES = {"CR", "DX"}
-MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR (PS3.10 8.6)
+MEDIA_STORAGE_DIRECTORY = pydicom.uid.MediaStorageDirectoryStorage  # DICOMDIR (PS3.10 8.6)
 
 #: BodyPartExamined values (PS3.16 Annex L and common vendor spellings) that mean the chest.
 CHEST_WORDS = ("CHEST", "THORAX", "THORACIC", "LUNG", "TORAX", "TORACE", "POUMON", "BRUST")

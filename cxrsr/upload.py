@@ -3,33 +3,38 @@
 :mod:`cxrsr.orthanc` only talks HTTP; this module decides what to send and what the
 answers mean, on top of it:
 
-* :func:`upload` sniffs each file by its first bytes, hashes it, sends it with
-  ``POST /instances`` from a few parallel workers (a large file straight from the page
-  cache with ``sendfile``) and classifies Orthanc's answer as
-  ``stored`` (``"Status": "Success"``), ``already stored`` (``"AlreadyStored"``),
+* :func:`upload` recognises each file by its first bytes, reads its header with pydicom
+  and sends only what a PACS can parse safely (:mod:`cxrsr.header`: a file that fails is
+  "not sent: malformed: <reason>"), hashes it, sends it with ``POST /instances`` from a
+  few parallel workers (a large file streamed from disk) and classifies Orthanc's answer
+  as ``stored`` (``"Status": "Success"``), ``already stored`` (``"AlreadyStored"``),
   ``rejected`` (4xx, with Orthanc's own message) or ``failed`` (after the retries).
   Files that are not DICOM, and DICOMDIRs, are passed over with a reason.
 * :func:`verify` asks Orthanc afterwards for the MD5 it keeps of each stored file
   (``GET /instances/{id}/attachments/dicom/md5``) and compares it with the MD5 of the
-  bytes sent, and checks that each Structured Report sits in the same Orthanc study
-  and patient as the image it describes.
+  bytes sent, and checks that each object derived from an image (an SR, a key image)
+  sits in the same Orthanc study and patient as the image it references.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
-import struct
 import threading
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
-from cxrsr import httpconn, orthanc
+from pydicom.dataset import Dataset
+
+from cxrsr import orthanc
 from cxrsr.discovery import SNIFF_BYTES, Source, sniff_dicom
-from cxrsr.orthanc import OrthancClient, OrthancUnavailable, Response
+from cxrsr.header import MalformedDicom, is_dicomdir, read_header
+from cxrsr.orthanc import FileChanged, OrthancClient, OrthancUnavailable, Response
 
 log = logging.getLogger("cxrsr")
 
@@ -39,25 +44,17 @@ STORED = "stored"
 ALREADY_STORED = "already stored"
 #: Orthanc answered 4xx (or filtered the instance out): sending it again will not help.
 REJECTED = "rejected"
-#: No usable answer after the retries (connection errors, timeouts, 5xx), or unreadable.
+#: Not sent because its header is malformed, or no usable answer after the retries
+#: (connection errors, timeouts, 5xx), or unreadable.
 FAILED = "failed"
-#: Not DICOM (or empty): not sent at all, and not a failure.
+#: Not DICOM (or empty, or a DICOMDIR): not sent at all, and not a failure.
 PASSED_OVER = "passed over"
-
-#: Media Storage Directory Storage (PS3.4 Annex B; PS3.10 8.6): a DICOMDIR, the index
-#: of a CD or USB export. Orthanc cannot store it ("Inexistent tag": it has no patient
-#: or study), and it holds no image, so it is passed over rather than rejected.
-MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
-
-#: Bytes read to sniff a file and find its file meta information (PS3.10 7.1).
-HEAD_BYTES = 4096
 
 #: SOP Class UIDs of the Structured Report family (PS3.4 Annex B, B.5: ``...1.1.88.x``).
 SR_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
-_SR_MARKER = SR_SOP_CLASS_PREFIX.encode("ascii")
-#: How far into a file the SR SOP Class UID is looked for: it is (0008,0016), among
-#: the first elements of the data set, and in the file meta (0002,0002) before that.
-SR_SCAN_BYTES = 65536
+#: Secondary Capture Image Storage and its multi-frame siblings (PS3.4 B.5): the IODs a
+#: key image (a heatmap over the radiograph) is written as.
+SC_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 
 
 # -- upload ----------------------------------------------------------------------------
@@ -75,9 +72,11 @@ class Outcome:
     instance_id: str | None = None
     study_id: str | None = None
     patient_id: str | None = None
-    sr_references: tuple[str, ...] = ()
-    """For a Structured Report: the SOP Instance UIDs of the images it describes."""
-    is_sr: bool = False
+    derived: str | None = None
+    """For an object derived from images (an SR, a key image): its kind, as counted in
+    the summary (``"SRs"``, ``"key images"``); ``None`` for anything else."""
+    references: tuple[str, ...] = ()
+    """For a derived object: the SOP Instance UIDs of the images it references."""
     verified: bool = False
     problems: list[str] = field(default_factory=list)
 
@@ -88,15 +87,22 @@ class Outcome:
 
 
 @dataclass
+class Placement:
+    """How many derived objects of one kind sit in the study of the images they reference."""
+
+    checked: int = 0
+    in_source_study: int = 0
+    source_missing: int = 0
+    misplaced: int = 0
+
+
+@dataclass
 class Report:
     """Everything the summary line and the exit code are made of."""
 
     outcomes: list[Outcome]
     verification_note: str = ""
-    srs_checked: int = 0
-    srs_in_source_study: int = 0
-    srs_source_missing: int = 0
-    srs_misplaced: int = 0
+    placements: dict[str, Placement] = field(default_factory=dict)
 
     def count(self, status: str) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
@@ -111,12 +117,13 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        """Nothing rejected or failed, every acknowledged instance verified, SRs in place."""
+        """Nothing rejected or failed, every acknowledged instance verified, derived objects
+        in place."""
         return (
             self.count(REJECTED) == 0
             and self.count(FAILED) == 0
             and self.verified == self.acknowledged
-            and self.srs_misplaced == 0
+            and all(p.misplaced == 0 for p in self.placements.values())
         )
 
     def log_problems(self) -> None:
@@ -134,10 +141,10 @@ class Report:
         )
         if self.verification_note:
             line += f" ({self.verification_note})"
-        if self.srs_checked:
-            line += f", SRs in source study {self.srs_in_source_study}/{self.srs_checked}"
-            if self.srs_source_missing:
-                line += f" ({self.srs_source_missing} without their source in Orthanc)"
+        for kind, placement in self.placements.items():
+            line += f", {kind} in source study {placement.in_source_study}/{placement.checked}"
+            if placement.source_missing:
+                line += f" ({placement.source_missing} without their source in Orthanc)"
         return line
 
 
@@ -160,75 +167,57 @@ def classify_answer(answer: Response) -> tuple[str, str, dict[str, Any]]:
     return REJECTED, f"unexpected answer from Orthanc: Status {status!r}", {}
 
 
-def sr_references(source: Source, start: bytes, size: int) -> tuple[bool, tuple[str, ...]]:
-    """Whether a file is a Structured Report, and the SOP Instance UIDs it is evidence of.
-
-    ``start`` is the file's first :data:`SR_SCAN_BYTES` (all of it when ``size`` is no
-    larger, as for this project's SRs, which are then parsed without reading the file
-    again): a bytes search there for the SR SOP Class prefix keeps pydicom away from
-    the (many) image files. The images an SR
-    describes are listed in its Current Requested Procedure Evidence Sequence
-    (0040,A375), by study, series and SOP instance (PS3.3 C.17.2).
-    """
-    if _SR_MARKER not in start:
-        return False, ()
-    import io
-
-    import pydicom
-
-    with io.BytesIO(start) if len(start) == size else source.open() as fh:
-        ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
-    if not str(ds.get("SOPClassUID", "")).startswith(SR_SOP_CLASS_PREFIX):
-        return False, ()
-    uids: list[str] = []
+def _evidence_uids(ds: Dataset) -> list[str]:
+    """An SR's Current Requested Procedure Evidence Sequence (0040,A375): the images it
+    describes, by study, series and SOP instance (PS3.3 C.17.2)."""
+    uids = []
     for study in ds.get("CurrentRequestedProcedureEvidenceSequence", []):
         for series in study.get("ReferencedSeriesSequence", []):
             for item in series.get("ReferencedSOPSequence", []):
-                uid = str(item.get("ReferencedSOPInstanceUID", "")).strip()
-                if uid:
-                    uids.append(uid)
-    return True, tuple(dict.fromkeys(uids))
+                uids.append(str(item.get("ReferencedSOPInstanceUID", "")))
+    return uids
 
 
-def media_storage_sop_class(head: bytes) -> str | None:
-    """The file meta's Media Storage SOP Class UID (0002,0002), from a file's first bytes.
-
-    The file meta group always follows ``DICM`` in explicit VR little endian (PS3.10
-    7.1), so it is walked directly; ``None`` when there is no file meta or the element
-    is not within ``head``.
-    """
-    if head[128:132] != b"DICM":
-        return None
-    offset = 132
-    while offset + 8 <= len(head):
-        group, element = struct.unpack_from("<HH", head, offset)
-        if group != 0x0002:
-            return None
-        vr = head[offset + 4 : offset + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL"):
-            if offset + 12 > len(head):
-                return None
-            (length,) = struct.unpack_from("<I", head, offset + 8)
-            offset += 12
-        else:
-            (length,) = struct.unpack_from("<H", head, offset + 6)
-            offset += 8
-        if element == 0x0002:
-            value = head[offset : offset + length]
-            return value.rstrip(b"\0 ").decode("ascii", "replace")
-        offset += length
-    return None
+def _source_image_uids(ds: Dataset) -> list[str]:
+    """A derived image's Source Image Sequence (0008,2112): the images it was made from
+    (PS3.3 C.7.6.1.1.4)."""
+    return [
+        str(item.get("ReferencedSOPInstanceUID", "")) for item in ds.get("SourceImageSequence", [])
+    ]
 
 
-def passed_over_reason(head: bytes) -> str | None:
-    """Why a file whose first :data:`HEAD_BYTES` are ``head`` is not sent, if it is not."""
-    if not head:
-        return "empty file, not sent"
-    if not sniff_dicom(head[:SNIFF_BYTES]):
-        return "not a DICOM file, not sent"
-    if media_storage_sop_class(head) == MEDIA_STORAGE_DIRECTORY:
-        return "DICOMDIR (media directory), not an image: not sent"
-    return None
+def _sop_class(ds: Dataset) -> str:
+    return str(ds.get("SOPClassUID", ""))
+
+
+def _is_derived_secondary_capture(ds: Dataset) -> bool:
+    """A Secondary Capture marked DERIVED that names its source images: a key image."""
+    image_type = ds.get("ImageType") or []
+    values = [image_type] if isinstance(image_type, str) else list(image_type)
+    return (
+        _sop_class(ds).startswith(SC_SOP_CLASS_PREFIX)
+        and "DERIVED" in values
+        and "SourceImageSequence" in ds
+    )
+
+
+#: Objects checked for placement after upload: (kind as counted in the summary, which
+#: objects, the SOP Instance UIDs of the images each references). An object made from an
+#: image belongs in that image's Orthanc study and patient; add a kind here to check it.
+DERIVED_KINDS: tuple[tuple[str, Callable[[Dataset], bool], Callable[[Dataset], list[str]]], ...] = (
+    ("SRs", lambda ds: _sop_class(ds).startswith(SR_SOP_CLASS_PREFIX), _evidence_uids),
+    ("key images", _is_derived_secondary_capture, _source_image_uids),
+)
+
+
+def derived_from(ds: Dataset) -> tuple[str | None, tuple[str, ...]]:
+    """The kind of derived object ``ds`` is (see :data:`DERIVED_KINDS`) and the images it
+    references, or ``(None, ())`` for an ordinary instance."""
+    for kind, matches, references in DERIVED_KINDS:
+        if matches(ds):
+            uids = (uid.strip() for uid in references(ds))
+            return kind, tuple(dict.fromkeys(uid for uid in uids if uid))
+    return None, ()
 
 
 def _unreadable(exc: BaseException) -> str:
@@ -237,9 +226,11 @@ def _unreadable(exc: BaseException) -> str:
     return f"cannot read: {getattr(exc, 'strerror', None) or exc}"
 
 
-#: Files up to this size are read into memory and sent with their request head in one
-#: system call; larger ones are hashed through a small buffer and sent with ``sendfile``.
-SMALL_FILE = 64 * 1024
+#: Files up to this size are read into memory once, then sniffed, parsed, hashed and sent
+#: from there (every compressed radiograph and most uncompressed ones); larger ones are
+#: parsed and hashed from the file and streamed from disk. Memory stays within
+#: ``2 * workers * SMALL_FILE`` (files waiting and being sent).
+SMALL_FILE = 8 * 1024 * 1024
 #: The buffer each upload thread hashes large files through: small enough to stay in
 #: the CPU cache and to cost nothing to keep, large enough for few system calls.
 HASH_CHUNK = 256 * 1024
@@ -255,91 +246,137 @@ _hash_buffer = _HashBuffer()
 
 @dataclass
 class _Prepared:
-    """A file ready to send: its body, its MD5, and the first bytes for the SR check."""
+    """A file ready to send: its body, its MD5, and what its header says it is."""
 
     body: orthanc.Body
     md5: str
     size: int
-    start: bytes
+    derived: str | None
+    references: tuple[str, ...]
 
 
-def _hash_file(fh: BinaryIO, head: bytes, size: int) -> tuple[str, bytes]:
-    """The MD5 of a whole open file whose first bytes, ``head``, are already read, and
-    its first :data:`SR_SCAN_BYTES`.
+def _hash_file(fh: BinaryIO, size: int) -> str:
+    """The MD5 of a whole open file, read from its start.
 
-    Raises :class:`~cxrsr.httpconn.FileChanged` when the file no longer has ``size``
+    Raises :class:`~cxrsr.orthanc.FileChanged` when the file no longer has ``size``
     bytes: it is being written, and what would be sent is not a finished file. (A file
     rewritten in place between this hash and the send is caught by :func:`verify`,
     whose MD5 comparison then fails.)
     """
-    digest = hashlib.md5(head)
-    start = bytearray(head)
-    total = len(head)
+    fh.seek(0)
+    digest = hashlib.md5()
+    total = 0
     view = _hash_buffer.view
     while count := fh.readinto(view):  # type: ignore[attr-defined]
         digest.update(view[:count])
-        if len(start) < SR_SCAN_BYTES:
-            start += view[: min(count, SR_SCAN_BYTES - len(start))]
         total += count
     if total != size:
-        raise httpconn.FileChanged(f"the file changed while being read ({total} of {size} bytes)")
-    return digest.hexdigest(), bytes(start)
+        raise FileChanged(f"the file changed while being read ({total} of {size} bytes)")
+    return digest.hexdigest()
 
 
-def _in_memory(data: bytes) -> _Prepared:
-    return _Prepared(data, hashlib.md5(data).hexdigest(), len(data), data[:SR_SCAN_BYTES])
+def _inspect(fh: BinaryIO, size: int, name: str) -> Dataset | Outcome:
+    """The header of a file worth sending, or the outcome of one that is not sent:
+    passed over (empty, not DICOM, a DICOMDIR) or failed (malformed)."""
+    head = fh.read(SNIFF_BYTES)
+    if not head:
+        return Outcome(name, PASSED_OVER, "empty file, not sent")
+    if not sniff_dicom(head):
+        return Outcome(name, PASSED_OVER, "not a DICOM file, not sent", size=size)
+    try:
+        ds = read_header(fh, size)
+    except MalformedDicom as exc:
+        return Outcome(name, FAILED, f"not sent: malformed: {exc}", size=size)
+    if is_dicomdir(ds):
+        # Orthanc cannot store it ("Inexistent tag": it has no patient or study), and it
+        # holds no image, so it is passed over rather than rejected.
+        return Outcome(name, PASSED_OVER, "DICOMDIR (media directory), not an image: not sent")
+    return ds
+
+
+def inspect_source(source: Source) -> Outcome | None:
+    """What :func:`upload` would decide about ``source`` before sending, without hashing
+    or sending it: its outcome when it would not be sent, ``None`` when it would."""
+    try:
+        with contextlib.ExitStack() as stack:
+            fh, size = _open(source, stack)
+            found = _inspect(fh, size, source.name)
+    except (OSError, MemoryError) as exc:
+        return Outcome(source.name, FAILED, _unreadable(exc))
+    return found if isinstance(found, Outcome) else None
+
+
+def _open(source: Source, stack: contextlib.ExitStack) -> tuple[BinaryIO, int]:
+    """An open file and its size; an archive member is read into memory."""
+    if source.member is not None:
+        data = source.read_bytes()
+        return io.BytesIO(data), len(data)
+    fh = stack.enter_context(source.open())
+    return fh, os.fstat(fh.fileno()).st_size
 
 
 def _prepare(source: Source, stack: contextlib.ExitStack) -> _Prepared | Outcome:
-    """A file ready to send, or its ``passed over`` outcome when its head says it is not sent.
+    """A file ready to send, or its outcome when it is not sent.
 
-    The first :data:`HEAD_BYTES` are read first, so a large file that is not DICOM is
-    never read whole. A large plain file stays open (on ``stack``) to be sent from the
-    file itself.
+    The first bytes decide whether it is DICOM, so a large file that is not is never
+    read whole; then pydicom reads the header (:func:`cxrsr.header.read_header`), and
+    only then is the file hashed. A file up to :data:`SMALL_FILE` is read once, into
+    memory: parsing from memory costs pydicom no system call per element. A larger plain
+    file stays open (on ``stack``) to be streamed from disk.
     """
-    if source.member is not None:
-        head = source.head(HEAD_BYTES)
-    else:
-        fh = stack.enter_context(source.open())
-        head = fh.read(HEAD_BYTES)
-    reason = passed_over_reason(head)
-    if reason is not None:
-        return Outcome(source.name, PASSED_OVER, reason, size=len(head))
-    if source.member is not None:
-        return _in_memory(source.read_bytes())
-    size = os.fstat(fh.fileno()).st_size
-    if size <= SMALL_FILE:
-        return _in_memory(head + fh.read())
-    md5, start = _hash_file(fh, head, size)
-    return _Prepared(httpconn.FileBody(fh, size), md5, size, start)
+    fh, size = _open(source, stack)
+    if isinstance(fh, io.BytesIO) or size > SMALL_FILE:
+        return _prepared(fh, size, source.name)
+    head = fh.read(SNIFF_BYTES)
+    if not head or not sniff_dicom(head):
+        fh.seek(0)
+        return _prepared(fh, size, source.name)  # passed over, from its first bytes only
+    fh.seek(0)
+    data = fh.read()  # one read, no copy: BytesIO shares the bytes
+    if len(data) != size:
+        raise FileChanged(f"the file changed while being read ({len(data)} of {size} bytes)")
+    return _prepared(io.BytesIO(data), size, source.name)
+
+
+def _prepared(fh: BinaryIO, size: int, name: str) -> _Prepared | Outcome:
+    found = _inspect(fh, size, name)
+    if isinstance(found, Outcome):
+        return found
+    derived, references = derived_from(found)
+    if isinstance(fh, io.BytesIO):
+        data = fh.getvalue()
+        return _Prepared(data, hashlib.md5(data).hexdigest(), size, derived, references)
+    md5 = _hash_file(fh, size)
+    return _Prepared(orthanc.FileBody(fh, size), md5, size, derived, references)
 
 
 def read_and_store(source: Source, client: OrthancClient) -> Outcome:
-    """Read one file, sniff it, send it, and classify the answer.
+    """Read one file, check its header, send it, and classify the answer.
 
     Memory stays bounded by the number of workers however large the files: a small
-    file is held whole, a large one only through a :data:`HASH_CHUNK` buffer (the
-    kernel sends it from the page cache).
+    file is held whole, a large one only through a :data:`HASH_CHUNK` buffer and
+    urllib3's send blocks.
     """
     with contextlib.ExitStack() as stack:
         try:
             prepared = _prepare(source, stack)
         except (OSError, MemoryError) as exc:  # SourceReadError: damaged zip, hostile member
             return Outcome(source.name, FAILED, _unreadable(exc))
-        except httpconn.FileChanged as exc:
+        except FileChanged as exc:
             return Outcome(source.name, FAILED, str(exc))
         if isinstance(prepared, Outcome):
             return prepared
-        outcome = Outcome(source.name, FAILED, size=prepared.size, md5=prepared.md5)
-        try:
-            outcome.is_sr, outcome.sr_references = sr_references(
-                source, prepared.start, prepared.size
-            )
-        except Exception as exc:  # a damaged SR is still sent; Orthanc decides if it is DICOM
-            log.debug("%s: cannot read the SR's references: %s", source.name, exc)
+        outcome = Outcome(
+            source.name,
+            FAILED,
+            size=prepared.size,
+            md5=prepared.md5,
+            derived=prepared.derived,
+            references=prepared.references,
+        )
         try:
             answer = client.store_instance(prepared.body)
-        except httpconn.FileChanged as exc:
+        except FileChanged as exc:
             outcome.reason = str(exc)
             return outcome
         except OrthancUnavailable as exc:
@@ -380,82 +417,47 @@ def in_parallel(
     expected: tuple[type[BaseException], ...] = (),
     on_stop: Callable[[], None] | None = None,
 ) -> None:
-    """Run ``function`` on every item from ``workers`` threads; ``on_result(index, result)``
-    for each, as they finish.
+    """Run ``function`` on every item from a pool of ``workers`` threads
+    (:class:`~concurrent.futures.ThreadPoolExecutor`); ``on_result(index, result)`` for
+    each in the calling thread, as they finish.
 
-    ``on_result`` runs on the worker that finished the item, one call at a time (under a
-    lock). An ``expected`` exception is passed to it in place of the item's result; any
-    other exception, or Ctrl-C in the calling thread, stops the run: items not yet
+    An ``expected`` exception is passed to ``on_result`` in place of the item's result;
+    any other exception, or Ctrl-C in the calling thread, stops the run: items not yet
     started are never run, ``on_stop`` is called (to cut short the items in flight),
-    the threads are joined, and the exception is raised here.
+    the pool is shut down, and the exception is raised here.
 
-    ``items`` may be a generator, such as the file discovery: the workers take items
-    from it one at a time (under a lock) as they need them, so work starts with the first
-    item found instead of after the last one.
-
-    Plain threads taking the next item, rather than an executor with a future per item,
-    and results handled where they are made, rather than woken up for in the calling
-    thread: on the 2-core benchmark machine those hand-overs cost the uploader more CPU
-    than its own Python work per file.
+    ``items`` may be a generator, such as the file discovery: it is drawn from as
+    workers need work (at most ``2 * workers`` items are waiting or running), so work
+    starts with the first item found instead of after the last one.
     """
     numbered = enumerate(items)
-    take_lock = threading.Lock()
-    stop = threading.Event()
-    lock = threading.Lock()
-    fatal: list[BaseException] = []
-
-    def halt(exc: BaseException) -> None:
-        with lock:
-            first = not stop.is_set()
-            stop.set()
-            fatal.append(exc)
-        if first and on_stop is not None:
-            on_stop()
-
-    def work() -> None:
-        while not stop.is_set():
-            try:
-                with take_lock:
+    running: dict[Future[R], int] = {}
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="cxrsr") as pool:
+        try:
+            exhausted = False
+            while True:
+                while not exhausted and len(running) < 2 * max(1, workers):
                     taken = next(numbered, None)
-            except BaseException as exc:  # the generator failed: a bug, raised in the caller
-                halt(exc)
-                return
-            if taken is None:
-                return
-            index, item = taken
-            try:
-                result: R | BaseException = function(item)
-            except expected as exc:
-                result = exc
-            except BaseException as exc:  # CredentialsRefused, a bug: raised in the caller
-                halt(exc)
-                return
-            try:
-                with lock:
-                    if not stop.is_set():
-                        on_result(index, result)
-            except BaseException as exc:
-                halt(exc)
-                return
-
-    if isinstance(items, Sized):
-        workers = min(workers, len(items))
-    threads = [
-        threading.Thread(target=work, name=f"cxrsr-{n}", daemon=True)
-        for n in range(max(1, workers))
-    ]
-    for thread in threads:
-        thread.start()
-    try:
-        for thread in threads:
-            thread.join()
-    except BaseException as exc:  # Ctrl-C while waiting
-        halt(exc)
-        for thread in threads:
-            thread.join()
-        raise
-    if fatal:
-        raise fatal[0]
+                    if taken is None:
+                        exhausted = True
+                    else:
+                        running[pool.submit(function, taken[1])] = taken[0]
+                if not running:
+                    return
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index = running.pop(future)
+                    try:
+                        result: R | BaseException = future.result()
+                    except expected as exc:
+                        result = exc
+                    on_result(index, result)
+        except BaseException:  # CredentialsRefused, Ctrl-C, a bug: stop, then raise here
+            for future in running:
+                future.cancel()
+            if on_stop is not None:
+                on_stop()
+            raise
 
 
 def upload(
@@ -510,9 +512,10 @@ def verify(outcomes: Iterable[Outcome], client: OrthancClient, workers: int = 8)
       bytes sent. For ``already stored`` a different MD5 means Orthanc holds another
       file under the same SOP Instance UID (it keeps the first one,
       ``"OverwriteInstances": false``), so what was sent is not what the PACS has.
-    * placement: each SR's Orthanc study and patient must be those of the images in its
-      evidence sequence (Orthanc derives its IDs from PatientID and the DICOM UIDs, so
-      an SR with a different PatientID would land in a study of its own).
+    * placement: each derived object's (SR, key image; :data:`DERIVED_KINDS`) Orthanc
+      study and patient must be those of the images it references (Orthanc derives its
+      IDs from PatientID and the DICOM UIDs, so an SR with a different PatientID would
+      land in a study of its own).
 
     Requests run in parallel; a GET is cheap for Orthanc and, across a network, each
     costs a round trip that parallelism hides.
@@ -532,7 +535,7 @@ def verify(outcomes: Iterable[Outcome], client: OrthancClient, workers: int = 8)
     by_id: dict[str, list[Outcome]] = {}
     for outcome in sent:
         by_id.setdefault(str(outcome.instance_id), []).append(outcome)
-    srs = [o for o in sent if o.is_sr]
+    derived = [o for o in sent if o.derived]
     instance_ids = list(by_id)
 
     def judge(index: int, result: tuple[str | None, str] | BaseException) -> None:
@@ -546,25 +549,26 @@ def verify(outcomes: Iterable[Outcome], client: OrthancClient, workers: int = 8)
             _judge_md5(outcome, stored_md5, sop_instance_uid)
 
     def place(index: int, result: tuple[str, str] | BaseException) -> None:
-        outcome = srs[index]
+        outcome = derived[index]
         if isinstance(result, BaseException):
-            verdict, message = _SR_UNCHECKED, f"could not check the SR's study: {result}"
+            verdict, message = _UNCHECKED, f"could not check the study: {result}"
         else:
             verdict, message = result
-        report.srs_checked += 1
-        if verdict == _SR_IN_PLACE:
-            report.srs_in_source_study += 1
-        elif verdict == _SR_SOURCE_MISSING:
-            report.srs_source_missing += 1
+        placement = report.placements.setdefault(str(outcome.derived), Placement())
+        placement.checked += 1
+        if verdict == _IN_PLACE:
+            placement.in_source_study += 1
+        elif verdict == _SOURCE_MISSING:
+            placement.source_missing += 1
             log.warning("%s: %s", outcome.name, message)
         else:
-            report.srs_misplaced += 1
+            placement.misplaced += 1
             outcome.problems.append(message)
 
     expected = (OrthancUnavailable,)
     stored_copy = lambda i: _stored_copy(client, i, by_id[i])  # noqa: E731
     in_parallel(stored_copy, instance_ids, workers, judge, expected)
-    in_parallel(lambda o: _sr_placement(o, client), srs, workers, place, expected)
+    in_parallel(lambda o: _placement(o, client), derived, workers, place, expected)
     return report
 
 
@@ -604,35 +608,36 @@ def _judge_md5(outcome: Outcome, stored_md5: str | None, sop_instance_uid: str) 
         )
 
 
-#: Verdicts of :func:`_sr_placement`.
-_SR_IN_PLACE = "in place"
-_SR_SOURCE_MISSING = "source missing"
-_SR_MISPLACED = "misplaced"
-_SR_UNCHECKED = "unchecked"
+#: Verdicts of :func:`_placement`.
+_IN_PLACE = "in place"
+_SOURCE_MISSING = "source missing"
+_MISPLACED = "misplaced"
+_UNCHECKED = "unchecked"
 
 
-def _sr_placement(outcome: Outcome, client: OrthancClient) -> tuple[str, str]:
-    """Whether the SR shares an Orthanc study and patient with its source images, and why not.
+def _placement(outcome: Outcome, client: OrthancClient) -> tuple[str, str]:
+    """Whether a derived object shares an Orthanc study and patient with the images it
+    references, and why not.
 
-    A source that is not in Orthanc is a warning (it may be uploaded later); an SR in
-    another study or patient than its source is an error.
+    A source that is not in Orthanc is a warning (it may be uploaded later); an object
+    in another study or patient than its source is an error.
     """
-    if not outcome.sr_references:
-        return _SR_SOURCE_MISSING, (
-            "the SR names no source image (no Current Requested Procedure Evidence), "
-            "so its study cannot be checked"
+    what = "SR" if outcome.derived == "SRs" else "object"
+    if not outcome.references:
+        return _SOURCE_MISSING, (
+            f"the {what} names no source image, so its study cannot be checked"
         )
-    for uid in outcome.sr_references:
+    for uid in outcome.references:
         candidates = client.lookup_instances(uid)
         if not candidates:
-            return _SR_SOURCE_MISSING, (
-                f"source instance {uid} is not in Orthanc, so the SR's study cannot be checked"
+            return _SOURCE_MISSING, (
+                f"source instance {uid} is not in Orthanc, so the {what}'s study cannot be checked"
             )
         places = [client.study_of_instance(c) for c in candidates]
         if (outcome.study_id, outcome.patient_id) not in places:
             found = ", ".join(f"study {p[0]} of patient {p[1]}" for p in places if p)
-            return _SR_MISPLACED, (
-                f"SR is in Orthanc study {outcome.study_id} of patient {outcome.patient_id}, "
+            return _MISPLACED, (
+                f"{what} is in Orthanc study {outcome.study_id} of patient {outcome.patient_id}, "
                 f"but its source {uid} is in {found or 'no study'}"
             )
-    return _SR_IN_PLACE, ""
+    return _IN_PLACE, ""

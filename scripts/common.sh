@@ -25,24 +25,22 @@ ensure_venv() {
   fi
 }
 
-# .env with the Orthanc URL and credentials; a random password on first use (never committed).
+# .env with the Orthanc URL and credentials: created with a random password on first use
+# (owner-only, never committed), then checked. Never sourced: a shell would run a value
+# such as $(...) as a command and read quotes its own way. Its values are read through
+# python-dotenv, the scripts' own parser (python -m cxrsr.config, run with the Python given).
 ensure_dotenv() {
-  if [ ! -f .env ]; then
-    local password
-    password=$("$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(18))')
-    touch .env && chmod 600 .env
-    cat > .env <<ENV
-# Orthanc connection for the cxrsr scripts and docker compose. Created by run.sh; git-ignored.
-ORTHANC_URL=http://127.0.0.1:8042
-ORTHANC_USERNAME=cxrsr
-ORTHANC_PASSWORD=$password
-ENV
-    say "I: created .env with a random Orthanc password (user cxrsr); the scripts read it from there"
-  fi
-  set -a
-  # shellcheck disable=SC1091
-  . ./.env
-  set +a
+  local py=$1
+  "$py" -m cxrsr.config init || return 1
+  "$py" -m cxrsr.config check
+}
+
+# ORTHANC_URL and ORTHANC_USERNAME as shell variables (for messages), not exported: the
+# scripts read .env themselves. The environment wins over .env, as in the scripts.
+load_orthanc_settings() {
+  local py=$1
+  ORTHANC_URL=$("$py" -m cxrsr.config get ORTHANC_URL) || return 1
+  ORTHANC_USERNAME=$("$py" -m cxrsr.config get ORTHANC_USERNAME) || return 1
 }
 
 # Debian/Ubuntu packages, installed only when missing and when we are allowed to (root).

@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -318,14 +319,85 @@ def test_dicom_that_orthanc_refuses_is_rejected_with_its_message(
     orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
 ) -> None:
     (valid,) = write_copies(small_dicom, tmp_path / "in", 1)
-    truncated = tmp_path / "in" / "truncated.dcm"
-    truncated.write_bytes(valid.read_bytes()[:300])  # sniffs as DICOM, cannot be parsed
+    ds = pydicom.dcmread(valid)
+    del ds.StudyInstanceUID  # a sound header, but Orthanc files instances by study
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    no_study = tmp_path / "in" / "no_study.dcm"
+    ds.save_as(no_study, enforce_file_format=True)
     run = upload(orthanc, tmp_path / "in")
     assert run.returncode == 1
     assert run.counts["rejected"] == 1 and run.counts["stored"] == 1
     (error,) = run.lines("E: ")
-    assert error.startswith(f"E: {truncated}: rejected: HTTP 400: Bad file format")
+    assert error.startswith(f"E: {no_study}: rejected: HTTP 4")
     assert lookup(orthanc, sop_instance_uid(valid))
+
+
+def file_meta_element(data: bytes, element: int) -> int:
+    """Offset of file meta element (0002,element) in an explicit VR little endian file meta."""
+    offset = 132
+    while True:
+        group, number = struct.unpack_from("<HH", data, offset)
+        assert group == 0x0002, f"(0002,{element:04X}) not found"
+        if number == element:
+            return offset
+        vr = data[offset + 4 : offset + 6]
+        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+            offset += 12 + struct.unpack_from("<I", data, offset + 8)[0]
+        else:
+            offset += 8 + struct.unpack_from("<H", data, offset + 6)[0]
+
+
+def test_malformed_headers_are_never_sent_and_orthanc_survives(
+    empty_orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
+) -> None:
+    """Orthanc 1.10.1 segfaults on a file whose File Meta Information element declares a
+    value longer than the file (issue 9): such a file, and every other header that pydicom
+    cannot read in full, is "not sent: malformed", and Orthanc answers afterwards."""
+    folder = tmp_path / "in"
+    (valid,) = write_copies(small_dicom, folder, 1)
+    data = valid.read_bytes()
+    crasher = bytearray(data)  # (0002,0001) File Meta Information Version, OB
+    struct.pack_into("<I", crasher, file_meta_element(data, 0x0001) + 8, 0x7FFFFFF0)
+    (folder / "a_meta_beyond_end.dcm").write_bytes(crasher)
+    long_name = bytearray(data)  # (0002,0013) Implementation Version Name, SH
+    struct.pack_into("<H", long_name, file_meta_element(data, 0x0013) + 6, 60000)
+    (folder / "b_meta_sh_beyond_end.dcm").write_bytes(long_name)
+    (folder / "c_truncated.dcm").write_bytes(data[:300])  # sniffs as DICOM, then ends
+    ds = pydicom.dcmread(valid)
+    del ds.SOPInstanceUID
+    ds.save_as(folder / "d_no_sop_instance_uid.dcm")
+    ds = pydicom.dcmread(valid)
+    ds.SOPClassUID = ""
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(folder / "e_empty_sop_class_uid.dcm")
+
+    dry = upload(None, folder, "--dry-run")
+    assert dry.returncode == 1
+    assert dry.stdout.splitlines()[0] == str(valid)
+    assert len(dry.lines("E: ")) == 5 and "5 would fail" in dry.stdout
+
+    run = upload(empty_orthanc, folder)
+    assert run.returncode == 1
+    assert run.counts["stored"] == 1 and run.counts["failed"] == 5
+    errors = sorted(run.lines("E: "))
+    assert errors == [
+        f"E: {folder / 'a_meta_beyond_end.dcm'}: failed: not sent: malformed: File Meta "
+        "Information element (0002,0001) declares 2147483632 bytes, but the file ends "
+        f"{len(data) - file_meta_element(data, 0x0001) - 12} bytes after its header",
+        f"E: {folder / 'b_meta_sh_beyond_end.dcm'}: failed: not sent: malformed: File Meta "
+        f"Information element (0002,0013) declares 60000 bytes, but the file ends "
+        f"{len(data) - file_meta_element(data, 0x0013) - 8} bytes after its header",
+        errors[2],
+        f"E: {folder / 'd_no_sop_instance_uid.dcm'}: failed: not sent: malformed: "
+        "no SOP Instance UID (0008,0018)",
+        f"E: {folder / 'e_empty_sop_class_uid.dcm'}: failed: not sent: malformed: "
+        "no SOP Class UID (0008,0016)",
+    ]
+    assert errors[2].startswith(f"E: {folder / 'c_truncated.dcm'}: failed: not sent: malformed: ")
+    # Never sent: Orthanc is still the same process, answering, holding the one valid file.
+    assert empty_orthanc.process is not None and empty_orthanc.process.poll() is None
+    assert api(empty_orthanc, "/system").status_code == 200
+    assert instance_count(empty_orthanc) == 1
 
 
 # -- credentials and reachability ----------------------------------------------------

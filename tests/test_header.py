@@ -1,0 +1,53 @@
+"""The header check that decides whether a file may be sent to a PACS (cxrsr.header)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from cxrsr.header import MalformedDicom, is_dicomdir, read_header
+
+
+def check(data: bytes) -> pydicom.Dataset:
+    return read_header(io.BytesIO(data), len(data))
+
+
+def test_every_corpus_dicom_file_passes(corpus_dir: Path) -> None:
+    """Real files from the field, odd ones included, are never refused as malformed."""
+    for path in sorted(corpus_dir.glob("*.dcm")):
+        ds = check(path.read_bytes())
+        assert str(ds.SOPInstanceUID), path.name
+
+
+def test_a_deflated_data_set_is_not_held_against_the_compressed_size(corpus_dir: Path) -> None:
+    """Deflated lengths count inflated bytes (PS3.5 A.5): a megabyte of zeros in a private
+    element inflates from a few kilobytes, and the elements after it lie beyond the file."""
+    ds = pydicom.dcmread(corpus_dir / "cxr10_nih_dx_8bit.dcm")
+    ds.add_new(0x00091010, "OB", bytes(1 << 20))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    assert len(out.getvalue()) < (1 << 20)
+    assert check(out.getvalue()).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_truncated_pixel_data_is_malformed(corpus_dir: Path) -> None:
+    data = (corpus_dir / "cxr10_nih_dx_8bit.dcm").read_bytes()
+    with pytest.raises(MalformedDicom, match=r"truncated: Pixel Data \(7FE0,0010\) declares"):
+        check(data[: len(data) // 2])
+
+
+def test_dicomdir_is_recognised_without_a_sop_instance(tmp_path: Path) -> None:
+    ds = pydicom.Dataset()
+    ds.FileSetID = "CXR"
+    ds.DirectoryRecordSequence = []
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.save_as(tmp_path / "DICOMDIR", enforce_file_format=True)
+    assert is_dicomdir(check((tmp_path / "DICOMDIR").read_bytes()))
