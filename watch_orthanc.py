@@ -118,11 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
 
-    def connect() -> orthanc.OrthancClient:
+    def connect(probe: bool = False) -> orthanc.OrthancClient:
         return orthanc.OrthancClient(
             orthanc_settings(args.url, args.username, args.password),
             timeout=args.timeout,
-            retry=orthanc.RetryPolicy(retries=args.retries),
+            retry=orthanc.RetryPolicy(retries=0 if probe else args.retries),
         )
 
     from cxrsr.model import load_classifier

@@ -495,7 +495,7 @@ def sleep_unless_stopped(stop: threading.Event, seconds: float) -> None:
         raise Stopping()
 
 
-def backoff_delays(first: float = 1.0, most: float = 30.0) -> Iterator[float]:
+def backoff_delays(first: float = 1.0, most: float = 10.0) -> Iterator[float]:
     delay = first
     while True:
         yield delay
@@ -504,11 +504,14 @@ def backoff_delays(first: float = 1.0, most: float = 30.0) -> Iterator[float]:
 
 def run_forever(
     watcher: Watcher,
-    connect: Callable[[], OrthancClient],
+    connect: Callable[[bool], OrthancClient],
     poll_interval: float,
     reconcile_interval: float,
 ) -> None:
-    """Follow Orthanc until :class:`Stopping`; an outage is waited out, never fatal."""
+    """Follow Orthanc until :class:`Stopping`; an outage is waited out, never fatal.
+
+    ``connect(probe)`` makes a client; a probe's client does not retry.
+    """
     stop = watcher.stop
     cursor = watcher.state.load_cursor()
     next_reconcile = 0.0
@@ -517,8 +520,10 @@ def run_forever(
     while True:
         try:
             if outage is not None:
-                watcher.use_client(connect())
-                watcher.client.system()
+                # Probe without the client's own retries (the backoff here is the wait),
+                # then go on with a client that retries as usual.
+                connect(True).system()
+                watcher.use_client(connect(False))
                 log.info("Orthanc at %s answers again; resuming", watcher.client.url)
                 outage = None
                 delays = backoff_delays()
