@@ -135,6 +135,19 @@ def run_once(
     )
 
 
+_followers: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_watcher_outlives_its_test() -> Iterator[None]:
+    yield
+    while _followers:
+        process = _followers.pop()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
+
+
 class Follower:
     """watch_orthanc.py in its default mode, as a process group of its own."""
 
@@ -149,6 +162,7 @@ class Follower:
                 env=orthanc_env(server),
                 start_new_session=True,
             )
+        _followers.append(self.process)
 
     def kill(self) -> None:
         """``kill -9`` of the watcher and its reader processes, as a power cut would."""
@@ -279,3 +293,36 @@ def test_waits_out_an_orthanc_restart_and_stops_on_ctrl_c(
     assert "Traceback" not in follower.text()
     results = results_by_image(watched)
     assert sorted(len(v) for v in results.values()) == [1, 1, 1, 1]
+
+
+def test_systemd_unit_is_valid_and_runs_the_watcher_with_real_options(tmp_path: Path) -> None:
+    """The unit in deploy/ passes systemd's own checker, and its ExecStart parses."""
+    import shlex
+
+    from tests.conftest import require_program
+
+    analyze = require_program("systemd-analyze")
+    text = (PROJECT_ROOT / "deploy" / "cxrsr-watch.service").read_text()
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    argv = shlex.split(exec_start.removeprefix("ExecStart="))
+    assert argv[1] == "/opt/cxrsr/watch_orthanc.py"
+    sys.path.insert(0, str(PROJECT_ROOT))
+    import watch_orthanc
+
+    args = watch_orthanc.build_parser().parse_args(argv[2:])
+    assert not args.once and str(args.state_dir) == "/var/lib/cxrsr-watch"
+
+    # Checked where it would run: paths of this checkout, a user that exists here.
+    local = (
+        text.replace("/opt/cxrsr/.venv/bin/python", sys.executable)
+        .replace("/opt/cxrsr", str(PROJECT_ROOT))
+        .replace("User=cxrsr", "User=root")
+        .replace("Group=cxrsr", "Group=root")
+        .replace("EnvironmentFile=/etc", "EnvironmentFile=-/etc")
+    )
+    unit = tmp_path / "cxrsr-watch.service"
+    unit.write_text(local)
+    checked = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr
