@@ -54,11 +54,14 @@ IMAGES = (
 STABLE_AGE = 2
 
 
-def make_images(folder: Path, count: int) -> list[Path]:
+def make_images(folder: Path, count: int, small: bool = False) -> list[Path]:
+    """Copies of the corpus radiographs with fresh UIDs, four to a study; ``small``: one
+    127 kB JPEG radiograph only (for long runs)."""
     folder.mkdir(parents=True)
     paths = []
+    names = IMAGES[-1:] if small else IMAGES
     for index in range(count):
-        ds = pydicom.dcmread(CORPUS_DIR / IMAGES[index % len(IMAGES)])
+        ds = pydicom.dcmread(CORPUS_DIR / names[index % len(names)])
         if index % 4 == 0:
             study, series = generate_uid(), generate_uid()
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
@@ -124,7 +127,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=192)
     parser.add_argument("--latency-runs", type=int, default=3)
+    parser.add_argument(
+        "--memory",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: peak memory of --once over N/5 and over N small images",
+    )
     args = parser.parse_args()
+    if args.memory:
+        return memory(args.memory)
     with tempfile.TemporaryDirectory(prefix="bench-watch-") as tmp:
         work = Path(tmp)
         images = make_images(work / "images", args.images)
@@ -229,6 +241,45 @@ def main() -> int:
                 f"latency after StableAge ({STABLE_AGE} s) for a new one-image series: "
                 f"{shown} s (target <= 10 s)"
             )
+    return 0
+
+
+def memory(count: int) -> int:
+    """Peak RSS of the watcher (its largest process) over N/5 and N images: flat or not."""
+    import resource
+    import shutil
+
+    with tempfile.TemporaryDirectory(prefix="bench-watch-mem-") as tmp:
+        work = Path(tmp)
+        weights = random_weights(work / "weights")
+        peaks = []
+        for n in (count // 5, count):
+            pacs = LocalOrthanc(work / f"o{n}", "bench", secrets.token_urlsafe(12))
+            folder = work / f"images{n}"
+            with pacs:
+                paths = make_images(folder, n, small=True)
+                store(pacs, paths)
+                shutil.rmtree(folder)
+                before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+                started = time.perf_counter()
+                script(
+                    "watch_orthanc.py",
+                    "--once",
+                    "--state-dir",
+                    work / f"state{n}",
+                    "--cache-dir",
+                    weights,
+                    env=env_for(pacs),
+                )
+                seconds = time.perf_counter() - started
+                peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+                assert sr_count(pacs) == n
+            peaks.append(peak)
+            note = "" if peak > before else " (no higher than the previous run's)"
+            print(
+                f"--once over {n:5d} images: {seconds:6.1f} s, peak RSS {peak / 1024:.0f} MB{note}"
+            )
+        print(f"peak RSS ratio {count} vs {count // 5} images: {peaks[1] / peaks[0]:.2f}")
     return 0
 
 
