@@ -20,6 +20,7 @@ from types import FrameType
 
 from cxrsr import cli, orthanc
 from cxrsr.config import orthanc_settings
+from cxrsr.errors import PipelineError
 
 DEFAULT_STATE_DIR = Path("output/watch")
 
@@ -126,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     from cxrsr.model import load_classifier
-    from cxrsr.watch import Counts, Stopping, Watcher, run_forever
+    from cxrsr.watch import Counts, OrthancError, Stopping, Watcher, run_forever
     from cxrsr.watch_state import WatchState
 
     try:
@@ -158,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cli.EXIT_FAILED if counts.failed else cli.EXIT_OK
         run_forever(watcher, connect, args.poll_interval, args.reconcile_interval)
         return cli.EXIT_OK
+    except (orthanc.OrthancUnavailable, OrthancError) as exc:
+        # Only --once ends here: the default mode waits an outage out.
+        raise PipelineError(f"Orthanc at {client.url} stopped answering: {exc}", 3) from exc
     except Stopping:
         cli.log.info("stopped; work in flight is abandoned and will be repeated")
         return cli.EXIT_OK
