@@ -70,6 +70,7 @@ class LocalOrthanc:
         remote_access: bool = False,
         dicom_server: bool = False,
         dicomweb: bool = False,
+        overrides: dict[str, object] | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.username = username
@@ -81,6 +82,8 @@ class LocalOrthanc:
         self.remote_access = remote_access
         self.dicom_server = dicom_server
         self.dicomweb = dicomweb
+        self.overrides = dict(overrides or {})
+        """More settings over the project's (e.g. a short ``StableAge`` for the watcher's tests)."""
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -129,6 +132,7 @@ class LocalOrthanc:
                     },
                 }
             )
+        config.update(self.overrides)
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.storage.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o700)  # patient data: the owner only

@@ -1,0 +1,328 @@
+"""watch_orthanc.py against a real Orthanc with a short StableAge: exactly one result per image.
+
+Every test is bounded in time: subprocesses have timeouts and every wait polls with a
+deadline. Images are copies of a real corpus radiograph with fresh UIDs, so each is a
+new instance (and, where the test says so, a new study).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from pydicom.uid import generate_uid
+
+from cxrsr.config import PROJECT_ROOT
+from cxrsr.local_orthanc import LocalOrthanc
+from tests.conftest import orthanc_env
+
+STABLE_AGE = 2
+WAIT = 120.0
+
+
+@pytest.fixture
+def watched(tmp_path: Path, orthanc_binary: str) -> Iterator[LocalOrthanc]:
+    """An Orthanc of the test's own whose series become stable after two seconds."""
+    server = LocalOrthanc(
+        tmp_path / "orthanc",
+        "cxrsr-test",
+        secrets.token_urlsafe(16),
+        binary=orthanc_binary,
+        overrides={"StableAge": STABLE_AGE},
+    )
+    with server:
+        yield server
+
+
+def make_copies(corpus_dir: Path, folder: Path, count: int, per_study: int = 1) -> list[Path]:
+    """``count`` copies of a real CR chest image with fresh UIDs, ``per_study`` to a study."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    study = series = ""
+    for index in range(count):
+        ds = pydicom.dcmread(corpus_dir / "cxr11_siim_cr_jpeg8.dcm")
+        if index % per_study == 0:
+            study, series = generate_uid(), generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.PatientID = f"WATCH{index // per_study}"
+        path = folder / f"img{index}.dcm"
+        ds.save_as(path)
+        paths.append(path)
+    return paths
+
+
+def store(server: LocalOrthanc, paths: list[Path]) -> list[dict]:
+    answers = []
+    for path in paths:
+        answer = requests.post(
+            f"{server.url}/instances",
+            data=path.read_bytes(),
+            auth=(server.username, server.password),
+            timeout=30,
+        )
+        answer.raise_for_status()
+        answers.append(answer.json())
+    return answers
+
+
+def get(server: LocalOrthanc, path: str, body: object = None) -> object:
+    auth = (server.username, server.password)
+    if body is None:
+        answer = requests.get(f"{server.url}{path}", auth=auth, timeout=30)
+    else:
+        answer = requests.post(f"{server.url}{path}", json=body, auth=auth, timeout=30)
+    answer.raise_for_status()
+    return answer.json()
+
+
+def results_by_image(server: LocalOrthanc) -> dict[str, list[tuple[str, str]]]:
+    """Source SOP Instance UID -> [(SR SOP Instance UID, Orthanc study of the SR)]."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    for series_id in get(server, "/tools/find", {"Level": "Series", "Query": {"Modality": "SR"}}):  # type: ignore[union-attr]
+        for instance in get(server, f"/series/{series_id}/instances"):  # type: ignore[union-attr]
+            tags = get(server, f"/instances/{instance['ID']}/tags?simplify")
+            study = get(server, f"/instances/{instance['ID']}/study")["ID"]  # type: ignore[index]
+            for item in tags["CurrentRequestedProcedureEvidenceSequence"]:  # type: ignore[index]
+                for series in item["ReferencedSeriesSequence"]:
+                    for sop in series["ReferencedSOPSequence"]:
+                        found.setdefault(sop["ReferencedSOPInstanceUID"], []).append(
+                            (tags["SOPInstanceUID"], study)  # type: ignore[index]
+                        )
+    return found
+
+
+def instance_count(server: LocalOrthanc) -> int:
+    return int(get(server, "/statistics")["CountInstances"])  # type: ignore[index]
+
+
+def watcher_args(state: Path, cache_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(PROJECT_ROOT / "watch_orthanc.py"),
+        "--state-dir",
+        str(state),
+        "--cache-dir",
+        str(cache_dir),
+        "--workers",
+        "1",
+        *extra,
+    ]
+
+
+def run_once(
+    server: LocalOrthanc, state: Path, cache_dir: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        watcher_args(state, cache_dir, "--once", *extra),
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        env=orthanc_env(server),
+        timeout=300,
+    )
+
+
+_followers: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_watcher_outlives_its_test() -> Iterator[None]:
+    yield
+    while _followers:
+        process = _followers.pop()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
+
+
+class Follower:
+    """watch_orthanc.py in its default mode, as a process group of its own."""
+
+    def __init__(self, server: LocalOrthanc, state: Path, cache_dir: Path, log: Path) -> None:
+        self.log = log
+        with open(log, "ab") as out:
+            self.process = subprocess.Popen(
+                watcher_args(state, cache_dir, "--poll-interval", "0.2"),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=PROJECT_ROOT,
+                env=orthanc_env(server),
+                start_new_session=True,
+            )
+        _followers.append(self.process)
+
+    def kill(self) -> None:
+        """``kill -9`` of the watcher and its reader processes, as a power cut would."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(30)
+
+    def terminate(self, sig: int = signal.SIGTERM) -> tuple[int, float]:
+        started = time.monotonic()
+        self.process.send_signal(sig)
+        code = self.process.wait(30)
+        return code, time.monotonic() - started
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def wait_for(condition, what: str, timeout: float = WAIT) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def uid_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def audit(state: Path) -> list[dict]:
+    return [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
+
+
+def test_once_backfills_each_image_once_and_leaves_everything_else_alone(
+    watched: LocalOrthanc, corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
+) -> None:
+    images = make_copies(corpus_dir, tmp_path / "in", 3, per_study=2)
+    others = [corpus_dir / "bad_ct_small.dcm", corpus_dir / "edge_cxr_corrupt_j2k_966.dcm"]
+    answers = store(watched, images + others)
+    state = tmp_path / "state"
+
+    first = run_once(watched, state, weights_cache_dir)
+    assert first.returncode == 1, first.stderr  # the undecodable DX is a failure...
+    assert "edge" not in first.stderr and "Traceback" not in first.stderr
+    dead = (state / "dead-letters.jsonl").read_text().splitlines()
+    assert len(dead) == 1 and "cannot decode JPEG 2000" in dead[0]  # ...recorded once
+    results = results_by_image(watched)
+    for path, answer in zip(images, answers, strict=False):
+        srs = results[uid_of(path)]
+        assert len(srs) == 1, srs
+        assert srs[0][1] == answer["ParentStudy"]  # in the image's own study
+    assert set(results) == {uid_of(p) for p in images}  # CT and the broken DX: no result
+    count = instance_count(watched)
+    assert count == 5 + 3
+
+    # Its own SRs are never candidates: the audit names source images only.
+    sr_uids = {sr for srs in results.values() for sr, _ in srs}
+    assert not sr_uids & {record["sop_instance_uid"] for record in audit(state)}
+
+    second = run_once(watched, state, weights_cache_dir)
+    assert second.returncode == 0, second.stderr  # the dead letter is not retried
+    assert instance_count(watched) == count
+    assert "0 classified" in second.stdout
+    assert len((state / "dead-letters.jsonl").read_text().splitlines()) == 1
+
+    # Without any state, the answer comes from Orthanc itself: nothing is stored again.
+    fresh = run_once(watched, tmp_path / "other-state", weights_cache_dir)
+    assert fresh.returncode == 1  # the broken DX fails again for a watcher that never saw it
+    assert "3 already had results" in fresh.stdout, fresh.stdout
+    assert instance_count(watched) == count
+
+    retried = run_once(watched, state, weights_cache_dir, "--retry-failed")
+    assert retried.returncode == 1 and "cannot decode" in retried.stderr
+    assert instance_count(watched) == count
+
+
+def test_follows_arrivals_and_survives_kill_9_with_exactly_one_result_each(
+    watched: LocalOrthanc, corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    log = tmp_path / "watch.log"
+    images = make_copies(corpus_dir, tmp_path / "in", 12, per_study=2)
+    uids = [uid_of(p) for p in images]
+    rng = random.Random(7)
+
+    follower = Follower(watched, state, weights_cache_dir, log)
+    store(watched, images[:2])
+    wait_for(lambda: set(uids[:2]) <= set(results_by_image(watched)), "the first SRs")
+    # More arrive; the watcher is killed at random moments while it works on them.
+    store(watched, images[2:8])
+    for _ in range(3):
+        time.sleep(rng.uniform(STABLE_AGE, STABLE_AGE + 6))
+        follower.kill()
+        follower = Follower(watched, state, weights_cache_dir, log)
+    store(watched, images[8:])
+    wait_for(lambda: set(uids) <= set(results_by_image(watched)), "an SR for every image")
+    time.sleep(STABLE_AGE + 2)  # anything duplicated would arrive now
+    code, seconds = follower.terminate()
+    assert code == 0 and seconds < 10, (code, seconds, follower.text())
+    results = results_by_image(watched)
+    assert {uid: len(results[uid]) for uid in uids} == dict.fromkeys(uids, 1)
+    assert set(results) == set(uids)
+    assert "Traceback" not in follower.text()
+
+
+def test_waits_out_an_orthanc_restart_and_stops_on_ctrl_c(
+    watched: LocalOrthanc, corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    log = tmp_path / "watch.log"
+    images = make_copies(corpus_dir, tmp_path / "in", 4)
+    follower = Follower(watched, state, weights_cache_dir, log)
+    store(watched, images[:2])
+    wait_for(lambda: len(results_by_image(watched)) == 2, "the first SRs")
+
+    watched.kill()  # Orthanc crashes for longer than one request's retries last
+    time.sleep(12)
+    assert follower.process.poll() is None, follower.text()
+    watched.start()
+    store(watched, images[2:])
+    wait_for(lambda: len(results_by_image(watched)) == 4, "SRs after the restart")
+    text = follower.text()
+    assert text.count("is unreachable") == 1, text  # logged once, not once per retry
+    assert "answers again" in text
+
+    code, seconds = follower.terminate(signal.SIGINT)
+    assert code == 130 and seconds < 10, (code, seconds, follower.text())
+    assert "Traceback" not in follower.text()
+    results = results_by_image(watched)
+    assert sorted(len(v) for v in results.values()) == [1, 1, 1, 1]
+
+
+def test_systemd_unit_is_valid_and_runs_the_watcher_with_real_options(tmp_path: Path) -> None:
+    """The unit in deploy/ passes systemd's own checker, and its ExecStart parses."""
+    import shlex
+
+    from tests.conftest import require_program
+
+    analyze = require_program("systemd-analyze")
+    text = (PROJECT_ROOT / "deploy" / "cxrsr-watch.service").read_text()
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    argv = shlex.split(exec_start.removeprefix("ExecStart="))
+    assert argv[1] == "/opt/cxrsr/watch_orthanc.py"
+    sys.path.insert(0, str(PROJECT_ROOT))
+    import watch_orthanc
+
+    args = watch_orthanc.build_parser().parse_args(argv[2:])
+    assert not args.once and str(args.state_dir) == "/var/lib/cxrsr-watch"
+
+    # Checked where it would run: paths of this checkout, a user that exists here.
+    local = (
+        text.replace("/opt/cxrsr/.venv/bin/python", sys.executable)
+        .replace("/opt/cxrsr", str(PROJECT_ROOT))
+        .replace("User=cxrsr", "User=root")
+        .replace("Group=cxrsr", "Group=root")
+        .replace("EnvironmentFile=/etc", "EnvironmentFile=-/etc")
+    )
+    unit = tmp_path / "cxrsr-watch.service"
+    unit.write_text(local)
+    checked = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr

@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Classify every CR/DX image that reaches Orthanc, and store its SR back into the same study.
+
+The three scripts' pipeline, run against the PACS: images are fetched over Orthanc's REST
+API, classified by the same engine as process_dicom.py, turned into SRs by the same
+builder as generate_sr.py, and stored and verified as upload_dicom.py does. Each image
+gets exactly one result per model weights, however often the watcher is stopped,
+killed or restarted; see the README's "Watching Orthanc" section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from cxrsr import cli, orthanc
+from cxrsr.config import orthanc_settings
+from cxrsr.errors import PipelineError
+
+DEFAULT_STATE_DIR = Path("output/watch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.make_parser(
+        "watch_orthanc.py",
+        __doc__,
+        "wrong credentials, the model weights are missing, the state folder cannot be "
+        "written, or (with --once) Orthanc is unreachable",
+    )
+    params = parser.add_argument_group("parameters")
+    params.add_argument(
+        "--once",
+        action="store_true",
+        help="backfill: classify every CR/DX image in Orthanc without a result from these "
+        "weights, then exit (0, or 1 if anything failed); without it, run until SIGTERM "
+        "or Ctrl-C, following Orthanc's change log",
+    )
+    params.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help="cursor, audit log (audit.jsonl) and dead letters (dead-letters.jsonl) "
+        "(default: %(default)s)",
+    )
+    params.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="try the dead letters (images that failed before) again",
+    )
+    params.add_argument(
+        "--poll-interval",
+        type=cli.positive_seconds,
+        default=1.0,
+        metavar="S",
+        help="seconds between two reads of Orthanc's change log (default: %(default)s)",
+    )
+    params.add_argument(
+        "--reconcile-interval",
+        type=cli.positive_seconds,
+        default=600.0,
+        metavar="S",
+        help="seconds between two full comparisons of Orthanc with what is done, which "
+        "catch what the change log lost (default: %(default)s)",
+    )
+    model = parser.add_argument_group("model options")
+    model.add_argument("--weights", default="densenet121-res224-all", help="default: %(default)s")
+    model.add_argument(
+        "--cache-dir", type=Path, default=None, help="folder holding the weights file"
+    )
+    model.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    model.add_argument("--backend", default="auto", choices=["auto", "onnx", "eager"])
+    model.add_argument("--batch-size", type=cli.positive_int, default=16, help="default: 16")
+    model.add_argument(
+        "--workers",
+        type=cli.non_negative_int,
+        default=cli.available_cpus(),
+        help="reader processes (default: the CPUs available, %(default)s)",
+    )
+    net = parser.add_argument_group("network options")
+    net.add_argument(
+        "--url", help="Orthanc's REST URL (default: ORTHANC_URL, else http://127.0.0.1:8042)"
+    )
+    net.add_argument("--username", help="default: ORTHANC_USERNAME (environment or .env)")
+    net.add_argument(
+        "--password", help="default: ORTHANC_PASSWORD (prefer the environment or .env)"
+    )
+    net.add_argument(
+        "--timeout", type=cli.positive_seconds, default=30.0, help="seconds per answer"
+    )
+    net.add_argument(
+        "--retries", type=cli.non_negative_int, default=4, help="retries per request (default: 4)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cli.setup_logging(args)
+    problem = orthanc.url_problem(args.url) if args.url else None
+    if problem:
+        parser.error(problem)
+
+    stop = threading.Event()
+    stopped_by: list[int] = []
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        stopped_by.append(signum)
+        stop.set()
+        from cxrsr.watch import Stopping
+
+        raise Stopping()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    def connect(probe: bool = False) -> orthanc.OrthancClient:
+        return orthanc.OrthancClient(
+            orthanc_settings(args.url, args.username, args.password),
+            timeout=args.timeout,
+            retry=orthanc.RetryPolicy(retries=0 if probe else args.retries),
+        )
+
+    from cxrsr.model import load_classifier
+    from cxrsr.watch import Counts, OrthancError, Stopping, Watcher, run_forever
+    from cxrsr.watch_state import WatchState
+
+    try:
+        client = connect()
+        if args.once:
+            client.system()  # unreachable or wrong credentials: one line, exit 3
+        classifier = load_classifier(args.weights, args.cache_dir, args.device, args.backend)
+        try:
+            state = WatchState.open(
+                args.state_dir, classifier.card.weights_sha256, retry_failed=args.retry_failed
+            )
+        except OSError as exc:
+            cli.log.error("%s: cannot use the state folder: %s", args.state_dir, exc)
+            return cli.EXIT_FATAL
+        watcher = Watcher(
+            client, classifier, state, batch_size=args.batch_size, workers=args.workers, stop=stop
+        )
+        cli.log.info(
+            "watching Orthanc at %s with %s (state in %s)",
+            client.url,
+            args.weights,
+            args.state_dir,
+        )
+        if args.once:
+            with cli.progress(args, total=None, unit="img") as bar:
+                watcher.on_progress = bar.update
+                counts: Counts = watcher.reconcile()
+            cli.summary(counts.summary())
+            return cli.EXIT_FAILED if counts.failed else cli.EXIT_OK
+        run_forever(watcher, connect, args.poll_interval, args.reconcile_interval)
+        return cli.EXIT_OK
+    except (orthanc.OrthancUnavailable, OrthancError) as exc:
+        # Only --once ends here: the default mode waits an outage out.
+        raise PipelineError(f"Orthanc at {client.url} stopped answering: {exc}", 3) from exc
+    except Stopping:
+        cli.log.info("stopped; work in flight is abandoned and will be repeated")
+        return cli.EXIT_OK
+    except Exception:
+        if stopped_by:  # SIGTERM reached the reader processes first: a stop, not a bug
+            cli.log.info("stopped; work in flight is abandoned and will be repeated")
+            return cli.EXIT_OK
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
