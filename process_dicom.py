@@ -7,12 +7,12 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 from cxrsr import cli
 from cxrsr.discovery import check_inputs_exist, iter_sources
 from cxrsr.errors import PipelineError
+from cxrsr.files import make_folders
 from cxrsr.results import FAILED, SKIPPED, save_results
 
 DESCRIPTION = """\
@@ -101,48 +101,85 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     from cxrsr.classify import classify
-    from cxrsr.model import Classifier, load_classifier
+    from cxrsr.journal import Journal, journal_path
+    from cxrsr.model import Classifier, default_cache_dir, load_classifier, torchxrayvision_version
+    from cxrsr.resume import Earlier, Recorder, make_plan
+
+    # Results of unchanged files, from the results file and a killed run's journal.
+    journal = Journal(journal_path(args.output))
+    earlier = Earlier.load(args.output, journal.path)
+    xrv_version = torchxrayvision_version()
+    digest = earlier.weights_digest(
+        args.weights, args.cache_dir or default_cache_dir(), xrv_version
+    )
+    plan = make_plan(sources, earlier, digest, xrv_version)
+    recorder = Recorder(plan, earlier, journal)
+    todo = plan.todo
+    if plan.reused:
+        cli.log.info(
+            "%d of %d files unchanged since an earlier run: their results are kept; classifying %d",
+            len(plan.reused),
+            len(sources),
+            len(todo),
+        )
 
     def load() -> Classifier:
         classifier = load_classifier(args.weights, args.cache_dir, args.device, args.backend)
         cli.log.debug(
             "model %s on %s, %s backend", args.weights, classifier.device, classifier.backend
         )
+        recorder.begin(classifier.describe())
         return classifier
 
-    counts: Counter[str] = Counter()
+    counts: Counter[str] = Counter(entry["status"] for entry in plan.reused.values())
     with cli.progress(args, total=len(sources), unit="img") as bar:
+        bar.update(len(plan.reused))
 
         def report(entry: dict) -> None:
+            recorder.record(entry)
             counts[entry["status"]] += 1
             if entry["status"] == SKIPPED:
                 cli.log.warning("%s: skipped: %s", entry["path"], entry["reason"])
             elif entry["status"] == FAILED:
                 cli.log.error("%s: %s", entry["path"], entry["reason"])
             else:
+                cli.log.debug("%s: classified", entry["path"])
                 for note in entry.get("warnings", []):
                     cli.log.warning("%s: %s", entry["path"], note)
             bar.update(1)
 
-        run = classify(sources, load, args.batch_size, args.workers, report)
+        try:
+            run = classify(todo, load, args.batch_size, args.workers, report, journal.sync)
+        finally:
+            journal.close()  # what is finished stays for the next run, whatever happened
 
-    now = datetime.now(UTC).replace(microsecond=0).isoformat()
+    if run.classifier is not None:
+        model_block = run.classifier.describe()
+        if digest is not None and plan.reused and model_block["weights_sha256"] != digest:
+            raise PipelineError(
+                f"the weights file changed during the run; run again ({journal.path} keeps "
+                "the results finished so far)",
+                exit_code=3,
+            )
+    else:  # nothing to classify: the model was not needed, only its description
+        model_block = plan.model or load().describe()
+    entries = plan.merge(run.entries)
     try:
-        notes = save_results(
-            args.output, run.classifier.describe(), run.entries, run.interrupted, now
-        )
+        notes = save_results(args.output, model_block, entries, run.interrupted)
     except OSError as exc:
         raise PipelineError(f"{args.output}: cannot write results: {exc}", exit_code=3) from exc
+    journal.remove()  # folded into the results file
     for note in notes:
         cli.log.warning("%s", note)
+    reused = f" ({len(plan.reused)} kept from an earlier run)" if plan.reused else ""
     cli.summary(
         f"{counts['classified']} classified, {counts['skipped']} skipped, {counts['failed']} failed"
-        f" -> {args.output}"
+        f"{reused} -> {args.output}"
     )
     if run.interrupted:
         cli.log.error(
             "interrupted after %d of %d files; their results are in %s (marked incomplete)",
-            len(run.entries),
+            len(entries),
             len(sources),
             args.output,
         )
@@ -156,7 +193,7 @@ def check_writable(output: Path) -> None:
         raise PipelineError(f"{output}: is a folder; --output names the results file", exit_code=2)
     folder = output.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folders(folder)
     except OSError as exc:
         raise PipelineError(f"{folder}: cannot create the results folder: {exc}", 3) from exc
     if not os.access(folder, os.W_OK):
