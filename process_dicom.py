@@ -100,7 +100,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             ", ".join(args.inputs),
         )
 
-    from cxrsr.classify import classify
     from cxrsr.journal import Journal, journal_path
     from cxrsr.model import Classifier, default_cache_dir, load_classifier, torchxrayvision_version
     from cxrsr.resume import Earlier, Recorder, make_plan
@@ -148,13 +147,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cli.log.warning("%s: %s", entry["path"], note)
             bar.update(1)
 
+        classifier, finished, interrupted = None, [], False
         try:
-            run = classify(todo, load, args.batch_size, args.workers, report, journal.sync)
+            if todo:  # else no model, no reader processes, not even their imports
+                from cxrsr.classify import classify
+
+                run = classify(todo, load, args.batch_size, args.workers, report, journal.sync)
+                classifier, finished, interrupted = run.classifier, run.entries, run.interrupted
         finally:
             journal.close()  # what is finished stays for the next run, whatever happened
 
-    if run.classifier is not None:
-        model_block = run.classifier.describe()
+    if classifier is not None:
+        model_block = classifier.describe()
         if digest is not None and plan.reused and model_block["weights_sha256"] != digest:
             raise PipelineError(
                 f"the weights file changed during the run; run again ({journal.path} keeps "
@@ -163,9 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     else:  # nothing to classify: the model was not needed, only its description
         model_block = plan.model or load().describe()
-    entries = plan.merge(run.entries)
+    entries = plan.merge(finished)
     try:
-        notes = save_results(args.output, model_block, entries, run.interrupted)
+        notes = save_results(args.output, model_block, entries, interrupted)
     except OSError as exc:
         raise PipelineError(f"{args.output}: cannot write results: {exc}", exit_code=3) from exc
     journal.remove()  # folded into the results file
@@ -176,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{counts['classified']} classified, {counts['skipped']} skipped, {counts['failed']} failed"
         f"{reused} -> {args.output}"
     )
-    if run.interrupted:
+    if interrupted:
         cli.log.error(
             "interrupted after %d of %d files; their results are in %s (marked incomplete)",
             len(entries),
