@@ -3,12 +3,15 @@
 ``concurrent.futures.ProcessPoolExecutor`` treats the death of any worker (the kernel's
 OOM killer, a decoder that segfaults on hostile data) as the end of the pool: every
 pending future fails with ``BrokenProcessPool``, and nothing says which file did it.
-Here the parent hands each reader process one item at a time, so when a process dies
-the parent knows the one item it held: that item's future gets ``on_death(item,
-reason)`` ("reader process died (signal 9, SIGKILL) while reading"), a new process takes
-the dead one's place, and every other item goes on. Since a process never holds more
-than one item, no innocent bystander is lost with the culprit, and nothing need be
-retried to find out which one it was.
+Here the parent hands each reader process one item at a time, and the reader says when
+it begins it, so when a process dies the parent knows the one item it was working on:
+that item's future gets ``on_death(item, reason)`` ("reader process died (signal 9,
+SIGKILL) while reading"), a new process takes the dead one's place, and every other
+item goes on. An item sent but not yet begun goes to the next reader. Since a process
+never holds more than one item, no innocent bystander is lost with the culprit, and
+nothing need be retried to find out which one it was. Readers that keep dying before
+they begin anything (a broken installation) end the run with an error instead of being
+respawned forever.
 
 A thread of the parent (:meth:`ReaderPool._watch`) collects results and hands out the
 next items, so the readers stay busy while the caller's thread runs the network.
@@ -54,6 +57,10 @@ def death_reason(exitcode: int | None) -> str:
     return f"reader process exited with status {exitcode} while reading"
 
 
+#: Messages from a reader: it has begun an item; it finished it; the function raised.
+_STARTED, _DONE, _RAISED = "started", "done", "raised"
+
+
 def _serve(
     conn: Connection,
     fn: Callable[[Any], Any],
@@ -70,10 +77,11 @@ def _serve(
         if item is None:
             return
         try:
-            outcome: tuple[bool, Any] = (True, fn(item))
-        except BaseException as exc:  # handed back to the caller, as a Future would
-            outcome = (False, exc)
-        try:
+            conn.send((_STARTED, None))
+            try:
+                outcome: tuple[str, Any] = (_DONE, fn(item))
+            except BaseException as exc:  # handed back to the caller, as a Future would
+                outcome = (_RAISED, exc)
             conn.send(outcome)
         except (BrokenPipeError, OSError):
             return
@@ -90,6 +98,8 @@ class _Reader:
     process: BaseProcess
     conn: Connection
     task: _Task[Any, Any] | None = None
+    started: bool = False
+    """It has said it began ``task``: if it dies now, ``task`` is what killed it."""
     broken: bool = False
     """Its pipe failed: it is dead or dying, and the watcher will replace it."""
 
@@ -182,22 +192,25 @@ class ReaderPool(Generic[Item, Result]):
             for reader in readers:
                 if reader.conn in ready:
                     try:
-                        outcome = reader.conn.recv()
+                        message = reader.conn.recv()
                     except (EOFError, OSError):
                         self._replace(reader)
                         continue
-                    self._finish(reader, outcome)
+                    if message[0] == _STARTED:
+                        reader.started = True
+                    else:
+                        self._finish(reader, message)
                 elif reader.process.sentinel in ready:
                     self._replace(reader)
 
-    def _finish(self, reader: _Reader, outcome: tuple[bool, Any]) -> None:
+    def _finish(self, reader: _Reader, message: tuple[str, Any]) -> None:
         with self._lock:
-            task, reader.task = reader.task, None
+            task, reader.task, reader.started = reader.task, None, False
             self._dispatch()
         if task is None:
             return
-        ok, value = outcome
-        if ok:
+        kind, value = message
+        if kind == _DONE:
             task.future.set_result(value)
         else:
             task.future.set_exception(value)
@@ -211,6 +224,11 @@ class ReaderPool(Generic[Item, Result]):
             if self._closing:
                 return
             task, dead.task = dead.task, None
+            if task is not None and not dead.started:
+                # Sent but never begun (the reader died starting up, or idle): not the
+                # culprit, so it goes to the next reader.
+                self._queue.appendleft(task)
+                task = None
             if task is None:
                 self._idle_deaths += 1
             give_up = self._idle_deaths > self._max_idle_deaths

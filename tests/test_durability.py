@@ -30,6 +30,7 @@ from cxrsr.discovery import Source
 from cxrsr.files import make_folders, write_atomic
 from cxrsr.journal import Journal, journal_path, read_journal
 from cxrsr.model import load_classifier
+from cxrsr.reader_pool import ReaderPool
 
 SCRIPT = PROJECT_ROOT / "process_dicom.py"
 
@@ -206,6 +207,26 @@ def test_killing_a_reader_mid_batch_fails_only_its_file(
     assert sum(e["status"] == "classified" for e in entries) == count - 1
     assert f"{count - 1} classified, 0 skipped, 1 failed" in stdout
     assert not journal_path(out).exists()
+
+
+def test_an_idle_reader_that_dies_is_replaced_and_costs_nothing() -> None:
+    pool: ReaderPool[int, int] = ReaderPool(abs, 1, lambda item, reason: -1)
+    with pool:
+        assert pool.submit(-3).result(timeout=60) == 3
+        (reader,) = pool._readers
+        os.kill(reader.process.pid, signal.SIGKILL)
+        reader.process.join()
+        assert pool.submit(-4).result(timeout=60) == 4
+
+
+def test_readers_that_cannot_even_start_end_the_run() -> None:
+    """A reader that dies before taking any work is replaced a few times, then the pool gives up
+    (an endless cycle of spawning would hang the run)."""
+    pool: ReaderPool[int, int] = ReaderPool(abs, 1, lambda item, reason: -1, initializer=os.abort)
+    with pool:
+        future = pool.submit(-3)
+        with pytest.raises(RuntimeError, match=r"keep dying before any work.*SIGABRT"):
+            future.result(timeout=120)
 
 
 # --------------------------------------------------------------------------- item 3
