@@ -13,14 +13,19 @@ from cxrsr import cli
 from cxrsr.discovery import check_inputs_exist, iter_sources
 from cxrsr.errors import PipelineError
 from cxrsr.files import make_folders
-from cxrsr.results import FAILED, SKIPPED, save_results
+from cxrsr.results import FAILED, SKIPPED
 
 DESCRIPTION = """\
 Classify chest radiographs (CR/DX) with a TorchXRayVision DenseNet and write one JSON
 results file. Inputs are files, folders (searched recursively) and .zip archives;
 DICOM files are recognised by content. Other modalities, colour, multi-frame and
 non-chest images are skipped with the reason; unreadable files fail with the reason;
-the rest of the batch always goes on.
+the rest of the batch always goes on, even when a reader process dies.
+
+Finished results are journaled as the run goes (FILE.journal beside the results
+file), so a killed run loses only the files in flight. Run the same command again:
+results of unchanged files (same path, size, modification time and weights) are kept,
+with their classified_at, and only new, changed, failed or unfinished files are read.
 
 Scores: for the default weights (densenet121-res224-all) they are operating-point
 normalised, NOT probabilities: 0.5 is each label's decision threshold, and a label is
@@ -100,26 +105,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             ", ".join(args.inputs),
         )
 
-    from cxrsr.journal import Journal, journal_path
-    from cxrsr.model import Classifier, default_cache_dir, load_classifier, torchxrayvision_version
-    from cxrsr.resume import Earlier, Recorder, make_plan
+    from cxrsr.model import Classifier, load_classifier
+    from cxrsr.resume import ResultsRun
 
-    # Results of unchanged files, from the results file and a killed run's journal.
-    journal = Journal(journal_path(args.output))
-    earlier = Earlier.load(args.output, journal.path)
-    xrv_version = torchxrayvision_version()
-    digest = earlier.weights_digest(
-        args.weights, args.cache_dir or default_cache_dir(), xrv_version
-    )
-    plan = make_plan(sources, earlier, digest, xrv_version)
-    recorder = Recorder(plan, earlier, journal)
-    todo = plan.todo
-    if plan.reused:
+    # Earlier results of unchanged files, from the results file and a killed run's journal.
+    results = ResultsRun(args.output, sources, args.weights, args.cache_dir)
+    if results.reused:
         cli.log.info(
             "%d of %d files unchanged since an earlier run: their results are kept; classifying %d",
-            len(plan.reused),
+            len(results.reused),
             len(sources),
-            len(todo),
+            len(results.todo),
         )
 
     def load() -> Classifier:
@@ -127,15 +123,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.log.debug(
             "model %s on %s, %s backend", args.weights, classifier.device, classifier.backend
         )
-        recorder.begin(classifier.describe())
+        results.begin(classifier.describe())
         return classifier
 
-    counts: Counter[str] = Counter(entry["status"] for entry in plan.reused.values())
+    counts: Counter[str] = Counter(entry["status"] for entry in results.reused)
     with cli.progress(args, total=len(sources), unit="img") as bar:
-        bar.update(len(plan.reused))
+        bar.update(len(results.reused))
 
         def report(entry: dict) -> None:
-            recorder.record(entry)
+            results.record(entry)
             counts[entry["status"]] += 1
             if entry["status"] == SKIPPED:
                 cli.log.warning("%s: skipped: %s", entry["path"], entry["reason"])
@@ -149,36 +145,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         classifier, finished, interrupted = None, [], False
         try:
-            if todo:  # else no model, no reader processes, not even their imports
+            if results.todo:  # else no model, no reader processes, not even their imports
                 from cxrsr.classify import classify
 
-                run = classify(todo, load, args.batch_size, args.workers, report, journal.sync)
+                run = classify(
+                    results.todo, load, args.batch_size, args.workers, report, results.sync
+                )
                 classifier, finished, interrupted = run.classifier, run.entries, run.interrupted
         finally:
-            journal.close()  # what is finished stays for the next run, whatever happened
+            results.close()  # what is finished stays journaled, whatever happened
 
     if classifier is not None:
         model_block = classifier.describe()
-        if digest is not None and plan.reused and model_block["weights_sha256"] != digest:
-            raise PipelineError(
-                f"the weights file changed during the run; run again ({journal.path} keeps "
-                "the results finished so far)",
-                exit_code=3,
-            )
-    else:  # nothing to classify: the model was not needed, only its description
-        model_block = plan.model or load().describe()
-    entries = plan.merge(finished)
-    try:
-        notes = save_results(args.output, model_block, entries, interrupted)
-    except OSError as exc:
-        raise PipelineError(f"{args.output}: cannot write results: {exc}", exit_code=3) from exc
-    journal.remove()  # folded into the results file
+    else:  # nothing classified: the model is needed only for its description
+        model_block = results.earlier_model or load().describe()
+    entries, notes = results.save(model_block, finished, interrupted)
     for note in notes:
         cli.log.warning("%s", note)
-    reused = f" ({len(plan.reused)} kept from an earlier run)" if plan.reused else ""
+    kept = f" ({len(results.reused)} kept from an earlier run)" if results.reused else ""
     cli.summary(
         f"{counts['classified']} classified, {counts['skipped']} skipped, {counts['failed']} failed"
-        f"{reused} -> {args.output}"
+        f"{kept} -> {args.output}"
     )
     if interrupted:
         cli.log.error(

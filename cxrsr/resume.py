@@ -27,8 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cxrsr.journal import Journal, read_journal
-from cxrsr.results import CLASSIFIED, FAILED
+from cxrsr.errors import PipelineError
+from cxrsr.journal import Journal, journal_path, read_journal
+from cxrsr.results import CLASSIFIED, FAILED, save_results
 
 if TYPE_CHECKING:
     import zipfile
@@ -251,3 +252,78 @@ class Recorder:
             assert self.model is not None, "a classified entry before the model loaded"
             entry["classified_at"] = self._earlier.classified_at(entry, self.model) or self._clock()
         self._journal.append(entry)
+
+
+class ResultsRun:
+    """One run's view of its results file: what earlier runs left that still holds, the
+    journal of this run, and the results file written at the end.
+
+    ``record`` each new entry as it is finished, ``sync`` after each network batch,
+    ``close`` when classification stops (however it stops), then ``save``.
+    """
+
+    def __init__(
+        self, output: Path, sources: Sequence[Source], weights: str, cache_dir: Path | None
+    ) -> None:
+        from cxrsr.model import default_cache_dir, torchxrayvision_version
+
+        self.output = Path(output)
+        self.journal = Journal(journal_path(self.output))
+        earlier = Earlier.load(self.output, self.journal.path)
+        xrv = torchxrayvision_version()
+        self.digest = earlier.weights_digest(weights, cache_dir or default_cache_dir(), xrv)
+        self.plan = make_plan(sources, earlier, self.digest, xrv)
+        self.recorder = Recorder(self.plan, earlier, self.journal)
+
+    @property
+    def todo(self) -> list[Source]:
+        """The sources to classify in this run, in input order."""
+        return self.plan.todo
+
+    @property
+    def reused(self) -> list[dict[str, Any]]:
+        """The earlier entries kept for this run."""
+        return list(self.plan.reused.values())
+
+    @property
+    def earlier_model(self) -> dict[str, Any] | None:
+        """The model block of the earlier results kept, for a run that loads no model."""
+        return self.plan.model
+
+    def begin(self, model: dict[str, Any]) -> None:
+        """The model is loaded: start journaling under its description."""
+        self.recorder.begin(model)
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """A new entry is finished (adds ``file`` and ``classified_at``, journals it)."""
+        self.recorder.record(entry)
+
+    def sync(self) -> None:
+        self.journal.sync()
+
+    def close(self) -> None:
+        """Classification has stopped: what is journaled stays for a later run."""
+        self.journal.close()
+
+    def save(
+        self, model: dict[str, Any], finished: list[dict[str, Any]], interrupted: bool
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """Write the results file (kept and new entries, in input order), then drop the journal.
+
+        Returns the entries and the warnings to show. A :class:`PipelineError` (exit 3)
+        when the weights changed under the run or the file cannot be written; the
+        journal then stays, so the next run loses nothing.
+        """
+        if self.plan.reused and model.get("weights_sha256") != self.digest:
+            raise PipelineError(
+                f"the weights file changed during the run; run again ({self.journal.path} "
+                "keeps the results finished so far)",
+                exit_code=3,
+            )
+        entries = self.plan.merge(finished)
+        try:
+            notes = save_results(self.output, model, entries, interrupted)
+        except OSError as exc:
+            raise PipelineError(f"{self.output}: cannot write results: {exc}", 3) from exc
+        self.journal.remove()  # folded into the results file
+        return entries, notes
