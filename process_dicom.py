@@ -8,24 +8,30 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 from cxrsr import cli
 from cxrsr.discovery import check_inputs_exist, iter_sources
 from cxrsr.domain import DomainPolicy
 from cxrsr.errors import PipelineError
-from cxrsr.results import FAILED, SKIPPED, save_results
+from cxrsr.files import make_folders
+from cxrsr.results import FAILED, SKIPPED
 
 DESCRIPTION = """\
 Classify chest radiographs (CR/DX) with a TorchXRayVision DenseNet and write one JSON
 results file. Inputs are files, folders (searched recursively) and .zip archives;
 DICOM files are recognised by content. Other modalities, colour, multi-frame and
 non-chest images are skipped with the reason; unreadable files fail with the reason;
-the rest of the batch always goes on. Domain gates keep to what the model was trained
-on (human, frontal PA/AP, upright chest radiographs; children are flagged): see
---domain. Images stored rotated or mirrored are turned upright as Patient Orientation
-says before the model sees them.
+the rest of the batch always goes on, even when a reader process dies. Domain gates
+keep to what the model was trained on (human, frontal PA/AP, upright chest
+radiographs; children are flagged): see --domain. Images stored rotated or mirrored
+are turned upright as Patient Orientation says before the model sees them.
+
+Finished results are journaled as the run goes (FILE.journal beside the results
+file), so a killed run loses only the files in flight. Run the same command again:
+results of unchanged files (same path, size, modification time and weights) are kept,
+with their classified_at, and only new, changed, failed or unfinished files are read
+(a different --domain policy reuses nothing).
 
 Scores: for the default weights (densenet121-res224-all) they are operating-point
 normalised, NOT probabilities: 0.5 is each label's decision threshold, and a label is
@@ -121,8 +127,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             ", ".join(args.inputs),
         )
 
-    from cxrsr.classify import classify
     from cxrsr.model import Classifier, load_classifier
+    from cxrsr.resume import ResultsRun
+
+    # Earlier results of unchanged files, from the results file and a killed run's journal.
+    options = {"domain": args.domain}  # settings that change what an entry says
+    results = ResultsRun(args.output, sources, args.weights, args.cache_dir, options)
+    if args.weights_sha256 and results.digest and results.digest != args.weights_sha256:
+        raise PipelineError(
+            f"the weights file's SHA-256 is {results.digest}, not the {args.weights_sha256} "
+            "that --weights-sha256 requires",
+            exit_code=3,
+        )
+    if results.reused:
+        cli.log.info(
+            "%d of %d files unchanged since an earlier run: their results are kept; classifying %d",
+            len(results.reused),
+            len(sources),
+            len(results.todo),
+        )
 
     def load() -> Classifier:
         classifier = load_classifier(
@@ -131,43 +154,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.log.debug(
             "model %s on %s, %s backend", args.weights, classifier.device, classifier.backend
         )
+        results.begin(classifier.describe())
         return classifier
 
-    counts: Counter[str] = Counter()
+    counts: Counter[str] = Counter(entry["status"] for entry in results.reused)
     with cli.progress(args, total=len(sources), unit="img") as bar:
+        bar.update(len(results.reused))
 
         def report(entry: dict) -> None:
+            results.record(entry)
             counts[entry["status"]] += 1
             if entry["status"] == SKIPPED:
                 cli.log.warning("%s: skipped: %s", entry["path"], entry["reason"])
             elif entry["status"] == FAILED:
                 cli.log.error("%s: %s", entry["path"], entry["reason"])
             else:
+                cli.log.debug("%s: classified", entry["path"])
                 for note in entry.get("warnings", []):
                     cli.log.warning("%s: %s", entry["path"], note)
             bar.update(1)
 
-        run = classify(
-            sources, load, args.batch_size, args.workers, report, DomainPolicy(args.domain)
-        )
+        classifier, finished, interrupted = None, [], False
+        try:
+            if results.todo:  # else no model, no reader processes, not even their imports
+                from cxrsr.classify import classify
 
-    now = datetime.now(UTC).replace(microsecond=0).isoformat()
-    try:
-        notes = save_results(
-            args.output, run.classifier.describe(), run.entries, run.interrupted, now
-        )
-    except OSError as exc:
-        raise PipelineError(f"{args.output}: cannot write results: {exc}", exit_code=3) from exc
+                run = classify(
+                    results.todo,
+                    load,
+                    args.batch_size,
+                    args.workers,
+                    report,
+                    results.sync,
+                    domain=DomainPolicy(args.domain),
+                )
+                classifier, finished, interrupted = run.classifier, run.entries, run.interrupted
+        finally:
+            results.close()  # what is finished stays journaled, whatever happened
+
+    if classifier is not None:
+        model_block = classifier.describe()
+    else:  # nothing classified: the model is needed only for its description
+        model_block = results.earlier_model or load().describe()
+    entries, notes = results.save(model_block, finished, interrupted)
     for note in notes:
         cli.log.warning("%s", note)
+    kept = f" ({len(results.reused)} kept from an earlier run)" if results.reused else ""
     cli.summary(
         f"{counts['classified']} classified, {counts['skipped']} skipped, {counts['failed']} failed"
-        f" -> {args.output}"
+        f"{kept} -> {args.output}"
     )
-    if run.interrupted:
+    if interrupted:
         cli.log.error(
             "interrupted after %d of %d files; their results are in %s (marked incomplete)",
-            len(run.entries),
+            len(entries),
             len(sources),
             args.output,
         )
@@ -188,7 +228,7 @@ def check_writable(output: Path) -> None:
         raise PipelineError(f"{output}: is a folder; --output names the results file", exit_code=2)
     folder = output.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folders(folder)
     except OSError as exc:
         raise PipelineError(f"{folder}: cannot create the results folder: {exc}", 3) from exc
     if not os.access(folder, os.W_OK):

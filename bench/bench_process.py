@@ -764,7 +764,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for number in range(1 + args.warm_runs):
                 label = "pd cold" if number == 0 else f"pd warm{number if number > 1 else ''}"
                 results_path = run_dir / f"results-{label.replace(' ', '-')}.json"
+                # A fresh start: no earlier results (and no journal a killed run left) to
+                # reuse, or process_dicom.py would skip unchanged files.
                 results_path.unlink(missing_ok=True)
+                results_path.with_name(results_path.name + ".journal").unlink(missing_ok=True)
                 run = measure(
                     label,
                     [

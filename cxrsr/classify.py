@@ -8,12 +8,13 @@ are; results come back in input order, so the results file is the same on every 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-import multiprocessing
 import signal
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Generator, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from cxrsr.domain import DomainPolicy, entry_fields
 from cxrsr.errors import InputError, NotARadiographError
 from cxrsr.model import Classifier
 from cxrsr.preprocess import INPUT_SIZE, preprocess
+from cxrsr.reader_pool import ReaderPool
 from cxrsr.reading import read_radiograph
 from cxrsr.results import CLASSIFIED, FAILED, SKIPPED
 
@@ -82,33 +84,40 @@ def prepare(source: Source, domain: DomainPolicy = DomainPolicy.STRICT) -> Prepa
 
 def _ignore_sigint() -> None:
     # Ctrl-C reaches the whole process group; the main process decides what to keep, and
-    # workers that died of it first would only turn that into broken-pool errors.
+    # readers that died of it first would only turn into "reader process died" failures.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _reader_died(source: Source, reason: str) -> Prepared:
+    return Prepared(source.name, FAILED, reason=reason)
 
 
 def prepared_in_order(
     sources: Iterable[Source],
     workers: int,
     window: int,
-    domain: DomainPolicy = DomainPolicy.STRICT,
-) -> Iterator[Prepared]:
-    """``prepare`` over ``sources`` with ``workers`` processes, in order, ``window`` in flight."""
+    prepare_one: Callable[[Source], Prepared] = prepare,
+) -> Generator[Prepared, None, None]:
+    """``prepare_one`` over ``sources`` with ``workers`` processes, in order, ``window`` in flight.
+
+    A reader process that dies (the OOM killer, a decoder that segfaults) fails only the
+    file it was reading, with the reason; see :mod:`cxrsr.reader_pool`. ``prepare_one``
+    must be an importable module-level function; tests pass one that crashes.
+    """
     if workers <= 0:
-        yield from (prepare(source, domain) for source in sources)
+        yield from map(prepare_one, sources)
         return
-    context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
-    try:
+    pool: ReaderPool[Source, Prepared] = ReaderPool(
+        prepare_one, workers, _reader_died, initializer=_ignore_sigint
+    )
+    with pool:  # on an error or Ctrl-C, queued files are dropped, not decoded first
         pending: deque[Future[Prepared]] = deque()
         for source in sources:
-            pending.append(pool.submit(prepare, source, domain))
+            pending.append(pool.submit(source))
             if len(pending) >= window:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-    finally:
-        # On an error or Ctrl-C, drop queued files instead of decoding them all first.
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def classified_entry(item: Prepared, scores: dict[str, float], threshold: float) -> dict[str, Any]:
@@ -141,7 +150,8 @@ def classified_entry(item: Prepared, scores: dict[str, float], threshold: float)
 class Run:
     """What :func:`classify` returns."""
 
-    classifier: Classifier
+    classifier: Classifier | None
+    """The loaded model; ``None`` when there was nothing to classify (it is never loaded)."""
     entries: list[dict[str, Any]]
     """One results entry per finished file, in input order."""
     interrupted: bool = False
@@ -154,16 +164,26 @@ def classify(
     batch_size: int,
     workers: int,
     on_entry: Callable[[dict[str, Any]], None] = lambda entry: None,
+    on_batch: Callable[[], None] = lambda: None,
+    prepare_one: Callable[[Source], Prepared] | None = None,
     domain: DomainPolicy = DomainPolicy.STRICT,
 ) -> Run:
     """Classify ``sources``, in order.
 
     The model loads in a background thread while the worker processes start and decode
-    the first files, so start-up costs the longer of the two, not their sum.
-    ``on_entry`` is called once per finished file (progress and messages). Ctrl-C ends
-    the run early but keeps what is finished (``Run.interrupted``), unless the model
-    has not even loaded yet. ``domain`` is the domain gates' policy (:mod:`cxrsr.domain`).
+    the first files, so start-up costs the longer of the two, not their sum; with no
+    sources, neither the model nor any worker is started at all.
+    ``on_entry`` is called once per finished file (progress, messages, the journal), and
+    ``on_batch`` after each network batch's entries (a good moment to fsync a journal).
+    Ctrl-C ends the run early but keeps what is finished (``Run.interrupted``), unless
+    the model has not even loaded yet. ``domain`` is the domain gates' policy
+    (:mod:`cxrsr.domain`); ``prepare_one`` replaces :func:`prepare` (tests pass one that
+    crashes).
     """
+    if not sources:
+        return Run(None, [])
+    # A module-level function and its arguments, so spawned readers can unpickle it.
+    reader = prepare_one or functools.partial(prepare, domain=domain)
     threshold = 0.5
     entries: list[dict[str, Any] | None] = [None] * len(sources)
     batch: list[tuple[int, Prepared]] = []
@@ -180,21 +200,24 @@ def classify(
             entries[index] = classified_entry(item, scores, threshold)
             on_entry(entries[index])  # type: ignore[arg-type]
         batch.clear()
+        on_batch()
 
     window = batch_size * 2 + max(workers, 1) * 2
     interrupted = False
     try:
-        for index, item in enumerate(prepared_in_order(sources, workers, window, domain)):
-            if loading.done() and loading.exception() is not None:
-                break  # the model cannot load: stop reading files, report that error below
-            if item.status == "ready":
-                batch.append((index, item))
-                if len(batch) >= batch_size:
-                    flush()
-            else:
-                entry = {"path": item.path, "status": item.status, "reason": item.reason}
-                entries[index] = entry
-                on_entry(entry)
+        prepared = contextlib.closing(prepared_in_order(sources, workers, window, reader))
+        with prepared as items:
+            for index, item in enumerate(items):
+                if loading.done() and loading.exception() is not None:
+                    break  # the model cannot load: stop reading, report that error below
+                if item.status == "ready":
+                    batch.append((index, item))
+                    if len(batch) >= batch_size:
+                        flush()
+                else:
+                    entry = {"path": item.path, "status": item.status, "reason": item.reason}
+                    entries[index] = entry
+                    on_entry(entry)
         flush()
     except KeyboardInterrupt:
         if not loading.done() or loading.exception() is not None:

@@ -1,4 +1,11 @@
-"""Writing output files so that a crash never leaves half of one behind."""
+"""Writing output files so that a crash never leaves half of one behind, and no one else reads them.
+
+Results files, journals and SRs hold patient data (names, IDs, findings), so everything
+this project writes is created without world access, whatever the umask: files
+:data:`FILE_MODE` (0640), new folders :data:`FOLDER_MODE` (0750). The group keeps read
+access so a department's group can share the output; existing folders are left as they
+are (the user chose their permissions).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,44 @@ import os
 import tempfile
 from pathlib import Path
 
+#: Files we write: owner read/write, group read, nothing for others.
+FILE_MODE = 0o640
+#: Folders we create: owner all, group read/enter, nothing for others.
+FOLDER_MODE = 0o750
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+
+def make_folders(folder: Path) -> None:
+    """``mkdir -p folder``, each folder it creates getting :data:`FOLDER_MODE` exactly.
+
+    ``mkdir``'s mode is filtered by the umask (a umask of 000 is not filtered at all,
+    077 would lock the group out), so each new folder is set with ``chmod`` as well.
+    """
+    folder = Path(folder)
+    missing: list[Path] = []
+    while not folder.exists():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir(mode=FOLDER_MODE)
+        except FileExistsError:  # made meanwhile by someone else: theirs, left alone
+            continue
+        os.chmod(new, FOLDER_MODE)
+
+
+def open_private_append(path: Path) -> int:
+    """A read-write ``O_APPEND`` descriptor to ``path``, which gets :data:`FILE_MODE`."""
+    path = Path(path)
+    make_folders(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -18,14 +58,13 @@ def write_atomic(path: Path, data: bytes) -> None:
 
     The bytes go to a temporary file in the same folder, are flushed to disk, and the
     file is renamed over the target (``os.replace`` is atomic on POSIX and Windows). The
-    file gets the usual permissions (``0666`` less the umask), not ``mkstemp``'s 0600,
-    since results and SRs are meant to be shared.
+    file gets :data:`FILE_MODE` whatever the umask: it may hold patient data.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_current_umask())
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -15,10 +15,12 @@ Shape (names are fixed; more keys may be added)::
        {"path": "...", "status": "failed", "reason": "..."}]}
 
 Each classified entry carries ``classified_at`` (UTC, ISO 8601), the time its result
-was first produced: a rerun that reproduces a result keeps the earlier time (see
-:func:`keep_classification_times`), so the same inputs give the same bytes, and the
-SR built from an entry (whose Content Date/Time comes from it) is the same document on
-every run.
+was first produced: a rerun reuses or reproduces a result and keeps the earlier time
+(see :mod:`cxrsr.resume`), so the same inputs give the same bytes, and the SR built
+from an entry (whose Content Date/Time comes from it) is the same document on every
+run. Every entry also carries ``"file"``, the fingerprint of its file when it was read
+(``size``, ``mtime_ns``; for a zip member also ``member_size``, ``member_crc32``), which
+tells a rerun whether the entry still holds.
 """
 
 from __future__ import annotations
@@ -56,32 +58,8 @@ OPERATING_POINT_SCORE = (
 )
 
 
-def _result_key(entry: dict[str, Any], weights_sha256: str) -> tuple[Any, ...]:
-    return (
-        entry.get("path"),
-        entry.get("sop_instance_uid"),
-        weights_sha256,
-        tuple(sorted((entry.get("scores") or {}).items())),
-    )
-
-
-def keep_classification_times(
-    entries: list[dict[str, Any]], model: dict[str, Any], previous_path: Path, now: str
-) -> None:
-    """Set ``classified_at`` on classified entries: the previous run's time when it produced
-    the same result (same file, SOP Instance UID, weights and scores), else ``now``."""
-    previous: dict[tuple[Any, ...], str] = {}
-    try:
-        old = json.loads(Path(previous_path).read_text(encoding="utf-8"))
-        old_sha = old["model"]["weights_sha256"]
-        for entry in old["images"]:
-            if entry.get("status") == CLASSIFIED and entry.get("classified_at"):
-                previous[_result_key(entry, old_sha)] = entry["classified_at"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no usable previous file: every result is new
-    for entry in entries:
-        if entry["status"] == CLASSIFIED:
-            entry["classified_at"] = previous.get(_result_key(entry, model["weights_sha256"]), now)
+def _shared_uid_note_prefix(uid: str) -> str:
+    return f"SOP Instance UID {uid} is also used by "
 
 
 def flag_shared_instance_uids(entries: list[dict[str, Any]]) -> list[str]:
@@ -89,11 +67,19 @@ def flag_shared_instance_uids(entries: list[dict[str, Any]]) -> list[str]:
 
     Two different files with one SOP Instance UID are one instance to a PACS: Orthanc keeps
     whichever arrives first, and both SRs would point at it. Exports that re-encode a file,
-    and hand-edited test files, produce this.
+    and hand-edited test files, produce this. Notes left by an earlier run on a reused
+    entry are dropped first, so they are neither doubled nor kept once the other file is
+    gone.
     """
     by_uid: dict[str, list[dict[str, Any]]] = {}
     for entry in entries:
         if entry["status"] == CLASSIFIED:
+            prefix = _shared_uid_note_prefix(entry["sop_instance_uid"])
+            kept = [w for w in entry.get("warnings", []) if not w.startswith(prefix)]
+            if kept:
+                entry["warnings"] = kept
+            else:
+                entry.pop("warnings", None)
             by_uid.setdefault(entry["sop_instance_uid"], []).append(entry)
     messages = []
     for uid, group in by_uid.items():
@@ -102,22 +88,22 @@ def flag_shared_instance_uids(entries: list[dict[str, Any]]) -> list[str]:
         for entry in group:
             other = next(e["path"] for e in group if e is not entry)
             more = f" and {len(group) - 2} more files" if len(group) > 2 else ""
-            note = f"SOP Instance UID {uid} is also used by {other}{more}: a PACS keeps only one"
+            note = f"{_shared_uid_note_prefix(uid)}{other}{more}: a PACS keeps only one"
             entry.setdefault("warnings", []).append(note)
             messages.append(f"{entry['path']}: {note}")
     return messages
 
 
 def save_results(
-    path: Path, model: dict[str, Any], entries: list[dict[str, Any]], interrupted: bool, now: str
+    path: Path, model: dict[str, Any], entries: list[dict[str, Any]], interrupted: bool
 ) -> list[str]:
     """Write the results file for ``entries``; return the warnings to show.
 
-    Keeps each unchanged result's ``classified_at`` from the file being replaced, flags
-    shared SOP Instance UIDs, and marks a run stopped by Ctrl-C as ``"complete": false``.
+    Flags shared SOP Instance UIDs, and marks a run stopped by Ctrl-C as
+    ``"complete": false``. Each classified entry already carries its ``classified_at``
+    (see :mod:`cxrsr.resume`).
     """
     messages = flag_shared_instance_uids(entries)
-    keep_classification_times(entries, model, path, now)
     document: dict[str, Any] = {"format": FORMAT, "model": model, "images": entries}
     if interrupted:
         document["complete"] = False

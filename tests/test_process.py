@@ -60,10 +60,15 @@ def test_every_corpus_file_ends_as_the_manifest_says(corpus_results, manifest) -
         assert entry["status"] in expected_statuses(row["expected"]), (row["filename"], entry)
         if entry["status"] != "classified":
             assert entry["reason"], row["filename"]
+    manifest_path = Path(entries["MANIFEST.tsv"]["path"])
     assert entries["MANIFEST.tsv"] == {
-        "path": str(Path(entries["MANIFEST.tsv"]["path"])),
+        "path": str(manifest_path),
         "status": "skipped",
         "reason": "not a DICOM file",
+        "file": {
+            "size": manifest_path.stat().st_size,
+            "mtime_ns": manifest_path.stat().st_mtime_ns,
+        },
     }
     assert len(results["images"]) == len(manifest) + 1
 
@@ -165,15 +170,20 @@ def test_rerun_gives_the_same_file(corpus_results, corpus_dir, weights_cache_dir
     assert again.read_bytes() == first.read_bytes()
     stamps = [e["classified_at"] for e in results["images"] if e["status"] == "classified"]
     assert stamps and all(s.endswith("+00:00") for s in stamps)
-    # A result that changes (here: its entry in the previous file) gets a new time.
+    # A file that changed (here: its fingerprint in the previous file) is classified again;
+    # a different result gets a new time, the same result keeps its earlier one.
     previous = json.loads(again.read_text())
-    entry = next(e for e in previous["images"] if e["status"] == "classified")
-    entry["scores"][next(iter(entry["scores"]))] += 0.25
-    entry["classified_at"] = "2000-01-01T00:00:00+00:00"
+    changed, same = [e for e in previous["images"] if e["status"] == "classified"][:2]
+    changed["scores"][next(iter(changed["scores"]))] += 0.25
+    for entry in (changed, same):
+        entry["classified_at"] = "2000-01-01T00:00:00+00:00"
+        entry["file"]["mtime_ns"] -= 1
     again.write_text(json.dumps(previous))
     run_process(corpus_dir, "-o", again, "--cache-dir", weights_cache_dir, "-q")
     rerun = {e["path"]: e for e in json.loads(again.read_text())["images"]}
-    assert rerun[entry["path"]]["classified_at"] != "2000-01-01T00:00:00+00:00"
+    assert rerun[changed["path"]]["classified_at"] != "2000-01-01T00:00:00+00:00"
+    assert rerun[same["path"]]["classified_at"] == "2000-01-01T00:00:00+00:00"
+    assert rerun[changed["path"]]["scores"] != changed["scores"]
 
 
 def test_eager_backend_gives_the_same_results(
@@ -314,3 +324,4 @@ def test_ctrl_c_keeps_the_finished_results(corpus_dir, weights_cache_dir, tmp_pa
     assert results["complete"] is False
     assert 6 <= len(results["images"]) < total
     assert all(e["status"] == "classified" for e in results["images"])
+    assert not out.with_name("r.json.journal").exists()  # folded into the results file

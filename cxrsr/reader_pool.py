@@ -1,0 +1,290 @@
+"""Reader processes in which a dead process costs only the file it was reading.
+
+``concurrent.futures.ProcessPoolExecutor`` treats the death of any worker (the kernel's
+OOM killer, a decoder that segfaults on hostile data) as the end of the pool: every
+pending future fails with ``BrokenProcessPool``, and nothing says which file did it.
+Here the parent hands each reader process one item at a time, and the reader says when
+it begins it, so when a process dies the parent knows the one item it was working on:
+that item's future gets ``on_death(item, reason)`` ("reader process died (signal 9,
+SIGKILL) while reading"), a new process takes the dead one's place, and every other
+item goes on. An item sent but not yet begun goes to the next reader. Since a process
+never holds more than one item, no innocent bystander is lost with the culprit, and
+nothing need be retried to find out which one it was. Readers that keep dying before
+they begin anything (a broken installation) end the run with an error instead of being
+respawned forever.
+
+A thread of the parent (:meth:`ReaderPool._watch`) collects results and hands out the
+next items, so the readers stay busy while the caller's thread runs the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any, Generic, TypeVar
+
+log = logging.getLogger("cxrsr")
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+#: Deaths of idle readers (holding no item) tolerated per reader before the pool gives
+#: up: a process that dies before it even asks for work cannot be helped by another one.
+IDLE_DEATHS_PER_READER = 3
+
+
+def death_reason(exitcode: int | None) -> str:
+    """What happened to a reader process, from its exit code (negative: killed by a signal)."""
+    if exitcode is None:
+        return "reader process vanished while reading"
+    if exitcode < 0:
+        number = -exitcode
+        try:
+            name = f", {signal.Signals(number).name}"
+        except ValueError:
+            name = ""
+        return f"reader process died (signal {number}{name}) while reading"
+    return f"reader process exited with status {exitcode} while reading"
+
+
+#: Messages from a reader: it has begun an item; it finished it; the function raised.
+_STARTED, _DONE, _RAISED = "started", "done", "raised"
+
+
+def _serve(
+    conn: Connection,
+    fn: Callable[[Any], Any],
+    initializer: Callable[[], None] | None,
+) -> None:
+    """A reader's whole life: take one item, send back its result, until told to stop."""
+    if initializer is not None:
+        initializer()
+    while True:
+        try:
+            item = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if item is None:
+            return
+        try:
+            conn.send((_STARTED, None))
+            try:
+                outcome: tuple[str, Any] = (_DONE, fn(item))
+            except BaseException as exc:  # handed back to the caller, as a Future would
+                outcome = (_RAISED, exc)
+            conn.send(outcome)
+        except (BrokenPipeError, OSError):
+            return
+
+
+@dataclass(eq=False)
+class _Task(Generic[Item, Result]):
+    item: Item
+    future: Future[Result]
+
+
+@dataclass(eq=False)
+class _Reader:
+    process: BaseProcess
+    conn: Connection
+    task: _Task[Any, Any] | None = None
+    started: bool = False
+    """It has said it began ``task``: if it dies now, ``task`` is what killed it."""
+    broken: bool = False
+    """Its pipe failed: it is dead or dying, and the watcher will replace it."""
+
+
+class ReaderPool(Generic[Item, Result]):
+    """``processes`` spawned processes running ``fn`` on submitted items, one item each at a time.
+
+    ``fn`` and ``initializer`` must be importable module-level functions (the processes
+    are spawned, so they never inherit the parent's threads or its loaded model).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Item], Result],
+        processes: int,
+        on_death: Callable[[Item, str], Result],
+        initializer: Callable[[], None] | None = None,
+    ) -> None:
+        if processes < 1:
+            raise ValueError(f'Argument "processes" must be at least 1, not {processes}')
+        self._fn = fn
+        self._on_death = on_death
+        self._initializer = initializer
+        self._context = multiprocessing.get_context("spawn")
+        self._lock = threading.Lock()
+        self._queue: deque[_Task[Item, Result]] = deque()
+        self._closing = False
+        self._idle_deaths = 0
+        self._max_idle_deaths = IDLE_DEATHS_PER_READER * processes
+        self._wake_read, self._wake_write = os.pipe()
+        self._readers = [self._start_reader() for _ in range(processes)]
+        self._watcher = threading.Thread(target=self._watch, name="reader-pool", daemon=True)
+        self._watcher.start()
+
+    def _start_reader(self) -> _Reader:
+        parent_end, child_end = self._context.Pipe()
+        process = self._context.Process(
+            target=_serve,
+            args=(child_end, self._fn, self._initializer),
+            name="cxrsr-reader",
+            daemon=True,
+        )
+        process.start()
+        child_end.close()  # so the reader's death reads as EOF on the parent's end
+        return _Reader(process, parent_end)
+
+    def submit(self, item: Item) -> Future[Result]:
+        """Queue ``item``; its future resolves when a reader has finished it (or died on it)."""
+        future: Future[Result] = Future()
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("the reader pool is closed")
+            self._queue.append(_Task(item, future))
+            self._dispatch()
+        return future
+
+    def _dispatch(self) -> None:
+        """Give queued items to idle readers (with the lock held)."""
+        for reader in self._readers:
+            if reader.task is not None or reader.broken:
+                continue
+            while self._queue and self._queue[0].future.cancelled():
+                self._queue.popleft()
+            if not self._queue:
+                return
+            task = self._queue.popleft()
+            try:
+                reader.conn.send(task.item)
+            except (BrokenPipeError, OSError):
+                # Died before reading it: the item was never started, so it is not the
+                # culprit; it waits for the next reader, and the watcher replaces this one.
+                reader.broken = True
+                self._queue.appendleft(task)
+                continue
+            reader.task = task
+
+    def _watch(self) -> None:
+        """Collect results and deaths until the pool closes (runs in its own thread)."""
+        while True:
+            with self._lock:
+                if self._closing:
+                    return
+                readers = list(self._readers)
+            waitables: list[Any] = [self._wake_read]
+            for reader in readers:
+                waitables += [reader.conn, reader.process.sentinel]
+            ready = set(wait(waitables))
+            if self._wake_read in ready:
+                os.read(self._wake_read, 512)
+            for reader in readers:
+                if reader.conn in ready:
+                    try:
+                        message = reader.conn.recv()
+                    except (EOFError, OSError):
+                        self._replace(reader)
+                        continue
+                    if message[0] == _STARTED:
+                        reader.started = True
+                    else:
+                        self._finish(reader, message)
+                elif reader.process.sentinel in ready:
+                    self._replace(reader)
+
+    def _finish(self, reader: _Reader, message: tuple[str, Any]) -> None:
+        with self._lock:
+            task, reader.task, reader.started = reader.task, None, False
+            self._dispatch()
+        if task is None:
+            return
+        kind, value = message
+        if kind == _DONE:
+            task.future.set_result(value)
+        else:
+            task.future.set_exception(value)
+
+    def _replace(self, dead: _Reader) -> None:
+        """A reader died: fail the item it held, start another reader in its place."""
+        dead.process.join(timeout=5)
+        reason = death_reason(dead.process.exitcode)
+        dead.conn.close()
+        with self._lock:
+            if self._closing:
+                return
+            task, dead.task = dead.task, None
+            if task is not None and not dead.started:
+                # Sent but never begun (the reader died starting up, or idle): not the
+                # culprit, so it goes to the next reader.
+                self._queue.appendleft(task)
+                task = None
+            if task is None:
+                self._idle_deaths += 1
+            give_up = self._idle_deaths > self._max_idle_deaths
+            if not give_up:
+                self._readers[self._readers.index(dead)] = self._start_reader()
+                self._dispatch()
+            else:
+                self._readers.remove(dead)
+        if task is not None:
+            log.debug("%s: %s", task.item, reason)
+            task.future.set_result(self._on_death(task.item, reason))
+        if give_up:
+            self._fail_all(RuntimeError(f"reader processes keep dying before any work: {reason}"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            self._closing = True
+            tasks = list(self._queue) + [r.task for r in self._readers if r.task is not None]
+            self._queue.clear()
+        for task in tasks:
+            if not task.future.done():
+                task.future.set_exception(error)
+
+    def close(self) -> None:
+        """Stop the readers at once; queued items are cancelled, items being read are dropped.
+
+        Normal completion has nothing left in flight; on an error or Ctrl-C the caller
+        wants out now, not after every queued file has been decoded.
+        """
+        with self._lock:
+            self._closing = True
+            for task in self._queue:
+                task.future.cancel()
+            self._queue.clear()
+            readers = list(self._readers)
+        os.write(self._wake_write, b"x")
+        self._watcher.join()
+        for reader in readers:
+            if reader.task is None:
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    reader.conn.send(None)
+            else:
+                reader.process.terminate()
+        for reader in readers:
+            reader.process.join(timeout=5)
+            if reader.process.is_alive():
+                reader.process.kill()
+                reader.process.join()
+            reader.conn.close()
+            if reader.task is not None and not reader.task.future.done():
+                reader.task.future.cancel()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    def __enter__(self) -> ReaderPool[Item, Result]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,349 @@
+"""Reusing finished results, so a rerun classifies only what is new, changed or unfinished.
+
+A result is reused when its file is unchanged and the weights are the same:
+
+- the file: same path, size and modification time in nanoseconds; for a zip member,
+  the archive's size and time plus the member's CRC-32 and size (recorded in each
+  entry under ``"file"``);
+- the weights: same SHA-256 of the weights file (and the same torchxrayvision).
+
+``classified`` and ``skipped`` entries are reused as they are, ``classified_at``
+included; ``failed`` ones are tried again, since what failed them (a file being copied,
+a reader killed by the OOM killer) may have passed. Earlier entries come from the results
+file and from its journal (:mod:`cxrsr.journal`), where a killed run left what it had
+finished. When nothing needs classifying, the model is never loaded: a rerun over an
+unchanged folder costs little more than a ``stat`` per file.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cxrsr.errors import PipelineError
+from cxrsr.journal import Journal, journal_path, read_journal
+from cxrsr.results import CLASSIFIED, FAILED, save_results
+
+if TYPE_CHECKING:
+    import zipfile
+
+    from cxrsr.discovery import Source
+
+#: Key of the file's fingerprint in every results entry.
+FILE_KEY = "file"
+
+
+@functools.lru_cache(maxsize=8)
+def _zip_directory(path: str, size: int, mtime_ns: int) -> zipfile.ZipFile:
+    import zipfile
+
+    return zipfile.ZipFile(path)
+
+
+def fingerprint(source: Source) -> dict[str, int] | None:
+    """What must not change for an entry of ``source`` to be reused; ``None`` if unknowable."""
+    try:
+        info = os.stat(source.path)
+    except OSError:
+        return None
+    mark = {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+    if source.member is not None:
+        try:
+            member = _zip_directory(source.path, info.st_size, info.st_mtime_ns).getinfo(
+                source.member
+            )
+        except Exception:  # a damaged archive: such a source only ever fails, never reused
+            return None
+        mark["member_size"] = member.file_size
+        mark["member_crc32"] = member.CRC
+    return mark
+
+
+def utc_now() -> str:
+    """``classified_at`` for a new result: UTC, to the second, ISO 8601."""
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+def _model_key(model: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """What must match for an earlier entry to stand: the weights, torchxrayvision, and the
+    run's options that change what an entry says (the domain policy, ...)."""
+    return model.get("weights_sha256"), model.get("torchxrayvision"), model.get("options")
+
+
+def _result_key(entry: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        entry.get("path"),
+        entry.get("sop_instance_uid"),
+        tuple(sorted((entry.get("scores") or {}).items())),
+    )
+
+
+@dataclass
+class Earlier:
+    """What earlier runs left for the results file at one path: its entries and its journal's."""
+
+    models: list[dict[str, Any]] = field(default_factory=list)
+    """Every model block met, the results file's first."""
+    entries: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = field(default_factory=dict)
+    """``(model, entry)`` by path, oldest first (the journal is newer than the results file)."""
+
+    @classmethod
+    def load(cls, results_path: Path, journal: Path) -> Earlier:
+        """Read the results file (if it is one) and the journal; damaged parts are passed over."""
+        earlier = cls()
+        try:
+            document = json.loads(Path(results_path).read_text(encoding="utf-8"))
+            model, images = document["model"], document["images"]
+            if isinstance(model, dict) and isinstance(images, list):
+                earlier._add(model, [e for e in images if isinstance(e, dict)])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no usable results file: nothing to reuse from it
+        for model, entry in read_journal(journal):
+            earlier._add(model, [entry])
+        return earlier
+
+    def _add(self, model: dict[str, Any], entries: list[dict[str, Any]]) -> None:
+        if not self.models or self.models[-1] != model:
+            self.models.append(model)
+        for entry in entries:
+            if isinstance(entry.get("path"), str):
+                self.entries.setdefault(entry["path"], []).append((model, entry))
+
+    def weights_digest(self, weights: str, cache_dir: Path, torchxrayvision: str) -> str | None:
+        """The SHA-256 of the weights file this run would load, found without loading it.
+
+        An earlier model block of the same weights name and torchxrayvision version names
+        the weights file (finding the name otherwise means importing torchxrayvision, and
+        with it PyTorch: seconds). ``None`` when no earlier block fits or the file is gone.
+        """
+        for model in reversed(self.models):
+            name = model.get("weights_file")
+            if (
+                model.get("weights") != weights
+                or model.get("torchxrayvision") != torchxrayvision
+                or not isinstance(name, str)
+                or Path(name).name != name
+            ):
+                continue
+            try:
+                from cxrsr.model import sha256_of
+
+                return sha256_of(Path(cache_dir) / name)
+            except OSError:
+                return None
+        return None
+
+    def model_for(
+        self, digest: str, torchxrayvision: str, options: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
+        """The latest earlier model block of these weights, for a run that loads no model."""
+        for model in reversed(self.models):
+            if _model_key(model) == (digest, torchxrayvision, options):
+                return model
+        return None
+
+    def reusable(
+        self, name: str, mark: dict[str, int] | None, model: tuple[Any, Any, Any]
+    ) -> dict[str, Any] | None:
+        """The newest earlier entry for file ``name`` that may stand for this run, if any."""
+        if mark is None:
+            return None
+        for entry_model, entry in reversed(self.entries.get(name, [])):
+            if (
+                _model_key(entry_model) == model
+                and entry.get(FILE_KEY) == mark
+                and entry.get("status") != FAILED
+            ):
+                return copy.deepcopy(entry)
+        return None
+
+    def classified_at(self, entry: dict[str, Any], model: dict[str, Any]) -> str | None:
+        """When an earlier run first produced this very result (same file, UID, weights, scores).
+
+        A file touched but unchanged is classified again and gives the same scores: it
+        keeps its time, so the same result is the same entry (and the same SR).
+        """
+        key = _result_key(entry)
+        for entry_model, earlier in self.entries.get(entry["path"], []):
+            if (
+                earlier.get("status") == CLASSIFIED
+                and earlier.get("classified_at")
+                and _model_key(entry_model) == _model_key(model)
+                and _result_key(earlier) == key
+            ):
+                return str(earlier["classified_at"])
+        return None
+
+
+@dataclass
+class Plan:
+    """Which sources an earlier result stands for, and which must be classified."""
+
+    sources: Sequence[Source]
+    marks: list[dict[str, int] | None]
+    reused: dict[int, dict[str, Any]]
+    """Earlier entries by index into ``sources``."""
+    model: dict[str, Any] | None
+    """The earlier model block of the current weights (for a run that loads no model)."""
+
+    @property
+    def todo(self) -> list[Source]:
+        """The sources to classify, in input order."""
+        return [s for i, s in enumerate(self.sources) if i not in self.reused]
+
+    def merge(self, finished: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """All entries in input order: reused ones, and ``finished`` (of :attr:`todo`, in order).
+
+        ``finished`` may stop short (Ctrl-C): unfinished sources are left out.
+        """
+        by_path = {entry["path"]: entry for entry in finished}
+        merged = []
+        for index, source in enumerate(self.sources):
+            entry = self.reused.get(index) or by_path.get(source.name)
+            if entry is not None:
+                merged.append(entry)
+        return merged
+
+
+def make_plan(
+    sources: Sequence[Source],
+    earlier: Earlier,
+    digest: str | None,
+    torchxrayvision: str,
+    options: dict[str, Any] | None = None,
+) -> Plan:
+    """Fingerprint every source and pick the earlier entries that still hold."""
+    marks = [fingerprint(source) for source in sources]
+    reused: dict[int, dict[str, Any]] = {}
+    model = None
+    if digest is not None:
+        model = earlier.model_for(digest, torchxrayvision, options)
+        for index, (source, mark) in enumerate(zip(sources, marks, strict=True)):
+            entry = earlier.reusable(source.name, mark, (digest, torchxrayvision, options))
+            if entry is not None:
+                reused[index] = entry
+    return Plan(sources, marks, reused, model)
+
+
+class Recorder:
+    """Completes each new entry (fingerprint, ``classified_at``) and appends it to the journal.
+
+    :meth:`begin` runs once the model is loaded (in the loader's thread); entries
+    finished before that are journaled then.
+    """
+
+    def __init__(
+        self, plan: Plan, earlier: Earlier, journal: Journal, clock: Callable[[], str] = utc_now
+    ) -> None:
+        self._marks = {s.name: m for s, m in zip(plan.sources, plan.marks, strict=True)}
+        self._earlier = earlier
+        self._journal = journal
+        self._clock = clock
+        self.model: dict[str, Any] | None = None
+
+    def begin(self, model: dict[str, Any]) -> None:
+        self.model = model
+        self._journal.start(model)
+
+    def record(self, entry: dict[str, Any]) -> None:
+        mark = self._marks.get(entry["path"])
+        if mark is not None:
+            entry[FILE_KEY] = mark
+        if entry["status"] == CLASSIFIED and "classified_at" not in entry:
+            assert self.model is not None, "a classified entry before the model loaded"
+            entry["classified_at"] = self._earlier.classified_at(entry, self.model) or self._clock()
+        self._journal.append(entry)
+
+
+class ResultsRun:
+    """One run's view of its results file: what earlier runs left that still holds, the
+    journal of this run, and the results file written at the end.
+
+    ``record`` each new entry as it is finished, ``sync`` after each network batch,
+    ``close`` when classification stops (however it stops), then ``save``.
+    """
+
+    def __init__(
+        self,
+        output: Path,
+        sources: Sequence[Source],
+        weights: str,
+        cache_dir: Path | None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        from cxrsr.model import default_cache_dir, torchxrayvision_version
+
+        self.options = options
+        """Settings that change what an entry says; recorded in the model block as
+        ``options``, and earlier entries made with other options are not reused."""
+        self.output = Path(output)
+        self.journal = Journal(journal_path(self.output))
+        earlier = Earlier.load(self.output, self.journal.path)
+        xrv = torchxrayvision_version()
+        self.digest = earlier.weights_digest(weights, cache_dir or default_cache_dir(), xrv)
+        self.plan = make_plan(sources, earlier, self.digest, xrv, options)
+        self.recorder = Recorder(self.plan, earlier, self.journal)
+
+    @property
+    def todo(self) -> list[Source]:
+        """The sources to classify in this run, in input order."""
+        return self.plan.todo
+
+    @property
+    def reused(self) -> list[dict[str, Any]]:
+        """The earlier entries kept for this run."""
+        return list(self.plan.reused.values())
+
+    @property
+    def earlier_model(self) -> dict[str, Any] | None:
+        """The model block of the earlier results kept, for a run that loads no model."""
+        return self.plan.model
+
+    def _with_options(self, model: dict[str, Any]) -> dict[str, Any]:
+        return model if self.options is None else {**model, "options": self.options}
+
+    def begin(self, model: dict[str, Any]) -> None:
+        """The model is loaded: start journaling under its description."""
+        self.recorder.begin(self._with_options(model))
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """A new entry is finished (adds ``file`` and ``classified_at``, journals it)."""
+        self.recorder.record(entry)
+
+    def sync(self) -> None:
+        self.journal.sync()
+
+    def close(self) -> None:
+        """Classification has stopped: what is journaled stays for a later run."""
+        self.journal.close()
+
+    def save(
+        self, model: dict[str, Any], finished: list[dict[str, Any]], interrupted: bool
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """Write the results file (kept and new entries, in input order), then drop the journal.
+
+        Returns the entries and the warnings to show. A :class:`PipelineError` (exit 3)
+        when the weights changed under the run or the file cannot be written; the
+        journal then stays, so the next run loses nothing.
+        """
+        if self.plan.reused and model.get("weights_sha256") != self.digest:
+            raise PipelineError(
+                f"the weights file changed during the run; run again ({self.journal.path} "
+                "keeps the results finished so far)",
+                exit_code=3,
+            )
+        entries = self.plan.merge(finished)
+        model = self._with_options(model)
+        try:
+            notes = save_results(self.output, model, entries, interrupted)
+        except OSError as exc:
+            raise PipelineError(f"{self.output}: cannot write results: {exc}", 3) from exc
+        self.journal.remove()  # folded into the results file
+        return entries, notes
