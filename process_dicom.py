@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections import Counter
@@ -84,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     model.add_argument(
         "--weights-sha256",
-        type=sha256_hex,
+        type=cli.sha256_hex,
         metavar="HEX",
         help="refuse (exit 3) a weights file whose SHA-256 differs, before reading anything in it",
     )
@@ -213,13 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return cli.EXIT_INTERRUPTED
     return cli.EXIT_FAILED if counts["failed"] else cli.EXIT_OK
-
-
-def sha256_hex(text: str) -> str:
-    """``--weights-sha256``: 64 hexadecimal digits, in either case."""
-    if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a SHA-256 (64 hexadecimal digits)")
-    return text.lower()
 
 
 def check_writable(output: Path) -> None:

@@ -68,10 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between two full comparisons of Orthanc with what is done, which "
         "catch what the change log lost (default: %(default)s)",
     )
+    params.add_argument(
+        "--domain",
+        default="strict",
+        choices=["strict", "warn", "off"],
+        help="the domain gates' policy, as for process_dicom.py (default: %(default)s)",
+    )
     model = parser.add_argument_group("model options")
     model.add_argument("--weights", default="densenet121-res224-all", help="default: %(default)s")
     model.add_argument(
         "--cache-dir", type=Path, default=None, help="folder holding the weights file"
+    )
+    model.add_argument(
+        "--weights-sha256",
+        type=cli.sha256_hex,
+        metavar="HEX",
+        help="refuse (exit 3) a weights file whose SHA-256 differs, before reading anything in it",
     )
     model.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     model.add_argument("--backend", default="auto", choices=["auto", "onnx", "eager"])
@@ -126,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             retry=orthanc.RetryPolicy(retries=0 if probe else args.retries),
         )
 
+    from cxrsr.domain import DomainPolicy
     from cxrsr.model import load_classifier
     from cxrsr.watch import Counts, OrthancError, Stopping, Watcher, run_forever
     from cxrsr.watch_state import WatchState
@@ -134,16 +147,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         client = connect()
         if args.once:
             client.system()  # unreachable or wrong credentials: one line, exit 3
-        classifier = load_classifier(args.weights, args.cache_dir, args.device, args.backend)
+        classifier = load_classifier(
+            args.weights, args.cache_dir, args.device, args.backend, args.weights_sha256
+        )
         try:
             state = WatchState.open(
-                args.state_dir, classifier.card.weights_sha256, retry_failed=args.retry_failed
+                args.state_dir,
+                classifier.card.weights_sha256,
+                retry_failed=args.retry_failed,
+                domain=args.domain,
             )
         except OSError as exc:
             cli.log.error("%s: cannot use the state folder: %s", args.state_dir, exc)
             return cli.EXIT_FATAL
         watcher = Watcher(
-            client, classifier, state, batch_size=args.batch_size, workers=args.workers, stop=stop
+            client,
+            classifier,
+            state,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            stop=stop,
+            domain=DomainPolicy(args.domain),
         )
         cli.log.info(
             "watching Orthanc at %s with %s (state in %s)",

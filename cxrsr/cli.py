@@ -128,6 +128,13 @@ def _bounded_int(text: str, least: int) -> int:
 MAX_SECONDS = 86400.0
 
 
+def sha256_hex(text: str) -> str:
+    """argparse ``type`` for ``--weights-sha256``: 64 hexadecimal digits, in either case."""
+    if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a SHA-256 (64 hexadecimal digits)")
+    return text.lower()
+
+
 def positive_seconds(text: str) -> float:
     """argparse ``type`` for durations that must be more than 0 (timeouts), up to a day."""
     try:

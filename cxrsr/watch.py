@@ -54,6 +54,7 @@ import pydicom
 from cxrsr import upload
 from cxrsr.classify import classify
 from cxrsr.discovery import Source
+from cxrsr.domain import DomainPolicy
 from cxrsr.model import Classifier
 from cxrsr.orthanc import CredentialsRefused, OrthancClient, OrthancFatalError, OrthancUnavailable
 from cxrsr.results import FAILED, FORMAT, SKIPPED
@@ -248,6 +249,7 @@ class Watcher:
     upload_workers: int = 8
     stop: threading.Event = field(default_factory=threading.Event)
     chunk_size: int = CHUNK_SIZE
+    domain: DomainPolicy = DomainPolicy.STRICT
     on_progress: Callable[[int], None] = lambda n: None
 
     def __post_init__(self) -> None:
@@ -358,7 +360,9 @@ class Watcher:
             if not by_path:
                 return counts
             sources = [Source(p) for p in by_path]
-            run = classify(sources, lambda: self.classifier, self.batch_size, self.workers)
+            run = classify(
+                sources, lambda: self.classifier, self.batch_size, self.workers, domain=self.domain
+            )
             self._check_stop()  # a stop during classification: nothing was recorded or sent
             entries = []
             for entry in run.entries:

@@ -95,6 +95,8 @@ class WatchState:
 
     folder: Path
     weights_sha256: str
+    domain: str = "strict"
+    """The domain policy: a file skipped under one policy is looked at again under another."""
     finished: set[str] = field(default_factory=set)
     """SOP Instance UIDs that need no more work from these weights."""
     dead: dict[str, str] = field(default_factory=dict)
@@ -104,11 +106,17 @@ class WatchState:
     known to be stored: a repeat reuses the time, so it rebuilds the same bytes."""
 
     @classmethod
-    def open(cls, folder: Path, weights_sha256: str, retry_failed: bool = False) -> WatchState:
+    def open(
+        cls,
+        folder: Path,
+        weights_sha256: str,
+        retry_failed: bool = False,
+        domain: str = "strict",
+    ) -> WatchState:
         folder = Path(folder)
         folder.mkdir(mode=0o750, parents=True, exist_ok=True)
         os.chmod(folder, 0o750)  # patient identifiers live here: never world-readable
-        state = cls(folder, weights_sha256)
+        state = cls(folder, weights_sha256, domain)
         for record in _read_lines(folder / AUDIT_FILE):
             if record.get("weights_sha256") != weights_sha256:
                 continue
@@ -116,6 +124,8 @@ class WatchState:
             if not isinstance(uid, str):
                 continue
             event = record.get("event")
+            if event == "skipped" and record.get("domain", "strict") != domain:
+                continue
             if event in FINAL_EVENTS:
                 state.finished.add(uid)
                 state.dead.pop(uid, None)
@@ -147,6 +157,7 @@ class WatchState:
             "event": event,
             "sop_instance_uid": sop_instance_uid,
             "weights_sha256": self.weights_sha256,
+            "domain": self.domain,
             **details,
         }
         self._audit.append(record)
