@@ -350,19 +350,24 @@ class ContentTemplate:
 def encode_document(sr: Dataset, content_sequence: bytes) -> bytes:
     """The file ``sr.save_as(enforce_file_format=True)`` writes, with a pre-encoded Content Sequence.
 
-    ``sr``'s own Content Sequence must be empty (the root stub's placeholder); it is
-    removed, and the elements that sort after it (none in our SRs, handled all the same)
-    are written after the given bytes. Mutates ``sr``.
+    ``sr``'s own Content Sequence must be empty (the root stub's placeholder). It and the
+    elements that sort after it (none in our SRs, handled all the same) are set aside
+    while the rest is encoded, then put back: ``sr`` is unchanged afterwards, so it can be
+    encoded again under another UID (:func:`cxrsr.uids.content_uid` encodes twice).
     """
     if sr.get("ContentSequence"):
         raise ValueError("encode_document: the dataset already has content items")
-    if CONTENT_SEQUENCE in sr:
-        del sr[CONTENT_SEQUENCE]
     encodings = character_encodings(sr)
+    set_aside = [element for element in sr if element.tag >= CONTENT_SEQUENCE]
     tail = Dataset()
-    for element in [element for element in sr if element.tag > CONTENT_SEQUENCE]:
-        tail.add(element)
+    for element in set_aside:
+        if element.tag > CONTENT_SEQUENCE:
+            tail.add(element)
         del sr[element.tag]
-    head = io.BytesIO()
-    sr.save_as(head, enforce_file_format=True)
+    try:
+        head = io.BytesIO()
+        sr.save_as(head, enforce_file_format=True)
+    finally:
+        for element in set_aside:
+            sr.add(element)
     return head.getvalue() + content_sequence + encode_elements(tail, encodings)
