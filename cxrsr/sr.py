@@ -771,20 +771,18 @@ class SRBuilder:
         )
         if character_encodings(sr) != template.encodings:
             raise ValueError("SR template: the SR's character set is not the source's")
-        source_image = hd.sr.SourceImageForMeasurementGroup.from_source_image(evidence)
-        library = image_library(evidence)
+        content = template.bind(
+            classification.scores,
+            classification.present,
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(evidence),
+            image_library(evidence),
+        )
 
         def encode(sop_instance_uid: str) -> bytes:
             sr.SOPInstanceUID = sop_instance_uid
             sr.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
-            content = template.encode(
-                [uids.tracking_uid(sop_instance_uid, label) for label in self.model.labels],
-                classification.scores,
-                classification.present,
-                source_image,
-                library,
-            )
-            return encode_document(sr, content)
+            tracking = [uids.tracking_uid(sop_instance_uid, label) for label in self.model.labels]
+            return encode_document(sr, content(tracking))
 
         sr_uid, data = uids.content_uid(uids.SR_INSTANCE, encode)
         notes = emptied_notes(classification, sr, emptied)
