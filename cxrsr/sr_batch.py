@@ -176,8 +176,9 @@ def generate_srs(
 ) -> Outcome:
     """Write one SR per classified entry of a loaded results ``document`` into ``output_dir``.
 
-    Skipped and failed entries are counted, not written. A source that has gone or changed
-    is an error for that entry only; the others are still written. With ``jobs`` > 1 the
+    Skipped and failed entries are counted, not written. A malformed entry, or one whose
+    source has gone or changed, is an error for that entry only (logged in the entry's
+    place); the others are still written. With ``jobs`` > 1 the
     documents are built in a process pool; files, their bytes, the order of ``written``
     and the log lines are the same for every ``jobs``.
     """
