@@ -27,9 +27,11 @@ def parse_args(argv: Sequence[str] | None):
         "generate_sr.py",
         description=__doc__.strip().splitlines()[0]
         + "\n\nReads the results file written by process_dicom.py and the source files it "
-        "names; a source that has gone or changed since classification is reported and "
-        "passed over. The same results always give the same SR UIDs and bytes.",
-        fatal_reasons="the output folder cannot be written\n       (a missing or malformed results file is a usage error: 2)",
+        "names; a bad entry, or a source that has gone or changed since classification, is "
+        "reported and passed over. Each SR's UID is derived from its complete content: the "
+        "same results file gives the same files, byte for byte.",
+        fatal_reasons="the output folder cannot be written\n       (a missing file, or one that "
+        "is not a results file, is a usage error: 2)",
     )
     parameters = parser.add_argument_group("parameters")
     parameters.add_argument(

@@ -7,6 +7,7 @@ cd "$(dirname "$0")"
 
 ensure_packages Orthanc:orthanc dsrdump:dcmtk storescu:dcmtk dciodvfy:dicom3tools openssl:openssl \
   chromium:chromium npm:npm systemd-analyze:systemd \
+  java:default-jre-headless /usr/share/java/pixelmed.jar:libpixelmed-java \
   || say "W: integration tests will be skipped (or fail under CI) without these"
 # OHIF's browser test needs Orthanc's DICOMweb plugin, a library with no command to look for.
 # (Never orthanc-gdcm 1.5: its transcoding segfaults Orthanc 1.10.1.) The test fetches the

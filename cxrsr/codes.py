@@ -39,8 +39,14 @@ NO_UNITS = Code("1", "UCUM", "no units")
 PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("272519000", "SCT", "Absent")
 #: (121058, DCM, "Procedure reported") value: IHE AIR wants the imaging procedure that was
-#: analysed, not the algorithm. Each SR covers one radiograph, i.e. one view of the chest.
-PROCEDURE_REPORTED = Code("36554-4", "LN", "XR Chest Single view")
+#: analysed, not the algorithm. TID 1500 row 4 draws it from CID 100 "Quantitative
+#: Diagnostic Imaging Procedure", which has no chest radiograph code; its X-ray member is
+#: "XR unspecified body region" (the body part is in the study and in every finding).
+#: CID 100 is extensible, so (36554-4, LN, "XR Chest Single view") was allowed, but
+#: template validators flag it, and "single view" misdescribes a PA + lateral study.
+#: PixelMed 20220618 still flags 43468-8: it bundles CID 100 version 20190121, from
+#: before the code was added (pydicom's current PS3.16 tables have it).
+PROCEDURE_REPORTED = Code("43468-8", "LN", "XR unspecified body region")
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,12 @@ Placement (PS3.3 C.17.1): Patient and Study are copied from the source image; th
 gets its own series (Modality SR) in the source's study, because SR documents never
 reside in a series of images. There is one SR series per source series and model weights.
 
-All UIDs are derived from the results (:mod:`cxrsr.uids`), so the same results always
-make the same instance, and the file bytes are the same too. Running the builder over a
-whole results file is :mod:`cxrsr.sr_batch`'s job.
+The SOP Instance UID is derived from the document's complete content
+(:func:`cxrsr.uids.content_uid`): the same results make the same file, and two documents
+that differ in any byte (another classification time, a value copied from a changed
+source header) are two instances. Times are in the source's Timezone Offset From UTC, or
+in local time when the source states none (:func:`document_time`). Running the builder
+over a whole results file is :mod:`cxrsr.sr_batch`'s job.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import io
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,10 +67,6 @@ from cxrsr.files import write_atomic
 from cxrsr.sr_template import ContentTemplate, character_encodings, encode_document
 
 log = logging.getLogger("cxrsr")
-
-#: Bumped whenever the SR's content changes for the same results; part of the SOP Instance
-#: UID, so a PACS holding the old document receives a new instance, not a silent clash.
-SR_LAYOUT_VERSION = "2"  # 2: Image View in the image library; domain notes (issue 13)
 
 #: Series Number of every SR series (PS3.3 C.17.1 requires one; a fixed, high number keeps
 #: the AI series after the acquired ones in a viewer's series list).
@@ -115,6 +115,13 @@ IDENTITY_KEYS = {
 
 class SourceError(InputError):
     """The source named by a results entry is gone, unreadable, or not the classified image."""
+
+
+class EntryError(InputError):
+    """A results entry that cannot make an SR (missing keys, wrong types, invalid UIDs).
+
+    It costs that entry only: the rest of the results file still makes its SRs.
+    """
 
 
 @dataclass(frozen=True)
@@ -180,10 +187,17 @@ def _parse_time(value: Any, where: str) -> datetime.datetime | None:
     try:
         when = datetime.datetime.fromisoformat(str(value))
     except ValueError:
-        raise PipelineError(
-            f"{where}: classified_at {value!r} is not an ISO 8601 time", 2
-        ) from None
+        raise EntryError(f"{where}: classified_at {value!r} is not an ISO 8601 time") from None
     return when if when.tzinfo else when.replace(tzinfo=datetime.UTC)
+
+
+#: The UIDs a results entry must carry, as the messages name them.
+ENTRY_UIDS = {
+    "sop_class_uid": "SOP Class UID",
+    "sop_instance_uid": "SOP Instance UID",
+    "series_instance_uid": "Series Instance UID",
+    "study_instance_uid": "Study Instance UID",
+}
 
 
 @dataclass(frozen=True)
@@ -203,28 +217,50 @@ class Classification:
     """The domain gates' caveats (a child, a view outside the domain): notes in the SR."""
 
     @classmethod
-    def from_entry(cls, entry: Mapping[str, Any], model: ModelInfo, index: int) -> Classification:
-        """Check one entry against the model's labels; a bad one makes the file unusable (exit 2)."""
-        where = f"results file: images[{index}] ({entry.get('path')})"
+    def from_entry(cls, entry: Any, model: ModelInfo, index: int) -> Classification:
+        """Check one entry; a bad one raises :class:`EntryError` (that entry gets no SR).
+
+        Entries come from a file anyone can edit and from sources a fuzzer may have
+        mangled, so every key, type and UID is checked here, before the source is opened.
+        """
+        if not isinstance(entry, Mapping):
+            raise EntryError(f"results file: images[{index}]: not an object")
+        path = entry.get("path")
+        where = f"results file: images[{index}]" + (f" ({path})" if path else "")
+        missing = [
+            key for key in ("path", *IDENTITY_KEYS, "scores", "findings") if key not in entry
+        ]
+        if missing:
+            raise EntryError(f"{where}: lacks {', '.join(missing)}")
+        for key in ("path", *IDENTITY_KEYS):
+            if not isinstance(entry[key], str) or not entry[key]:
+                raise EntryError(f"{where}: '{key}' must be a non-empty string")
+        bad_uids = [
+            f"{name} {entry[key]!r} is not a valid DICOM UID (PS3.5 9.1)"
+            for key, name in ENTRY_UIDS.items()
+            if not uids.is_valid_uid(entry[key])
+        ]
+        if bad_uids:
+            raise EntryError(
+                f"{path}: {'; '.join(bad_uids)}; an SR referencing it would be invalid DICOM "
+                "(fix the source's UIDs first)"
+            )
         scores = entry["scores"]
         findings = entry["findings"]
         if not isinstance(scores, dict) or not isinstance(findings, list):
-            raise PipelineError(f"{where}: scores must be an object, findings a list", 2)
+            raise EntryError(f"{where}: scores must be an object, findings a list")
         missing = [label for label in model.labels if label not in scores]
         if missing:
-            raise PipelineError(f"{where}: no score for {', '.join(missing)}", exit_code=2)
+            raise EntryError(f"{where}: no score for {', '.join(missing)}")
         bad = [label for label in model.labels if not _is_finite_number(scores[label])]
         if bad:
-            raise PipelineError(f"{where}: score of {', '.join(bad)} is not a number", 2)
-        unknown = [label for label in findings if label not in model.labels]
+            raise EntryError(f"{where}: score of {', '.join(bad)} is not a number")
+        unknown = [repr(label) for label in findings if label not in model.labels]
         if unknown:
-            raise PipelineError(f"{where}: findings name unknown {', '.join(unknown)}", 2)
-        for key in ("path", *IDENTITY_KEYS):
-            if not isinstance(entry[key], str) or not entry[key]:
-                raise PipelineError(f"{where}: '{key}' must be a non-empty string", exit_code=2)
+            raise EntryError(f"{where}: findings name unknown {', '.join(unknown)}")
         notes = entry.get("domain_warnings") or []
         if not isinstance(notes, list) or not all(isinstance(n, str) and n for n in notes):
-            raise PipelineError(f"{where}: 'domain_warnings' must be a list of strings", 2)
+            raise EntryError(f"{where}: 'domain_warnings' must be a list of strings")
         return cls(
             path=entry["path"],
             sop_instance_uid=entry["sop_instance_uid"],
@@ -242,10 +278,11 @@ class Classification:
         return self.classified_at or fallback
 
     def result_digest(self, model: ModelInfo) -> str:
-        """SHA-256 over everything the SR says about the image (labels, scores, calls, meaning).
+        """SHA-256 over what the model said about the image (labels, scores, calls, meaning).
 
         Floats are written by ``json`` as their shortest round-trip repr, so the digest
-        changes exactly when a score does.
+        changes exactly when a score does. Not the SR's identity (that is its whole
+        content, :func:`cxrsr.uids.content_uid`); used to tell entries apart.
         """
         payload = {
             "labels": model.labels,
@@ -258,15 +295,6 @@ class Classification:
             payload["domain_warnings"] = self.domain_warnings
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-    def sr_instance_uid(self, model: ModelInfo) -> str:
-        return uids.sr_instance_uid(
-            self.sop_instance_uid,
-            model.model_id,
-            model.weights_sha256,
-            self.result_digest(model),
-            SR_LAYOUT_VERSION,
-        )
 
     def sr_series_uid(self, model: ModelInfo) -> str:
         return uids.sr_series_uid(self.series_instance_uid, model.model_id, model.weights_sha256)
@@ -317,7 +345,8 @@ def evidence_dataset(header: Dataset) -> tuple[Dataset, dict[str, str]]:
     a 56-character hash as Accession Number (SH, at most 16) and as Patient's Birth Date
     (DA). Copied as they are, the SR would fail validation; the attributes concerned are
     Type 2 or 3, so they are emptied, which PS3.5 7.4 allows for both. Placement attributes
-    (:data:`PLACEMENT_KEYWORDS`) are never changed.
+    (:data:`PLACEMENT_KEYWORDS`) are never changed. A Timezone Offset From UTC that is not
+    an offset is removed: the SR then states none (:func:`document_time`).
     """
     evidence = Dataset()
     evidence.update(header)
@@ -329,6 +358,10 @@ def evidence_dataset(header: Dataset) -> tuple[Dataset, dict[str, str]]:
         if problem is not None:
             emptied[element.keyword] = problem
             element.value = None
+    offset = evidence.get("TimezoneOffsetFromUTC")
+    if offset is not None and utc_offset(evidence) is None:
+        emptied["TimezoneOffsetFromUTC"] = f"{offset!r} is not an offset from UTC (&ZZXX)"
+        del evidence.TimezoneOffsetFromUTC
     for keyword in TYPE_2_PATIENT_STUDY:
         if keyword not in evidence or evidence[keyword].value is None:
             setattr(evidence, keyword, "")
@@ -350,6 +383,40 @@ def _vr_violation(element: pydicom.DataElement) -> str | None:
         except ValueError as exc:
             return f"{value!r} is not a valid {element.VR}: {exc}"
     return None
+
+
+# --- time ---------------------------------------------------------------------------------
+
+#: PS3.3 C.12.1.1.8: "&ZZXX", a sign, hours and minutes. Offsets in use run from -12:00
+#: to +14:00.
+_UTC_OFFSET = re.compile(r"([+-])([0-9]{2})([0-5][0-9])")
+_LARGEST_OFFSET_MINUTES = {"+": 14 * 60, "-": 12 * 60}
+
+
+def utc_offset(dataset: Dataset) -> datetime.timezone | None:
+    """The dataset's Timezone Offset From UTC as a time zone; ``None`` if absent or invalid."""
+    value = dataset.get("TimezoneOffsetFromUTC")
+    match = _UTC_OFFSET.fullmatch(str(value or "").strip())
+    if match is None:
+        return None
+    sign, hours, minutes = match.groups()
+    total = int(hours) * 60 + int(minutes)
+    if total > _LARGEST_OFFSET_MINUTES[sign]:
+        return None
+    return datetime.timezone(datetime.timedelta(minutes=-total if sign == "-" else total))
+
+
+def document_time(moment: datetime.datetime, evidence: Dataset) -> datetime.datetime:
+    """``moment`` as the SR states it: in the source's offset, else in local time.
+
+    Timezone Offset From UTC applies to every date and time of an instance (PS3.3
+    C.12.1.1.8), and the SR copies the source's Study Date/Time and Patient's Birth Date
+    as they are. So the SR carries the source's offset and states its own times in it;
+    a source without one has times in an undefined local zone, so the SR states no
+    offset either and gives its own times in the local time of the machine writing it
+    (which usually is the site's). Never "+0000" beside copied local times.
+    """
+    return moment.astimezone(utc_offset(evidence)).replace(microsecond=0)
 
 
 # --- the document -----------------------------------------------------------------------
@@ -565,20 +632,22 @@ def sr_document(
     classification: Classification,
     model: ModelInfo,
     content_datetime: datetime.datetime,
+    sop_instance_uid: str,
 ) -> hd.sr.Comprehensive3DSR:
     """The Comprehensive 3D SR around a root ``content`` item; both build paths share it.
 
     ``content_datetime`` (timezone-aware) becomes Content Date/Time, "the date the document
     content creation started" (PS3.3 C.17.2): the caller passes when the classification
-    was made, not the wall clock, so a rerun writes the same bytes.
+    was made, not the wall clock, so a rerun writes the same bytes. It is stated in the
+    source's time zone (:func:`document_time`).
     """
-    when = content_datetime.astimezone(datetime.UTC).replace(microsecond=0)
+    when = document_time(content_datetime, evidence)
     sr = hd.sr.Comprehensive3DSR(
         evidence=[evidence],
         content=content,
         series_instance_uid=classification.sr_series_uid(model),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=classification.sr_instance_uid(model),
+        sop_instance_uid=sop_instance_uid,
         instance_number=instance_number(header),
         manufacturer=SR_MANUFACTURER,
         manufacturer_model_name=SR_MANUFACTURER_MODEL_NAME,
@@ -590,9 +659,9 @@ def sr_document(
         contributing_equipment=[model_equipment(model, when)],
         coding_schemes=[private_coding_scheme()],
         content_date=when.date(),
-        content_time=when.time().replace(microsecond=0, tzinfo=None),
+        content_time=when.time().replace(tzinfo=None),
     )
-    _make_reproducible(sr, when)
+    _make_reproducible(sr, when, evidence)
     return sr
 
 
@@ -601,13 +670,47 @@ def _reference_sr(
     classification: Classification,
     model: ModelInfo,
     content_datetime: datetime.datetime,
+    sop_instance_uid: str,
 ) -> tuple[hd.sr.Comprehensive3DSR, dict[str, str]]:
     evidence, emptied = evidence_dataset(header)
-    report = measurement_report(
-        evidence, classification, model, classification.sr_instance_uid(model)
+    report = measurement_report(evidence, classification, model, sop_instance_uid)
+    sr = sr_document(
+        evidence, report[0], header, classification, model, content_datetime, sop_instance_uid
     )
-    sr = sr_document(evidence, report[0], header, classification, model, content_datetime)
     return sr, emptied
+
+
+@dataclass(frozen=True)
+class ReferenceSR:
+    """A document built entirely by highdicom, its file bytes, and the source values emptied."""
+
+    dataset: hd.sr.Comprehensive3DSR
+    data: bytes
+    emptied: Mapping[str, str]
+
+
+def reference_sr(
+    header: Dataset,
+    classification: Classification,
+    model: ModelInfo,
+    content_datetime: datetime.datetime,
+) -> ReferenceSR:
+    """The SR of one classified image built by highdicom, under its content-derived UID.
+
+    Built twice, as :func:`cxrsr.uids.content_uid` requires: once with the placeholder
+    UID (its bytes give the UID), once with the UID.
+    """
+    built: list[tuple[hd.sr.Comprehensive3DSR, dict[str, str]]] = []
+
+    def encode(sop_instance_uid: str) -> bytes:
+        built.append(
+            _reference_sr(header, classification, model, content_datetime, sop_instance_uid)
+        )
+        return encode_reference(built[-1][0])
+
+    _uid, data = uids.content_uid(uids.SR_INSTANCE, encode)
+    sr, emptied = built[-1]
+    return ReferenceSR(sr, data, emptied)
 
 
 def build_sr_reference(
@@ -622,24 +725,28 @@ def build_sr_reference(
     their checks. ``SRBuilder`` writes the same bytes about 20 times faster and is tested
     against this function; keep the two in step (tests/test_sr.py, "fast path").
     """
-    sr, emptied = _reference_sr(header, classification, model, content_datetime)
-    for level, message in emptied_notes(classification, sr, emptied):
+    reference = reference_sr(header, classification, model, content_datetime)
+    for level, message in emptied_notes(classification, reference.dataset, reference.emptied):
         log.log(level, "%s", message)
-    return sr
+    return reference.dataset
 
 
 def emptied_notes(
     classification: Classification, sr: Dataset, emptied: Mapping[str, str]
 ) -> list[tuple[int, str]]:
-    """The warnings for source values that broke their VR and were written empty."""
-    return [
-        (
-            logging.WARNING,
-            f"{classification.path}: source's {keyword} {problem}; written empty in the SR",
+    """The warnings for source values that broke their VR and were written empty or left out."""
+    notes = []
+    for keyword, problem in emptied.items():
+        if keyword == "TimezoneOffsetFromUTC":
+            outcome = "the SR states no offset"
+        elif keyword in sr:
+            outcome = "written empty in the SR"
+        else:
+            continue
+        notes.append(
+            (logging.WARNING, f"{classification.path}: source's {keyword} {problem}; {outcome}")
         )
-        for keyword, problem in emptied.items()
-        if keyword in sr
-    ]
+    return notes
 
 
 def encode_reference(sr: Dataset) -> bytes:
@@ -699,19 +806,26 @@ class SRBuilder:
             classification,
             self.model,
             classification.content_datetime(self.content_datetime),
+            uids.CONTENT_UID_PLACEHOLDER,
         )
         if character_encodings(sr) != template.encodings:
             raise ValueError("SR template: the SR's character set is not the source's")
-        sr_uid = sr.SOPInstanceUID
-        content = template.encode(
-            [uids.tracking_uid(sr_uid, label) for label in self.model.labels],
+        content = template.bind(
             classification.scores,
             classification.present,
             hd.sr.SourceImageForMeasurementGroup.from_source_image(evidence),
             image_library(evidence),
         )
+
+        def encode(sop_instance_uid: str) -> bytes:
+            sr.SOPInstanceUID = sop_instance_uid
+            sr.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+            tracking = [uids.tracking_uid(sop_instance_uid, label) for label in self.model.labels]
+            return encode_document(sr, content(tracking))
+
+        sr_uid, data = uids.content_uid(uids.SR_INSTANCE, encode)
         notes = emptied_notes(classification, sr, emptied)
-        encoded = EncodedSR(str(sr_uid), encode_document(sr, content), tuple(notes))
+        encoded = EncodedSR(sr_uid, data, tuple(notes))
         if not self._check_first or template.encodings in self._checked:
             return encoded
         self._checked.add(template.encodings)
@@ -727,7 +841,6 @@ class SRBuilder:
 
     def _compile(self, evidence: Dataset, classification: Classification) -> ContentTemplate:
         """A template from two full highdicom builds: every call Present, then every call Absent."""
-        sr_uid = classification.sr_instance_uid(self.model)
         roots = [
             measurement_report(
                 evidence,
@@ -735,7 +848,7 @@ class SRBuilder:
                     classification, present=(call,) * len(self.model.labels), domain_warnings=()
                 ),
                 self.model,
-                sr_uid,
+                uids.CONTENT_UID_PLACEHOLDER,
             )[0]
             for call in (True, False)
         ]
@@ -757,23 +870,9 @@ class SRBuilder:
 
     def _encode_reference(self, header: Dataset, classification: Classification) -> EncodedSR:
         when = classification.content_datetime(self.content_datetime)
-        sr, emptied = _reference_sr(header, classification, self.model, when)
-        notes = tuple(emptied_notes(classification, sr, emptied))
-        return EncodedSR(str(sr.SOPInstanceUID), encode_reference(sr), notes)
-
-
-def invalid_uids(classification: Classification) -> str:
-    """The source UIDs that break PS3.5 9.1, described; empty when all are valid."""
-    bad = [
-        f"{name} {value!r} is not a valid DICOM UID (PS3.5 9.1)"
-        for name, value in (
-            ("SOP Instance UID", classification.sop_instance_uid),
-            ("Series Instance UID", classification.series_instance_uid),
-            ("Study Instance UID", classification.study_instance_uid),
-        )
-        if not UID(value).is_valid
-    ]
-    return "; ".join(bad)
+        reference = reference_sr(header, classification, self.model, when)
+        notes = tuple(emptied_notes(classification, reference.dataset, reference.emptied))
+        return EncodedSR(str(reference.dataset.SOPInstanceUID), reference.data, notes)
 
 
 def instance_number(header: Dataset) -> int:
@@ -785,21 +884,23 @@ def instance_number(header: Dataset) -> int:
     return number if number >= 1 else 1
 
 
-def _make_reproducible(sr: Dataset, when: datetime.datetime) -> None:
-    """Replace what highdicom stamps from the wall clock, so the same results give the same bytes.
+def _make_reproducible(sr: Dataset, when: datetime.datetime, evidence: Dataset) -> None:
+    """Replace what highdicom stamps from the wall clock, and state the time zone.
 
     Instance Creation Date/Time are Type 3 (PS3.3 C.12.1) and would only record when this
     file was written, different on every run: they are left out. highdicom's own
     Contributing Equipment item gets the document's time (``when``) as its Contribution
-    DateTime. All times are UTC, which Timezone Offset From UTC states (PS3.3 C.12.1.1.8).
+    DateTime; the source's acquisition item, if highdicom added one, keeps the source's
+    time. Timezone Offset From UTC is the source's, or absent (:func:`document_time`).
     """
-    for keyword in ("InstanceCreationDate", "InstanceCreationTime"):
+    for keyword in ("InstanceCreationDate", "InstanceCreationTime", "TimezoneOffsetFromUTC"):
         if keyword in sr:
             delattr(sr, keyword)
     for item in sr.get("ContributingEquipmentSequence", []):
-        if "ContributionDateTime" in item:
+        if item.get("ManufacturerModelName") == "highdicom" and "ContributionDateTime" in item:
             item.ContributionDateTime = DT(when)
-    sr.TimezoneOffsetFromUTC = "+0000"
+    if utc_offset(evidence) is not None:
+        sr.TimezoneOffsetFromUTC = evidence.TimezoneOffsetFromUTC
 
 
 def write_sr(sr: Dataset, output_dir: Path) -> Path:

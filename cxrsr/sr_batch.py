@@ -1,11 +1,12 @@
 """Running the SR builder over a whole results file: what ``generate_sr.py`` does.
 
 :mod:`cxrsr.sr` builds one document; this module turns a loaded results file into a
-folder of them. It checks every entry before writing anything, re-reads each source
-(one that has gone or changed is an error for that entry only), builds in a process pool
-when there is enough work, yet writes the same files and logs the same lines in the same
-order for every ``--jobs``, writes an identical entry's SR once, and warns about (or with
-``--clean`` removes) SRs of earlier results left in the output folder.
+folder of them. It checks every entry (a malformed one, or one whose source has gone or
+changed, is an error for that entry only: one ``E:`` line, and the rest go on), builds
+in a process pool when there is enough work, yet writes the same files and logs the same
+lines in the same order for every ``--jobs``, counts an entry whose SR another entry
+already wrote as a duplicate, and warns about (or with ``--clean`` removes) SRs of
+earlier results left in the output folder.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import logging
 import multiprocessing
 import multiprocessing.context
 import warnings
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -27,14 +27,14 @@ import pydicom
 from tqdm import tqdm
 
 from cxrsr.errors import PipelineError
-from cxrsr.results import CLASSIFIED, FAILED, SKIPPED
+from cxrsr.results import CLASSIFIED, FAILED, SKIPPED, STATUSES
 from cxrsr.sr import (
     SR_MANUFACTURER,
     Classification,
+    EntryError,
     ModelInfo,
     SourceError,
     SRBuilder,
-    invalid_uids,
     read_source_header,
     write_encoded,
 )
@@ -67,15 +67,29 @@ class Outcome:
         return line
 
 
+def check_entry(entry: Any, model: ModelInfo, index: int) -> Classification | str | None:
+    """A ``classified`` entry checked, the reason a bad entry gets no SR, or ``None``.
+
+    ``None`` for skipped and failed entries (no SR, no error). Anything else that cannot
+    make an SR is an error for this entry only, never for the results file.
+    """
+    status = entry.get("status") if isinstance(entry, Mapping) else None
+    if status not in STATUSES:
+        return f"results file: images[{index}] has no valid 'status'"
+    if status != CLASSIFIED:
+        return None
+    try:
+        return Classification.from_entry(entry, model, index)
+    except EntryError as exc:
+        return str(exc)
+
+
 def classifications(
     document: Mapping[str, Any], model: ModelInfo
 ) -> list[tuple[int, Classification]]:
-    """Every ``classified`` entry, checked before anything is written (a bad file is exit 2)."""
-    return [
-        (index, Classification.from_entry(entry, model, index))
-        for index, entry in enumerate(document["images"])
-        if entry["status"] == CLASSIFIED
-    ]
+    """Every well-formed ``classified`` entry with its index (the others are passed over)."""
+    checked = [check_entry(entry, model, i) for i, entry in enumerate(document["images"])]
+    return [(i, c) for i, c in enumerate(checked) if isinstance(c, Classification)]
 
 
 #: Below this many documents per worker process, a pool costs more than it saves (each
@@ -92,6 +106,7 @@ class EntryResult:
     """What became of one classified entry; log lines travel with it, so a pool logs in order."""
 
     path: Path | None = None
+    sop_instance_uid: str | None = None
     source_error: str | None = None
     write_error: str | None = None
     notes: tuple[tuple[int, str], ...] = ()
@@ -115,12 +130,6 @@ class _Writer:
                 header = read_source_header(classification)
             except SourceError as exc:
                 return EntryResult(source_error=str(exc))
-            invalid = invalid_uids(classification)
-            if invalid:
-                return EntryResult(
-                    source_error=f"{classification.path}: {invalid}; an SR referencing it "
-                    "would be invalid DICOM (fix the source's UIDs first)"
-                )
             try:
                 encoded = self.builder.encode(header, classification)
             except Exception as exc:  # highdicom refuses some headers (e.g. no Modality)
@@ -135,7 +144,7 @@ class _Writer:
         except OSError as exc:
             return EntryResult(write_error=str(exc), notes=tuple(notes))
         notes.append((logging.DEBUG, f"{classification.path} -> {path}"))
-        return EntryResult(path=path, notes=tuple(notes))
+        return EntryResult(path=path, sop_instance_uid=encoded.sop_instance_uid, notes=tuple(notes))
 
 
 _worker: _Writer | None = None
@@ -167,28 +176,23 @@ def generate_srs(
 ) -> Outcome:
     """Write one SR per classified entry of a loaded results ``document`` into ``output_dir``.
 
-    Skipped and failed entries are counted, not written. A source that has gone or changed
-    is an error for that entry only; the others are still written. With ``jobs`` > 1 the
+    Skipped and failed entries are counted, not written. A malformed entry, or one whose
+    source has gone or changed, is an error for that entry only (logged in the entry's
+    place); the others are still written. With ``jobs`` > 1 the
     documents are built in a process pool; files, their bytes, the order of ``written``
     and the log lines are the same for every ``jobs``.
     """
     model = ModelInfo.from_results(document["model"])
-    work = [classification for _index, classification in classifications(document, model)]
+    checked = [check_entry(entry, model, i) for i, entry in enumerate(document["images"])]
+    work = [c for c in checked if isinstance(c, Classification)]
     outcome = Outcome()
-    for entry in document["images"]:
-        if entry["status"] in (SKIPPED, FAILED):
+    for entry, check in zip(document["images"], checked, strict=True):
+        if check is None:
+            outcome.skipped += entry["status"] == SKIPPED
+            outcome.failed += entry["status"] == FAILED
             log.debug("%s: %s (%s), no SR", entry.get("path"), entry["status"], entry.get("reason"))
-    statuses = Counter(entry["status"] for entry in document["images"])
-    outcome.skipped, outcome.failed = statuses[SKIPPED], statuses[FAILED]
     _warn_shared_sop_instance_uids(work, model)
-    sr_uids = [classification.sr_instance_uid(model) for classification in work]
-    # An entry that repeats an earlier one's SR is not sent to the pool; it is built here
-    # only if the earlier one failed, as a one-by-one run would then try it.
-    first_of: dict[str, int] = {}
-    for index, uid in enumerate(sr_uids):
-        first_of.setdefault(uid, index)
-    firsts = sorted(first_of.values())
-    workers = min(jobs, len(firsts) // MIN_SRS_PER_WORKER)
+    workers = min(jobs, len(work) // MIN_SRS_PER_WORKER)
     local = _Writer(model, content_datetime, output_dir)
     with contextlib.ExitStack() as stack:
         if workers > 1:
@@ -202,43 +206,53 @@ def generate_srs(
             )
             # On an error or Ctrl-C, drop the documents not yet started (what is written stays).
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)
-            ahead = pool.map(_run_in_worker, [work[i] for i in firsts], chunksize=POOL_CHUNK_SIZE)
+            built = pool.map(_run_in_worker, work, chunksize=POOL_CHUNK_SIZE)
         else:
-            ahead = map(local, (work[i] for i in firsts))
-        first_set = set(firsts)
-        seen: dict[str, str] = {}
-        for index in tqdm(range(len(work)), desc="SRs", unit="SR", disable=disable_progress):
-            classification, sr_uid = work[index], sr_uids[index]
-            if sr_uid in seen:
-                log.info(
-                    "%s: same SR as %s (same image, same results)",
-                    classification.path,
-                    seen[sr_uid],
-                )
-                outcome.duplicates += 1
-                continue
-            result = next(ahead) if index in first_set else local(classification)
-            if _record(result, outcome, output_dir):
-                seen[sr_uid] = classification.path
+            built = map(local, work)
+        # The log follows the results file's order: entry errors in their place.
+        written_by: dict[str, str] = {}
+        to_report = [check for check in checked if check is not None]
+        for check in tqdm(to_report, desc="SRs", unit="SR", disable=disable_progress):
+            if isinstance(check, str):
+                log.error("%s; no SR written", check)
+                outcome.errors.append(check)
+            elif isinstance(check, Classification):
+                _record(check, next(built), outcome, output_dir, written_by)
     _tidy_other_files(output_dir, outcome.written, clean)
     return outcome
 
 
-def _record(result: EntryResult, outcome: Outcome, output_dir: Path) -> bool:
-    """Log one entry's lines and count it; whether its SR was written."""
+def _record(
+    classification: Classification,
+    result: EntryResult,
+    outcome: Outcome,
+    output_dir: Path,
+    written_by: dict[str, str],
+) -> None:
+    """Log one entry's lines and count it.
+
+    Two entries that make the same SR (the same image listed twice with the same results)
+    wrote the same bytes to the same file (one UID, one byte stream): the second is
+    counted as a duplicate, not as a second SR.
+    """
     if result.source_error is not None:
         log.error("%s; no SR written", result.source_error)
         outcome.errors.append(result.source_error)
-        return False
+        return
     for level, message in result.notes:
         log.log(level, "%s", message)
     if result.write_error is not None:
         # A folder that cannot be written fails every SR alike: stop (exit 3), keep
         # what is written.
         raise PipelineError(f"{output_dir}: cannot write SRs: {result.write_error}", 3)
-    assert result.path is not None
+    assert result.path is not None and result.sop_instance_uid is not None
+    earlier = written_by.get(result.sop_instance_uid)
+    if earlier is not None:
+        log.info("%s: same SR as %s (same image, same results)", classification.path, earlier)
+        outcome.duplicates += 1
+        return
+    written_by[result.sop_instance_uid] = classification.path
     outcome.written.append(result.path)
-    return True
 
 
 def _warn_shared_sop_instance_uids(work: Sequence[Classification], model: ModelInfo) -> None:

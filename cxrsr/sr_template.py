@@ -26,7 +26,7 @@ import enum
 import io
 import itertools
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pydicom.charset import convert_encodings, default_encoding
@@ -176,28 +176,33 @@ class GroupTemplate:
     present: bytes
     absent: bytes
 
-    def encode(
-        self,
-        tracking_uid: str,
-        score: float,
-        present: bool,
-        source_image: bytes,
-        encodings: Sequence[str],
-    ) -> bytes:
-        parts: list[bytes] = []
-        for child in self.children:
-            if isinstance(child, bytes):
-                parts.append(child)
-            elif child is Slot.TRACKING_UID:
-                uid = encode_element(DataElement(UID, "UI", tracking_uid), encodings)
-                parts.append(self.tracking.encode({UID: uid}))
-            elif child is Slot.SCORE:
-                parts.append(self._measurement(score, encodings))
-            elif child is Slot.CALL:
-                parts.append(self.present if present else self.absent)
-            else:
-                parts.append(source_image)
-        return self.group.encode({CONTENT_SEQUENCE: sequence_bytes(CONTENT_SEQUENCE, parts)})
+    def bind(
+        self, score: float, present: bool, source_image: bytes, encodings: Sequence[str]
+    ) -> Callable[[str], bytes]:
+        """The group with everything but its Tracking Unique Identifier encoded.
+
+        The UID comes last because it derives from the SR's own UID, which is known only
+        after a first encoding (:func:`cxrsr.uids.content_uid`).
+        """
+        filled = {
+            Slot.SCORE: self._measurement(score, encodings),
+            Slot.CALL: self.present if present else self.absent,
+            Slot.SOURCE_IMAGE: source_image,
+        }
+
+        def encode(tracking_uid: str) -> bytes:
+            parts: list[bytes] = []
+            for child in self.children:
+                if isinstance(child, bytes):
+                    parts.append(child)
+                elif child is Slot.TRACKING_UID:
+                    uid = encode_element(DataElement(UID, "UI", tracking_uid), encodings)
+                    parts.append(self.tracking.encode({UID: uid}))
+                else:
+                    parts.append(filled[child])
+            return self.group.encode({CONTENT_SEQUENCE: sequence_bytes(CONTENT_SEQUENCE, parts)})
+
+        return encode
 
     def _measurement(self, score: float, encodings: Sequence[str]) -> bytes:
         """The NUM item, its value set as highdicom's NumContentItem sets it (DS and FD)."""
@@ -328,41 +333,63 @@ class ContentTemplate:
         image_library: Dataset,
     ) -> bytes:
         """The root Content Sequence element, exactly as pydicom would encode the full tree."""
+        return self.bind(scores, present, source_image, image_library)(tracking_uids)
+
+    def bind(
+        self,
+        scores: Sequence[float],
+        present: Sequence[bool],
+        source_image: Dataset,
+        image_library: Dataset,
+    ) -> Callable[[Sequence[str]], bytes]:
+        """The tree with everything but the Tracking Unique Identifiers encoded; fill them in.
+
+        The SR is encoded twice, with a placeholder UID and then with its own
+        (:func:`cxrsr.uids.content_uid`); only the tracking UIDs differ between the two.
+        """
         source = encode_item(source_image, self.encodings)
         groups = [
-            group.encode(uid, score, call, source, self.encodings)
-            for group, uid, score, call in zip(
-                self.groups, tracking_uids, scores, present, strict=True
-            )
+            group.bind(score, call, source, self.encodings)
+            for group, score, call in zip(self.groups, scores, present, strict=True)
         ]
-        measurements = self.measurements.encode(
-            {CONTENT_SEQUENCE: sequence_bytes(CONTENT_SEQUENCE, groups)}
-        )
         library = encode_item(image_library, self.encodings)
-        parts = [
-            library if child is Slot.IMAGE_LIBRARY else measurements if child is Slot.MEASUREMENTS
-            else child
-            for child in self.root_children
-        ]  # fmt: skip
-        return sequence_bytes(CONTENT_SEQUENCE, parts)  # type: ignore[arg-type]
+
+        def encode(tracking_uids: Sequence[str]) -> bytes:
+            items = [group(uid) for group, uid in zip(groups, tracking_uids, strict=True)]
+            measurements = self.measurements.encode(
+                {CONTENT_SEQUENCE: sequence_bytes(CONTENT_SEQUENCE, items)}
+            )
+            parts = [
+                library if child is Slot.IMAGE_LIBRARY else measurements
+                if child is Slot.MEASUREMENTS else child
+                for child in self.root_children
+            ]  # fmt: skip
+            return sequence_bytes(CONTENT_SEQUENCE, parts)  # type: ignore[arg-type]
+
+        return encode
 
 
 def encode_document(sr: Dataset, content_sequence: bytes) -> bytes:
     """The file ``sr.save_as(enforce_file_format=True)`` writes, with a pre-encoded Content Sequence.
 
-    ``sr``'s own Content Sequence must be empty (the root stub's placeholder); it is
-    removed, and the elements that sort after it (none in our SRs, handled all the same)
-    are written after the given bytes. Mutates ``sr``.
+    ``sr``'s own Content Sequence must be empty (the root stub's placeholder). It and the
+    elements that sort after it (none in our SRs, handled all the same) are set aside
+    while the rest is encoded, then put back: ``sr`` is unchanged afterwards, so it can be
+    encoded again under another UID (:func:`cxrsr.uids.content_uid` encodes twice).
     """
     if sr.get("ContentSequence"):
         raise ValueError("encode_document: the dataset already has content items")
-    if CONTENT_SEQUENCE in sr:
-        del sr[CONTENT_SEQUENCE]
     encodings = character_encodings(sr)
+    set_aside = [element for element in sr if element.tag >= CONTENT_SEQUENCE]
     tail = Dataset()
-    for element in [element for element in sr if element.tag > CONTENT_SEQUENCE]:
-        tail.add(element)
+    for element in set_aside:
+        if element.tag > CONTENT_SEQUENCE:
+            tail.add(element)
         del sr[element.tag]
-    head = io.BytesIO()
-    sr.save_as(head, enforce_file_format=True)
+    try:
+        head = io.BytesIO()
+        sr.save_as(head, enforce_file_format=True)
+    finally:
+        for element in set_aside:
+            sr.add(element)
     return head.getvalue() + content_sequence + encode_elements(tail, encodings)

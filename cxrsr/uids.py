@@ -1,8 +1,16 @@
-"""Deterministic, PS3.5-valid UIDs for the SR documents this project writes.
+"""Deterministic, PS3.5-valid UIDs for the DICOM objects this project writes.
 
-Why deterministic: the same results must give the same SR UIDs on every run, so uploading
-twice stores nothing twice (a PACS keys instances by SOP Instance UID), while changed
-results (other weights, other scores) give a new instance.
+The rule every object obeys (PS3.3 C.12.1.1.1: a SOP Instance UID names one instance,
+and an instance never changes): its SOP Instance UID is derived from a digest of
+everything the object contains except that UID (:func:`content_uid`). Two objects share
+a UID only if they are the same bytes, whoever made them and whenever: the same results
+give the same file, and anything that reaches the bytes (a score, the classification
+time, a value copied from the source, a new content item, a library upgrade that encodes
+differently) gives a new instance. This holds by construction, so content added later
+needs no change here.
+
+Series UIDs are different: a series groups instances and may grow, so it is derived from
+what it groups (:func:`sr_series_uid`).
 
 Why the ``2.25.`` form (PS3.5 B.2, "UUID Derived UID"): it needs no organisational root.
 The project owns none, and borrowing pydicom's root (``1.2.826.0.1.3680043.8.498.``, which
@@ -16,10 +24,15 @@ integer has only digits and dots, no leading zero in any component, and at most
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 #: PS3.5 B.2: the root under which UUID-derived UIDs live.
 UUID_ROOT = "2.25."
@@ -29,9 +42,16 @@ UUID_ROOT = "2.25."
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/cxrsr/cxrsr/uids")
 
 #: PS3.5 9.1: components of digits without leading zeros (a lone "0" is allowed),
-#: separated by dots; at most 64 characters in all.
+#: separated by dots; at most 64 characters in all. Not ``pydicom.uid.UID.is_valid``
+#: (issue 10): pydicom 3.0 matches ``^...$`` with ``re.match``, and ``$`` also matches
+#: before a trailing newline, so it calls "1.2.3\n" valid; ``fullmatch`` does not.
 _UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 UID_MAX_LENGTH = 64
+
+#: The value an object's own UID takes while its content digest is computed
+#: (:func:`content_uid`). Any fixed valid UID would do; this one is short and obviously
+#: not a real instance's.
+CONTENT_UID_PLACEHOLDER = "2.25.0"
 
 
 def is_valid_uid(value: str) -> bool:
@@ -50,6 +70,48 @@ def derive_uid(purpose: str, parts: Iterable[str]) -> str:
     return f"{UUID_ROOT}{uuid.uuid5(NAMESPACE, name).int}"
 
 
+def content_uid(purpose: str, encode: Callable[[str], bytes]) -> tuple[str, bytes]:
+    """An object's SOP Instance UID derived from its complete content, and its bytes.
+
+    ``encode(uid)`` returns the object's file, byte for byte as it will be written, with
+    ``uid`` as its own SOP Instance UID. It must depend on ``uid`` only through values
+    computed from it (the SOP Instance UID, Media Storage SOP Instance UID, UIDs derived
+    from it such as an SR's Tracking Unique Identifiers). The UID is derived from the
+    SHA-256 of ``encode(CONTENT_UID_PLACEHOLDER)``, i.e. of everything else the object
+    holds, file meta included; so one UID always names one byte stream.
+
+    Returns ``(uid, encode(uid))``. Costs two encodings, which is the price of the rule.
+    """
+    digest = hashlib.sha256(encode(CONTENT_UID_PLACEHOLDER)).hexdigest()
+    uid = derive_uid(purpose, [digest])
+    return uid, encode(uid)
+
+
+def encode_with_content_uid(
+    dataset: Dataset,
+    purpose: str,
+    set_derived: Callable[[Dataset, str], None] | None = None,
+) -> tuple[str, bytes]:
+    """:func:`content_uid` for a pydicom dataset written as a PS3.10 file.
+
+    Sets SOP Instance UID and Media Storage SOP Instance UID (``dataset.file_meta`` must
+    exist), calls ``set_derived(dataset, uid)`` for anything else computed from the UID,
+    and encodes with ``save_as(enforce_file_format=True)``. Leaves ``dataset`` carrying
+    the final UID; returns ``(uid, file bytes)``.
+    """
+
+    def encode(uid: str) -> bytes:
+        dataset.SOPInstanceUID = uid
+        dataset.file_meta.MediaStorageSOPInstanceUID = UID(uid)
+        if set_derived is not None:
+            set_derived(dataset, uid)
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    return content_uid(purpose, encode)
+
+
 def sr_series_uid(source_series_instance_uid: str, model_id: str, weights_sha256: str) -> str:
     """Series Instance UID of the SR series that holds one source series' SRs for one model.
 
@@ -60,24 +122,8 @@ def sr_series_uid(source_series_instance_uid: str, model_id: str, weights_sha256
     return derive_uid("sr-series", [source_series_instance_uid, model_id, weights_sha256])
 
 
-def sr_instance_uid(
-    source_sop_instance_uid: str,
-    model_id: str,
-    weights_sha256: str,
-    result_digest: str,
-    layout_version: str,
-) -> str:
-    """SOP Instance UID of the SR for one classified image.
-
-    ``result_digest`` covers the scores, the calls and how they were made; ``layout_version``
-    is bumped whenever the SR content changes for the same results, so a PACS that already
-    holds the old document is given a new instance rather than a silently different one
-    under the old UID.
-    """
-    return derive_uid(
-        "sr-instance",
-        [source_sop_instance_uid, model_id, weights_sha256, result_digest, layout_version],
-    )
+#: :func:`content_uid` purpose of the SR documents.
+SR_INSTANCE = "sr-instance"
 
 
 def device_observer_uid(model_id: str, weights_sha256: str) -> str:
@@ -86,5 +132,10 @@ def device_observer_uid(model_id: str, weights_sha256: str) -> str:
 
 
 def tracking_uid(sr_sop_instance_uid: str, label: str) -> str:
-    """Tracking Unique Identifier (112040, TID 4108) of one measurement group."""
+    """Tracking Unique Identifier (112040, TID 4108) of one measurement group.
+
+    Derived from the SR's own UID, so no two documents share one (a viewer that loads two
+    SRs of one image keeps their findings apart); :func:`content_uid` computes the SR's
+    digest with the tracking UIDs of the placeholder.
+    """
     return derive_uid("tracking", [sr_sop_instance_uid, label])

@@ -44,11 +44,13 @@ load_orthanc_settings() {
 }
 
 # Debian/Ubuntu packages, installed only when missing and when we are allowed to (root).
+# Each argument is COMMAND:PACKAGE, or /ABSOLUTE/FILE:PACKAGE for a package without a command.
 ensure_packages() {
   local missing=()
   local pair
   for pair in "$@"; do
-    command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || missing+=("${pair##*:}")
+    command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] \
+      || [[ "${pair%%:*}" == /* && -e "${pair%%:*}" ]] || missing+=("${pair##*:}")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -7,11 +7,14 @@ dsrdump), read back with pydicom and parsed with highdicom's SR reader.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime
 import json
 import os
 import shutil
 import subprocess
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,9 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from conftest import require_program, run_script
+from conftest import missing_prerequisite, orthanc_env, require_program, run_script
 from pydicom.sr.codedict import codes
+from test_pipeline import copy_with_new_uids
 
 from cxrsr import sr as sr_module
 from cxrsr import sr_batch
@@ -37,6 +41,7 @@ from cxrsr.codes import (
 )
 from cxrsr.config import PROJECT_ROOT
 from cxrsr.discovery import open_source
+from cxrsr.local_orthanc import LocalOrthanc
 from cxrsr.reading import identity_of
 from cxrsr.results import write_json_atomic
 from cxrsr.uids import is_valid_uid
@@ -666,29 +671,98 @@ def test_duplicate_entries_make_one_sr(corpus_dir: Path, tmp_path: Path, labels:
     assert len(outcome.written) == 1 and outcome.duplicates == 1 and not outcome.errors
 
 
-def test_malformed_results_is_a_usage_error(tmp_path: Path, labels: list[str]) -> None:
+def test_bad_entries_are_refused_one_by_one(
+    corpus_dir: Path, tmp_path: Path, labels: list[str]
+) -> None:
+    """Each bad entry gets one E: line and no SR; the good ones still get theirs (issue 9.6).
+
+    Before: the first bad entry rejected the whole results file with exit 2.
+    """
+    rng = np.random.default_rng(12)
+    good = classified_entry(str(corpus_dir / "cxr11_siim_cr_jpeg8.dcm"), labels, rng)
+    base = classified_entry(str(corpus_dir / "cxr10_nih_dx_8bit.dcm"), labels, rng)
+
+    def variant(**changes: Any) -> dict[str, Any]:
+        entry = json.loads(json.dumps(base))
+        for key, value in changes.items():
+            if value is None:
+                del entry[key]
+            else:
+                entry[key] = value
+        return entry
+
+    # Each bad entry and a phrase its E: line must contain.
+    bad: list[tuple[Any, str]] = [
+        (variant(sop_class_uid=""), "'sop_class_uid' must be a non-empty string"),
+        (variant(sop_class_uid="1.2.840.10008.5.1.4.1.1.1\n"), "SOP Class UID"),
+        (variant(sop_class_uid="1.02.3"), "is not a valid DICOM UID"),
+        (variant(scores=None), "lacks scores"),
+        (variant(study_instance_uid=None, findings=None), "lacks study_instance_uid, findings"),
+        (variant(scores={labels[0]: 0.1}), f"no score for {labels[1]}"),
+        (variant(scores=dict.fromkeys(labels, "0.5")), "is not a number"),
+        (variant(findings="Pneumonia"), "findings a list"),
+        (variant(findings=[{"label": 1}]), "findings name unknown"),
+        (variant(path=7), "'path' must be a non-empty string"),
+        (variant(classified_at="yesterday"), "not an ISO 8601 time"),
+        ("not an object", "images[11] has no valid 'status'"),
+        (variant(status="maybe"), "images[12] has no valid 'status'"),
+    ]
+    images = [entry for entry, _ in bad] + [good]
     results = tmp_path / "results.json"
-    document = results_document(
-        [
-            {
-                "path": "x.dcm",
-                "status": "classified",
-                "sop_instance_uid": "1.2",
-                "series_instance_uid": "1.3",
-                "study_instance_uid": "1.4",
-                "sop_class_uid": "1.5",
-                "patient_id": "",
-                "scores": {"Atelectasis": 0.1},
-                "findings": [],
-            }
-        ],
-        labels,
-    )
-    write_json_atomic(results, document)
+    write_json_atomic(results, results_document(images, labels))
     done = run_generate("--results", results, "--output-dir", tmp_path / "sr")
-    assert done.returncode == 2
-    assert done.stderr.startswith("E: ") and "no score for Consolidation" in done.stderr
+    assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("E: ")]
+    assert len(errors) == len(bad), done.stderr
+    for index, (line, (_entry, phrase)) in enumerate(zip(errors, bad, strict=True)):
+        assert phrase in line, (index, line)
+        assert line.endswith("no SR written"), line
+    (written,) = written_srs(tmp_path / "sr").values()
+    assert source_of(written)[2] == good["sop_instance_uid"]
+    assert done.stdout.strip().endswith(
+        f"1 SRs written to {tmp_path / 'sr'}, 0 passed over "
+        f"(0 skipped, 0 failed in classification), {len(bad)} errors"
+    )
+
+
+def test_a_fuzzed_source_without_sop_class_uid_costs_only_its_own_sr(
+    corpus_dir: Path, tmp_path: Path, labels: list[str]
+) -> None:
+    """A real file whose SOP Class UID is empty, as a fuzzer makes it, next to a good one."""
+    source = pydicom.dcmread(corpus_dir / "cxr10_nih_dx_8bit.dcm")
+    source.SOPClassUID = ""
+    fuzzed = tmp_path / "fuzzed.dcm"
+    source.save_as(fuzzed, enforce_file_format=False)
+    rng = np.random.default_rng(13)
+    entries = [
+        classified_entry(str(fuzzed), labels, rng),
+        classified_entry(str(corpus_dir / "cxr11_siim_cr_jpeg8.dcm"), labels, rng),
+    ]
+    assert entries[0]["sop_class_uid"] == ""
+    results = tmp_path / "results.json"
+    write_json_atomic(results, results_document(entries, labels))
+    done = run_generate("-q", "--results", results, "--output-dir", tmp_path / "sr")
+    assert done.returncode == 1, done.stderr
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("E: ")]
+    assert str(fuzzed) in error and "sop_class_uid" in error
+    assert len(written_srs(tmp_path / "sr")) == 1
+
+
+def test_a_results_file_that_is_not_one_is_a_usage_error(tmp_path: Path, labels: list[str]) -> None:
+    """File-level problems (no model block, no images list, not JSON) stay exit 2."""
+    results = tmp_path / "results.json"
+    for document in (
+        {"format": "cxrsr-results/1", "images": []},
+        {"format": "cxrsr-results/1", "model": model_block(labels), "images": {}},
+    ):
+        write_json_atomic(results, document)
+        done = run_generate("--results", results, "--output-dir", tmp_path / "sr")
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("E: ") and "Traceback" not in done.stderr
+    results.write_text("{not json", encoding="utf-8")
+    done = run_generate("--results", results, "--output-dir", tmp_path / "sr")
+    assert done.returncode == 2 and "not a readable results file" in done.stderr
     assert not (tmp_path / "sr").exists()
     missing = run_generate("--results", tmp_path / "nope.json")
     assert missing.returncode == 2 and "results file not found" in missing.stderr
@@ -816,3 +890,304 @@ def test_results_of_another_format_are_a_usage_error(labels: list[str], tmp_path
     assert done.returncode == 2
     assert "results format 'cxrsr-results/99'" in done.stderr
     assert not (tmp_path / "sr").exists()
+
+
+# --- time zone (issue 9.6, PS3.3 C.12.1.1.8) ------------------------------------------------
+
+
+def _dates_and_times(ds: pydicom.Dataset) -> dict[str, str]:
+    """Every DA, TM and DT value in the dataset, by keyword (nested ones included)."""
+    return {
+        element.keyword: str(element.value)
+        for element in ds.iterall()
+        if element.VR in ("DA", "TM", "DT") and element.value
+    }
+
+
+def _with_timezone(corpus_dir: Path, tmp_path: Path, offset: str | None) -> Path:
+    source = pydicom.dcmread(corpus_dir / "cxr11_siim_cr_jpeg8.dcm")
+    if offset is None:
+        assert "TimezoneOffsetFromUTC" not in source
+    else:
+        source.TimezoneOffsetFromUTC = offset
+    source.StudyDate, source.StudyTime = "20310202", "201500"  # a local time, as sites write
+    path = tmp_path / f"tz{offset or 'none'}.dcm"
+    source.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("offset, local", [("+0530", "093506"), ("-0800", "200506")])
+def test_sr_carries_its_sources_time_zone(
+    corpus_dir: Path, tmp_path: Path, labels: list[str], offset: str, local: str
+) -> None:
+    """Content Date/Time are stated in the source's offset, which the SR carries."""
+    entry = classified_entry(
+        str(_with_timezone(corpus_dir, tmp_path, offset)), labels, np.random.default_rng(14)
+    )
+    entry["classified_at"] = "2031-02-03T04:05:06+00:00"
+    results = tmp_path / "results.json"
+    write_json_atomic(results, results_document([entry], labels))
+    done = run_generate("-q", "--results", results, "--output-dir", tmp_path / "sr")
+    assert done.returncode == 0, done.stderr
+    (sr,) = written_srs(tmp_path / "sr").values()
+    assert sr.TimezoneOffsetFromUTC == offset
+    day = "20310203" if offset.startswith("+") else "20310202"
+    assert (sr.ContentDate, sr.ContentTime) == (day, local)
+    assert (sr.StudyDate, sr.StudyTime) == ("20310202", "201500")  # copied as they are
+    (ours,) = [
+        i for i in sr.ContributingEquipmentSequence if i.Manufacturer == "mlmed/torchxrayvision"
+    ]
+    assert ours.ContributionDateTime == f"{day}{local}{offset}"
+    assert "+0000" not in _dates_and_times(sr).values()
+
+
+def test_sr_of_a_source_without_time_zone_states_none(
+    corpus_dir: Path, tmp_path: Path, labels: list[str]
+) -> None:
+    """No offset in the source: none in the SR, and its own times in local time.
+
+    Before, the SR said "+0000" beside the source's local Study Date/Time.
+    """
+    entry = classified_entry(
+        str(_with_timezone(corpus_dir, tmp_path, None)), labels, np.random.default_rng(15)
+    )
+    entry["classified_at"] = "2031-02-03T04:05:06+00:00"
+    results = tmp_path / "results.json"
+    write_json_atomic(results, results_document([entry], labels))
+    out = tmp_path / "sr"
+    env = dict(os.environ, TZ="America/New_York")  # UTC-5 in February
+    done = run_script("generate_sr.py", "-q", "--results", results, "--output-dir", out, env=env)
+    assert done.returncode == 0, done.stderr
+    (sr,) = written_srs(out).values()
+    assert "TimezoneOffsetFromUTC" not in sr
+    assert (sr.ContentDate, sr.ContentTime) == ("20310202", "230506")
+    assert (sr.StudyDate, sr.StudyTime) == ("20310202", "201500")
+    assert not any(v.endswith("+0000") for v in _dates_and_times(sr).values())
+    # The same results on the same machine: the same bytes.
+    first = {p.name: p.read_bytes() for p in out.glob("*.dcm")}
+    again = run_script("generate_sr.py", "-q", "--results", results, "--output-dir", out, env=env)
+    assert again.returncode == 0 and {p.name: p.read_bytes() for p in out.glob("*.dcm")} == first
+
+
+def test_an_invalid_source_offset_is_left_out_with_a_warning(
+    corpus_dir: Path, tmp_path: Path, labels: list[str]
+) -> None:
+    entry = classified_entry(
+        str(_with_timezone(corpus_dir, tmp_path, "+2500")), labels, np.random.default_rng(16)
+    )
+    results = tmp_path / "results.json"
+    write_json_atomic(results, results_document([entry], labels))
+    done = run_generate("--results", results, "--output-dir", tmp_path / "sr")
+    assert done.returncode == 0, done.stderr
+    assert "source's TimezoneOffsetFromUTC '+2500' is not an offset" in done.stderr
+    (sr,) = written_srs(tmp_path / "sr").values()
+    assert "TimezoneOffsetFromUTC" not in sr
+
+
+# --- one UID, one byte stream (issue 9.1, PS3.3 C.12.1.1.1) -----------------------------------
+
+
+#: Two valid values per VR (and for attributes with enumerated values): a mutation uses
+#: the first that differs from the current value.
+_OTHER_VALUES: dict[str, tuple[Any, Any]] = {
+    "DA": ("19991231", "19990101"),
+    "TM": ("123456", "010203"),
+    "DT": ("19991231123456", "19990101010203"),
+    "PN": ("Other^Name", "Another^Name"),
+    "AS": ("042Y", "043Y"),
+    "DS": ("2.5", "3.5"),
+    "IS": ("7", "8"),
+    "UI": ("1.2.3.4.5", "1.2.3.4.6"),
+    "CS": ("OTHER", "ANOTHER"),
+    "LO": ("other", "another"),
+    "SH": ("other", "another"),
+    "LT": ("other", "another"),
+    "ST": ("other", "another"),
+    "US": (7, 8),
+    "PatientSex": ("O", "M"),
+    "SpecificCharacterSet": ("ISO_IR 192", "ISO_IR 100"),
+    "SOPClassUID": (
+        pydicom.uid.DigitalXRayImageStorageForPresentation,
+        pydicom.uid.ComputedRadiographyImageStorage,
+    ),
+}
+
+
+def _other_value(element: pydicom.DataElement) -> Any:
+    """A valid value for ``element`` that differs from its current one, or ``None``."""
+    candidates = _OTHER_VALUES.get(element.keyword) or _OTHER_VALUES.get(element.VR)
+    if candidates is None:
+        return None
+    current = list(element.value) if element.VM > 1 else [element.value]
+    new = next(c for c in candidates if str(c) != str(current[0]))
+    return [new, *current[1:]] if element.VM > 1 else new
+
+
+def test_any_change_that_reaches_the_bytes_changes_the_uid(
+    corpus_dir: Path, labels: list[str]
+) -> None:
+    """Change any one input of the builder: the UID changes exactly when the bytes do.
+
+    Inputs: every score and call, the classification time, the model block, and every
+    top-level element of the source header. Before, the UID came from the source UID,
+    model and scores only: a changed Patient's Name or classification time gave other
+    bytes under the same UID.
+    """
+    source = corpus_dir / "cxr04_nema_RG1_JLSN.dcm"
+    entry = classified_entry(str(source), labels, np.random.default_rng(17))
+    entry["classified_at"] = "2031-02-03T04:05:06+00:00"
+    model = model_block(labels)
+    info = sr_module.ModelInfo.from_results(model)
+    classification = sr_module.Classification.from_entry(entry, info, 0)
+    header = sr_module.read_source_header(classification)
+    builder = sr_module.SRBuilder(info, WHEN, check_first=False)
+    base = builder.encode(header, classification)
+    assert pydicom.dcmread(pydicom.filebase.DicomBytesIO(base.data)).SOPInstanceUID == (
+        base.sop_instance_uid
+    )
+
+    outcomes: list[tuple[str, bool]] = []  # (what changed, whether the bytes changed)
+
+    def check(what: str, encoded: sr_module.EncodedSR) -> None:
+        changed = encoded.data != base.data
+        assert (encoded.sop_instance_uid != base.sop_instance_uid) == changed, what
+        outcomes.append((what, changed))
+
+    for i, label in enumerate(labels):
+        scores = list(classification.scores)
+        scores[i] = float(np.nextafter(scores[i], 2.0))
+        nudged = dataclasses.replace(classification, scores=tuple(scores))
+        check(f"score of {label}", builder.encode(header, nudged))
+        present = list(classification.present)
+        present[i] = not present[i]
+        flipped = dataclasses.replace(classification, present=tuple(present))
+        check(f"call of {label}", builder.encode(header, flipped))
+    assert classification.classified_at is not None
+    later = classification.classified_at + datetime.timedelta(seconds=1)
+    check(
+        "classified_at",
+        builder.encode(header, dataclasses.replace(classification, classified_at=later)),
+    )
+    for key, value in (
+        ("weights_sha256", "6" * 64),
+        ("torchxrayvision", "1.5.8"),
+        ("threshold", 0.6),
+        ("weights", "densenet121-res224-nih"),
+    ):
+        other = sr_module.ModelInfo.from_results({**model, key: value})
+        other_builder = sr_module.SRBuilder(other, WHEN, check_first=False)
+        check(f"model {key}", other_builder.encode(header, classification))
+
+    for element in list(header):
+        new = _other_value(element)
+        if new is None or element.tag.group == 0x7FE0:
+            continue
+        mutated = copy.deepcopy(header)
+        mutated[element.tag].value = new
+        try:
+            encoded = builder.encode(mutated, classification)
+        except Exception:  # highdicom refuses some values; generate_sr reports those
+            continue
+        check(f"source {element.keyword or element.tag}", encoded)
+
+    changed = {what for what, reached in outcomes if reached}
+    # Everything the document says about the image and its classification reached the bytes.
+    assert all(what in changed for what, _ in outcomes if not what.startswith("source "))
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "Rows",
+    ):
+        assert f"source {keyword}" in changed, keyword
+    # And some source values do not (not copied into the SR): same bytes, same UID.
+    assert any(not reached for what, reached in outcomes if what.startswith("source "))
+
+
+def test_two_independent_classifications_upload_without_conflict(
+    orthanc: LocalOrthanc,
+    corpus_dir: Path,
+    weights_cache_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """The same images classified twice from scratch (a deleted output/, another -o).
+
+    The two results files differ only in classified_at; the SRs either are identical or
+    have different UIDs, and the PACS takes both sets. Before, the second set carried
+    the first set's UIDs with other Content Times, and upload_dicom.py reported
+    conflicts (exit 1).
+    """
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("cxr11_siim_cr_jpeg8.dcm", "edge_vet_dog_dx_thorax_small.dcm"):
+        copy_with_new_uids(corpus_dir / name, data / name)
+    runs = [tmp_path / "first", tmp_path / "second"]
+    for run in runs:
+        if run is runs[1]:
+            time.sleep(1.5)  # Content Time has whole seconds: make sure it differs
+        done = run_script(
+            "process_dicom.py", data, "-o", run / "results.json", "--cache-dir",
+            weights_cache_dir, "-q",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        done = run_generate("-q", "--results", run / "results.json", "--output-dir", run / "sr")
+        assert done.returncode == 0, done.stderr
+    first, second = ({p.name: p.read_bytes() for p in (run / "sr").glob("*.dcm")} for run in runs)
+    assert len(first) == len(second) == 2
+    times = [
+        sorted(e["classified_at"] for e in load_results_json(run / "results.json")["images"])
+        for run in runs
+    ]
+    assert times[0] != times[1]
+    for name in first.keys() & second.keys():
+        assert first[name] == second[name], name  # one UID, one byte stream
+    for folder in (run / "sr" for run in runs):
+        for path in folder.glob("*.dcm"):
+            assert pydicom.dcmread(path).SOPInstanceUID == path.stem
+    # Here the Content Times differ, so the two sets are different instances.
+    assert not first.keys() & second.keys()
+    upload = run_script(
+        "upload_dicom.py", data, runs[0] / "sr", runs[1] / "sr", "-q", env=orthanc_env(orthanc)
+    )
+    assert upload.returncode == 0, upload.stdout + upload.stderr
+    assert "6 stored" in upload.stdout and "0 rejected, 0 failed" in upload.stdout
+
+
+# --- PixelMed's template validator -----------------------------------------------------------
+
+PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
+
+#: PixelMed 20220618 (Debian's libpixelmed-java) bundles CID 100 version 20190121, from
+#: before (43468-8, LN, "XR unspecified body region") was added to it (cxrsr/codes.py).
+PIXELMED_STALE_CID_100 = (
+    'Code (43468-8,LN,"XR unspecified body region") not found in context group 100'
+)
+
+
+def test_pixelmed_template_validator_finds_no_errors(
+    corpus_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    """TID 1500 as PixelMed's DicomSRValidator checks it (content, order, template ids).
+
+    Its warnings ("Content Item not in template" for the TID 1501 qualitative evaluation
+    and the newer TID 4019 Algorithm Manufacturer row) are expected. One SR: the
+    validator takes 15 to 60 seconds a file.
+    """
+    java = require_program("java")
+    if not PIXELMED_JAR.is_file():
+        missing_prerequisite(f"{PIXELMED_JAR} not installed (test.sh installs libpixelmed-java)")
+    _, output_dir = corpus_run
+    path = sorted(output_dir.glob("*.dcm"))[0]
+    limits = [f"-Djdk.xml.{name}=0" for name in ("xpathExprOpLimit", "xpathExprGrpLimit", "xpathTotalOpLimit")]  # fmt: skip
+    done = subprocess.run(
+        [java, *limits, "-cp", str(PIXELMED_JAR), "com.pixelmed.validate.DicomSRValidator",
+         "-checkcontentitemorder", "-checktemplateid", str(path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert "Found Root Template TID_1500 (MeasurementReport)" in output, output
+    assert "Root Template Validation Complete" in output, output
+    errors = [line for line in output.splitlines() if line.startswith("Error")]
+    assert [e for e in errors if PIXELMED_STALE_CID_100 not in e] == [], output

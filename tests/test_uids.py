@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import warnings
+
+import pydicom
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from cxrsr import uids
 
@@ -19,10 +25,23 @@ from cxrsr import uids
         ("1.2a.3", False),
         ("1." + "2" * 62, True),  # 64 characters
         ("1." + "2" * 63, False),  # 65 characters
+        ("1.2.3\n", False),  # pydicom 3.0's UID.is_valid says True ('$' matches before \n)
+        ("", False),
     ],
 )
 def test_is_valid_uid_follows_ps3_5(value: str, valid: bool) -> None:
     assert uids.is_valid_uid(value) is valid
+
+
+def test_pydicom_is_valid_is_weaker_which_is_why_we_keep_ours() -> None:
+    """Issue 10 asked to use ``pydicom.uid.UID(x).is_valid``; it accepts a trailing newline.
+
+    If a pydicom release fixes this, this test fails: switch to pydicom's then.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert UID("1.2.3\n").is_valid
+    assert not uids.is_valid_uid("1.2.3\n")
 
 
 def test_derived_uids_are_valid_stable_and_separate() -> None:
@@ -44,3 +63,41 @@ def test_known_value_does_not_drift() -> None:
         uids.derive_uid("sr-series", ["1.2.3", "m", "w"])
         == "2.25.226272037253488773671072772832509059222"
     )
+
+
+def _secondary_capture(patient_name: str) -> Dataset:
+    """A minimal object of another kind than an SR, as a key image writer would build one."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.PatientName = patient_name
+    return ds
+
+
+def test_content_uid_names_exactly_one_byte_stream() -> None:
+    first_uid, first = uids.encode_with_content_uid(_secondary_capture("A^B"), "key-image")
+    again_uid, again = uids.encode_with_content_uid(_secondary_capture("A^B"), "key-image")
+    other_uid, other = uids.encode_with_content_uid(_secondary_capture("A^C"), "key-image")
+    assert (first_uid, first) == (again_uid, again)  # same content: same UID, same bytes
+    assert other_uid != first_uid and other != first  # any other byte: another UID
+    assert uids.is_valid_uid(first_uid)
+    written = pydicom.dcmread(io.BytesIO(first))
+    assert written.SOPInstanceUID == written.file_meta.MediaStorageSOPInstanceUID == first_uid
+    # The purpose keeps kinds of objects apart even for equal content.
+    assert uids.encode_with_content_uid(_secondary_capture("A^B"), "other")[0] != first_uid
+
+
+def test_content_uid_covers_what_derives_from_the_uid() -> None:
+    """Values computed from the object's own UID are fixed by the placeholder pass."""
+
+    def with_derived(ds: Dataset, uid: str) -> None:
+        ds.SeriesInstanceUID = uids.derive_uid("derived", [uid])
+
+    uid, data = uids.encode_with_content_uid(_secondary_capture("A^B"), "x", with_derived)
+    written = pydicom.dcmread(io.BytesIO(data))
+    assert written.SeriesInstanceUID == uids.derive_uid("derived", [uid])
+    seen: list[str] = []
+    uids.content_uid("x", lambda u: seen.append(u) or u.encode())
+    assert seen[0] == uids.CONTENT_UID_PLACEHOLDER and seen[1] != seen[0]
