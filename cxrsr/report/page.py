@@ -89,6 +89,17 @@ class Report:
     problems: list[str] = field(default_factory=list)
 
 
+def _renderable(entry: dict[str, Any]) -> bool:
+    """A classified entry whose scores and findings a card can show."""
+    scores = entry.get("scores")
+    return (
+        entry.get("status") == "classified"
+        and isinstance(scores, dict)
+        and all(isinstance(k, str) and isinstance(v, int | float) for k, v in scores.items())
+        and isinstance(entry.get("findings", []), list)
+    )
+
+
 def render_report(
     document: dict[str, Any],
     results_dir: Path,
@@ -105,9 +116,11 @@ def render_report(
     """
     model = document.get("model") or {}
     threshold = float(model.get("threshold", 0.5))
-    entries = document["images"]
-    classified = [e for e in entries if e.get("status") == "classified"]
-    others = [e for e in entries if e.get("status") != "classified"]
+    # A results file anyone can edit (or a fuzzer mangle): entries generate_sr.py refused
+    # are listed with the others, never allowed to stop the page.
+    entries = [e for e in document["images"] if isinstance(e, dict)]
+    classified = [e for e in entries if _renderable(e)]
+    others = [e for e in entries if not _renderable(e)]
     cards, problems = _cards(classified, results_dir, threshold, orthanc_url, jobs)
     parts = [
         "<!DOCTYPE html>",
