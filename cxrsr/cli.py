@@ -56,13 +56,16 @@ class _TqdmHandler(logging.Handler):
     """Write log records with ``tqdm.write`` so an active progress bar is redrawn below them.
 
     Without a bar (tqdm not even imported, see :func:`progress`) a plain write does.
+    So does a tqdm that another thread is still importing: ``import pydicom`` imports
+    tqdm, and an upload thread that meets the first SR imports pydicom while the other
+    threads log; the half-initialised module has no ``tqdm`` yet (and no bar).
     """
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm_module = sys.modules.get("tqdm")
-            if tqdm_module is not None:
-                tqdm_module.tqdm.write(self.format(record), file=sys.stderr)
+            bar_class = getattr(sys.modules.get("tqdm"), "tqdm", None)
+            if bar_class is not None:
+                bar_class.write(self.format(record), file=sys.stderr)
             else:
                 print(self.format(record), file=sys.stderr, flush=True)
         except Exception:  # pragma: no cover - logging must never raise
