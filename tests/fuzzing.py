@@ -28,6 +28,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -664,22 +665,29 @@ def load_corpus(corpus_dir: Path) -> Corpus:
     return {p.name: p.read_bytes() for p in sorted(Path(corpus_dir).glob("*.dcm"))}
 
 
-def write_cases(folder: Path, corpus: Corpus, seed: int, indices: Iterable[int]) -> list[Case]:
-    """Write the cases into ``folder`` and a ``cases.jsonl`` manifest beside it.
+def write_cases(
+    folder: Path, corpus: Corpus, seed: int, indices: Iterable[int], manifest: bool = True
+) -> list[Case]:
+    """Write the cases into ``folder`` (and, with ``manifest``, ``cases.jsonl`` beside it:
+    one line per case, what was done to which corpus file).
 
     The cases hold patient data from the corpus: files and folder are the owner's only.
+    The returned cases do not keep their bytes (thousands of them would not fit).
     """
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     cases = []
-    with open(folder.parent / f"{folder.name}-cases.jsonl", "a", encoding="utf-8") as manifest:
-        for index in indices:
-            case = make_case(corpus, seed, index)
-            path = folder / case.file_name
-            path.write_bytes(case.data)
-            os.chmod(path, 0o600)
-            cases.append(Case(case.index, case.mutator, case.seeds, case.description, b""))
-            record = {"seed": seed, "case": index, "file": case.file_name, "mutator": case.mutator}
-            manifest.write(json.dumps({**record, "description": case.description}) + "\n")
+    lines = []
+    for index in indices:
+        case = make_case(corpus, seed, index)
+        path = folder / case.file_name
+        path.write_bytes(case.data)
+        os.chmod(path, 0o600)
+        cases.append(Case(case.index, case.mutator, case.seeds, case.description, b""))
+        record = {"seed": seed, "case": index, "file": case.file_name, "mutator": case.mutator}
+        lines.append(json.dumps({**record, "seeds": case.seeds, "description": case.description}))
+    if manifest:
+        with open(folder.parent / "cases.jsonl", "a", encoding="utf-8") as fh:
+            fh.write("".join(line + "\n" for line in lines))
     return cases
 
 
@@ -817,6 +825,10 @@ def accounting_problems(document: dict[str, Any], folder: Path, cases: Sequence[
             problems.append(f"{path}: status {status!r}")
         elif status != "classified" and not str(entry.get("reason") or "").strip():
             problems.append(f"{path}: {status} without a reason")
+        elif status != "classified" and not is_one_line(str(entry["reason"])):
+            problems.append(
+                f"{path}: {status} with a reason that is not one line: {entry['reason']!r:.300}"
+            )
         relative = path[len(base) + 1 :] if path.startswith(base + os.sep) else None
         file_name = relative.split("!", 1)[0] if relative is not None else None
         if file_name not in names:
@@ -834,6 +846,16 @@ def accounting_problems(document: dict[str, Any], folder: Path, cases: Sequence[
         if count > 1:
             problems.append(f"{path}: {count} entries with this path")
     return problems
+
+
+#: Longest reason that still reads as one line on a terminal.
+MAX_REASON = 1000
+
+
+def is_one_line(text: str) -> bool:
+    """No line breaks or other control characters, and not a page long: a reason that
+    breaks its ``E:`` line in two, or copies a swallowed header into it, is unreadable."""
+    return len(text) <= MAX_REASON and not any(ord(c) < 0x20 or c == "\x7f" for c in text)
 
 
 def message_problems(document: dict[str, Any], run: ScriptRun) -> list[str]:
@@ -869,13 +891,33 @@ def sr_problems(document: dict[str, Any], sr_dir: Path, run: ScriptRun) -> list[
         except Exception as exc:  # any failure to read our own SR back is a finding
             problems.append(f"{path.name}: SR unreadable: {type(exc).__name__}: {exc}")
     errors = [line for line in run.stderr.splitlines() if line.startswith("E: ")]
-    for entry in document.get("images") or []:
-        if entry.get("status") != "classified":
-            continue
+    classified = [e for e in document.get("images") or [] if e.get("status") == "classified"]
+    if run.returncode not in ALLOWED_EXIT_CODES:  # refused or broke: script_problems says how
+        missing = [e for e in classified if e.get("sop_instance_uid") not in referenced]
+        if missing:
+            problems.append(f"{len(missing)} of {len(classified)} classified entries got no SR")
+        return problems
+    for entry in classified:
         if entry.get("sop_instance_uid") in referenced:
             continue
         if not any(str(entry.get("path")) in line for line in errors):
             problems.append(f"{entry.get('path')}: classified, but no SR and no E: line")
+    return problems
+
+
+def dsrdump_problems(paths: Iterable[Path], dsrdump: str) -> list[str]:
+    problems = []
+    for path in paths:
+        try:
+            done = subprocess.run(
+                [dsrdump, "-Ee", str(path)], capture_output=True, text=True, timeout=60
+            )
+        except subprocess.TimeoutExpired:
+            problems.append(f"{path.name}: dsrdump timed out")
+            continue
+        errors = [line for line in done.stderr.splitlines() if line.startswith(("E:", "F:"))]
+        if errors or done.returncode != 0:
+            problems.append(f"{path.name}: dsrdump exit {done.returncode}: {errors[:5]}")
     return problems
 
 
@@ -967,6 +1009,12 @@ class Outcome:
     orthanc: OrthancState | None = None
     killers: list[str] = field(default_factory=list)
 
+    def unexpected(self) -> list[str]:
+        """Failures the reader labelled "unexpected error": a swallowed exception, not
+        a clear reason. Not a broken promise (the file is accounted for), but each is
+        worth a proper message."""
+        return [r for r in self.reasons if "unexpected error" in r]
+
     def all_problems(self) -> list[str]:
         return [f"[{kind}] {p}" for kind, items in self.problems.items() for p in items]
 
@@ -983,6 +1031,13 @@ def summary_lines(outcome: Outcome) -> list[str]:
         )
     if outcome.orthanc is not None:
         lines.append(f"  orthanc: {outcome.orthanc.detail}")
+    unexpected = outcome.unexpected()
+    if unexpected:
+        count = sum(outcome.reasons[r] for r in unexpected)
+        lines.append(
+            f"  failed as 'unexpected error' (unclear reasons, not counted as problems): {count}"
+        )
+        lines += [f"    {outcome.reasons[r]} x {r}" for r in unexpected]
     found = outcome.all_problems()
     lines.append(f"  problems: {len(found)}")
     return lines
@@ -1045,6 +1100,10 @@ def run_pipeline(
     if dciodvfy is not None and srs:
         sample = random.Random(len(srs)).sample(srs, min(dciodvfy_sample, len(srs)))
         outcome.problems["dciodvfy"] = dciodvfy_problems(sample, dciodvfy)
+    dsrdump = shutil.which("dsrdump")
+    if dsrdump is not None and srs:
+        sample = random.Random(len(srs)).sample(srs, min(dciodvfy_sample, len(srs)))
+        outcome.problems["dsrdump"] = dsrdump_problems(sample, dsrdump)
 
     inputs = [folder, sr_dir] if sr_dir.is_dir() else [folder]
     upload = run_bounded("upload_dicom.py", [*inputs, "--retries", "1"], timeout, env, workdir)

@@ -66,7 +66,7 @@ def problems(outcome: fuzzing.Outcome, *kinds: str) -> str:
     if not found:
         return ""
     shown = "\n".join(found[:40])
-    return f"{len(found)} problems (seed {SEED}; cases listed in *-cases.jsonl):\n{shown}"
+    return f"{len(found)} problems (seed {SEED}; each case described in cases.jsonl beside the cases):\n{shown}"
 
 
 # --- the fuzzer itself ------------------------------------------------------------------
@@ -96,7 +96,9 @@ def test_the_cases_cover_every_promised_kind_of_damage(corpus: fuzzing.Corpus) -
         )
 
     # Orthanc 1.10.1's segfault: a file meta element longer than the file.
-    assert sum(meta_past_end(c.data) for c in cases if c.mutator == "meta-length") >= max(1, CASES // 100)
+    assert sum(meta_past_end(c.data) for c in cases if c.mutator == "meta-length") >= max(
+        1, CASES // 100
+    )
 
     def zip_is_damaged(data: bytes) -> bool:
         import io
@@ -155,9 +157,11 @@ def test_generate_sr_writes_an_sr_or_an_error_line_for_each_classified_entry(
     assert fuzz_run.sr_count > 0  # the fuzz set always keeps some classifiable images
 
 
-def test_the_srs_written_from_fuzzed_sources_pass_dciodvfy(fuzz_run: fuzzing.Outcome) -> None:
+def test_the_srs_written_from_fuzzed_sources_pass_dciodvfy_and_dsrdump(
+    fuzz_run: fuzzing.Outcome,
+) -> None:
     assert fuzz_run.sr_count > 0
-    assert not problems(fuzz_run, "dciodvfy"), problems(fuzz_run, "dciodvfy")
+    assert not problems(fuzz_run, "dciodvfy", "dsrdump"), problems(fuzz_run, "dciodvfy", "dsrdump")
 
 
 def test_upload_ends_with_0_or_1_and_orthanc_still_answers(fuzz_run: fuzzing.Outcome) -> None:
