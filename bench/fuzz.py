@@ -113,6 +113,7 @@ def main() -> int:
     seconds: Counter[str] = Counter()
     all_problems: list[str] = []
     sr_count = 0
+    crashes = 0
     print(
         f"fuzz: seed {args.seed}, cases {args.first}..{args.first + args.cases - 1}, in {workroot}"
     )
@@ -150,8 +151,10 @@ def main() -> int:
                 flush=True,
             )
             if outcome.orthanc is not None and not outcome.orthanc.alive:
-                print("Orthanc is down: stopping here", flush=True)
-                break
+                crashes += 1
+                if server.process is None or server.process.poll() is not None:
+                    server.stop()
+                    server.start()  # count it, and go on with the next chunk
             delete_everything(server)
             if found:
                 print(f"  kept the cases of this chunk: {workdir} (see cases.jsonl)", flush=True)
@@ -177,11 +180,11 @@ def main() -> int:
     print("peak memory (largest process of each script's tree, ru_maxrss):")
     for name, peak in peaks.items():
         print(f"  {name}: {peak / 1024:.0f} MB ({seconds[name]:.0f} s in all)")
-    print(f"Orthanc at the end: {final.detail}")
+    print(f"Orthanc at the end: {final.detail}; chunks after which it was down: {crashes}")
     print(f"problems: {len(all_problems)}")
     for problem in all_problems[:200]:
         print(f"  {problem}")
-    return 1 if all_problems or not final.alive else 0
+    return 1 if all_problems or crashes or not final.alive else 0
 
 
 if __name__ == "__main__":
