@@ -170,3 +170,41 @@ def test_upload_ends_with_0_or_1_and_orthanc_still_answers(fuzz_run: fuzzing.Out
         fuzz_run, "orthanc", "upload_dicom"
     )
     assert fuzz_run.orthanc is not None and fuzz_run.orthanc.alive
+
+
+def test_the_checks_catch_a_traceback_a_hang_and_a_bad_exit_code(tmp_path: Path) -> None:
+    """The harness itself: a check that cannot fail proves nothing."""
+    ok = fuzzing.ScriptRun("x.py", 1, "1 failed\n", "E: a.dcm: bad\n", 1.0, 0)
+    assert fuzzing.script_problems(ok) == []
+    crashed = fuzzing.ScriptRun("x.py", 4, "", "Traceback (most recent call last):\n  boom\n", 1, 0)
+    assert len(fuzzing.script_problems(crashed)) == 2  # the traceback and exit 4
+    hung = fuzzing.ScriptRun("x.py", None, "", "", 99.0, 0)
+    assert "timed out" in fuzzing.script_problems(hung)[0]
+    killed = fuzzing.ScriptRun("x.py", -11, "", "", 1.0, 0)
+    assert "exit -11" in fuzzing.script_problems(killed)[0]
+
+    # run_bounded kills a hanging script (and its children) at the timeout.
+    script = tmp_path / "sleeper.py"
+    script.write_text(
+        "import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\ntime.sleep(60)\n"
+    )
+    run = fuzzing.run_bounded(str(script), [], 2.0, None, tmp_path)
+    assert run.timed_out and run.seconds < 30
+
+
+def test_the_accounting_catches_a_lost_file_and_a_reason_on_two_lines(tmp_path: Path) -> None:
+    folder = tmp_path / "cases"
+    cases = [fuzzing.Case(i, "truncate", [], "", b"") for i in range(3)]
+    zip_case = fuzzing.Case(3, "zip", [], "", b"")
+    base = str(folder.absolute())
+    entries = [
+        {"path": f"{base}/{cases[0].file_name}", "status": "classified"},
+        {"path": f"{base}/{cases[1].file_name}", "status": "failed", "reason": "two\nlines"},
+        {"path": f"{base}/{zip_case.file_name}!IM1", "status": "skipped", "reason": "CT"},
+        {"path": f"{base}/elsewhere.dcm", "status": "failed", "reason": "x"},
+    ]
+    found = fuzzing.accounting_problems({"images": entries}, folder, [*cases, zip_case])
+    assert len(found) == 3, found
+    assert any(cases[2].file_name in p and "no entry" in p for p in found)
+    assert any("not one line" in p for p in found)
+    assert any("elsewhere.dcm" in p for p in found)
