@@ -18,7 +18,9 @@ e.g. ``CXRSR_FUZZ_CASES=60 ./test.sh tests/test_fuzz.py`` while developing.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import struct
 import zipfile
 from pathlib import Path
@@ -54,7 +56,7 @@ def fuzz_run(
     cases = fuzzing.write_cases(folder, corpus, SEED, range(CASES))
     with new_orthanc(workdir / "orthanc", orthanc_binary) as server:
         outcome = fuzzing.run_pipeline(
-            workdir, folder, cases, weights_cache_dir, server, TIMEOUT, dciodvfy, 12
+            workdir, folder, cases, weights_cache_dir, server, TIMEOUT, dciodvfy, CASES
         )
     print(f"\nfuzz: seed {SEED}, {CASES} cases in {folder}")
     print("\n".join(fuzzing.summary_lines(outcome)))
@@ -208,3 +210,32 @@ def test_the_accounting_catches_a_lost_file_and_a_reason_on_two_lines(tmp_path: 
     assert any(cases[2].file_name in p and "no entry" in p for p in found)
     assert any("not one line" in p for p in found)
     assert any("elsewhere.dcm" in p for p in found)
+
+
+# --- bugs the fuzzer found, each reduced to a small file ---------------------------------
+
+
+def test_a_decoder_panic_fails_one_file_not_the_batch(
+    corpus_dir: Path, tmp_path: Path, weights_cache_dir: Path
+) -> None:
+    """Seed 1, case 750: the RLE corpus file with Columns 1663 instead of 1720 makes
+    pylibjpeg-rle's Rust decoder panic. pyo3's PanicException is a BaseException, so the
+    reader's ``except Exception`` missed it, the worker could not pickle it back, and
+    process_dicom.py ended with a traceback, exit 4 and no results file."""
+    import pydicom
+    from conftest import run_script
+
+    data = tmp_path / "data"
+    data.mkdir()
+    ds = pydicom.dcmread(corpus_dir / "bad_cr_hand_constant_rle.dcm")
+    ds.Columns = 1663
+    ds.save_as(data / "narrow_rle.dcm")
+    shutil.copy(corpus_dir / "edge_vet_dog_dx_thorax_small.dcm", data / "fine.dcm")
+    results = tmp_path / "results.json"
+    done = run_script("process_dicom.py", data, "-o", results, "--cache-dir", weights_cache_dir)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    entries = {Path(e["path"]).name: e for e in json.loads(results.read_text())["images"]}
+    assert entries["fine.dcm"]["status"] == "classified"
+    assert entries["narrow_rle.dcm"]["status"] == "failed"
+    assert f"E: {data / 'narrow_rle.dcm'}: " in done.stderr
