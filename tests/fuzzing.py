@@ -426,8 +426,12 @@ def mutate_meta_length(rng: random.Random, corpus: Corpus) -> Mutation:
     """A file meta element whose length runs past the end of the file (Orthanc 1.10.1's
     segfault), or otherwise wrong."""
     with_meta = {n: d for n, d in corpus.items() if d[128:132] == b"DICM"}
+    if not with_meta:  # a stacked mutation of a file that has lost its file meta
+        return mutate_element_length(rng, corpus)
     name, data = _pick(rng, with_meta)
     meta = [e for e in walk(data).elements if e.tag >> 16 == 0x0002]
+    if not meta:
+        return mutate_element_length(rng, corpus)
     element = rng.choice(meta)
     if rng.random() < 0.7:
         length = len(data) - element.value_offset + rng.choice([1, 2, 100, 1 << 16, 1 << 20])
