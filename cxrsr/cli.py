@@ -11,6 +11,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -72,9 +73,23 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+#: C0 and C1 control characters, DEL included: line breaks and terminal escape sequences.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters written as ``\\xNN``.
+
+    Messages quote values from the files they are about; a damaged or hostile header
+    can hold line breaks (which would split an ``E:`` line in two) or terminal escape
+    sequences (which would rewrite the user's screen).
+    """
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
 class _PrefixFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"{_PREFIX.get(record.levelno, 'I')}: {record.getMessage()}"
+        return f"{_PREFIX.get(record.levelno, 'I')}: {one_line(record.getMessage())}"
 
 
 def make_parser(prog: str, description: str, fatal_reasons: str) -> argparse.ArgumentParser:
@@ -216,7 +231,7 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     try:
         return main(argv)
     except PipelineError as exc:
-        print(f"E: {exc}", file=sys.stderr, flush=True)
+        print(f"E: {one_line(str(exc))}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
         print("E: interrupted; work already written is kept", file=sys.stderr, flush=True)

@@ -27,3 +27,26 @@ def test_a_log_line_survives_tqdm_being_imported_by_another_thread(
     err = capsys.readouterr().err
     assert "Logging error" not in err and "Traceback" not in err
     assert "E: /data/a.dcm: rejected: HTTP 400\n" in err
+
+
+def test_a_message_quoting_a_hostile_header_stays_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Found by fuzzing (seed 1, case 71): a SOP Class UID whose length swallowed the next
+    elements put NULs and other control bytes into a W: line. A header could as well hold
+    a line break, or an escape sequence that rewrites the user's terminal."""
+    cli.setup_logging(argparse.Namespace(quiet=False, verbose=False))
+    cli.log.warning("%s: skipped: %s is not an image", "/d/a.dcm", "1.2\x00\x02UI\n\x1b[2J\x9b")
+    err = capsys.readouterr().err
+    assert err == "W: /d/a.dcm: skipped: 1.2\\x00\\x02UI\\x0a\\x1b[2J\\x9b is not an image\n"
+    assert cli.one_line("Bäcken 1.2.3") == "Bäcken 1.2.3"  # printable text is left alone
+
+
+def test_a_fatal_error_message_stays_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from cxrsr.errors import PipelineError
+
+    def main(argv: object) -> int:
+        raise PipelineError("results.json: images[3] (/d/x\n.dcm) lacks scores", exit_code=2)
+
+    assert cli.run(main) == 2
+    assert capsys.readouterr().err == "E: results.json: images[3] (/d/x\\x0a.dcm) lacks scores\n"
