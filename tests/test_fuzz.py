@@ -31,8 +31,8 @@ from conftest import new_orthanc, require_program
 
 CASES = int(os.environ.get("CXRSR_FUZZ_CASES", "500"))
 SEED = int(os.environ.get("CXRSR_FUZZ_SEED", "20261201"))
-#: Each script's whole run is bounded: a minute to start, plus 0.4 s per case (about ten
-#: times what a case costs on a loaded 2-core machine). A hang on any case trips it.
+#: Each script's whole run is bounded: a minute to start, plus 0.4 s per case (four to
+#: eight times what a case costs on a loaded 2-core machine). A hang on any case trips it.
 TIMEOUT = 60 + 0.4 * CASES
 
 
@@ -68,7 +68,11 @@ def problems(outcome: fuzzing.Outcome, *kinds: str) -> str:
     if not found:
         return ""
     shown = "\n".join(found[:40])
-    return f"{len(found)} problems (seed {SEED}; each case described in cases.jsonl beside the cases):\n{shown}"
+    summary = "\n".join(fuzzing.summary_lines(outcome))
+    return (
+        f"{len(found)} problems (seed {SEED}; each case described in cases.jsonl beside "
+        f"the cases):\n{shown}\n\nthe whole run:\n{summary}"
+    )
 
 
 # --- the fuzzer itself ------------------------------------------------------------------
