@@ -112,6 +112,7 @@ def main() -> int:
     peaks: dict[str, int] = {}
     seconds: Counter[str] = Counter()
     all_problems: list[str] = []
+    by_kind: dict[str, list[str]] = {}
     sr_count = 0
     crashes = 0
     print(
@@ -144,7 +145,9 @@ def main() -> int:
                 peaks[name] = max(peaks.get(name, 0), run.max_rss_kb)
                 seconds[name] += run.seconds
             found = outcome.all_problems()
-            all_problems += [f"chunk {chunk_start}: {p}" for p in found]
+            all_problems += found
+            for kind, items in outcome.problems.items():
+                by_kind.setdefault(kind, []).extend(items)
             print(
                 f"cases {indices.start}..{indices.stop - 1}: "
                 + "; ".join(line.strip() for line in fuzzing.summary_lines(outcome)),
@@ -182,8 +185,11 @@ def main() -> int:
         print(f"  {name}: {peak / 1024:.0f} MB ({seconds[name]:.0f} s in all)")
     print(f"Orthanc at the end: {final.detail}; chunks after which it was down: {crashes}")
     print(f"problems: {len(all_problems)}")
-    for problem in all_problems[:200]:
-        print(f"  {problem}")
+    for kind, items in by_kind.items():
+        if items:
+            print(f"  {kind}: {len(items)}, e.g.")
+            for item in items[:3]:
+                print(f"    {item[:300]!r}")
     return 1 if all_problems or crashes or not final.alive else 0
 
 
