@@ -86,7 +86,8 @@ def test_a_case_is_the_same_bytes_from_its_seed_and_number_alone(corpus: fuzzing
 
 
 def test_the_cases_cover_every_promised_kind_of_damage(corpus: fuzzing.Corpus) -> None:
-    cases = [fuzzing.make_case(corpus, SEED, index) for index in range(CASES)]
+    count = max(CASES, 500)  # the promise holds for the standing size, even in a quick run
+    cases = [fuzzing.make_case(corpus, SEED, index) for index in range(count)]
     kinds = {case.mutator.split("+")[0] for case in cases}
     assert kinds == set(fuzzing.MUTATORS)
     descriptions = " ".join(case.description for case in cases)
@@ -116,8 +117,8 @@ def test_the_cases_cover_every_promised_kind_of_damage(corpus: fuzzing.Corpus) -
             return True
 
     zips = [c for c in cases if c.mutator == "zip"]
-    assert sum(zip_is_damaged(c.data) for c in zips) >= max(1, CASES // 100)
-    assert sum(not zip_is_damaged(c.data) for c in zips) >= max(1, CASES // 250)
+    assert sum(zip_is_damaged(c.data) for c in zips) >= max(1, count // 100)
+    assert sum(not zip_is_damaged(c.data) for c in zips) >= max(1, count // 250)
 
 
 def test_set_element_changes_only_that_element(corpus: fuzzing.Corpus) -> None:
