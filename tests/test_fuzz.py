@@ -8,8 +8,9 @@ empty and invalid SOP Class and Instance UIDs, other transfer syntaxes, junk, an
 archives of such files, intact or damaged. Each script runs once over the folder of all
 cases, bounded in time. The promises checked: no traceback, no hang, exit 0 or 1, one
 results entry per input (classified, skipped or failed with a reason, named on its own
-``E:``/``W:`` line), an SR or an ``E:`` line per classified entry, SRs that dciodvfy
-accepts, and an Orthanc that still answers afterwards.
+``E:``/``W:`` line), an SR or an ``E:`` line per classified entry, SRs that dciodvfy and
+dsrdump accept, and an Orthanc that still answers afterwards (its own: a file that crashes
+it must not take the session's Orthanc down).
 
 ``CXRSR_FUZZ_CASES`` (default 500) and ``CXRSR_FUZZ_SEED`` set the size and the seed,
 e.g. ``CXRSR_FUZZ_CASES=60 ./test.sh tests/test_fuzz.py`` while developing.
