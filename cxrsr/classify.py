@@ -73,6 +73,13 @@ def prepare(source: Source, domain: DomainPolicy = DomainPolicy.STRICT) -> Prepa
         return Prepared(
             source.name, FAILED, reason=f"unexpected error: {type(exc).__name__}: {exc}"
         )
+    except BaseException as exc:
+        # Decoders written in Rust (pylibjpeg-rle) raise pyo3's PanicException, which
+        # derives from BaseException, on hostile data (an RLE frame wider than Columns);
+        # it cannot even be pickled back to the main process, so it would end the batch.
+        if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
+            raise
+        return Prepared(source.name, FAILED, reason=f"decoder crashed: {type(exc).__name__}: {exc}")
     return Prepared(
         source.name,
         "ready",

@@ -11,6 +11,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -56,22 +57,39 @@ class _TqdmHandler(logging.Handler):
     """Write log records with ``tqdm.write`` so an active progress bar is redrawn below them.
 
     Without a bar (tqdm not even imported, see :func:`progress`) a plain write does.
+    So does a tqdm that another thread is still importing: ``import pydicom`` imports
+    tqdm, and an upload thread that meets the first SR imports pydicom while the other
+    threads log; the half-initialised module has no ``tqdm`` yet (and no bar).
     """
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm_module = sys.modules.get("tqdm")
-            if tqdm_module is not None:
-                tqdm_module.tqdm.write(self.format(record), file=sys.stderr)
+            bar_class = getattr(sys.modules.get("tqdm"), "tqdm", None)
+            if bar_class is not None:
+                bar_class.write(self.format(record), file=sys.stderr)
             else:
                 print(self.format(record), file=sys.stderr, flush=True)
         except Exception:  # pragma: no cover - logging must never raise
             self.handleError(record)
 
 
+#: C0 and C1 control characters, DEL included: line breaks and terminal escape sequences.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters written as ``\\xNN``.
+
+    Messages quote values from the files they are about; a damaged or hostile header
+    can hold line breaks (which would split an ``E:`` line in two) or terminal escape
+    sequences (which would rewrite the user's screen).
+    """
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
 class _PrefixFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"{_PREFIX.get(record.levelno, 'I')}: {record.getMessage()}"
+        return f"{_PREFIX.get(record.levelno, 'I')}: {one_line(record.getMessage())}"
 
 
 def make_parser(prog: str, description: str, fatal_reasons: str) -> argparse.ArgumentParser:
@@ -220,7 +238,7 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     try:
         return main(argv)
     except PipelineError as exc:
-        print(f"E: {exc}", file=sys.stderr, flush=True)
+        print(f"E: {one_line(str(exc))}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
         print("E: interrupted; work already written is kept", file=sys.stderr, flush=True)
