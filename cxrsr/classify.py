@@ -22,7 +22,7 @@ import numpy as np
 
 from cxrsr.discovery import Source
 from cxrsr.domain import DomainPolicy, entry_fields
-from cxrsr.errors import InputError, NotARadiographError
+from cxrsr.errors import MAX_REASON, InputError, NotARadiographError, one_line
 from cxrsr.model import Classifier
 from cxrsr.preprocess import INPUT_SIZE, preprocess
 from cxrsr.reader_pool import ReaderPool
@@ -46,6 +46,12 @@ class Prepared:
     identity: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     model_input: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        # Reasons and warnings quote header values, which a damaged file can fill with
+        # control characters or kilobytes of the elements after them: one short line each.
+        self.reason = one_line(self.reason, MAX_REASON)
+        self.warnings = [one_line(note, MAX_REASON) for note in self.warnings]
 
 
 def prepare(source: Source, domain: DomainPolicy = DomainPolicy.STRICT) -> Prepared:

@@ -11,14 +11,13 @@ import argparse
 import logging
 import math
 import os
-import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from cxrsr import __version__
-from cxrsr.errors import PipelineError
+from cxrsr.errors import PipelineError, one_line
 
 #: Everything went fine.
 EXIT_OK = 0
@@ -71,20 +70,6 @@ class _TqdmHandler(logging.Handler):
                 print(self.format(record), file=sys.stderr, flush=True)
         except Exception:  # pragma: no cover - logging must never raise
             self.handleError(record)
-
-
-#: C0 and C1 control characters, DEL included: line breaks and terminal escape sequences.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-
-
-def one_line(text: str) -> str:
-    """``text`` with control characters written as ``\\xNN``.
-
-    Messages quote values from the files they are about; a damaged or hostile header
-    can hold line breaks (which would split an ``E:`` line in two) or terminal escape
-    sequences (which would rewrite the user's screen).
-    """
-    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 class _PrefixFormatter(logging.Formatter):

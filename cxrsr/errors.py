@@ -6,6 +6,28 @@ Anything derived from :class:`PipelineError` is reported by the scripts as one
 
 from __future__ import annotations
 
+import re
+
+#: C0 and C1 control characters, DEL included: line breaks and terminal escape sequences.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+#: Longest reason kept in a results file: a damaged length can make a "value" swallow
+#: kilobytes of the header after it, which nobody can read in one line.
+MAX_REASON = 400
+
+
+def one_line(text: str, limit: int | None = None) -> str:
+    """``text`` with control characters written as ``\\xNN``, cut to ``limit`` characters.
+
+    Messages quote values from the files they are about; a damaged or hostile header
+    can hold line breaks (which would split an ``E:`` line or a results entry's reason in
+    two), NULs, or terminal escape sequences (which would rewrite the user's screen).
+    """
+    text = _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text
+
 
 class PipelineError(Exception):
     """An expected failure that ends a whole run (bad arguments, missing weights, ...).
