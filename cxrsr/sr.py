@@ -372,12 +372,33 @@ def evidence_dataset(header: Dataset) -> tuple[Dataset, dict[str, str]]:
 _CHECKED_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UI"})
 
 
+#: Control characters a value may hold (PS3.5 6.1.2, 6.2): ESC (ISO 2022 code extensions)
+#: in every string VR, and TAB, LF, FF, CR in the text VRs. pydicom does not check these.
+_ALLOWED_CONTROLS = {"\x1b"}
+_TEXT_CONTROLS = {"\x1b", "\t", "\n", "\x0c", "\r"}
+_TEXT_VRS = frozenset({"LT", "ST", "UT"})
+
+
+def _control_character(vr: str, value: str) -> str | None:
+    allowed = _TEXT_CONTROLS if vr in _TEXT_VRS else _ALLOWED_CONTROLS
+    for character in value:
+        if (ord(character) < 0x20 or ord(character) == 0x7F) and character not in allowed:
+            return f"control character {character!r}"
+    return None
+
+
 def _vr_violation(element: pydicom.DataElement) -> str | None:
     """Why a string element's value breaks its VR, or ``None`` if it does not."""
-    if element.VR not in _CHECKED_VRS or element.value in (None, ""):
+    checked = element.VR in _CHECKED_VRS or element.VR in _TEXT_VRS
+    if not checked or element.value in (None, ""):
         return None
     values = element.value if element.VM > 1 else [element.value]
     for value in values:
+        control = _control_character(element.VR, str(value))
+        if control is not None:
+            return f"{value!r} is not a valid {element.VR}: it holds a {control}"
+        if element.VR in _TEXT_VRS:
+            continue
         try:
             validate_value(element.VR, str(value), pydicom.config.RAISE)
         except ValueError as exc:

@@ -1191,3 +1191,29 @@ def test_pixelmed_template_validator_finds_no_errors(
     assert "Root Template Validation Complete" in output, output
     errors = [line for line in output.splitlines() if line.startswith("Error")]
     assert [e for e in errors if PIXELMED_STALE_CID_100 not in e] == [], output
+
+
+def test_control_characters_in_copied_values_are_emptied_and_the_sr_stays_valid(
+    corpus_dir: Path, tmp_path: Path, labels: list[str]
+) -> None:
+    """A NUL in Manufacturer (LO) or a line break in Study Description (LO) breaks PS3.5 6.2,
+    which pydicom does not check; found by the fuzz test (dciodvfy: 'Character invalid')."""
+    dciodvfy = require_program("dciodvfy")
+    source = pydicom.dcmread(corpus_dir / "edge_vet_dog_dx_thorax_small.dcm")
+    source.Manufacturer = "FUJIFILM Corpo\x00ation"
+    source.StudyDescription = "THORAX\r\nPA"
+    path = tmp_path / "control.dcm"
+    source.save_as(path)
+    rng = np.random.default_rng(3)
+    results = tmp_path / "results.json"
+    results.write_text(
+        json.dumps(results_document([classified_entry(str(path), labels, rng)], labels))
+    )
+    done = run_generate("--results", results, "--output-dir", tmp_path / "sr")
+    assert done.returncode == 0, done.stderr
+    assert "Manufacturer" in done.stderr and "control character" in done.stderr
+    assert "StudyDescription" in done.stderr
+    (sr_path,) = (tmp_path / "sr").glob("*.dcm")
+    checked = subprocess.run([dciodvfy, str(sr_path)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (checked.stdout + checked.stderr).splitlines() if "Error" in line]
+    assert errors == []
