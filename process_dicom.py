@@ -86,6 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=cli.available_cpus(),
         help="reader processes; 0 reads in the main process (default: the CPUs available, %(default)s)",
     )
+    output = parser.add_argument_group("output options")
+    output.add_argument(
+        "--no-heatmaps",
+        action="store_true",
+        help="write no heatmaps or display previews beside the results file (default: a "
+        "heatmap per finding, or for the top label when there is none, under heatmaps/, and "
+        "a preview per image under previews/; generate_sr.py needs them for key images)",
+    )
     args = parser.parse_args(argv)
     cli.setup_logging(args)
     missing = check_inputs_exist(args.inputs)
@@ -101,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     from cxrsr.classify import classify
+    from cxrsr.heatmaps import HeatmapWriter
     from cxrsr.model import Classifier, load_classifier
 
     def load() -> Classifier:
@@ -124,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cli.log.warning("%s: %s", entry["path"], note)
             bar.update(1)
 
-        run = classify(sources, load, args.batch_size, args.workers, report)
+        heatmaps = None if args.no_heatmaps else HeatmapWriter(args.output.parent)
+        run = classify(sources, load, args.batch_size, args.workers, report, heatmaps)
 
     now = datetime.now(UTC).replace(microsecond=0).isoformat()
     try:

@@ -15,15 +15,19 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cxrsr.discovery import Source
 from cxrsr.errors import InputError, NotARadiographError
+from cxrsr.files import write_atomic
+from cxrsr.heatmaps import PREVIEW_FOLDER, HeatmapWriter, file_stem
 from cxrsr.model import Classifier
 from cxrsr.preprocess import INPUT_SIZE, preprocess
-from cxrsr.reading import read_radiograph
+from cxrsr.preview import make_preview, png_bytes, preview_crop
+from cxrsr.reading import Radiograph, read_radiograph
 from cxrsr.results import CLASSIFIED, FAILED, SKIPPED
 
 log = logging.getLogger("cxrsr")
@@ -43,17 +47,29 @@ class Prepared:
     identity: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     model_input: np.ndarray | None = None
+    preview: dict[str, Any] = field(default_factory=dict)
+    """``preview`` and ``preview_crop`` of the results entry, when previews are written."""
 
 
-def prepare(source: Source) -> Prepared:
-    """Read, check, decode and preprocess one file (runs in a worker process)."""
+def prepare(source: Source, results_dir: Path | None = None) -> Prepared:
+    """Read, check, decode and preprocess one file (runs in a worker process).
+
+    With ``results_dir``, also writes the display preview from the pixels just decoded
+    (no image is decoded twice across the pipeline).
+    """
     try:
         radiograph = read_radiograph(source, min_size=REDUCED_DECODE_MIN_SIZE)
+        shape = (radiograph.identity["rows"], radiograph.identity["columns"])
         model_input = preprocess(
             radiograph.pixels,
             decimation=radiograph.decimation,
             sample_origin=radiograph.sample_origin,
-            original_shape=(radiograph.identity["rows"], radiograph.identity["columns"]),
+            original_shape=shape,
+        )
+        preview = (
+            write_preview(radiograph, shape, source.name, results_dir)
+            if results_dir is not None
+            else {}
         )
     except NotARadiographError as exc:
         return Prepared(source.name, SKIPPED, reason=str(exc))
@@ -71,7 +87,19 @@ def prepare(source: Source) -> Prepared:
         identity=radiograph.identity,
         warnings=radiograph.warnings,
         model_input=model_input,
+        preview=preview,
     )
+
+
+def write_preview(
+    radiograph: Radiograph, shape: tuple[int, int], path: str, results_dir: Path
+) -> dict[str, Any]:
+    """Write the display preview of ``radiograph``; return its results entry keys."""
+    assert radiograph.display is not None  # read_radiograph always sets it
+    relative = f"{PREVIEW_FOLDER}/{file_stem(path)}.png"
+    image = make_preview(radiograph.pixels, radiograph.display, shape)
+    write_atomic(results_dir / relative, png_bytes(image))
+    return {"preview": relative, "preview_crop": preview_crop(shape)}
 
 
 def _ignore_sigint() -> None:
@@ -80,17 +108,19 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def prepared_in_order(sources: Iterable[Source], workers: int, window: int) -> Iterator[Prepared]:
+def prepared_in_order(
+    sources: Iterable[Source], workers: int, window: int, results_dir: Path | None = None
+) -> Iterator[Prepared]:
     """``prepare`` over ``sources`` with ``workers`` processes, in order, ``window`` in flight."""
     if workers <= 0:
-        yield from map(prepare, sources)
+        yield from (prepare(source, results_dir) for source in sources)
         return
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
     try:
         pending: deque[Future[Prepared]] = deque()
         for source in sources:
-            pending.append(pool.submit(prepare, source))
+            pending.append(pool.submit(prepare, source, results_dir))
             if len(pending) >= window:
                 yield pending.popleft().result()
         while pending:
@@ -122,6 +152,7 @@ def classified_entry(item: Prepared, scores: dict[str, float], threshold: float)
     }
     if item.warnings:
         entry["warnings"] = item.warnings
+    entry.update(item.preview)
     return entry
 
 
@@ -142,8 +173,12 @@ def classify(
     batch_size: int,
     workers: int,
     on_entry: Callable[[dict[str, Any]], None] = lambda entry: None,
+    heatmaps: HeatmapWriter | None = None,
 ) -> Run:
     """Classify ``sources``, in order.
+
+    With ``heatmaps``, each classified entry also gets its heatmaps and display preview,
+    written under the writer's results folder.
 
     The model loads in a background thread while the worker processes start and decode
     the first files, so start-up costs the longer of the two, not their sum.
@@ -163,15 +198,19 @@ def classify(
             return
         classifier = loading.result()
         inputs = np.stack([item.model_input for _, item in batch])  # type: ignore[misc]
-        for (index, item), scores in zip(batch, classifier.predict(inputs), strict=True):
+        all_scores, all_maps = classifier.predict_with_maps(inputs)
+        for (index, item), scores, maps in zip(batch, all_scores, all_maps, strict=True):
             entries[index] = classified_entry(item, scores, threshold)
+            if heatmaps is not None:
+                entries[index]["heatmaps"] = heatmaps.write(item.path, scores, maps)  # type: ignore[index]
             on_entry(entries[index])  # type: ignore[arg-type]
         batch.clear()
 
     window = batch_size * 2 + max(workers, 1) * 2
     interrupted = False
     try:
-        for index, item in enumerate(prepared_in_order(sources, workers, window)):
+        results_dir = heatmaps.results_dir if heatmaps is not None else None
+        for index, item in enumerate(prepared_in_order(sources, workers, window, results_dir)):
             if loading.done() and loading.exception() is not None:
                 break  # the model cannot load: stop reading files, report that error below
             if item.status == "ready":

@@ -36,6 +36,7 @@ from pydicom.uid import (
 
 from cxrsr.discovery import SNIFF_BYTES, Source, sniff_dicom
 from cxrsr.errors import InputError, NotARadiographError
+from cxrsr.preview import Display, display_from_header
 
 #: SOP classes of projection radiographs (PS3.4 B.5): CR, and DX for presentation/processing.
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -73,6 +74,8 @@ class Radiograph:
     """How many stored pixels each pixel spans per axis (>1 after reduced-resolution decoding)."""
     sample_origin: float | None = None
     """Where ``pixels[0, 0]`` lies in stored pixels (``None``: the centre of its block)."""
+    display: Display | None = None
+    """How a viewer shows the image (VOI window or LUT, inversion), for the preview."""
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -350,8 +353,11 @@ def _inverts(ds: Dataset) -> bool:
     return photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE")
 
 
-def to_model_range(array: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarray:
-    """Map stored values to [-1024, 1024], bone bright, as ``xrv.utils.normalize`` does."""
+def to_model_range(array: np.ndarray, ds: Dataset, notes: list[str]) -> tuple[np.ndarray, Display]:
+    """Map stored values to [-1024, 1024], bone bright, as ``xrv.utils.normalize`` does.
+
+    Also returns how a viewer would display them (the preview's VOI, see ``preview.py``).
+    """
     low, high = _value_range(array, ds, notes)
     values, low, high = _apply_modality_lut(array, ds, low, high)
     if high <= low:
@@ -361,9 +367,10 @@ def to_model_range(array: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarr
         scaled = values.astype(np.float32) / np.float32(high)
     else:
         scaled = ((values.astype(np.float64) - low) / (high - low)).astype(np.float32)
-    if _inverts(ds):
+    inverted = _inverts(ds)
+    if inverted:
         scaled = np.float32(1.0) - scaled
-    return (2 * scaled - 1.0) * MODEL_RANGE
+    return (2 * scaled - 1.0) * MODEL_RANGE, display_from_header(ds, low, high, inverted)
 
 
 def check_uids(ds: Dataset, notes: list[str]) -> None:
@@ -396,8 +403,8 @@ def read_radiograph(source: Source, min_size: int | None = None) -> Radiograph:
     low_value, high_value = array.min(), array.max()
     if low_value == high_value:
         raise InputError(f"every pixel has the value {low_value}: no image content")
-    pixels = to_model_range(array, ds, notes)
-    return Radiograph(pixels, identity_of(ds), notes, decimation, origin)
+    pixels, display = to_model_range(array, ds, notes)
+    return Radiograph(pixels, identity_of(ds), notes, decimation, origin, display)
 
 
 def read_radiograph_bytes(data: bytes, name: str = "<bytes>") -> Radiograph:
