@@ -53,6 +53,13 @@ def parse_args(argv: Sequence[str] | None):
         "and their bytes do not depend on N, and small runs use one process anyway",
     )
     parameters.add_argument(
+        "--no-key-images",
+        action="store_true",
+        help="write SRs only; by default each SR comes with a key image (a Secondary "
+        "Capture of the radiograph with the top finding's heatmap and every score, from the "
+        "previews and heatmaps process_dicom.py wrote beside the results file)",
+    )
+    parameters.add_argument(
         "--clean",
         action="store_true",
         help="remove this tool's SRs in the output folder that these results no longer "
@@ -80,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.progress_disabled(args),
         jobs=args.jobs,
         clean=args.clean,
+        results_dir=None if args.no_key_images else args.results.parent,
     )
     cli.summary(outcome.summary(args.output_dir))
     return cli.EXIT_FAILED if outcome.errors else cli.EXIT_OK

@@ -59,6 +59,7 @@ from cxrsr.codes import (
 from cxrsr.discovery import open_source
 from cxrsr.errors import InputError, PipelineError
 from cxrsr.files import write_atomic
+from cxrsr.keyimage import KeyImageRef
 from cxrsr.sr_template import ContentTemplate, character_encodings, encode_document
 
 log = logging.getLogger("cxrsr")
@@ -195,6 +196,8 @@ class Classification:
     present: tuple[bool, ...]
     classified_at: datetime.datetime | None = None
     """When process_dicom.py first produced this result: the SR's Content Date/Time."""
+    key_image: KeyImageRef | None = None
+    """The key image generate_sr.py writes beside this SR, which the SR references."""
 
     @classmethod
     def from_entry(cls, entry: Mapping[str, Any], model: ModelInfo, index: int) -> Classification:
@@ -244,6 +247,8 @@ class Classification:
             "threshold": model.threshold,
             "score_kind": model.score_kind,
         }
+        if self.key_image is not None:  # the SR names it, so its UID is part of the bytes
+            payload["key_image"] = self.key_image.sop_instance_uid
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -555,6 +560,8 @@ def sr_document(
         content_date=when.date(),
         content_time=when.time().replace(microsecond=0, tzinfo=None),
     )
+    if classification.key_image is not None:
+        sr.PertinentOtherEvidenceSequence = [classification.key_image.evidence_item()]
     _make_reproducible(sr, when)
     return sr
 

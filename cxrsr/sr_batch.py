@@ -11,6 +11,7 @@ order for every ``--jobs``, writes an identical entry's SR once, and warns about
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import multiprocessing
@@ -27,13 +28,18 @@ import pydicom
 from tqdm import tqdm
 
 from cxrsr.errors import PipelineError
+from cxrsr.keyimage import KEY_IMAGE_MODALITY, KeyImageError, KeyImageRef, build_key_image
 from cxrsr.results import CLASSIFIED, FAILED, SKIPPED
 from cxrsr.sr import (
     SR_MANUFACTURER,
     Classification,
+    EncodedSR,
     ModelInfo,
     SourceError,
     SRBuilder,
+    encode_reference,
+    evidence_dataset,
+    instance_number,
     invalid_uids,
     read_source_header,
     write_encoded,
@@ -47,6 +53,7 @@ class Outcome:
     """What a run did, for the summary line and the exit code."""
 
     written: list[Path] = field(default_factory=list)
+    key_images: list[Path] = field(default_factory=list)
     skipped: int = 0
     failed: int = 0
     duplicates: int = 0
@@ -57,8 +64,9 @@ class Outcome:
         return self.skipped + self.failed
 
     def summary(self, output_dir: Path) -> str:
+        images = f" and {len(self.key_images)} key images" if self.key_images else ""
         line = (
-            f"{len(self.written)} SRs written to {output_dir}, {self.passed_over} passed over "
+            f"{len(self.written)} SRs{images} written to {output_dir}, {self.passed_over} passed over "
             f"({self.skipped} skipped, {self.failed} failed in classification), "
             f"{len(self.errors)} errors"
         )
@@ -92,6 +100,7 @@ class EntryResult:
     """What became of one classified entry; log lines travel with it, so a pool logs in order."""
 
     path: Path | None = None
+    key_image_path: Path | None = None
     source_error: str | None = None
     write_error: str | None = None
     notes: tuple[tuple[int, str], ...] = ()
@@ -122,6 +131,13 @@ class _Writer:
                     "would be invalid DICOM (fix the source's UIDs first)"
                 )
             try:
+                key_image = self._key_image(header, classification)
+            except KeyImageError as exc:
+                return EntryResult(source_error=f"{classification.path}: no key image: {exc}")
+            except Exception as exc:  # highdicom refuses some headers (e.g. no Modality)
+                reason = f"{classification.path}: cannot build a key image from this source: {type(exc).__name__}: {exc}"
+                return EntryResult(source_error=reason)
+            try:
                 encoded = self.builder.encode(header, classification)
             except Exception as exc:  # highdicom refuses some headers (e.g. no Modality)
                 reason = f"{classification.path}: cannot build an SR from this source: {type(exc).__name__}: {exc}"
@@ -131,11 +147,29 @@ class _Writer:
             *((logging.DEBUG, f"{classification.path}: {w.message}") for w in caught),
         ]
         try:
+            key_image_path = None
+            if key_image is not None:  # first: an SR never names a key image not written
+                key_image_path = write_encoded(key_image, self.output_dir)
             path = write_encoded(encoded, self.output_dir)
         except OSError as exc:
             return EntryResult(write_error=str(exc), notes=tuple(notes))
         notes.append((logging.DEBUG, f"{classification.path} -> {path}"))
-        return EntryResult(path=path, notes=tuple(notes))
+        return EntryResult(path=path, key_image_path=key_image_path, notes=tuple(notes))
+
+    def _key_image(
+        self, header: pydicom.Dataset, classification: Classification
+    ) -> EncodedSR | None:
+        """The key image's file, with Patient and Study copied exactly as for the SR."""
+        if classification.key_image is None:
+            return None
+        evidence, _emptied = evidence_dataset(header)  # the SR's notes report what was emptied
+        dataset = build_key_image(
+            evidence,
+            classification.key_image,
+            instance_number(header),
+            classification.content_datetime(self.builder.content_datetime),
+        )
+        return EncodedSR(str(dataset.SOPInstanceUID), encode_reference(dataset))
 
 
 _worker: _Writer | None = None
@@ -164,6 +198,7 @@ def generate_srs(
     disable_progress: bool | None = True,
     jobs: int = 1,
     clean: bool = False,
+    results_dir: Path | None = None,
 ) -> Outcome:
     """Write one SR per classified entry of a loaded results ``document`` into ``output_dir``.
 
@@ -171,10 +206,19 @@ def generate_srs(
     is an error for that entry only; the others are still written. With ``jobs`` > 1 the
     documents are built in a process pool; files, their bytes, the order of ``written``
     and the log lines are the same for every ``jobs``.
+
+    With ``results_dir`` (the results file's folder, which holds the previews and
+    heatmaps process_dicom.py wrote), each SR comes with a key image
+    (:mod:`cxrsr.keyimage`) in the same folder, and references it.
     """
     model = ModelInfo.from_results(document["model"])
-    work = [classification for _index, classification in classifications(document, model)]
     outcome = Outcome()
+    work = [
+        with_key_image(classification, document["images"][index], model, results_dir, outcome)
+        if results_dir is not None
+        else classification
+        for index, classification in classifications(document, model)
+    ]
     for entry in document["images"]:
         if entry["status"] in (SKIPPED, FAILED):
             log.debug("%s: %s (%s), no SR", entry.get("path"), entry["status"], entry.get("reason"))
@@ -220,8 +264,28 @@ def generate_srs(
             result = next(ahead) if index in first_set else local(classification)
             if _record(result, outcome, output_dir):
                 seen[sr_uid] = classification.path
-    _tidy_other_files(output_dir, outcome.written, clean)
+    _tidy_other_files(output_dir, [*outcome.written, *outcome.key_images], clean)
     return outcome
+
+
+def with_key_image(
+    classification: Classification,
+    entry: Mapping[str, Any],
+    model: ModelInfo,
+    results_dir: Path,
+    outcome: Outcome,
+) -> Classification:
+    """``classification`` with its key image, when the entry has a preview and heatmaps."""
+    try:
+        ref = KeyImageRef.from_entry(
+            entry, results_dir, model.threshold, (model.model_id, model.weights_sha256)
+        )
+    except KeyImageError as exc:
+        message = f"{classification.path}: no key image: {exc}"
+        log.error("%s", message)
+        outcome.errors.append(message)
+        return classification
+    return dataclasses.replace(classification, key_image=ref)
 
 
 def _record(result: EntryResult, outcome: Outcome, output_dir: Path) -> bool:
@@ -238,6 +302,8 @@ def _record(result: EntryResult, outcome: Outcome, output_dir: Path) -> bool:
         raise PipelineError(f"{output_dir}: cannot write SRs: {result.write_error}", 3)
     assert result.path is not None
     outcome.written.append(result.path)
+    if result.key_image_path is not None:
+        outcome.key_images.append(result.key_image_path)
     return True
 
 
@@ -298,4 +364,7 @@ def _is_our_sr(path: Path) -> bool:
         )
     except Exception:
         return False
-    return ds.get("Modality") == "SR" and ds.get("Manufacturer") == SR_MANUFACTURER
+    return (
+        ds.get("Modality") in ("SR", KEY_IMAGE_MODALITY)
+        and ds.get("Manufacturer") == SR_MANUFACTURER
+    )
