@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, DT, TM
 
 from cxrsr import __version__, uids
 from cxrsr.errors import InputError
@@ -328,8 +328,14 @@ def build_key_image(
         f"AI classification result (heatmap: {item.heatmap_label}) burned into a display preview"
     )
     sc.SoftwareVersions = f"cxrsr {__version__}"
-    sc.ContentDate = DA(when.date())
-    sc.ContentTime = TM(when.time().replace(tzinfo=None))
+    # Everything highdicom stamps from the clock gets the classification's time instead,
+    # so the same results give the same bytes (the UID names one byte stream).
+    sc.ContentDate = sc.DateOfSecondaryCapture = DA(when.date())
+    sc.ContentTime = sc.TimeOfSecondaryCapture = TM(when.time().replace(tzinfo=None))
+    for equipment in sc.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in equipment:
+            equipment.ContributionDateTime = DT(when)
+    sc.TimezoneOffsetFromUTC = "+0000"
     for keyword in ("InstanceCreationDate", "InstanceCreationTime"):
         if keyword in sc:
             delattr(sc, keyword)

@@ -58,6 +58,10 @@ _SR_MARKER = SR_SOP_CLASS_PREFIX.encode("ascii")
 #: How far into a file the SR SOP Class UID is looked for: it is (0008,0016), among
 #: the first elements of the data set, and in the file meta (0002,0002) before that.
 SR_SCAN_BYTES = 65536
+#: Secondary Capture Image Storage: generate_sr.py's key images, checked like SRs. The
+#: UID has an odd length, so it is padded with a NUL (PS3.5 9.1) wherever it is stored.
+SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+_SC_MARKER = SC_SOP_CLASS.encode("ascii") + b"\x00"
 
 
 # -- upload ----------------------------------------------------------------------------
@@ -163,6 +167,10 @@ def classify_answer(answer: Response) -> tuple[str, str, dict[str, Any]]:
 def sr_references(source: Source, start: bytes, size: int) -> tuple[bool, tuple[str, ...]]:
     """Whether a file is a Structured Report, and the SOP Instance UIDs it is evidence of.
 
+    A Secondary Capture that names its source images in Source Image Sequence
+    (0008,2112), as generate_sr.py's key images do, counts as one too: it must sit in
+    its source's study just the same.
+
     ``start`` is the file's first :data:`SR_SCAN_BYTES` (all of it when ``size`` is no
     larger, as for this project's SRs, which are then parsed without reading the file
     again): a bytes search there for the SR SOP Class prefix keeps pydicom away from
@@ -170,7 +178,7 @@ def sr_references(source: Source, start: bytes, size: int) -> tuple[bool, tuple[
     describes are listed in its Current Requested Procedure Evidence Sequence
     (0040,A375), by study, series and SOP instance (PS3.3 C.17.2).
     """
-    if _SR_MARKER not in start:
+    if _SR_MARKER not in start and _SC_MARKER not in start:
         return False, ()
     import io
 
@@ -178,7 +186,13 @@ def sr_references(source: Source, start: bytes, size: int) -> tuple[bool, tuple[
 
     with io.BytesIO(start) if len(start) == size else source.open() as fh:
         ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
-    if not str(ds.get("SOPClassUID", "")).startswith(SR_SOP_CLASS_PREFIX):
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class == SC_SOP_CLASS and ds.get("SourceImageSequence"):
+        sources = (
+            str(item.get("ReferencedSOPInstanceUID", "")).strip() for item in ds.SourceImageSequence
+        )
+        return True, tuple(dict.fromkeys(uid for uid in sources if uid))
+    if not sop_class.startswith(SR_SOP_CLASS_PREFIX):
         return False, ()
     uids: list[str] = []
     for study in ds.get("CurrentRequestedProcedureEvidenceSequence", []):
