@@ -94,6 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "heatmap per finding, or for the top label when there is none, under heatmaps/, and "
         "a preview per image under previews/; generate_sr.py needs them for key images)",
     )
+    output.add_argument(
+        "--all-heatmaps",
+        action="store_true",
+        help="a heatmap for every label, not only the findings (research; benchmarks)",
+    )
     args = parser.parse_args(argv)
     cli.setup_logging(args)
     missing = check_inputs_exist(args.inputs)
@@ -109,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     from cxrsr.classify import classify
-    from cxrsr.heatmaps import HeatmapWriter
+    from cxrsr.heatmaps import ALL_LABELS, FINDINGS, HeatmapWriter
     from cxrsr.model import Classifier, load_classifier
 
     def load() -> Classifier:
@@ -133,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cli.log.warning("%s: %s", entry["path"], note)
             bar.update(1)
 
-        heatmaps = None if args.no_heatmaps else HeatmapWriter(args.output.parent)
+        which = ALL_LABELS if args.all_heatmaps else FINDINGS
+        heatmaps = None if args.no_heatmaps else HeatmapWriter(args.output.parent, which)
         run = classify(sources, load, args.batch_size, args.workers, report, heatmaps)
 
     now = datetime.now(UTC).replace(microsecond=0).isoformat()
