@@ -122,9 +122,14 @@ class KeyImageRef:
         if not entry.get("preview") or not isinstance(heatmaps, dict) or not heatmaps:
             return None
         scores = entry["scores"]
-        label = max(heatmaps, key=lambda name: scores[name])
-        x, y, width, height = (float(v) for v in entry["preview_crop"])
-        preview, heatmap = results_dir / entry["preview"], results_dir / heatmaps[label]
+        try:
+            label = max(heatmaps, key=lambda name: scores[name])
+            x, y, width, height = (float(v) for v in entry["preview_crop"])
+            preview, heatmap = results_dir / entry["preview"], results_dir / heatmaps[label]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise KeyImageError(
+                f"the results entry's heatmaps, preview or preview_crop are malformed ({exc!r})"
+            ) from exc
         content = {
             "source": entry["sop_instance_uid"],
             "model": model,

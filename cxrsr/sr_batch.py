@@ -219,6 +219,10 @@ def generate_srs(
         else classification
         for index, classification in classifications(document, model)
     ]
+    if results_dir is not None and work and all(c.key_image is None for c in work):
+        log.info(
+            "no key images: the results file names no previews (process_dicom.py --no-heatmaps?)"
+        )
     for entry in document["images"]:
         if entry["status"] in (SKIPPED, FAILED):
             log.debug("%s: %s (%s), no SR", entry.get("path"), entry["status"], entry.get("reason"))
