@@ -212,7 +212,8 @@ def overlay(
     """RGB preview with ``heat`` (224x224, L) in jet colours over the crop square.
 
     The colour's weight grows with the heat, so where the model paid little attention
-    the radiograph shows through unchanged. Pillow does the arithmetic (8-bit, in C).
+    the radiograph shows through unchanged. Pillow does the arithmetic (8-bit, in C):
+    pasting through a mask blends ``colour * w + picture * (1 - w)``.
     """
     picture = preview.convert("RGB")
     x, y, width, height = crop
@@ -220,13 +221,61 @@ def overlay(
     right = min(round(x + width), preview.width)
     bottom = min(round(y + height), preview.height)
     heat_big = heat.resize((right - left, bottom - top), Image.Resampling.BILINEAR)
-    colour = heat_big.copy()
-    colour.putpalette(_jet_palette())
-    weight = heat_big.point(lambda v: round(v * OVERLAY_OPACITY))
-    box = (left, top, right, bottom)
-    region = Image.composite(colour.convert("RGB"), picture.crop(box), weight)
-    picture.paste(region, box)
+    weight = heat_big.point(_opacity_table())
+    heat_big.putpalette(_jet_palette())  # now a palette image: heat -> jet colour
+    picture.paste(heat_big.convert("RGB"), (left, top, right, bottom), weight)
     return picture
+
+
+@cache
+def _opacity_table() -> list[int]:
+    return [round(v * OVERLAY_OPACITY) for v in range(256)]
+
+
+@cache
+def _text_sprite(
+    text: str, size: int, fill: tuple[int, int, int], anchor: str
+) -> tuple[Image.Image, int, int]:
+    """``text`` rendered once (RGBA, anti-aliased) with its offset from the anchor point.
+
+    Labels, scores and titles repeat from image to image; rendering each once keeps
+    FreeType off the per-image path.
+    """
+    font = _font(size)
+    left, top, right, bottom = (int(v) for v in font.getbbox(text, anchor=anchor))
+    sprite = Image.new("RGBA", (max(right - left, 1), max(bottom - top, 1)), (*fill, 0))
+    ImageDraw.Draw(sprite).text((-left, -top), text, font=font, fill=(*fill, 255), anchor=anchor)
+    return sprite, left, top
+
+
+def _text(
+    canvas: Image.Image,
+    xy: tuple[int, int],
+    text: str,
+    size: int,
+    fill: tuple[int, int, int] = TEXT,
+    anchor: str = "la",
+) -> None:
+    sprite, left, top = _text_sprite(text, size, fill, anchor)
+    canvas.paste(sprite, (xy[0] + left, xy[1] + top), sprite)
+
+
+@cache
+def _background(width: int, height: int, panel_left: int) -> Image.Image:
+    """Everything that does not depend on the image: banner, legend strip, titles."""
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    ImageDraw.Draw(canvas).rectangle((0, 0, width, BANNER_HEIGHT - 1), fill=(170, 20, 20))
+    _text(canvas, (10, BANNER_HEIGHT // 2), BANNER, 19, (255, 255, 255), "lm")
+    left, top = panel_left + 16, BANNER_HEIGHT + 14
+    _text(canvas, (left, top), "Colour: model attention for", 14)
+    bar_width = PANEL_WIDTH - 40
+    legend = np.repeat(jet_lut()[None, :, :], 12, axis=0)
+    strip = Image.fromarray(legend).resize((bar_width, 12), Image.Resampling.BILINEAR)
+    canvas.paste(strip, (left, top + 44))
+    _text(canvas, (left, top + 60), "low", 14)
+    _text(canvas, (left + bar_width, top + 60), "high", 14, anchor="ra")
+    _text(canvas, (left, top + 100), "Scores (0.5 = decision threshold)", 16)
+    return canvas
 
 
 def render(item: KeyImageRef) -> np.ndarray:
@@ -234,46 +283,27 @@ def render(item: KeyImageRef) -> np.ndarray:
     preview, heatmap = item.read()
     picture = overlay(_png(preview), item.preview_crop, _png(heatmap))
     height = BANNER_HEIGHT + max(picture.height, 720)
-    width = picture.width + PANEL_WIDTH
-    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    canvas = _background(picture.width + PANEL_WIDTH, height, picture.width).copy()
     canvas.paste(picture, (0, BANNER_HEIGHT))
-    draw = ImageDraw.Draw(canvas)
-    draw.rectangle((0, 0, width, BANNER_HEIGHT - 1), fill=(170, 20, 20))
-    draw.text((10, BANNER_HEIGHT // 2), BANNER, fill=(255, 255, 255), font=_font(19), anchor="lm")
-    _panel(canvas, draw, item, picture.width + 16, BANNER_HEIGHT + 14)
+    _panel(canvas, item, picture.width + 16, BANNER_HEIGHT + 14)
     return np.asarray(canvas)
 
 
-def _panel(
-    canvas: Image.Image, draw: ImageDraw.ImageDraw, item: KeyImageRef, left: int, top: int
-) -> None:
-    """Legend for the overlay, then every label sorted by score with bars and the threshold."""
-    small, normal = _font(14), _font(16)
+def _panel(canvas: Image.Image, item: KeyImageRef, left: int, top: int) -> None:
+    """The overlay's label, then every label sorted by score with bars and the threshold."""
+    draw = ImageDraw.Draw(canvas)
     score_of = dict(item.scores)
-    draw.text((left, top), "Colour: model attention for", fill=TEXT, font=small)
-    draw.text(
-        (left, top + 18),
-        f"{item.heatmap_label} (score {score_of[item.heatmap_label]:.2f})",
-        fill=(255, 210, 80),
-        font=normal,
-    )
+    label = f"{item.heatmap_label} (score {score_of[item.heatmap_label]:.2f})"
+    _text(canvas, (left, top + 18), label, 16, (255, 210, 80))
     bar_left, bar_width = left, PANEL_WIDTH - 40
-    legend = np.repeat(jet_lut()[None, :, :], 12, axis=0)
-    strip = Image.fromarray(legend).resize((bar_width, 12), Image.Resampling.BILINEAR)
-    canvas.paste(strip, (bar_left, top + 44))
-    draw.text((bar_left, top + 60), "low", fill=TEXT, font=small)
-    draw.text((bar_left + bar_width, top + 60), "high", fill=TEXT, font=small, anchor="ra")
-
-    y = top + 100
-    draw.text((left, y), "Scores (0.5 = decision threshold)", fill=TEXT, font=normal)
-    y += 28
+    y = top + 128
     row = 30
     threshold_x = bar_left + round(bar_width * item.threshold)
     first = y
-    for label, score in sorted(item.scores, key=lambda pair: (-pair[1], pair[0])):
+    for name, score in sorted(item.scores, key=lambda pair: (-pair[1], pair[0])):
         found = score >= item.threshold
-        draw.text((left, y), label, fill=TEXT, font=small)
-        draw.text((left + bar_width, y), f"{score:.2f}", fill=TEXT, font=small, anchor="ra")
+        _text(canvas, (left, y), name, 14)
+        _text(canvas, (left + bar_width, y), f"{score:.2f}", 14, anchor="ra")
         bar_top = y + 17
         draw.rectangle((bar_left, bar_top, bar_left + bar_width, bar_top + 8), fill=(60, 60, 60))
         end = bar_left + round(bar_width * min(max(score, 0.0), 1.0))
@@ -282,7 +312,7 @@ def _panel(
             draw.rectangle((bar_left, bar_top, end, bar_top + 8), fill=colour)
         y += row
     draw.line((threshold_x, first - 4, threshold_x, y), fill=(255, 255, 255), width=2)
-    draw.text((threshold_x, y + 2), "threshold", fill=TEXT, font=small, anchor="ma")
+    _text(canvas, (threshold_x, y + 2), "threshold", 14, anchor="ma")
 
 
 def key_image_series_uid(source_series_instance_uid: str, model_id: str, weights: str) -> str:
@@ -291,7 +321,12 @@ def key_image_series_uid(source_series_instance_uid: str, model_id: str, weights
 
 
 def key_image_instance_uid(digest: str) -> str:
-    """SOP Instance UID of a key image: a function of everything that reaches its bytes."""
+    """SOP Instance UID of a key image: a function of everything that reaches its bytes.
+
+    ``digest`` is :func:`content_digest` of the key image's inputs. This is the one place
+    that turns it into a UID: when ``cxrsr.uids`` gains a function deriving a UID from an
+    object's content, it replaces this line.
+    """
     return uids.derive_uid("key-image", [digest])
 
 
