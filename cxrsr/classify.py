@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from cxrsr.discovery import Source
-from cxrsr.errors import InputError, NotARadiographError
+from cxrsr.errors import InputError, NotARadiographError, PipelineError
 from cxrsr.files import write_atomic
 from cxrsr.heatmaps import PREVIEW_FOLDER, HeatmapWriter, file_stem
 from cxrsr.model import Classifier
@@ -156,6 +156,14 @@ def classified_entry(item: Prepared, scores: dict[str, float], threshold: float)
     return entry
 
 
+def close_heatmaps(heatmaps: HeatmapWriter) -> None:
+    """Wait for the heatmap files; a disk that cannot take them ends the run (exit 3)."""
+    try:
+        heatmaps.close()
+    except OSError as exc:
+        raise PipelineError(f"{heatmaps.results_dir}: cannot write heatmaps: {exc}", 3) from exc
+
+
 @dataclass
 class Run:
     """What :func:`classify` returns."""
@@ -226,4 +234,7 @@ def classify(
         if not loading.done() or loading.exception() is not None:
             raise
         interrupted = True
+    finally:
+        if heatmaps is not None:
+            close_heatmaps(heatmaps)
     return Run(loading.result(), [e for e in entries if e is not None], interrupted)

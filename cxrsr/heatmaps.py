@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -87,22 +89,47 @@ def label_slug(label: str) -> str:
 
 
 class HeatmapWriter:
-    """Writes the heatmaps of classified images under ``<results folder>/heatmaps/``."""
+    """Writes the heatmaps of classified images under ``<results folder>/heatmaps/``.
 
-    def __init__(self, results_dir: Path, which: str = FINDINGS) -> None:
+    PNG encoding and the atomic, fsynced writes run on background threads (zlib and
+    fsync release the GIL), so the network's next batch does not wait for the disk.
+    :meth:`close` waits for every file: call it before the results file names them.
+    """
+
+    #: Files queued at most before :meth:`write` waits (each holds a 50 kB map).
+    MAX_PENDING = 512
+
+    def __init__(self, results_dir: Path, which: str = FINDINGS, threads: int = 2) -> None:
         if which not in (FINDINGS, ALL_LABELS):
             raise ValueError(f'Argument "which" must be {FINDINGS!r} or {ALL_LABELS!r}.')
         self.results_dir = Path(results_dir)
         self.which = which
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="heatmaps")
+        self._pending: deque[Future[None]] = deque()
 
     def write(
         self, path: str, scores: Mapping[str, float], cams: Mapping[str, np.ndarray]
     ) -> dict[str, str]:
-        """Write one image's heatmaps; return ``{label: path relative to the results folder}``."""
+        """Queue one image's heatmaps; return ``{label: path relative to the results folder}``."""
         stem = file_stem(path)
         written = {}
         for label in heatmap_labels(scores, self.which):
             relative = f"{HEATMAP_FOLDER}/{stem}-{label_slug(label)}.png"
-            write_atomic(self.results_dir / relative, png_bytes(heatmap_image(cams[label])))
+            target = self.results_dir / relative
+            self._pending.append(self._pool.submit(_write_png, target, heatmap_image(cams[label])))
             written[label] = relative
+        while len(self._pending) > self.MAX_PENDING:
+            self._pending.popleft().result()
         return written
+
+    def close(self) -> None:
+        """Wait until every queued heatmap is on disk; a write that failed raises ``OSError``."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_png(target: Path, image: np.ndarray) -> None:
+    write_atomic(target, png_bytes(image))
