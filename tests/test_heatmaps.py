@@ -274,3 +274,17 @@ def test_an_onnx_export_without_maps_is_made_again(weights_cache_dir: Path, tmp_
     assert onnx_path.read_bytes() != b"an old export"
     scores, maps = classifier.predict_with_maps(np.zeros((1, 1, 224, 224), np.float32))
     assert set(maps[0]) == set(scores[0]) and maps[0]["Effusion"].shape == (7, 7)
+
+
+def test_png_bytes_round_trips_through_pillow() -> None:
+    """Our PNG encoder (Up filter, Huffman-only zlib) gives what Pillow reads back exactly."""
+    from io import BytesIO
+
+    from cxrsr.preview import png_bytes
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (3, 5), (224, 224), (1024, 817)]:
+        array = rng.integers(0, 256, shape).astype(np.uint8)
+        with Image.open(BytesIO(png_bytes(array))) as image:
+            assert image.format == "PNG" and image.mode == "L"
+            assert np.array_equal(np.asarray(image), array)
