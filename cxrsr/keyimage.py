@@ -331,13 +331,18 @@ def key_image_instance_uid(digest: str) -> str:
 
 
 def build_key_image(
-    evidence: Dataset, item: KeyImageRef, instance_number: int, content_datetime: datetime.datetime
+    evidence: Dataset,
+    item: KeyImageRef,
+    instance_number: int,
+    content_datetime: datetime.datetime,
+    pixels: np.ndarray | None = None,
 ) -> Dataset:
     """The Secondary Capture dataset; ``evidence`` is the SR's cleaned source header."""
     import highdicom as hd
     from pydicom.uid import ExplicitVRLittleEndian
 
-    pixels = render(item)
+    if pixels is None:
+        pixels = render(item)
     when = content_datetime.astimezone(datetime.UTC).replace(microsecond=0)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=evidence,

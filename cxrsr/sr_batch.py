@@ -19,16 +19,23 @@ import multiprocessing.context
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 from tqdm import tqdm
 
 from cxrsr.errors import PipelineError
-from cxrsr.keyimage import KEY_IMAGE_MODALITY, KeyImageError, KeyImageRef, build_key_image
+from cxrsr.keyimage import (
+    KEY_IMAGE_MODALITY,
+    KeyImageError,
+    KeyImageRef,
+    build_key_image,
+    render,
+)
 from cxrsr.results import CLASSIFIED, FAILED, SKIPPED
 from cxrsr.sr import (
     SR_MANUFACTURER,
@@ -114,6 +121,9 @@ class _Writer:
     ) -> None:
         self.builder = SRBuilder(model, content_datetime)
         self.output_dir = output_dir
+        # Drawing a key image is mostly Pillow, which releases the GIL: it runs on this
+        # thread while the SR is encoded (pure Python), so the two overlap.
+        self._drawing = ThreadPoolExecutor(1, thread_name_prefix="key-image")
 
     def __call__(self, classification: Classification) -> EntryResult:
         # pydicom and highdicom warn about odd but legal source values (single-component
@@ -130,17 +140,21 @@ class _Writer:
                     source_error=f"{classification.path}: {invalid}; an SR referencing it "
                     "would be invalid DICOM (fix the source's UIDs first)"
                 )
+            ref = classification.key_image
+            drawing = self._drawing.submit(render, ref) if ref is not None else None
             try:
-                key_image = self._key_image(header, classification)
+                encoded = self.builder.encode(header, classification)
+            except Exception as exc:  # highdicom refuses some headers (e.g. no Modality)
+                if drawing is not None and not drawing.cancel():
+                    drawing.exception()  # wait for it: nothing is left running
+                reason = f"{classification.path}: cannot build an SR from this source: {type(exc).__name__}: {exc}"
+                return EntryResult(source_error=reason)
+            try:
+                key_image = self._key_image(header, classification, drawing)
             except KeyImageError as exc:
                 return EntryResult(source_error=f"{classification.path}: no key image: {exc}")
             except Exception as exc:  # highdicom refuses some headers (e.g. no Modality)
                 reason = f"{classification.path}: cannot build a key image from this source: {type(exc).__name__}: {exc}"
-                return EntryResult(source_error=reason)
-            try:
-                encoded = self.builder.encode(header, classification)
-            except Exception as exc:  # highdicom refuses some headers (e.g. no Modality)
-                reason = f"{classification.path}: cannot build an SR from this source: {type(exc).__name__}: {exc}"
                 return EntryResult(source_error=reason)
         notes = [
             *encoded.notes,
@@ -157,17 +171,22 @@ class _Writer:
         return EntryResult(path=path, key_image_path=key_image_path, notes=tuple(notes))
 
     def _key_image(
-        self, header: pydicom.Dataset, classification: Classification
+        self,
+        header: pydicom.Dataset,
+        classification: Classification,
+        drawing: Future[np.ndarray] | None,
     ) -> EncodedSR | None:
         """The key image's file, with Patient and Study copied exactly as for the SR."""
-        if classification.key_image is None:
+        if classification.key_image is None or drawing is None:
             return None
+        pixels = drawing.result()
         evidence, _emptied = evidence_dataset(header)  # the SR's notes report what was emptied
         dataset = build_key_image(
             evidence,
             classification.key_image,
             instance_number(header),
             classification.content_datetime(self.builder.content_datetime),
+            pixels,
         )
         return EncodedSR(str(dataset.SOPInstanceUID), encode_reference(dataset))
 
