@@ -57,6 +57,13 @@ def parse_args(argv: Sequence[str] | None):
         "and their bytes do not depend on N, and small runs use one process anyway",
     )
     parameters.add_argument(
+        "--no-key-images",
+        action="store_true",
+        help="write SRs only; by default each SR comes with a key image (a Secondary "
+        "Capture of the radiograph with the top finding's heatmap and every score, from the "
+        "previews and heatmaps process_dicom.py wrote beside the results file)",
+    )
+    parameters.add_argument(
         "--clean",
         action="store_true",
         help="remove this tool's SRs in the output folder that these results no longer "
@@ -84,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.progress_disabled(args),
         jobs=args.jobs,
         clean=args.clean,
+        results_dir=None if args.no_key_images else args.results.parent,
     )
     # The HTML report beside the results file (README "The HTML report"); it links each
     # study into Orthanc Explorer when ORTHANC_URL is set in the environment or .env.

@@ -112,6 +112,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=cli.available_cpus(),
         help="reader processes; 0 reads in the main process (default: the CPUs available, %(default)s)",
     )
+    output = parser.add_argument_group("output options")
+    output.add_argument(
+        "--no-heatmaps",
+        action="store_true",
+        help="write no heatmaps or display previews beside the results file (default: a "
+        "heatmap per finding, or for the top label when there is none, under heatmaps/, and "
+        "a preview per image under previews/; generate_sr.py needs them for key images)",
+    )
+    output.add_argument(
+        "--all-heatmaps",
+        action="store_true",
+        help="a heatmap for every label, not only the findings (research; benchmarks)",
+    )
     args = parser.parse_args(argv)
     cli.setup_logging(args)
     missing = check_inputs_exist(args.inputs)
@@ -126,11 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             ", ".join(args.inputs),
         )
 
+    from cxrsr.heatmaps import ALL_LABELS, FINDINGS, HeatmapWriter
     from cxrsr.model import Classifier, load_classifier
     from cxrsr.resume import ResultsRun
 
     # Earlier results of unchanged files, from the results file and a killed run's journal.
-    options = {"domain": args.domain}  # settings that change what an entry says
+    which = ALL_LABELS if args.all_heatmaps else FINDINGS
+    # Settings that change what an entry says: results made with others are not reused.
+    options = {"domain": args.domain, "heatmaps": "none" if args.no_heatmaps else which}
     results = ResultsRun(args.output, sources, args.weights, args.cache_dir, options)
     if args.weights_sha256 and results.digest and results.digest != args.weights_sha256:
         raise PipelineError(
@@ -178,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if results.todo:  # else no model, no reader processes, not even their imports
                 from cxrsr.classify import classify
 
+                heatmaps = None if args.no_heatmaps else HeatmapWriter(args.output.parent, which)
+
                 run = classify(
                     results.todo,
                     load,
@@ -186,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     report,
                     results.sync,
                     domain=DomainPolicy(args.domain),
+                    heatmaps=heatmaps,
                 )
                 classifier, finished, interrupted = run.classifier, run.entries, run.interrupted
         finally:

@@ -107,6 +107,8 @@ WEIGHTS_NAME = "densenet121-res224-all"
 
 #: The issue's targets: process_dicom.py at least 3x the naive loop, under 3 GB.
 TARGET_SPEEDUP = 3.0
+#: Heatmaps for every label (with the display previews) may cost at most this share of throughput.
+TARGET_HEATMAP_COST = 0.15
 MEMORY_LIMIT_BYTES = 3_000_000_000
 
 #: How often the memory sampler walks /proc (RSS) and how many RSS samples per PSS sample
@@ -684,6 +686,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="process_dicom.py runs after the first, with its ONNX export cached (default 1)",
     )
     parser.add_argument(
+        "--no-heatmap-runs",
+        dest="heatmap_runs",
+        action="store_false",
+        help="skip the two extra runs that measure what heatmaps cost (--no-heatmaps, "
+        "--all-heatmaps)",
+    )
+    parser.add_argument(
         "--extra-args",
         default="",
         metavar="ARGS",
@@ -790,6 +799,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if run.exit_code != 0:
                     run_problems.insert(0, f"exit code {run.exit_code}, expected 0")
                 problems.extend(f"{label}: {problem}" for problem in run_problems)
+            if args.heatmap_runs:
+                # What heatmaps (and the display previews written with them) cost: the
+                # warm runs above write the default heatmaps (findings, else the top label);
+                # these write none, and one per label (18).
+                for label, flag in (
+                    ("pd no maps", "--no-heatmaps"),
+                    ("pd all maps", "--all-heatmaps"),
+                ):
+                    folder = run_dir / label.replace(" ", "-")
+                    shutil.rmtree(folder, ignore_errors=True)
+                    results_path = folder / "results.json"
+                    run = measure(
+                        label,
+                        [
+                            sys.executable,
+                            "process_dicom.py",
+                            str(image_dir),
+                            "--output",
+                            str(results_path),
+                            "--cache-dir",
+                            str(cache_dir),
+                            "-q",
+                            flag,
+                            *shlex.split(args.extra_args),
+                        ],
+                        REPO_ROOT,
+                        run_dir,
+                    )
+                    runs[label] = run
+                    run_problems, _ = check_results(results_path, manifest)
+                    if run.exit_code != 0:
+                        run_problems.insert(0, f"exit code {run.exit_code}, expected 0")
+                    problems.extend(f"{label}: {problem}" for problem in run_problems)
 
         print()
         print_runs(list(runs.values()), count)
@@ -832,6 +874,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"tree PSS {run.peak_tree_pss / MB:.0f}, largest process "
                 f"{run.max_single_rss / MB:.0f}; limit {MEMORY_LIMIT_BYTES / MB:.0f} MB)"
             )
+        plain = runs.get("pd no maps")
+        if plain is not None and plain.exit_code == 0:
+            for label in [r.label for r in pd_runs[1:]] + ["pd all maps"]:
+                run = runs[label]
+                cost = 1 - plain.wall_s / run.wall_s  # share of throughput lost to heatmaps
+                what = "heatmaps for every label" if label == "pd all maps" else "default heatmaps"
+                if label == "pd all maps":
+                    cost_ok = cost <= TARGET_HEATMAP_COST
+                    ok = ok and cost_ok
+                    verdict = "PASS" if cost_ok else "FAIL"
+                else:
+                    verdict = "INFO"
+                print(
+                    f"{verdict}: heatmap cost, {label} ({what}, with previews) vs pd no maps: "
+                    f"{cost:.1%} of throughput ({count / run.wall_s:.2f} vs "
+                    f"{count / plain.wall_s:.2f} images/s; target <= {TARGET_HEATMAP_COST:.0%} "
+                    "for every label)"
+                )
         busy = [run for run in runs.values() if run.others_cpu_s > BUSY_SHARE * run.wall_s * CORES]
         if busy:
             # Under contention the naive loop's two torch threads lose far more than

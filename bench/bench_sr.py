@@ -57,10 +57,41 @@ LABELS = [
 ]  # fmt: skip
 #: What process_dicom.py is expected to manage on CPU (images per second), for the ratio.
 CLASSIFIER_RATE = (10.0, 20.0)
+#: The issue's target for generate_sr.py with key images, in one process.
+TARGET_KEY_IMAGE_RATE = 30.0
 
 
-def synthetic_results(count: int, folder: Path) -> dict:
-    """``count`` classified entries, each with its own header-only source file."""
+def write_pictures(results_dir: Path) -> list[dict]:
+    """Per source: the preview and a heatmap, as process_dicom.py writes them (results keys)."""
+    from cxrsr.discovery import Source
+    from cxrsr.files import write_atomic
+    from cxrsr.heatmaps import heatmap_image
+    from cxrsr.preview import make_preview, png_bytes, preview_crop
+    from cxrsr.reading import read_radiograph
+
+    rng = np.random.default_rng(1)
+    keys = []
+    for index, name in enumerate(SOURCES):
+        radiograph = read_radiograph(Source(str(CORPUS / name)), min_size=448)
+        assert radiograph.display is not None
+        shape = (radiograph.identity["rows"], radiograph.identity["columns"])
+        preview = f"previews/{index}.png"
+        write_atomic(
+            results_dir / preview,
+            png_bytes(make_preview(radiograph.pixels, radiograph.display, shape)),
+        )
+        heatmap = f"heatmaps/{index}.png"
+        write_atomic(results_dir / heatmap, png_bytes(heatmap_image(rng.normal(size=(7, 7)))))
+        keys.append({"preview": preview, "preview_crop": preview_crop(shape), "heatmap": heatmap})
+    return keys
+
+
+def synthetic_results(count: int, folder: Path, pictures: list[dict] | None = None) -> dict:
+    """``count`` classified entries, each with its own header-only source file.
+
+    With ``pictures`` (from :func:`write_pictures`), entries also name a preview and a
+    heatmap for the top label, so generate_sr.py writes key images.
+    """
     rng = np.random.default_rng(0)
     headers = [
         pydicom.dcmread(CORPUS / name, stop_before_pixels=True, force=True) for name in SOURCES
@@ -77,7 +108,13 @@ def synthetic_results(count: int, folder: Path) -> dict:
         pydicom.dcmwrite(path, header, enforce_file_format=False)
         scores = {label: float(rng.random()) for label in LABELS}
         prepared = Prepared(str(path), "ready", identity=identity_of(header))
-        images.append(classified_entry(prepared, scores, 0.5))
+        entry = classified_entry(prepared, scores, 0.5)
+        if pictures is not None:
+            picture = pictures[index % len(pictures)]
+            top = max(scores, key=lambda label: scores[label])
+            entry["preview"], entry["preview_crop"] = picture["preview"], picture["preview_crop"]
+            entry["heatmaps"] = {top: picture["heatmap"]}
+        images.append(entry)
     model = {
         "weights": "densenet121-res224-all",
         "weights_sha256": "0" * 64,
@@ -88,12 +125,23 @@ def synthetic_results(count: int, folder: Path) -> dict:
     return {"format": "cxrsr-results/1", "model": model, "images": images}
 
 
-def end_to_end(document: dict, output_dir: Path, when: datetime.datetime, jobs: int) -> float:
-    """Seconds for generate_srs on the whole document into ``output_dir``."""
+def end_to_end(
+    document: dict,
+    output_dir: Path,
+    when: datetime.datetime,
+    jobs: int,
+    results_dir: Path | None = None,
+) -> float:
+    """Seconds for generate_srs on the whole document into ``output_dir``.
+
+    With ``results_dir``, key images too (as generate_sr.py does by default).
+    """
     start = time.perf_counter()
-    outcome = sr_batch.generate_srs(document, output_dir, when, jobs=jobs)
+    outcome = sr_batch.generate_srs(document, output_dir, when, jobs=jobs, results_dir=results_dir)
     seconds = time.perf_counter() - start
     assert len(outcome.written) == len(document["images"]) and not outcome.errors
+    if results_dir is not None:
+        assert len(outcome.key_images) == len(document["images"])
     return seconds
 
 
@@ -186,6 +234,20 @@ def print_stages(title: str, stages: dict[str, float], count: int) -> None:
         print(f"  {stage:28s} {1000 * seconds / count:7.2f} ms/SR  {100 * seconds / total:5.1f} %")
 
 
+def key_images(folder: Path, count: int, when: datetime.datetime) -> None:
+    """generate_sr with and without key images on the same ``count`` entries, one process."""
+    (folder / "src").mkdir(parents=True)
+    document = synthetic_results(count, folder / "src", write_pictures(folder))
+    plain = end_to_end(document, folder / "sr-only", when, 1)
+    both = end_to_end(document, folder / "sr-and-key-images", when, 1, results_dir=folder)
+    verdict = "PASS" if count / both >= TARGET_KEY_IMAGE_RATE else "FAIL"
+    print(
+        f"{verdict}: generate_sr --jobs 1 with key images: {count} images in {both:.1f} s = "
+        f"{count / both:.1f} images/s (SRs only: {count / plain:.1f}/s; "
+        f"target >= {TARGET_KEY_IMAGE_RATE:.0f}/s)"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=2000, help="SRs to write (default: 2000)")
@@ -194,6 +256,14 @@ def main() -> int:
     )
     parser.add_argument(
         "--reference", type=int, default=0, metavar="N", help="time the reference on N entries"
+    )
+    parser.add_argument(
+        "--key-images",
+        type=int,
+        default=300,
+        metavar="N",
+        help="also time generate_sr with key images, in one process, on N entries "
+        "(default: 300; 0 skips it)",
     )
     args = parser.parse_args()
     logging.getLogger("cxrsr").setLevel(logging.ERROR)
@@ -224,6 +294,8 @@ def main() -> int:
         if args.reference:
             count = min(args.reference, args.count)
             print_stages("highdicom reference", reference_stages(document, count, when), count)
+        if args.key_images:
+            key_images(folder / "with-key-images", args.key_images, when)
     return 0
 
 

@@ -16,17 +16,21 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cxrsr.discovery import Source
 from cxrsr.domain import DomainPolicy, entry_fields
-from cxrsr.errors import MAX_REASON, InputError, NotARadiographError, one_line
+from cxrsr.errors import MAX_REASON, InputError, NotARadiographError, PipelineError, one_line
+from cxrsr.files import write_atomic
+from cxrsr.heatmaps import PREVIEW_FOLDER, HeatmapWriter, file_stem
 from cxrsr.model import Classifier
 from cxrsr.preprocess import INPUT_SIZE, preprocess
+from cxrsr.preview import make_preview, png_bytes, preview_crop
 from cxrsr.reader_pool import ReaderPool
-from cxrsr.reading import read_radiograph
+from cxrsr.reading import Radiograph, read_radiograph
 from cxrsr.results import CLASSIFIED, FAILED, SKIPPED
 
 log = logging.getLogger("cxrsr")
@@ -46,6 +50,8 @@ class Prepared:
     identity: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     model_input: np.ndarray | None = None
+    preview: dict[str, Any] = field(default_factory=dict)
+    """``preview`` and ``preview_crop`` of the results entry, when previews are written."""
 
     def __post_init__(self) -> None:
         # Reasons and warnings quote header values, which a damaged file can fill with
@@ -54,20 +60,36 @@ class Prepared:
         self.warnings = [one_line(note, MAX_REASON) for note in self.warnings]
 
 
-def prepare(source: Source, domain: DomainPolicy = DomainPolicy.STRICT) -> Prepared:
-    """Read, check, decode and preprocess one file (runs in a worker process)."""
+def prepare(
+    source: Source,
+    domain: DomainPolicy = DomainPolicy.STRICT,
+    results_dir: Path | None = None,
+) -> Prepared:
+    """Read, check, decode and preprocess one file (runs in a worker process).
+
+    With ``results_dir``, also writes the display preview from the pixels just decoded
+    (no image is decoded twice across the pipeline).
+    """
     try:
         radiograph = read_radiograph(source, min_size=REDUCED_DECODE_MIN_SIZE, domain=domain)
         # A reduced decode keeps the stored geometry; a turned image is decoded in full, its
         # shape the turned one (a transpose swaps Rows and Columns).
         reduced = radiograph.decimation > 1
+        shape = (
+            (radiograph.identity["rows"], radiograph.identity["columns"])
+            if reduced
+            else (int(radiograph.pixels.shape[0]), int(radiograph.pixels.shape[1]))
+        )
         model_input = preprocess(
             radiograph.pixels,
             decimation=radiograph.decimation,
             sample_origin=radiograph.sample_origin,
-            original_shape=(radiograph.identity["rows"], radiograph.identity["columns"])
-            if reduced
-            else radiograph.pixels.shape,
+            original_shape=shape,
+        )
+        preview = (
+            write_preview(radiograph, shape, source.name, results_dir)
+            if results_dir is not None
+            else {}
         )
     except NotARadiographError as exc:
         return Prepared(source.name, SKIPPED, reason=str(exc))
@@ -92,7 +114,19 @@ def prepare(source: Source, domain: DomainPolicy = DomainPolicy.STRICT) -> Prepa
         identity=radiograph.identity,
         warnings=radiograph.warnings,
         model_input=model_input,
+        preview=preview,
     )
+
+
+def write_preview(
+    radiograph: Radiograph, shape: tuple[int, int], path: str, results_dir: Path
+) -> dict[str, Any]:
+    """Write the display preview of ``radiograph``; return its results entry keys."""
+    assert radiograph.display is not None  # read_radiograph always sets it
+    relative = f"{PREVIEW_FOLDER}/{file_stem(path)}.png"
+    image = make_preview(radiograph.pixels, radiograph.display, shape)
+    write_atomic(results_dir / relative, png_bytes(image))
+    return {"preview": relative, "preview_crop": preview_crop(shape)}
 
 
 def _ignore_sigint() -> None:
@@ -156,7 +190,16 @@ def classified_entry(item: Prepared, scores: dict[str, float], threshold: float)
     }
     if item.warnings:
         entry["warnings"] = item.warnings
+    entry.update(item.preview)
     return entry
+
+
+def close_heatmaps(heatmaps: HeatmapWriter) -> None:
+    """Wait for the heatmap files; a disk that cannot take them ends the run (exit 3)."""
+    try:
+        heatmaps.close()
+    except OSError as exc:
+        raise PipelineError(f"{heatmaps.results_dir}: cannot write heatmaps: {exc}", 3) from exc
 
 
 @dataclass
@@ -180,8 +223,12 @@ def classify(
     on_batch: Callable[[], None] = lambda: None,
     prepare_one: Callable[[Source], Prepared] | None = None,
     domain: DomainPolicy = DomainPolicy.STRICT,
+    heatmaps: HeatmapWriter | None = None,
 ) -> Run:
     """Classify ``sources``, in order.
+
+    With ``heatmaps``, each classified entry also gets its heatmaps and display preview,
+    written under the writer's results folder.
 
     The model loads in a background thread while the worker processes start and decode
     the first files, so start-up costs the longer of the two, not their sum; with no
@@ -196,7 +243,8 @@ def classify(
     if not sources:
         return Run(None, [])
     # A module-level function and its arguments, so spawned readers can unpickle it.
-    reader = prepare_one or functools.partial(prepare, domain=domain)
+    results_dir = heatmaps.results_dir if heatmaps is not None else None
+    reader = prepare_one or functools.partial(prepare, domain=domain, results_dir=results_dir)
     threshold = 0.5
     entries: list[dict[str, Any] | None] = [None] * len(sources)
     batch: list[tuple[int, Prepared]] = []
@@ -209,8 +257,11 @@ def classify(
             return
         classifier = loading.result()
         inputs = np.stack([item.model_input for _, item in batch])  # type: ignore[misc]
-        for (index, item), scores in zip(batch, classifier.predict(inputs), strict=True):
+        all_scores, all_maps = classifier.predict_with_maps(inputs)
+        for (index, item), scores, maps in zip(batch, all_scores, all_maps, strict=True):
             entries[index] = classified_entry(item, scores, threshold)
+            if heatmaps is not None:
+                entries[index]["heatmaps"] = heatmaps.write(item.path, scores, maps)  # type: ignore[index]
             on_entry(entries[index])  # type: ignore[arg-type]
         batch.clear()
         on_batch()
@@ -236,4 +287,7 @@ def classify(
         if not loading.done() or loading.exception() is not None:
             raise
         interrupted = True
+    finally:
+        if heatmaps is not None:
+            close_heatmaps(heatmaps)
     return Run(loading.result(), [e for e in entries if e is not None], interrupted)

@@ -46,6 +46,9 @@ log = logging.getLogger("cxrsr")
 DEFAULT_WEIGHTS = "densenet121-res224-all"
 #: Largest score difference allowed between the ONNX export and eager PyTorch.
 ONNX_SCORE_TOLERANCE = 1e-4
+#: Version of what the cached ONNX export computes; a cache made by another version is
+#: exported again. 2: class activation maps as a second output.
+ONNX_EXPORT_VERSION = 2
 INPUT_SHAPE = (1, 224, 224)
 
 
@@ -142,7 +145,7 @@ class Classifier:
     card: ModelCard
     device: str
     backend: str
-    _logits: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+    _network: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] = field(repr=False)
 
     @property
     def labels(self) -> list[str]:
@@ -176,33 +179,59 @@ class Classifier:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw network outputs for a float32 batch ``(N, 1, 224, 224)``."""
-        return self._logits(np.ascontiguousarray(batch, dtype=np.float32))
+        return self._network(np.ascontiguousarray(batch, dtype=np.float32))[0]
 
     def predict(self, batch: np.ndarray) -> list[dict[str, float]]:
         """Scores per image as ``{label: score}``, rounded to 6 decimals for stable files."""
-        scores = scores_from_logits(self.logits(batch), self.card.op_threshs)
-        kept = self.card.kept
-        return [{self.card.outputs[k]: round(float(row[k]), 6) for k in kept} for row in scores]
+        return self.predict_with_maps(batch)[0]
+
+    def predict_with_maps(
+        self, batch: np.ndarray
+    ) -> tuple[list[dict[str, float]], list[dict[str, np.ndarray]]]:
+        """Scores per image, and each label's class activation map (7x7, float32).
+
+        The maps come out of the same forward pass (see :func:`_network_module`), so they
+        cost almost nothing.
+        """
+        logits, cams = self._network(np.ascontiguousarray(batch, dtype=np.float32))
+        scores = scores_from_logits(logits, self.card.op_threshs)
+        kept, outputs = self.card.kept, self.card.outputs
+        return (
+            [{outputs[k]: round(float(row[k]), 6) for k in kept} for row in scores],
+            [{outputs[k]: maps[k] for k in kept} for maps in cams],
+        )
 
 
 # --------------------------------------------------------------------------- PyTorch
 
 
-def _logits_module(model: Any) -> Any:
-    """The network up to the classifier, without the score post-processing."""
-    import torch
+def _network_module(model: Any) -> Any:
+    """The network up to the classifier (no score post-processing), and its class activation maps.
 
-    class _Logits(torch.nn.Module):
+    torchxrayvision's ``DenseNet.features2`` is ``features -> relu -> global average
+    pool`` and ``classifier`` is one Linear layer, so each logit is the spatial mean of
+    ``sum_c w_kc * F_c`` plus a bias: that sum over the last feature map ``F`` is label
+    k's class activation map (Zhou et al., CVPR 2016), 7x7 for a 224 input. It is a 1x1
+    convolution with the classifier's weights, computed in the same pass.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    class _Network(torch.nn.Module):
         def __init__(self, inner: Any) -> None:
             super().__init__()
             self.inner = inner
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.inner.classifier(self.inner.features2(x))
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features = F.relu(self.inner.features(x))
+            pooled = F.adaptive_avg_pool2d(features, (1, 1)).flatten(1)
+            weight = self.inner.classifier.weight
+            cams = F.conv2d(features, weight[:, :, None, None])
+            return self.inner.classifier(pooled), cams
 
     # eval() matters: exporters restore the wrapper's training flag on every submodule,
     # and a wrapper left in training mode would switch BatchNorm to batch statistics.
-    return _Logits(model).eval()
+    return _Network(model).eval()
 
 
 def load_torch_model(
@@ -270,17 +299,20 @@ def load_torch_model(
     return model.eval(), card
 
 
-def _eager_logits(model: Any, device: str) -> Callable[[np.ndarray], np.ndarray]:
+def _eager_network(
+    model: Any, device: str
+) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     import torch
 
-    module = _logits_module(model.to(device).to(memory_format=torch.channels_last))
+    module = _network_module(model.to(device).to(memory_format=torch.channels_last))
 
-    def run(batch: np.ndarray) -> np.ndarray:
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
             tensor = (
                 torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
             )
-            return module(tensor).float().cpu().numpy()
+            logits, cams = module(tensor)
+            return logits.float().cpu().numpy(), cams.float().cpu().numpy()
 
     return run
 
@@ -318,6 +350,7 @@ def _cached_onnx(
     if (
         not card.weights_file.is_file()
         or card.weights != weights
+        or data.get("export_version") != ONNX_EXPORT_VERSION
         or card.torchxrayvision_version != torchxrayvision_version()
         or (expected_sha256 is not None and card.weights_sha256 != expected_sha256.lower())
         or sha256_of(card.weights_file) != card.weights_sha256
@@ -341,38 +374,47 @@ def _export_onnx(model: Any, card: ModelCard, cache_dir: Path) -> None:
             # The exporter's deprecation and tracer notes are about its own internals.
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                _logits_module(model),
+                _network_module(model),
                 (example,),
                 str(tmp),
                 input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                output_names=["logits", "cams"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "cams": {0: "batch"}},
                 opset_version=17,
                 dynamo=False,
             )
-        drift = _max_score_drift(_onnx_logits(tmp), _eager_logits(model, "cpu"), card)
+        drift = _max_score_drift(_onnx_network(tmp), _eager_network(model, "cpu"), card)
         if drift > ONNX_SCORE_TOLERANCE:
             raise RuntimeError(f"ONNX scores differ from eager PyTorch by {drift:.2g}")
         onnx_sha256 = sha256_of(tmp)
         os.replace(tmp, onnx_path)
     finally:
         tmp.unlink(missing_ok=True)
-    write_json_atomic(card_path, {**card.to_json(), "onnx_sha256": onnx_sha256})
+    write_json_atomic(
+        card_path,
+        {**card.to_json(), "onnx_sha256": onnx_sha256, "export_version": ONNX_EXPORT_VERSION},
+    )
 
 
 def _max_score_drift(
-    fast: Callable[[np.ndarray], np.ndarray],
-    eager: Callable[[np.ndarray], np.ndarray],
+    fast: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    eager: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
     card: ModelCard,
 ) -> float:
+    """Largest score difference, or class activation map difference relative to its spread."""
     rng = np.random.default_rng(0)
     batch = rng.uniform(-1024, 1024, size=(2, *INPUT_SHAPE)).astype(np.float32)
-    a = scores_from_logits(fast(batch), card.op_threshs)
-    b = scores_from_logits(eager(batch), card.op_threshs)
-    return float(np.max(np.abs(a - b)))
+    (fast_logits, fast_cams), (eager_logits, eager_cams) = fast(batch), eager(batch)
+    a = scores_from_logits(fast_logits, card.op_threshs)
+    b = scores_from_logits(eager_logits, card.op_threshs)
+    spread = float(np.ptp(eager_cams)) or 1.0
+    cam_drift = float(np.max(np.abs(fast_cams - eager_cams))) / spread
+    return max(float(np.max(np.abs(a - b))), cam_drift)
 
 
-def _onnx_logits(model: Path | bytes) -> Callable[[np.ndarray], np.ndarray]:
+def _onnx_network(
+    model: Path | bytes,
+) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -380,8 +422,9 @@ def _onnx_logits(model: Path | bytes) -> Callable[[np.ndarray], np.ndarray]:
     source = model if isinstance(model, bytes) else str(model)
     session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
-    def run(batch: np.ndarray) -> np.ndarray:
-        return session.run(None, {"input": batch})[0]
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, cams = session.run(None, {"input": batch})
+        return logits, cams
 
     return run
 
@@ -427,7 +470,7 @@ def load_classifier(
     if want_onnx and (device == "cpu" or not _cuda_visible()):
         cached = _cached_onnx(weights, folder, weights_sha256)
         if cached is not None:
-            return Classifier(cached[0], "cpu", "onnx", _onnx_logits(cached[1]))
+            return Classifier(cached[0], "cpu", "onnx", _onnx_network(cached[1]))
     if backend == "onnx" and not _has_onnxruntime():
         raise PipelineError("--backend onnx needs the onnxruntime package", 2)
     device = resolve_device(device)
@@ -437,10 +480,10 @@ def load_classifier(
     if device == "cpu" and want_onnx:
         try:
             _export_onnx(model, card, folder)
-            return Classifier(card, "cpu", "onnx", _onnx_logits(_onnx_paths(card, folder)[1]))
+            return Classifier(card, "cpu", "onnx", _onnx_network(_onnx_paths(card, folder)[1]))
         except Exception as exc:  # export problems must not stop a batch: eager still works
             log.warning("ONNX export unavailable (%s); using eager PyTorch", exc)
-    return Classifier(card, device, "eager", _eager_logits(model, device))
+    return Classifier(card, device, "eager", _eager_network(model, device))
 
 
 def _cuda_visible() -> bool:

@@ -45,6 +45,7 @@ from pydicom.uid import (
 from cxrsr.discovery import SNIFF_BYTES, Source, sniff_dicom
 from cxrsr.domain import DomainPolicy, check_domain
 from cxrsr.errors import InputError, NotARadiographError
+from cxrsr.preview import Display, display_from_header
 
 #: SOP classes of projection radiographs (PS3.4 B.5): CR, and DX for presentation.
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -97,6 +98,8 @@ class Radiograph:
     """How many stored pixels each pixel spans per axis (>1 after reduced-resolution decoding)."""
     sample_origin: float | None = None
     """Where ``pixels[0, 0]`` lies in stored pixels (``None``: the centre of its block)."""
+    display: Display | None = None
+    """How a viewer shows the image (VOI window or LUT, inversion), for the preview."""
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -503,8 +506,11 @@ def _inverts(ds: Dataset) -> bool:
     return photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE")
 
 
-def to_model_range(array: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarray:
-    """Map stored values to [-1024, 1024], bone bright, as ``xrv.utils.normalize`` does."""
+def to_model_range(array: np.ndarray, ds: Dataset, notes: list[str]) -> tuple[np.ndarray, Display]:
+    """Map stored values to [-1024, 1024], bone bright, as ``xrv.utils.normalize`` does.
+
+    Also returns how a viewer would display them (the preview's VOI, see ``preview.py``).
+    """
     low, high = _value_range(array, ds, notes)
     values, low, high = _apply_modality_lut(array, ds, low, high)
     if high <= low:
@@ -516,12 +522,14 @@ def to_model_range(array: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarr
     if low != 0.0:
         scaled -= np.float32(low)
     scaled /= np.float32(high - low)
-    if _inverts(ds):
+    inverted = _inverts(ds)
+    display = display_from_header(ds, low, high, inverted)
+    if inverted:
         np.subtract(np.float32(1.0), scaled, out=scaled)
     scaled *= np.float32(2.0)
     scaled -= np.float32(1.0)
     scaled *= np.float32(MODEL_RANGE)
-    return scaled
+    return scaled, display
 
 
 #: The UIDs an SR copies to reference its source image (PS3.3 C.17.2.1, TID 1500).
@@ -583,8 +591,11 @@ def read_radiograph(
         low_value, high_value = array.min(), array.max()
         if low_value == high_value:
             raise InputError(f"every pixel has the value {low_value}: no image content")
-        pixels = decision.reorientation.apply(to_model_range(array, ds, notes))
-        return Radiograph(pixels, identity_of(ds) | decision.record(), notes, decimation, origin)
+        pixels, display = to_model_range(array, ds, notes)
+        pixels = decision.reorientation.apply(pixels)
+        return Radiograph(
+            pixels, identity_of(ds) | decision.record(), notes, decimation, origin, display
+        )
 
 
 def read_radiograph_bytes(

@@ -150,7 +150,11 @@ class Earlier:
         return None
 
     def reusable(
-        self, name: str, mark: dict[str, int] | None, model: tuple[Any, Any, Any]
+        self,
+        name: str,
+        mark: dict[str, int] | None,
+        model: tuple[Any, Any, Any],
+        results_dir: Path | None = None,
     ) -> dict[str, Any] | None:
         """The newest earlier entry for file ``name`` that may stand for this run, if any."""
         if mark is None:
@@ -160,6 +164,7 @@ class Earlier:
                 _model_key(entry_model) == model
                 and entry.get(FILE_KEY) == mark
                 and entry.get("status") != FAILED
+                and (results_dir is None or pictures_present(entry, results_dir))
             ):
                 return copy.deepcopy(entry)
         return None
@@ -212,12 +217,24 @@ class Plan:
         return merged
 
 
+def pictures_present(entry: dict[str, Any], results_dir: Path) -> bool:
+    """Whether the preview and heatmaps an entry names are on disk.
+
+    They are written on background threads and may lag the journal line that names
+    them; a run killed in between left an entry whose pictures are missing, which is
+    then classified again rather than reused.
+    """
+    names = [entry.get("preview"), *(entry.get("heatmaps") or {}).values()]
+    return all(isinstance(name, str) and (results_dir / name).is_file() for name in names if name)
+
+
 def make_plan(
     sources: Sequence[Source],
     earlier: Earlier,
     digest: str | None,
     torchxrayvision: str,
     options: dict[str, Any] | None = None,
+    results_dir: Path | None = None,
 ) -> Plan:
     """Fingerprint every source and pick the earlier entries that still hold."""
     marks = [fingerprint(source) for source in sources]
@@ -226,7 +243,9 @@ def make_plan(
     if digest is not None:
         model = earlier.model_for(digest, torchxrayvision, options)
         for index, (source, mark) in enumerate(zip(sources, marks, strict=True)):
-            entry = earlier.reusable(source.name, mark, (digest, torchxrayvision, options))
+            entry = earlier.reusable(
+                source.name, mark, (digest, torchxrayvision, options), results_dir
+            )
             if entry is not None:
                 reused[index] = entry
     return Plan(sources, marks, reused, model)
@@ -288,7 +307,7 @@ class ResultsRun:
         earlier = Earlier.load(self.output, self.journal.path)
         xrv = torchxrayvision_version()
         self.digest = earlier.weights_digest(weights, cache_dir or default_cache_dir(), xrv)
-        self.plan = make_plan(sources, earlier, self.digest, xrv, options)
+        self.plan = make_plan(sources, earlier, self.digest, xrv, options, self.output.parent)
         self.recorder = Recorder(self.plan, earlier, self.journal)
 
     @property

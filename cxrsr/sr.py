@@ -64,6 +64,7 @@ from cxrsr.discovery import open_source
 from cxrsr.domain import view_code
 from cxrsr.errors import InputError, PipelineError
 from cxrsr.files import write_atomic
+from cxrsr.keyimage import KeyImageRef
 from cxrsr.sr_template import ContentTemplate, character_encodings, encode_document
 
 log = logging.getLogger("cxrsr")
@@ -215,6 +216,8 @@ class Classification:
     """When process_dicom.py first produced this result: the SR's Content Date/Time."""
     domain_warnings: tuple[str, ...] = ()
     """The domain gates' caveats (a child, a view outside the domain): notes in the SR."""
+    key_image: KeyImageRef | None = None
+    """The key image generate_sr.py writes beside this SR, which the SR references."""
 
     @classmethod
     def from_entry(cls, entry: Any, model: ModelInfo, index: int) -> Classification:
@@ -291,8 +294,10 @@ class Classification:
             "threshold": model.threshold,
             "score_kind": model.score_kind,
         }
-        if self.domain_warnings:  # what the SR says, so part of what its UID names
+        if self.domain_warnings:
             payload["domain_warnings"] = self.domain_warnings
+        if self.key_image is not None:
+            payload["key_image"] = self.key_image.sop_instance_uid
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -682,6 +687,8 @@ def sr_document(
         content_date=when.date(),
         content_time=when.time().replace(tzinfo=None),
     )
+    if classification.key_image is not None:
+        sr.PertinentOtherEvidenceSequence = [classification.key_image.evidence_item()]
     _make_reproducible(sr, when, evidence)
     return sr
 

@@ -12,29 +12,42 @@ earlier results left in the output folder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import multiprocessing
 import multiprocessing.context
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 from tqdm import tqdm
 
+from cxrsr import uids
 from cxrsr.errors import PipelineError
+from cxrsr.keyimage import (
+    KEY_IMAGE_MODALITY,
+    KeyImageError,
+    KeyImageRef,
+    build_key_image,
+    render,
+)
 from cxrsr.results import CLASSIFIED, FAILED, SKIPPED, STATUSES
 from cxrsr.sr import (
     SR_MANUFACTURER,
     Classification,
+    EncodedSR,
     EntryError,
     ModelInfo,
     SourceError,
     SRBuilder,
+    evidence_dataset,
+    instance_number,
     read_source_header,
     write_encoded,
 )
@@ -47,6 +60,7 @@ class Outcome:
     """What a run did, for the summary line and the exit code."""
 
     written: list[Path] = field(default_factory=list)
+    key_images: list[Path] = field(default_factory=list)
     skipped: int = 0
     failed: int = 0
     duplicates: int = 0
@@ -57,8 +71,9 @@ class Outcome:
         return self.skipped + self.failed
 
     def summary(self, output_dir: Path) -> str:
+        images = f" and {len(self.key_images)} key images" if self.key_images else ""
         line = (
-            f"{len(self.written)} SRs written to {output_dir}, {self.passed_over} passed over "
+            f"{len(self.written)} SRs{images} written to {output_dir}, {self.passed_over} passed over "
             f"({self.skipped} skipped, {self.failed} failed in classification), "
             f"{len(self.errors)} errors"
         )
@@ -107,6 +122,7 @@ class EntryResult:
 
     path: Path | None = None
     sop_instance_uid: str | None = None
+    key_image_path: Path | None = None
     source_error: str | None = None
     write_error: str | None = None
     notes: tuple[tuple[int, str], ...] = ()
@@ -120,6 +136,9 @@ class _Writer:
     ) -> None:
         self.builder = SRBuilder(model, content_datetime)
         self.output_dir = output_dir
+        # Drawing a key image is mostly Pillow, which releases the GIL: it runs on this
+        # thread while the SR is encoded (pure Python), so the two overlap.
+        self._drawing = ThreadPoolExecutor(1, thread_name_prefix="key-image")
 
     def __call__(self, classification: Classification) -> EntryResult:
         # pydicom and highdicom warn about odd but legal source values (single-component
@@ -130,6 +149,22 @@ class _Writer:
                 header = read_source_header(classification)
             except SourceError as exc:
                 return EntryResult(source_error=str(exc))
+            ref = classification.key_image
+            drawing = self._drawing.submit(render, ref) if ref is not None else None
+            # The key image first: its UID comes from its complete bytes (a UID names one
+            # byte stream), and the SR, which names it, needs that UID.
+            try:
+                key_image = self._key_image(header, classification, drawing)
+            except KeyImageError as exc:
+                return EntryResult(source_error=f"{classification.path}: no key image: {exc}")
+            except Exception as exc:  # highdicom refuses some headers (e.g. no Modality)
+                reason = f"{classification.path}: cannot build a key image from this source: {type(exc).__name__}: {exc}"
+                return EntryResult(source_error=reason)
+            if key_image is not None and ref is not None:
+                classification = dataclasses.replace(
+                    classification,
+                    key_image=dataclasses.replace(ref, sop_instance_uid=key_image.sop_instance_uid),
+                )
             try:
                 encoded = self.builder.encode(header, classification)
             except Exception as exc:  # highdicom refuses some headers (e.g. no Modality)
@@ -140,11 +175,40 @@ class _Writer:
             *((logging.DEBUG, f"{classification.path}: {w.message}") for w in caught),
         ]
         try:
+            key_image_path = None
+            if key_image is not None:  # first: an SR never names a key image not written
+                key_image_path = write_encoded(key_image, self.output_dir)
             path = write_encoded(encoded, self.output_dir)
         except OSError as exc:
             return EntryResult(write_error=str(exc), notes=tuple(notes))
         notes.append((logging.DEBUG, f"{classification.path} -> {path}"))
-        return EntryResult(path=path, sop_instance_uid=encoded.sop_instance_uid, notes=tuple(notes))
+        return EntryResult(
+            path=path,
+            sop_instance_uid=encoded.sop_instance_uid,
+            key_image_path=key_image_path,
+            notes=tuple(notes),
+        )
+
+    def _key_image(
+        self,
+        header: pydicom.Dataset,
+        classification: Classification,
+        drawing: Future[np.ndarray] | None,
+    ) -> EncodedSR | None:
+        """The key image's file, with Patient and Study copied exactly as for the SR."""
+        if classification.key_image is None or drawing is None:
+            return None
+        pixels = drawing.result()
+        evidence, _emptied = evidence_dataset(header)  # the SR's notes report what was emptied
+        dataset = build_key_image(
+            evidence,
+            classification.key_image,
+            instance_number(header),
+            classification.content_datetime(self.builder.content_datetime),
+            pixels,
+        )
+        uid, data = uids.encode_with_content_uid(dataset, uids.KEY_IMAGE_INSTANCE)
+        return EncodedSR(uid, data)
 
 
 _worker: _Writer | None = None
@@ -173,6 +237,7 @@ def generate_srs(
     disable_progress: bool | None = True,
     jobs: int = 1,
     clean: bool = False,
+    results_dir: Path | None = None,
 ) -> Outcome:
     """Write one SR per classified entry of a loaded results ``document`` into ``output_dir``.
 
@@ -181,11 +246,26 @@ def generate_srs(
     place); the others are still written. With ``jobs`` > 1 the
     documents are built in a process pool; files, their bytes, the order of ``written``
     and the log lines are the same for every ``jobs``.
+
+    With ``results_dir`` (the results file's folder, which holds the previews and
+    heatmaps process_dicom.py wrote), each SR comes with a key image
+    (:mod:`cxrsr.keyimage`) in the same folder, and references it.
     """
     model = ModelInfo.from_results(document["model"])
-    checked = [check_entry(entry, model, i) for i, entry in enumerate(document["images"])]
-    work = [c for c in checked if isinstance(c, Classification)]
     outcome = Outcome()
+    checked = [check_entry(entry, model, i) for i, entry in enumerate(document["images"])]
+    if results_dir is not None:
+        checked = [
+            with_key_image(check, document["images"][index], model, results_dir, outcome)
+            if isinstance(check, Classification)
+            else check
+            for index, check in enumerate(checked)
+        ]
+    work = [c for c in checked if isinstance(c, Classification)]
+    if results_dir is not None and work and all(c.key_image is None for c in work):
+        log.info(
+            "no key images: the results file names no previews (process_dicom.py --no-heatmaps?)"
+        )
     for entry, check in zip(document["images"], checked, strict=True):
         if check is None:
             outcome.skipped += entry["status"] == SKIPPED
@@ -218,8 +298,28 @@ def generate_srs(
                 outcome.errors.append(check)
             elif isinstance(check, Classification):
                 _record(check, next(built), outcome, output_dir, written_by)
-    _tidy_other_files(output_dir, outcome.written, clean)
+    _tidy_other_files(output_dir, [*outcome.written, *outcome.key_images], clean)
     return outcome
+
+
+def with_key_image(
+    classification: Classification,
+    entry: Mapping[str, Any],
+    model: ModelInfo,
+    results_dir: Path,
+    outcome: Outcome,
+) -> Classification:
+    """``classification`` with its key image, when the entry has a preview and heatmaps."""
+    try:
+        ref = KeyImageRef.from_entry(
+            entry, results_dir, model.threshold, (model.model_id, model.weights_sha256)
+        )
+    except KeyImageError as exc:
+        message = f"{classification.path}: no key image: {exc}"
+        log.error("%s", message)
+        outcome.errors.append(message)
+        return classification
+    return dataclasses.replace(classification, key_image=ref)
 
 
 def _record(
@@ -253,6 +353,8 @@ def _record(
         return
     written_by[result.sop_instance_uid] = classification.path
     outcome.written.append(result.path)
+    if result.key_image_path is not None:
+        outcome.key_images.append(result.key_image_path)
 
 
 def _warn_shared_sop_instance_uids(work: Sequence[Classification], model: ModelInfo) -> None:
@@ -312,4 +414,7 @@ def _is_our_sr(path: Path) -> bool:
         )
     except Exception:
         return False
-    return ds.get("Modality") == "SR" and ds.get("Manufacturer") == SR_MANUFACTURER
+    return (
+        ds.get("Modality") in ("SR", KEY_IMAGE_MODALITY)
+        and ds.get("Manufacturer") == SR_MANUFACTURER
+    )

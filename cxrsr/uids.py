@@ -125,6 +125,9 @@ def sr_series_uid(source_series_instance_uid: str, model_id: str, weights_sha256
 #: :func:`content_uid` purpose of the SR documents.
 SR_INSTANCE = "sr-instance"
 
+#: :func:`content_uid` purpose of the key images (Secondary Capture).
+KEY_IMAGE_INSTANCE = "key-image-instance"
+
 
 def device_observer_uid(model_id: str, weights_sha256: str) -> str:
     """Device Observer UID (121012, TID 1004) and Device UID of one model with one set of weights."""

@@ -61,10 +61,11 @@ def test_pipeline_lands_each_sr_in_its_image_study_and_reruns_add_nothing(
     first = run_all()
     assert [p.returncode for p in first] == [0, 0, 0], [p.stderr for p in first]
     assert "5 classified, 1 skipped, 0 failed" in first[0].stdout
-    n = len(IMAGES) + 1 + len(IMAGES)  # images, the CT, one SR per image
+    n = len(IMAGES) + 1 + 2 * len(IMAGES)  # images, the CT, one SR and key image per image
     assert f"{n} stored, 0 already stored, 0 rejected, 0 failed" in first[2].stdout
     assert f"verified {n}/{n}" in first[2].stdout
-    assert f"SRs in source study {len(IMAGES)}/{len(IMAGES)}" in first[2].stdout
+    in_study = 2 * len(IMAGES)  # key images are checked like SRs
+    assert f"SRs in source study {in_study}/{in_study}" in first[2].stdout
 
     auth = (server.username, server.password)
 
@@ -77,8 +78,10 @@ def test_pipeline_lands_each_sr_in_its_image_study_and_reruns_add_nothing(
         ).json()
         return match["ID"]
 
-    for sr_file in sr_dir.glob("*.dcm"):
-        sr = pydicom.dcmread(sr_file)
+    srs = [pydicom.dcmread(f) for f in sr_dir.glob("*.dcm")]
+    srs = [ds for ds in srs if ds.Modality == "SR"]
+    assert len(srs) == len(IMAGES)
+    for sr in srs:
         evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
         source_uid = (
             evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
@@ -98,6 +101,12 @@ def test_pipeline_lands_each_sr_in_its_image_study_and_reruns_add_nothing(
         )
         assert sr_series["ID"] != source_series["ID"]
         assert sr_series["MainDicomTags"]["Modality"] == "SR"
+        key_image = sr.PertinentOtherEvidenceSequence[0].ReferencedSeriesSequence[0]
+        key_image_id = lookup(key_image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        assert get(f"/instances/{key_image_id}/study")["ID"] == source_study["ID"]
+        key_image_series = get(f"/instances/{key_image_id}/series")
+        assert key_image_series["ID"] not in (sr_series["ID"], source_series["ID"])
+        assert key_image_series["MainDicomTags"]["Modality"] == "OT"
     count = get("/statistics")["CountInstances"]
     assert count == before + n
 

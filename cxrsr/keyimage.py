@@ -1,0 +1,391 @@
+"""Key images: a DICOM Secondary Capture per classified image, for people who look at a PACS.
+
+An SR holds the scores, but no viewer draws an image-level classification. The key image
+does, burned into pixels every viewer shows:
+
+- the display preview (the radiograph windowed as its header says, long side 1024) with
+  the top finding's heatmap laid over the square the model saw, in colour (jet), with a
+  legend;
+- a panel of every label sorted by score, with bars and the 0.5 threshold marked;
+- a banner: "AI RESULT - NOT FOR DIAGNOSTIC USE - colour shows model attention, not a
+  localisation".
+
+It is a Secondary Capture Image (PS3.3 A.8.1, built by ``highdicom.sc.SCImage``) with
+Burned In Annotation YES, in its own series of the source's study, with Patient and Study
+copied exactly as for the SR (:func:`cxrsr.sr.evidence_dataset`). Its UIDs name one byte
+stream: they are derived from everything that reaches its bytes (see :func:`content_digest`).
+Everything it needs comes from the files process_dicom.py wrote beside the results (the
+preview and heatmaps), so no image is decoded twice.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.valuerep import DA, DT, TM
+
+from cxrsr import __version__, uids
+from cxrsr.errors import InputError
+
+#: Bumped whenever the picture or the DICOM attributes change for the same inputs; part
+#: of the content digest, so a changed rendering is a new instance.
+RENDERING_VERSION = "1"
+
+KEY_IMAGE_SERIES_NUMBER = 9902
+#: Series Description (LO, at most 64 characters).
+KEY_IMAGE_SERIES_DESCRIPTION = "AI key images - NOT FOR DIAGNOSTIC USE"
+BANNER = "AI RESULT - NOT FOR DIAGNOSTIC USE - colour shows model attention, not a localisation"
+MANUFACTURER = "cxrsr"
+#: Modality of a Secondary Capture made by software (PS3.3 C.7.3.1.1.1: OT, "Other").
+KEY_IMAGE_MODALITY = "OT"
+SECONDARY_CAPTURE_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+
+PANEL_WIDTH = 380
+BANNER_HEIGHT = 40
+BACKGROUND = (24, 24, 24)
+TEXT = (235, 235, 235)
+#: Largest weight of the heatmap colour over the radiograph (at the map's maximum).
+OVERLAY_OPACITY = 0.55
+
+
+@cache
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+@cache
+def jet_lut() -> np.ndarray:
+    """The 'jet' colormap as a 256x3 uint8 table: blue (low) - cyan - yellow - red (high)."""
+    x = np.linspace(0.0, 1.0, 256)
+
+    def channel(centre: float) -> np.ndarray:
+        return np.clip(1.5 - np.abs(4 * x - centre), 0.0, 1.0)
+
+    rgb = np.stack([channel(3.0), channel(2.0), channel(1.0)], axis=1)
+    return np.rint(rgb * 255).astype(np.uint8)
+
+
+class KeyImageError(InputError):
+    """A key image cannot be made: its preview or heatmap is missing, unreadable or changed."""
+
+
+def _sha256_of(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise KeyImageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+@dataclass(frozen=True)
+class KeyImageRef:
+    """One key image: what it shows, where that comes from, and its UIDs.
+
+    Made in the main process before any SR (the SR names the key image, so the SR's UID
+    depends on the key image's); small enough to send to a worker process. The preview
+    and heatmap are hashed here and checked again when drawn, so the UIDs always match
+    the pixels.
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    preview: str
+    preview_sha256: str
+    preview_crop: tuple[float, float, float, float]
+    heatmap_label: str
+    heatmap: str
+    heatmap_sha256: str
+    scores: tuple[tuple[str, float], ...]
+    threshold: float
+
+    @classmethod
+    def from_entry(
+        cls, entry: Mapping[str, Any], results_dir: Path, threshold: float, model: tuple[str, str]
+    ) -> KeyImageRef | None:
+        """The key image of a classified results entry; ``None`` without preview or heatmaps.
+
+        ``model`` is (model id, weights SHA-256). A preview or heatmap that the entry names
+        but that cannot be read raises :class:`KeyImageError`.
+        """
+        heatmaps = entry.get("heatmaps")
+        if not entry.get("preview") or not isinstance(heatmaps, dict) or not heatmaps:
+            return None
+        scores = entry["scores"]
+        try:
+            label = max(heatmaps, key=lambda name: scores[name])
+            x, y, width, height = (float(v) for v in entry["preview_crop"])
+            preview, heatmap = results_dir / entry["preview"], results_dir / heatmaps[label]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise KeyImageError(
+                f"the results entry's heatmaps, preview or preview_crop are malformed ({exc!r})"
+            ) from exc
+        content = {
+            "source": entry["sop_instance_uid"],
+            "model": model,
+            "rendering": RENDERING_VERSION,
+            "crop": (x, y, width, height),
+            "label": label,
+            "scores": tuple((name, float(score)) for name, score in scores.items()),
+            "threshold": threshold,
+            "preview": _sha256_of(preview),
+            "heatmap": _sha256_of(heatmap),
+        }
+        return cls(
+            study_instance_uid=entry["study_instance_uid"],
+            series_instance_uid=key_image_series_uid(entry["series_instance_uid"], *model),
+            sop_instance_uid=key_image_instance_uid(content_digest(content)),
+            preview=str(preview),
+            preview_sha256=content["preview"],
+            preview_crop=content["crop"],
+            heatmap_label=label,
+            heatmap=str(heatmap),
+            heatmap_sha256=content["heatmap"],
+            scores=content["scores"],
+            threshold=threshold,
+        )
+
+    def evidence_item(self) -> Dataset:
+        """A Hierarchical SOP Instance Reference (PS3.3 C.17.2.1) to this key image."""
+        instance = Dataset()
+        instance.ReferencedSOPClassUID = SECONDARY_CAPTURE_IMAGE_STORAGE
+        instance.ReferencedSOPInstanceUID = self.sop_instance_uid
+        series = Dataset()
+        series.SeriesInstanceUID = self.series_instance_uid
+        series.ReferencedSOPSequence = [instance]
+        study = Dataset()
+        study.StudyInstanceUID = self.study_instance_uid
+        study.ReferencedSeriesSequence = [series]
+        return study
+
+    def read(self) -> tuple[bytes, bytes]:
+        """The preview and heatmap PNGs, checked against the digests the UIDs came from."""
+        files = []
+        for path, digest in (
+            (self.preview, self.preview_sha256),
+            (self.heatmap, self.heatmap_sha256),
+        ):
+            try:
+                data = Path(path).read_bytes()
+            except OSError as exc:
+                raise KeyImageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise KeyImageError(f"{path} changed while the key images were being made")
+            files.append(data)
+        return files[0], files[1]
+
+
+def content_digest(content: Mapping[str, Any]) -> str:
+    """SHA-256 over everything that reaches a key image's bytes besides the source header.
+
+    The source header (patient, study) is fixed by the source's SOP Instance UID as long
+    as the source is unchanged, which generate_sr.py checks before writing.
+    """
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _png(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image if image.mode == "L" else image.convert("L")
+
+
+@cache
+def _jet_palette() -> list[int]:
+    return [int(v) for v in jet_lut().ravel()]
+
+
+def overlay(
+    preview: Image.Image, crop: tuple[float, float, float, float], heat: Image.Image
+) -> Image.Image:
+    """RGB preview with ``heat`` (224x224, L) in jet colours over the crop square.
+
+    The colour's weight grows with the heat, so where the model paid little attention
+    the radiograph shows through unchanged. Pillow does the arithmetic (8-bit, in C):
+    pasting through a mask blends ``colour * w + picture * (1 - w)``.
+    """
+    picture = preview.convert("RGB")
+    x, y, width, height = crop
+    left, top = round(x), round(y)
+    right = min(round(x + width), preview.width)
+    bottom = min(round(y + height), preview.height)
+    heat_big = heat.resize((right - left, bottom - top), Image.Resampling.BILINEAR)
+    weight = heat_big.point(_opacity_table())
+    heat_big.putpalette(_jet_palette())  # now a palette image: heat -> jet colour
+    picture.paste(heat_big.convert("RGB"), (left, top, right, bottom), weight)
+    return picture
+
+
+@cache
+def _opacity_table() -> list[int]:
+    return [round(v * OVERLAY_OPACITY) for v in range(256)]
+
+
+@cache
+def _text_sprite(
+    text: str, size: int, fill: tuple[int, int, int], anchor: str
+) -> tuple[Image.Image, int, int]:
+    """``text`` rendered once (RGBA, anti-aliased) with its offset from the anchor point.
+
+    Labels, scores and titles repeat from image to image; rendering each once keeps
+    FreeType off the per-image path.
+    """
+    font = _font(size)
+    left, top, right, bottom = (int(v) for v in font.getbbox(text, anchor=anchor))
+    sprite = Image.new("RGBA", (max(right - left, 1), max(bottom - top, 1)), (*fill, 0))
+    ImageDraw.Draw(sprite).text((-left, -top), text, font=font, fill=(*fill, 255), anchor=anchor)
+    return sprite, left, top
+
+
+def _text(
+    canvas: Image.Image,
+    xy: tuple[int, int],
+    text: str,
+    size: int,
+    fill: tuple[int, int, int] = TEXT,
+    anchor: str = "la",
+) -> None:
+    sprite, left, top = _text_sprite(text, size, fill, anchor)
+    canvas.paste(sprite, (xy[0] + left, xy[1] + top), sprite)
+
+
+@cache
+def _background(width: int, height: int, panel_left: int) -> Image.Image:
+    """Everything that does not depend on the image: banner, legend strip, titles."""
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    ImageDraw.Draw(canvas).rectangle((0, 0, width, BANNER_HEIGHT - 1), fill=(170, 20, 20))
+    _text(canvas, (10, BANNER_HEIGHT // 2), BANNER, 19, (255, 255, 255), "lm")
+    left, top = panel_left + 16, BANNER_HEIGHT + 14
+    _text(canvas, (left, top), "Colour: model attention for", 14)
+    bar_width = PANEL_WIDTH - 40
+    legend = np.repeat(jet_lut()[None, :, :], 12, axis=0)
+    strip = Image.fromarray(legend).resize((bar_width, 12), Image.Resampling.BILINEAR)
+    canvas.paste(strip, (left, top + 44))
+    _text(canvas, (left, top + 60), "low", 14)
+    _text(canvas, (left + bar_width, top + 60), "high", 14, anchor="ra")
+    _text(canvas, (left, top + 100), "Scores (0.5 = decision threshold)", 16)
+    return canvas
+
+
+def render(item: KeyImageRef) -> np.ndarray:
+    """The key image's pixels: RGB uint8, banner on top, radiograph left, panel right."""
+    preview, heatmap = item.read()
+    picture = overlay(_png(preview), item.preview_crop, _png(heatmap))
+    height = BANNER_HEIGHT + max(picture.height, 720)
+    canvas = _background(picture.width + PANEL_WIDTH, height, picture.width).copy()
+    canvas.paste(picture, (0, BANNER_HEIGHT))
+    _panel(canvas, item, picture.width + 16, BANNER_HEIGHT + 14)
+    return np.asarray(canvas)
+
+
+def _panel(canvas: Image.Image, item: KeyImageRef, left: int, top: int) -> None:
+    """The overlay's label, then every label sorted by score with bars and the threshold."""
+    draw = ImageDraw.Draw(canvas)
+    score_of = dict(item.scores)
+    label = f"{item.heatmap_label} (score {score_of[item.heatmap_label]:.2f})"
+    _text(canvas, (left, top + 18), label, 16, (255, 210, 80))
+    bar_left, bar_width = left, PANEL_WIDTH - 40
+    y = top + 128
+    row = 30
+    threshold_x = bar_left + round(bar_width * item.threshold)
+    first = y
+    for name, score in sorted(item.scores, key=lambda pair: (-pair[1], pair[0])):
+        found = score >= item.threshold
+        _text(canvas, (left, y), name, 14)
+        _text(canvas, (left + bar_width, y), f"{score:.2f}", 14, anchor="ra")
+        bar_top = y + 17
+        draw.rectangle((bar_left, bar_top, bar_left + bar_width, bar_top + 8), fill=(60, 60, 60))
+        end = bar_left + round(bar_width * min(max(score, 0.0), 1.0))
+        if end > bar_left:
+            colour = (230, 80, 60) if found else (150, 150, 150)
+            draw.rectangle((bar_left, bar_top, end, bar_top + 8), fill=colour)
+        y += row
+    draw.line((threshold_x, first - 4, threshold_x, y), fill=(255, 255, 255), width=2)
+    _text(canvas, (threshold_x, y + 2), "threshold", 14, anchor="ma")
+
+
+def key_image_series_uid(source_series_instance_uid: str, model_id: str, weights: str) -> str:
+    """Series Instance UID of the key images of one source series for one model."""
+    return uids.derive_uid("key-image-series", [source_series_instance_uid, model_id, weights])
+
+
+def key_image_instance_uid(digest: str) -> str:
+    """SOP Instance UID of a key image: a function of everything that reaches its bytes.
+
+    ``digest`` is :func:`content_digest` of the key image's inputs. This is the one place
+    that turns it into a UID: when ``cxrsr.uids`` gains a function deriving a UID from an
+    object's content, it replaces this line.
+    """
+    return uids.derive_uid("key-image", [digest])
+
+
+def build_key_image(
+    evidence: Dataset,
+    item: KeyImageRef,
+    instance_number: int,
+    content_datetime: datetime.datetime,
+    pixels: np.ndarray | None = None,
+) -> Dataset:
+    """The Secondary Capture dataset; ``evidence`` is the SR's cleaned source header."""
+    import highdicom as hd
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    if pixels is None:
+        pixels = render(item)
+    when = content_datetime.astimezone(datetime.UTC).replace(microsecond=0)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=evidence,
+        pixel_array=pixels,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=item.series_instance_uid,
+        series_number=KEY_IMAGE_SERIES_NUMBER,
+        sop_instance_uid=item.sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        # highdicom insists on an orientation for the PATIENT coordinate system; the
+        # picture is a composite (radiograph and panel), so it is written empty below.
+        patient_orientation=("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=KEY_IMAGE_SERIES_DESCRIPTION,
+    )
+    # Type 2C (PS3.3 C.7.6.1): present, empty: the picture is not a patient-oriented image.
+    sc["PatientOrientation"].value = None
+    # General Series Laterality is Type 2C; dciodvfy cannot evaluate its condition for a
+    # Secondary Capture and requires it: present and empty (unknown, not a paired organ).
+    sc.add_new("Laterality", "CS", None)
+    sc.BurnedInAnnotation = "YES"
+    sc.RecognizableVisualFeatures = "YES"
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.DerivationDescription = (
+        f"AI classification result (heatmap: {item.heatmap_label}) burned into a display preview"
+    )
+    sc.SoftwareVersions = f"cxrsr {__version__}"
+    # Everything highdicom stamps from the clock gets the classification's time instead,
+    # so the same results give the same bytes (the UID names one byte stream).
+    sc.ContentDate = sc.DateOfSecondaryCapture = DA(when.date())
+    sc.ContentTime = sc.TimeOfSecondaryCapture = TM(when.time().replace(tzinfo=None))
+    for equipment in sc.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in equipment:
+            equipment.ContributionDateTime = DT(when)
+    sc.TimezoneOffsetFromUTC = "+0000"
+    for keyword in ("InstanceCreationDate", "InstanceCreationTime"):
+        if keyword in sc:
+            delattr(sc, keyword)
+    source = Dataset()
+    source.ReferencedSOPClassUID = evidence.SOPClassUID
+    source.ReferencedSOPInstanceUID = evidence.SOPInstanceUID
+    sc.SourceImageSequence = [source]
+    return sc
