@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["strict", "warn", "off"],
         help="the domain gates' policy, as for process_dicom.py (default: %(default)s)",
     )
+    params.add_argument(
+        "--no-key-images",
+        action="store_true",
+        help="store the SRs only, without a key image each (default: both, as generate_sr.py)",
+    )
     model = parser.add_argument_group("model options")
     model.add_argument("--weights", default="densenet121-res224-all", help="default: %(default)s")
     model.add_argument(
@@ -168,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             stop=stop,
             domain=DomainPolicy(args.domain),
+            key_images=not args.no_key_images,
         )
         cli.log.info(
             "watching Orthanc at %s with %s (state in %s)",

@@ -55,6 +55,7 @@ from cxrsr import upload
 from cxrsr.classify import classify
 from cxrsr.discovery import Source
 from cxrsr.domain import DomainPolicy
+from cxrsr.heatmaps import HeatmapWriter
 from cxrsr.model import Classifier
 from cxrsr.orthanc import CredentialsRefused, OrthancClient, OrthancFatalError, OrthancUnavailable
 from cxrsr.results import FAILED, FORMAT, SKIPPED
@@ -250,6 +251,8 @@ class Watcher:
     stop: threading.Event = field(default_factory=threading.Event)
     chunk_size: int = CHUNK_SIZE
     domain: DomainPolicy = DomainPolicy.STRICT
+    key_images: bool = True
+    """Store a key image (Secondary Capture) with each SR, as generate_sr.py does."""
     on_progress: Callable[[int], None] = lambda n: None
 
     def __post_init__(self) -> None:
@@ -360,8 +363,16 @@ class Watcher:
             if not by_path:
                 return counts
             sources = [Source(p) for p in by_path]
+            # Previews and heatmaps go beside the images, for the key images (as
+            # process_dicom.py writes them beside its results file).
+            heatmaps = HeatmapWriter(folder) if self.key_images else None
             run = classify(
-                sources, lambda: self.classifier, self.batch_size, self.workers, domain=self.domain
+                sources,
+                lambda: self.classifier,
+                self.batch_size,
+                self.workers,
+                domain=self.domain,
+                heatmaps=heatmaps,
             )
             self._check_stop()  # a stop during classification: nothing was recorded or sent
             entries = []
@@ -415,7 +426,14 @@ class Watcher:
         """Build each entry's objects, store and verify them; record what arrived."""
         document = {"format": FORMAT, "model": self.model, "images": entries}
         fallback = datetime.datetime.now(datetime.UTC)
-        outcome = generate_srs(document, out, fallback, disable_progress=True, jobs=1)
+        outcome = generate_srs(
+            document,
+            out,
+            fallback,
+            disable_progress=True,
+            jobs=1,
+            results_dir=out.parent if self.key_images else None,
+        )
         outputs: dict[str, list[Path]] = {}
         for path in sorted(out.iterdir()) if out.exists() else []:
             described, _own = _described_source(path)

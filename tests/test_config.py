@@ -170,7 +170,8 @@ def test_nasty_password_end_to_end_through_run_sh_pieces_local_orthanc_and_the_s
             run_script("upload_dicom.py", data, sr_dir, "-q", env=env),
         ]
         assert [r.returncode for r in runs] == [0, 0, 0], [r.stderr for r in runs]
-        assert runs[2].stdout.startswith("2 stored, 0 already stored, 0 rejected, 0 failed")
+        # The image, its SR and its key image.
+        assert runs[2].stdout.startswith("3 stored, 0 already stored, 0 rejected, 0 failed")
         assert all(NASTY_PASSWORD not in r.stdout + r.stderr for r in runs)
     finally:
         stop = [PY, "-m", "cxrsr.local_orthanc", "stop", "--dir", str(orthanc_dir)]

@@ -104,6 +104,21 @@ def results_by_image(server: LocalOrthanc) -> dict[str, list[tuple[str, str]]]:
     return found
 
 
+def key_images_by_image(server: LocalOrthanc) -> dict[str, list[tuple[str, str]]]:
+    """Source SOP Instance UID -> [(key image SOP Instance UID, Orthanc study)]."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    query = {"Level": "Series", "Query": {"Modality": "OT"}}
+    for series_id in get(server, "/tools/find", query):  # type: ignore[union-attr]
+        for instance in get(server, f"/series/{series_id}/instances"):  # type: ignore[union-attr]
+            tags = get(server, f"/instances/{instance['ID']}/tags?simplify")
+            study = get(server, f"/instances/{instance['ID']}/study")["ID"]  # type: ignore[index]
+            for item in tags["SourceImageSequence"]:  # type: ignore[index]
+                found.setdefault(item["ReferencedSOPInstanceUID"], []).append(
+                    (tags["SOPInstanceUID"], study)  # type: ignore[index]
+                )
+    return found
+
+
 def instance_count(server: LocalOrthanc) -> int:
     return int(get(server, "/statistics")["CountInstances"])  # type: ignore[index]
 
@@ -215,8 +230,12 @@ def test_once_backfills_each_image_once_and_leaves_everything_else_alone(
         assert len(srs) == 1, srs
         assert srs[0][1] == answer["ParentStudy"]  # in the image's own study
     assert set(results) == {uid_of(p) for p in images}  # CT and the broken DX: no result
+    key_images = key_images_by_image(watched)
+    for path, answer in zip(images, answers, strict=False):
+        assert [study for _, study in key_images[uid_of(path)]] == [answer["ParentStudy"]]
+    assert set(key_images) == set(results)
     count = instance_count(watched)
-    assert count == 5 + 3
+    assert count == 5 + 3 + 3  # the inputs, an SR and a key image each
 
     # Its own SRs are never candidates: the audit names source images only.
     sr_uids = {sr for srs in results.values() for sr, _ in srs}
@@ -265,6 +284,8 @@ def test_follows_arrivals_and_survives_kill_9_with_exactly_one_result_each(
     results = results_by_image(watched)
     assert {uid: len(results[uid]) for uid in uids} == dict.fromkeys(uids, 1)
     assert set(results) == set(uids)
+    key_images = key_images_by_image(watched)
+    assert {uid: len(key_images[uid]) for uid in uids} == dict.fromkeys(uids, 1)
     assert "Traceback" not in follower.text()
 
 
