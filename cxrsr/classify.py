@@ -262,6 +262,17 @@ def classify(
             entries[index] = classified_entry(item, scores, threshold)
             if heatmaps is not None:
                 entries[index]["heatmaps"] = heatmaps.write(item.path, scores, maps)  # type: ignore[index]
+        if heatmaps is not None:
+            # An entry is reported (and journaled) only once the pictures it names are on
+            # disk, so a run killed at any moment leaves no entry naming a missing file.
+            # The batch's maps are still encoded in parallel (zlib releases the GIL).
+            try:
+                heatmaps.wait()
+            except OSError as exc:
+                raise PipelineError(
+                    f"{heatmaps.results_dir}: cannot write heatmaps: {exc}", 3
+                ) from exc
+        for index, _item in batch:
             on_entry(entries[index])  # type: ignore[arg-type]
         batch.clear()
         on_batch()

@@ -122,6 +122,11 @@ class HeatmapWriter:
             self._pending.popleft().result()
         return written
 
+    def wait(self) -> None:
+        """Wait until every heatmap queued so far is on disk (a failed write raises)."""
+        while self._pending:
+            self._pending.popleft().result()
+
     def close(self) -> None:
         """Wait until every queued heatmap is on disk; a write that failed raises ``OSError``."""
         try:

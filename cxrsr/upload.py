@@ -141,7 +141,9 @@ class Report:
         )
         if self.verification_note:
             line += f" ({self.verification_note})"
-        for kind, placement in self.placements.items():
+        order = [kind for kind, _matches, _references in DERIVED_KINDS]
+        # The order of DERIVED_KINDS, not of arrival: the same run always reads the same.
+        for kind, placement in sorted(self.placements.items(), key=lambda i: order.index(i[0])):
             line += f", {kind} in source study {placement.in_source_study}/{placement.checked}"
             if placement.source_missing:
                 line += f" ({placement.source_missing} without their source in Orthanc)"

@@ -65,6 +65,23 @@ def run_script(
     )
 
 
+#: SOP Class UIDs of the Structured Report family (PS3.4 B.5).
+SR_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+
+
+def sr_files(folder: Path) -> list[Path]:
+    """The SRs among generate_sr.py's outputs, in name order (key images sit beside them)."""
+    import pydicom
+
+    return [
+        path
+        for path in sorted(Path(folder).glob("*.dcm"))
+        if str(pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID).startswith(
+            SR_SOP_CLASS_PREFIX
+        )
+    ]
+
+
 def orthanc_env(server: LocalOrthanc) -> dict[str, str]:
     """This process's environment plus the Orthanc URL and credentials of ``server``."""
     return dict(

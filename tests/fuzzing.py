@@ -771,6 +771,13 @@ def children_max_rss_kb() -> int:
 ALLOWED_EXIT_CODES = (0, 1)
 
 
+def _is_sr(path: Path) -> bool:
+    """An SR, not a key image written beside it."""
+    import pydicom
+
+    return bool(pydicom.dcmread(path, stop_before_pixels=True).Modality == "SR")
+
+
 def script_problems(run: ScriptRun) -> list[str]:
     """A timeout, a traceback, or an exit code other than 0/1."""
     problems = []
@@ -865,6 +872,8 @@ def sr_problems(document: dict[str, Any], sr_dir: Path, run: ScriptRun) -> list[
     for path in sorted(Path(sr_dir).glob("*.dcm")) if Path(sr_dir).is_dir() else []:
         try:
             sr = pydicom.dcmread(path)
+            if sr.Modality != "SR":
+                continue  # a key image beside its SR
             evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
             referenced.add(
                 evidence.ReferencedSeriesSequence[0]
@@ -1078,7 +1087,7 @@ def run_pipeline(
     outcome.problems["generate_sr"] = script_problems(generate) + sr_problems(
         document, sr_dir, generate
     )
-    srs = sorted(sr_dir.glob("*.dcm")) if sr_dir.is_dir() else []
+    srs = [p for p in sorted(sr_dir.glob("*.dcm")) if _is_sr(p)] if sr_dir.is_dir() else []
     outcome.sr_count = len(srs)
     if dciodvfy is not None and srs:
         sample = random.Random(len(srs)).sample(srs, min(dciodvfy_sample, len(srs)))

@@ -19,7 +19,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from conftest import require_program, run_script
+from conftest import require_program, run_script, sr_files
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -510,7 +510,7 @@ def test_sr_records_the_projection_and_the_notes(warn_run, tmp_path: Path) -> No
     done = run_script("generate_sr.py", "--results", results, "--output-dir", tmp_path)
     assert done.returncode == 0, done.stderr
     by_source = {}
-    for path in sorted(tmp_path.glob("*.dcm")):
+    for path in sr_files(tmp_path):
         checked = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True)
         output = checked.stdout + checked.stderr
         assert [line for line in output.splitlines() if line.startswith("Error")] == [], output

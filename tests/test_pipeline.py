@@ -64,8 +64,8 @@ def test_pipeline_lands_each_sr_in_its_image_study_and_reruns_add_nothing(
     n = len(IMAGES) + 1 + 2 * len(IMAGES)  # images, the CT, one SR and key image per image
     assert f"{n} stored, 0 already stored, 0 rejected, 0 failed" in first[2].stdout
     assert f"verified {n}/{n}" in first[2].stdout
-    in_study = 2 * len(IMAGES)  # key images are checked like SRs
-    assert f"SRs in source study {in_study}/{in_study}" in first[2].stdout
+    k = len(IMAGES)  # each SR and each key image is checked against its image's study
+    assert f"SRs in source study {k}/{k}, key images in source study {k}/{k}" in first[2].stdout
 
     auth = (server.username, server.password)
 

@@ -23,7 +23,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from conftest import missing_prerequisite, orthanc_env, require_program, run_script
+from conftest import missing_prerequisite, orthanc_env, require_program, run_script, sr_files
 from pydicom.sr.codedict import codes
 from test_pipeline import copy_with_new_uids
 
@@ -1134,7 +1134,7 @@ def test_two_independent_classifications_upload_without_conflict(
         assert done.returncode == 0, done.stderr
         done = run_generate("-q", "--results", run / "results.json", "--output-dir", run / "sr")
         assert done.returncode == 0, done.stderr
-    first, second = ({p.name: p.read_bytes() for p in (run / "sr").glob("*.dcm")} for run in runs)
+    first, second = ({p.name: p.read_bytes() for p in sr_files(run / "sr")} for run in runs)
     assert len(first) == len(second) == 2
     times = [
         sorted(e["classified_at"] for e in load_results_json(run / "results.json")["images"])
@@ -1152,7 +1152,8 @@ def test_two_independent_classifications_upload_without_conflict(
         "upload_dicom.py", data, runs[0] / "sr", runs[1] / "sr", "-q", env=orthanc_env(orthanc)
     )
     assert upload.returncode == 0, upload.stdout + upload.stderr
-    assert "6 stored" in upload.stdout and "0 rejected, 0 failed" in upload.stdout
+    # The two images, and two SRs and two key images from each classification.
+    assert "10 stored" in upload.stdout and "0 rejected, 0 failed" in upload.stdout
 
 
 # --- PixelMed's template validator -----------------------------------------------------------
