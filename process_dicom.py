@@ -61,57 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=Path("output/results.json"),
         help="results file to write (default: %(default)s)",
     )
-    params.add_argument(
-        "--domain",
-        default=DomainPolicy.STRICT.value,
-        choices=[policy.value for policy in DomainPolicy],
-        help="images outside the training domain (veterinary, lateral or oblique views, "
-        "orientations no turn explains): strict skips them, warn classifies them with a "
-        "warning, off ignores the gates (default: %(default)s)",
-    )
-    model = parser.add_argument_group("model options")
-    model.add_argument(
-        "--weights",
-        default="densenet121-res224-all",
-        help="torchxrayvision DenseNet weights name (default: %(default)s)",
-    )
-    model.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="folder holding the weights file (default: torchxrayvision's, ~/.torchxrayvision/models_data)",
-    )
-    model.add_argument(
-        "--weights-sha256",
-        type=cli.sha256_hex,
-        metavar="HEX",
-        help="refuse (exit 3) a weights file whose SHA-256 differs, before reading anything in it",
-    )
-    model.add_argument(
-        "--device",
-        default="auto",
-        choices=["auto", "cpu", "cuda"],
-        help="where the network runs; auto uses CUDA when present (default: %(default)s)",
-    )
-    model.add_argument(
-        "--backend",
-        default="auto",
-        choices=["auto", "onnx", "eager"],
-        help="auto: ONNX Runtime on the CPU (checked against PyTorch at start), "
-        "eager PyTorch on CUDA (default: %(default)s)",
-    )
-    model.add_argument(
-        "--batch-size",
-        type=cli.positive_int,
-        default=16,
-        help="images per network call (default: %(default)s)",
-    )
-    model.add_argument(
-        "--workers",
-        type=cli.non_negative_int,
-        default=cli.available_cpus(),
-        help="reader processes; 0 reads in the main process (default: the CPUs available, %(default)s)",
-    )
+    cli.add_domain_option(params)
+    cli.add_model_options(parser)
     output = parser.add_argument_group("output options")
     output.add_argument(
         "--no-heatmaps",

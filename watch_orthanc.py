@@ -68,37 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between two full comparisons of Orthanc with what is done, which "
         "catch what the change log lost (default: %(default)s)",
     )
-    params.add_argument(
-        "--domain",
-        default="strict",
-        choices=["strict", "warn", "off"],
-        help="the domain gates' policy, as for process_dicom.py (default: %(default)s)",
-    )
+    cli.add_domain_option(params)
     params.add_argument(
         "--no-key-images",
         action="store_true",
         help="store the SRs only, without a key image each (default: both, as generate_sr.py)",
     )
-    model = parser.add_argument_group("model options")
-    model.add_argument("--weights", default="densenet121-res224-all", help="default: %(default)s")
-    model.add_argument(
-        "--cache-dir", type=Path, default=None, help="folder holding the weights file"
-    )
-    model.add_argument(
-        "--weights-sha256",
-        type=cli.sha256_hex,
-        metavar="HEX",
-        help="refuse (exit 3) a weights file whose SHA-256 differs, before reading anything in it",
-    )
-    model.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    model.add_argument("--backend", default="auto", choices=["auto", "onnx", "eager"])
-    model.add_argument("--batch-size", type=cli.positive_int, default=16, help="default: 16")
-    model.add_argument(
-        "--workers",
-        type=cli.non_negative_int,
-        default=cli.available_cpus(),
-        help="reader processes (default: the CPUs available, %(default)s)",
-    )
+    cli.add_model_options(parser)
     net = parser.add_argument_group("network options")
     net.add_argument(
         "--url", help="Orthanc's REST URL (default: ORTHANC_URL, else http://127.0.0.1:8042)"

@@ -14,6 +14,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from cxrsr import __version__
@@ -129,6 +130,73 @@ def _bounded_int(text: str, least: int) -> int:
 #: Longest wait :func:`positive_seconds` accepts: a day. Far beyond any useful network
 #: timeout, and far below what sockets can represent (1e300 s overflows ``time_t``).
 MAX_SECONDS = 86400.0
+
+
+#: ``--domain`` choices: the values of :class:`cxrsr.domain.DomainPolicy` (not imported
+#: here, so that scripts which never classify do not load it).
+DOMAIN_POLICIES = ("strict", "warn", "off")
+
+
+def add_domain_option(group: argparse._ArgumentGroup) -> None:
+    """``--domain``, the domain gates' policy, as process_dicom.py and the watcher take it."""
+    group.add_argument(
+        "--domain",
+        default=DOMAIN_POLICIES[0],
+        choices=DOMAIN_POLICIES,
+        help="images outside the training domain (veterinary, lateral or oblique views, "
+        "orientations no turn explains): strict skips them, warn classifies them with a "
+        "warning, off ignores the gates (default: %(default)s)",
+    )
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The model options every classifying script shares: weights, device, readers."""
+    model = parser.add_argument_group("model options")
+    model.add_argument(
+        "--weights",
+        default="densenet121-res224-all",
+        help="torchxrayvision DenseNet weights name (default: %(default)s)",
+    )
+    model.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="folder holding the weights file (default: torchxrayvision's, "
+        "~/.torchxrayvision/models_data)",
+    )
+    model.add_argument(
+        "--weights-sha256",
+        type=sha256_hex,
+        metavar="HEX",
+        help="refuse (exit 3) a weights file whose SHA-256 differs, before reading anything in it",
+    )
+    model.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where the network runs; auto uses CUDA when present (default: %(default)s)",
+    )
+    model.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "onnx", "eager"],
+        help="auto: ONNX Runtime on the CPU (checked against PyTorch at start), "
+        "eager PyTorch on CUDA (default: %(default)s)",
+    )
+    model.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=16,
+        help="images per network call (default: %(default)s)",
+    )
+    model.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=available_cpus(),
+        help="reader processes; 0 reads in the main process (default: the CPUs available, "
+        "%(default)s)",
+    )
+    return model
 
 
 def sha256_hex(text: str) -> str:
