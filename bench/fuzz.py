@@ -54,6 +54,7 @@ def random_weights(cache_dir: Path) -> Path:
     import torchxrayvision as xrv
 
     url = xrv.models.model_urls[WEIGHTS_NAME]["weights_url"]
+    cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / os.path.basename(url)
     if not path.exists():
         torch.manual_seed(0)
