@@ -902,7 +902,11 @@ def dsrdump_problems(paths: Iterable[Path], dsrdump: str) -> list[str]:
     for path in paths:
         try:
             done = subprocess.run(
-                [dsrdump, "-Ee", str(path)], capture_output=True, text=True, timeout=60
+                [dsrdump, "-Ee", str(path)],
+                capture_output=True,
+                text=True,
+                errors="replace",  # values in the SR's own character set (Latin-1, ...)
+                timeout=60,
             )
         except subprocess.TimeoutExpired:
             problems.append(f"{path.name}: dsrdump timed out")
@@ -917,7 +921,13 @@ def dciodvfy_problems(paths: Iterable[Path], dciodvfy: str) -> list[str]:
     problems = []
     for path in paths:
         try:
-            done = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
+            done = subprocess.run(
+                [dciodvfy, str(path)],
+                capture_output=True,
+                text=True,
+                errors="replace",  # values in the SR's own character set (Latin-1, ...)
+                timeout=60,
+            )
         except subprocess.TimeoutExpired:
             problems.append(f"{path.name}: dciodvfy timed out")
             continue
