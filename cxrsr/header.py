@@ -72,6 +72,10 @@ def read_header(fh: BinaryIO, size: int) -> Dataset:
         # meta, which is never deflated, can be held against the file's size.
         deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
         _check_lengths(ds, size, deflated)
+        # pydicom converts values lazily: an element it cannot convert (an unknown VR, a
+        # number that is not one) would otherwise fail later, wherever it is first read.
+        for _element in ds.iterall():
+            pass
         if is_dicomdir(ds):
             return ds
         for keyword, tag in (("SOPClassUID", "(0008,0016)"), ("SOPInstanceUID", "(0008,0018)")):

@@ -51,3 +51,17 @@ def test_dicomdir_is_recognised_without_a_sop_instance(tmp_path: Path) -> None:
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
     ds.save_as(tmp_path / "DICOMDIR", enforce_file_format=True)
     assert is_dicomdir(check((tmp_path / "DICOMDIR").read_bytes()))
+
+
+def test_an_element_pydicom_cannot_convert_is_malformed(corpus_dir: Path) -> None:
+    """Case 7725 of fuzz seed 1: a header flip gives Image Type an unknown VR. pydicom
+    converts values lazily, so without the check the uploader met it later (deciding
+    whether the file is a key image) and ended with a traceback, exit 4."""
+    import fuzzing
+
+    case = fuzzing.make_case(fuzzing.load_corpus(corpus_dir), seed=1, index=7725)
+    lazily = pydicom.dcmread(io.BytesIO(case.data), stop_before_pixels=True, force=True)
+    with pytest.raises(NotImplementedError, match="Unknown Value Representation"):
+        _ = lazily.ImageType
+    with pytest.raises(MalformedDicom, match=r"Unknown Value Representation"):
+        check(case.data)
