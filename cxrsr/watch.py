@@ -72,7 +72,7 @@ RADIOGRAPH_MODALITIES = ("CR", "DX")
 #: Images fetched and classified together: large enough for full network batches and
 #: to amortise the worker processes' start, small enough to keep memory and the work
 #: lost to a crash small.
-CHUNK_SIZE = 64
+CHUNK_SIZE = 128
 
 #: Changes read from ``/changes`` per request.
 CHANGES_PAGE = 100
