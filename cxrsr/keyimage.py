@@ -12,8 +12,9 @@ does, burned into pixels every viewer shows:
 
 It is a Secondary Capture Image (PS3.3 A.8.1, built by ``highdicom.sc.SCImage``) with
 Burned In Annotation YES, in its own series of the source's study, with Patient and Study
-copied exactly as for the SR (:func:`cxrsr.sr.evidence_dataset`). Its UIDs name one byte
-stream: they are derived from everything that reaches its bytes (see :func:`content_digest`).
+copied exactly as for the SR (:func:`cxrsr.sr.evidence_dataset`). Its SOP Instance UID names
+one byte stream: generate_sr.py derives it from the file's complete bytes
+(:func:`cxrsr.uids.encode_with_content_uid`), before the SR that names it is built.
 Everything it needs comes from the files process_dicom.py wrote beside the results (the
 preview and heatmaps), so no image is decoded twice.
 """
@@ -23,7 +24,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import io
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -37,10 +37,6 @@ from pydicom.valuerep import DA, DT, TM
 
 from cxrsr import __version__, uids
 from cxrsr.errors import InputError
-
-#: Bumped whenever the picture or the DICOM attributes change for the same inputs; part
-#: of the content digest, so a changed rendering is a new instance.
-RENDERING_VERSION = "1"
 
 KEY_IMAGE_SERIES_NUMBER = 9902
 #: Series Description (LO, at most 64 characters).
@@ -91,10 +87,10 @@ def _sha256_of(path: Path) -> str:
 class KeyImageRef:
     """One key image: what it shows, where that comes from, and its UIDs.
 
-    Made in the main process before any SR (the SR names the key image, so the SR's UID
-    depends on the key image's); small enough to send to a worker process. The preview
-    and heatmap are hashed here and checked again when drawn, so the UIDs always match
-    the pixels.
+    Made in the main process, small enough to send to a worker process. The preview and
+    heatmap are hashed here and checked again when drawn, so a file changed in between is
+    an error, not a silently different picture. ``sop_instance_uid`` is the placeholder
+    until the key image is encoded and its content UID is known.
     """
 
     study_instance_uid: str
@@ -130,28 +126,17 @@ class KeyImageRef:
             raise KeyImageError(
                 f"the results entry's heatmaps, preview or preview_crop are malformed ({exc!r})"
             ) from exc
-        content = {
-            "source": entry["sop_instance_uid"],
-            "model": model,
-            "rendering": RENDERING_VERSION,
-            "crop": (x, y, width, height),
-            "label": label,
-            "scores": tuple((name, float(score)) for name, score in scores.items()),
-            "threshold": threshold,
-            "preview": _sha256_of(preview),
-            "heatmap": _sha256_of(heatmap),
-        }
         return cls(
             study_instance_uid=entry["study_instance_uid"],
             series_instance_uid=key_image_series_uid(entry["series_instance_uid"], *model),
-            sop_instance_uid=key_image_instance_uid(content_digest(content)),
+            sop_instance_uid=uids.CONTENT_UID_PLACEHOLDER,
             preview=str(preview),
-            preview_sha256=content["preview"],
-            preview_crop=content["crop"],
+            preview_sha256=_sha256_of(preview),
+            preview_crop=(x, y, width, height),
             heatmap_label=label,
             heatmap=str(heatmap),
-            heatmap_sha256=content["heatmap"],
-            scores=content["scores"],
+            heatmap_sha256=_sha256_of(heatmap),
+            scores=tuple((name, float(score)) for name, score in scores.items()),
             threshold=threshold,
         )
 
@@ -169,7 +154,7 @@ class KeyImageRef:
         return study
 
     def read(self) -> tuple[bytes, bytes]:
-        """The preview and heatmap PNGs, checked against the digests the UIDs came from."""
+        """The preview and heatmap PNGs, checked against the digests taken when listed."""
         files = []
         for path, digest in (
             (self.preview, self.preview_sha256),
@@ -183,16 +168,6 @@ class KeyImageRef:
                 raise KeyImageError(f"{path} changed while the key images were being made")
             files.append(data)
         return files[0], files[1]
-
-
-def content_digest(content: Mapping[str, Any]) -> str:
-    """SHA-256 over everything that reaches a key image's bytes besides the source header.
-
-    The source header (patient, study) is fixed by the source's SOP Instance UID as long
-    as the source is unchanged, which generate_sr.py checks before writing.
-    """
-    text = json.dumps(content, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _png(data: bytes) -> Image.Image:
@@ -318,16 +293,6 @@ def _panel(canvas: Image.Image, item: KeyImageRef, left: int, top: int) -> None:
 def key_image_series_uid(source_series_instance_uid: str, model_id: str, weights: str) -> str:
     """Series Instance UID of the key images of one source series for one model."""
     return uids.derive_uid("key-image-series", [source_series_instance_uid, model_id, weights])
-
-
-def key_image_instance_uid(digest: str) -> str:
-    """SOP Instance UID of a key image: a function of everything that reaches its bytes.
-
-    ``digest`` is :func:`content_digest` of the key image's inputs. This is the one place
-    that turns it into a UID: when ``cxrsr.uids`` gains a function deriving a UID from an
-    object's content, it replaces this line.
-    """
-    return uids.derive_uid("key-image", [digest])
 
 
 def build_key_image(

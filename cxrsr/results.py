@@ -39,18 +39,6 @@ SKIPPED = "skipped"
 FAILED = "failed"
 STATUSES = (CLASSIFIED, SKIPPED, FAILED)
 
-#: Keys every ``classified`` entry carries (generate_sr.py relies on them).
-CLASSIFIED_KEYS = (
-    "path",
-    "sop_instance_uid",
-    "series_instance_uid",
-    "study_instance_uid",
-    "sop_class_uid",
-    "patient_id",
-    "scores",
-    "findings",
-)
-
 #: What a score of the ``-all`` weights means; written to the results file and the SR.
 OPERATING_POINT_SCORE = (
     "operating-point normalised score, not a probability: torchxrayvision rescales each "

@@ -225,17 +225,21 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
 
 
-def _described_source(path: Path) -> tuple[str | None, str]:
-    """(SOP Instance UID of the image an output describes, the output's own UID)."""
-    dataset = pydicom.dcmread(path, stop_before_pixels=True)
-    own = str(dataset.SOPInstanceUID)
-    for item in getattr(dataset, "CurrentRequestedProcedureEvidenceSequence", []):
-        for series in getattr(item, "ReferencedSeriesSequence", []):
-            for sop in getattr(series, "ReferencedSOPSequence", []):
-                return str(sop.ReferencedSOPInstanceUID), own
-    for sop in getattr(dataset, "SourceImageSequence", []):
-        return str(sop.ReferencedSOPInstanceUID), own
-    return None, own
+@dataclass(frozen=True)
+class _Output:
+    """One object generate_sr.py wrote, read once: what it is and what it describes."""
+
+    path: Path
+    sop_instance_uid: str
+    is_sr: bool
+    describes: tuple[str, ...]
+
+    @classmethod
+    def read(cls, path: Path) -> _Output:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+        # The uploader's own rule for what an SR or key image refers to (no second copy).
+        kind, describes = upload.derived_from(dataset)
+        return cls(path, str(dataset.SOPInstanceUID), kind == "SRs", describes)
 
 
 @dataclass
@@ -434,19 +438,21 @@ class Watcher:
             jobs=1,
             results_dir=out.parent if self.key_images else None,
         )
-        outputs: dict[str, list[Path]] = {}
+        outputs: dict[str, list[_Output]] = {}
         for path in sorted(out.iterdir()) if out.exists() else []:
-            described, _own = _described_source(path)
-            if described is not None:
-                outputs.setdefault(described, []).append(path)
+            output = _Output.read(path)
+            for described in output.describes:
+                outputs.setdefault(described, []).append(output)
         # Derived objects other than SRs first: an SR in Orthanc is what marks the image
         # done, so it must arrive last.
         ordered = sorted(
-            (p for paths in outputs.values() for p in paths),
-            key=lambda p: pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR",
+            {o.path: o for objects in outputs.values() for o in objects}.values(),
+            key=lambda o: o.is_sr,
         )
         self._check_stop()
-        results = upload.upload([Source(str(p)) for p in ordered], self.client, self.upload_workers)
+        results = upload.upload(
+            [Source(str(o.path)) for o in ordered], self.client, self.upload_workers
+        )
         report = upload.verify(results, self.client, workers=self.upload_workers)
         report.log_problems()
         good = {o.name for o in report.outcomes if o.sent and o.verified and not o.problems}
@@ -455,8 +461,8 @@ class Watcher:
         for entry in entries:
             instance = by_path[entry["path"]]
             uid = instance.sop_instance_uid
-            paths = outputs.get(entry["sop_instance_uid"], [])
-            if not paths:
+            written = outputs.get(entry["sop_instance_uid"], [])
+            if not written:
                 failed += 1
                 self.state.record(
                     "failed",
@@ -465,7 +471,7 @@ class Watcher:
                     reason="no SR could be built (see the E: line above)",
                 )
                 continue
-            if all(str(p) in good for p in paths):
+            if all(str(o.path) in good for o in written):
                 stored += 1
                 self.state.record(
                     "stored",
@@ -476,11 +482,11 @@ class Watcher:
                     findings=entry["findings"],
                     objects=[
                         {
-                            "sop_instance_uid": _described_source(p)[1],
-                            "status": by_name[str(p)].status,
-                            "orthanc_instance": by_name[str(p)].instance_id,
+                            "sop_instance_uid": o.sop_instance_uid,
+                            "status": by_name[str(o.path)].status,
+                            "orthanc_instance": by_name[str(o.path)].instance_id,
                         }
-                        for p in paths
+                        for o in written
                     ],
                 )
             else:
