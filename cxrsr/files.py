@@ -60,16 +60,42 @@ def write_atomic(path: Path, data: bytes) -> None:
     file is renamed over the target (``os.replace`` is atomic on POSIX and Windows). The
     file gets :data:`FILE_MODE` whatever the umask: it may hold patient data.
     """
-    path = Path(path)
-    make_folders(path.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    StagedFile(path, data).commit()
+
+
+class StagedFile:
+    """:func:`write_atomic` in two steps: the bytes written and flushed to disk now (the
+    slow part, which may run on another thread), the rename later, or never.
+
+    generate_sr.py stages a key image while it builds the SR that names it, and renames it
+    only once that SR exists: a key image is never left behind for an SR that failed.
+    """
+
+    def __init__(self, path: Path, data: bytes) -> None:
+        self.path = Path(path)
+        make_folders(self.path.parent)
+        fd, self._tmp_name = tempfile.mkstemp(
+            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
+        )
+        try:
+            os.fchmod(fd, FILE_MODE)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            self.discard()
+            raise
+
+    def commit(self) -> Path:
+        """Rename the written file over its target; returns the target."""
+        try:
+            os.replace(self._tmp_name, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        return self.path
+
+    def discard(self) -> None:
+        """Remove the written file; the target is left as it was."""
+        Path(self._tmp_name).unlink(missing_ok=True)

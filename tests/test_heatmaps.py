@@ -288,3 +288,26 @@ def test_png_bytes_round_trips_through_pillow() -> None:
         with Image.open(BytesIO(png_bytes(array))) as image:
             assert image.format == "PNG" and image.mode == "L"
             assert np.array_equal(np.asarray(image), array)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (224, 224), (1024, 833)])
+def test_read_png_reads_what_png_bytes_writes_as_pillow_does(shape: tuple[int, int]) -> None:
+    """generate_sr.py reads the previews and heatmaps with preview.read_png (zlib and
+    numpy, no GIL ping-pong); it must give exactly what Pillow decodes."""
+    import io
+
+    from PIL import Image
+
+    from cxrsr.preview import png_bytes, read_png
+
+    rng = np.random.default_rng(shape[0])
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    image[: shape[0] // 2] //= 7  # smooth and noisy rows both
+    data = png_bytes(image)
+    assert np.array_equal(read_png(data), image)
+    assert np.array_equal(read_png(data), np.asarray(Image.open(io.BytesIO(data))))
+    # Any other PNG goes to Pillow: its own encoder's filters, and colour.
+    for mode in ("L", "RGB"):
+        buffer = io.BytesIO()
+        Image.fromarray(image).convert(mode).save(buffer, "PNG")
+        assert np.array_equal(read_png(buffer.getvalue()), image)

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -233,3 +234,33 @@ def test_no_heatmaps_no_key_images_and_a_missing_preview_is_an_error(
     srs, images = read_all(tmp_path / "missing")  # its SR is still written, without one
     assert len(srs) == len(NAMES) and len(images) == len(NAMES) - 1
     assert sum("PertinentOtherEvidenceSequence" in sr for sr in srs) == len(NAMES) - 1
+
+
+def test_a_key_image_whose_sr_fails_is_not_left_behind(
+    results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key image is written while its SR is built, and renamed into place only once
+    the SR is written: when the SR fails, its key image (and any temporary file) goes."""
+    import datetime
+
+    from cxrsr import sr_batch
+
+    document = json.loads(results.read_text())
+    refused = document["images"][1]["path"]
+    real_encode = sr_batch.SRBuilder.encode
+
+    def encode(self: sr_batch.SRBuilder, header: Any, classification: Any) -> Any:
+        if classification.path == refused:
+            raise ValueError("refused by the test")
+        return real_encode(self, header, classification)
+
+    monkeypatch.setattr(sr_batch.SRBuilder, "encode", encode)
+    when = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+    outcome = sr_batch.generate_srs(document, tmp_path / "out", when, results_dir=results.parent)
+    assert len(outcome.errors) == 1 and "refused by the test" in outcome.errors[0]
+    srs, images = read_all(tmp_path / "out")
+    assert len(srs) == len(images) == len(outcome.key_images) == len(NAMES) - 1
+    assert {key_image_of(sr, images).SOPInstanceUID for sr in srs} == set(images)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        p.name for p in outcome.written + outcome.key_images
+    )

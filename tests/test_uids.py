@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import warnings
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -101,3 +102,37 @@ def test_content_uid_covers_what_derives_from_the_uid() -> None:
     seen: list[str] = []
     uids.content_uid("x", lambda u: seen.append(u) or u.encode())
     assert seen[0] == uids.CONTENT_UID_PLACEHOLDER and seen[1] != seen[0]
+
+
+@pytest.mark.parametrize("pixel_bytes", [6, 7, 3 * 1024 * 1024])
+@pytest.mark.parametrize("vr", ["OB", "OW"])
+def test_pixel_data_encoded_once_gives_the_same_file_and_uid(pixel_bytes: int, vr: str) -> None:
+    """encode_with_content_uid encodes a last Pixel Data element once and the elements
+    before it twice; the file and the UID must be exactly what two whole encodings give
+    (odd lengths included: the padding byte belongs to the element)."""
+    rng = np.random.default_rng(pixel_bytes)
+    ds = _secondary_capture("A^B")
+    ds.add_new(0x7FE00010, vr, rng.integers(0, 256, pixel_bytes, dtype=np.uint8).tobytes())
+
+    def whole(uid: str) -> bytes:
+        copy = Dataset(ds)
+        copy.file_meta = FileMetaDataset(ds.file_meta)
+        copy.SOPInstanceUID = uid
+        copy.file_meta.MediaStorageSOPInstanceUID = UID(uid)
+        buffer = io.BytesIO()
+        copy.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    assert uids._last_pixel_data(ds) is not None  # the single-encoding path is taken
+    expected = uids.content_uid("key-image", whole)
+    assert uids.encode_with_content_uid(ds, "key-image") == expected
+    assert ds.PixelData == ds[0x7FE00010].value and max(ds.keys()) == 0x7FE00010  # put back
+
+
+def test_pixel_data_not_last_takes_the_whole_encoding() -> None:
+    ds = _secondary_capture("A^B")
+    ds.add_new(0x7FE00010, "OB", b"\x01\x02")
+    ds.add_new(0xFFFCFFFC, "OB", b"\x00\x00")  # Data Set Trailing Padding after it
+    assert uids._last_pixel_data(ds) is None
+    uid, data = uids.encode_with_content_uid(ds, "key-image")
+    assert pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID == uid
