@@ -75,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         "a command-line password is visible to other users of this machine)",
     )
     net.add_argument(
-        "--workers", type=positive_int, default=8, help="parallel uploads (default: 8)"
+        # 16 rather than 8: 1.31x against 1.13x the naive loop on loopback, 5.2x against
+        # 4.1x across 5 ms (bench/bench_upload.py): Orthanc stores more in parallel than
+        # the two cores suggest, and a worker busy parsing a header is not sending.
+        "--workers",
+        type=positive_int,
+        default=16,
+        help="parallel uploads (default: 16)",
     )
     net.add_argument(
         "--timeout",
