@@ -156,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results.sync,
                     domain=DomainPolicy(args.domain),
                     heatmaps=heatmaps,
+                    read_timeout=args.read_timeout,
                 )
                 classifier, finished, interrupted = run.classifier, run.entries, run.interrupted
         finally:

@@ -147,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             state,
             batch_size=args.batch_size,
             workers=args.workers,
+            read_timeout=args.read_timeout,
             stop=stop,
             domain=DomainPolicy(args.domain),
             key_images=not args.no_key_images,

@@ -144,18 +144,20 @@ def prepared_in_order(
     workers: int,
     window: int,
     prepare_one: Callable[[Source], Prepared] = prepare,
+    timeout: float | None = None,
 ) -> Generator[Prepared, None, None]:
     """``prepare_one`` over ``sources`` with ``workers`` processes, in order, ``window`` in flight.
 
     A reader process that dies (the OOM killer, a decoder that segfaults) fails only the
     file it was reading, with the reason; see :mod:`cxrsr.reader_pool`. ``prepare_one``
-    must be an importable module-level function; tests pass one that crashes.
+    must be an importable module-level function; tests pass one that crashes. A reader
+    busy with one file for more than ``timeout`` seconds is stopped and that file fails.
     """
     if workers <= 0:
         yield from map(prepare_one, sources)
         return
     pool: ReaderPool[Source, Prepared] = ReaderPool(
-        prepare_one, workers, _reader_died, initializer=_ignore_sigint
+        prepare_one, workers, _reader_died, initializer=_ignore_sigint, timeout=timeout
     )
     with pool:  # on an error or Ctrl-C, queued files are dropped, not decoded first
         pending: deque[Future[Prepared]] = deque()
@@ -224,6 +226,7 @@ def classify(
     prepare_one: Callable[[Source], Prepared] | None = None,
     domain: DomainPolicy = DomainPolicy.STRICT,
     heatmaps: HeatmapWriter | None = None,
+    read_timeout: float | None = None,
 ) -> Run:
     """Classify ``sources``, in order.
 
@@ -238,7 +241,8 @@ def classify(
     Ctrl-C ends the run early but keeps what is finished (``Run.interrupted``), unless
     the model has not even loaded yet. ``domain`` is the domain gates' policy
     (:mod:`cxrsr.domain`); ``prepare_one`` replaces :func:`prepare` (tests pass one that
-    crashes).
+    crashes). ``read_timeout``: seconds a reader may spend on one file (see
+    :func:`prepared_in_order`).
     """
     if not sources:
         return Run(None, [])
@@ -280,7 +284,9 @@ def classify(
     window = batch_size * 2 + max(workers, 1) * 2
     interrupted = False
     try:
-        prepared = contextlib.closing(prepared_in_order(sources, workers, window, reader))
+        prepared = contextlib.closing(
+            prepared_in_order(sources, workers, window, reader, read_timeout)
+        )
         with prepared as items:
             for index, item in enumerate(items):
                 if loading.done() and loading.exception() is not None:

@@ -13,6 +13,10 @@ nothing need be retried to find out which one it was. Readers that keep dying be
 they begin anything (a broken installation) end the run with an error instead of being
 respawned forever.
 
+A reader that spends longer than ``timeout`` seconds on one item (a decoder caught in a
+loop by hostile data) is killed the same way, and its item fails with "reading took
+longer than N s": a hung file costs its own result and the wait, never the batch.
+
 A thread of the parent (:meth:`ReaderPool._watch`) collects results and hands out the
 next items, so the readers stay busy while the caller's thread runs the network.
 """
@@ -25,6 +29,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -102,6 +107,10 @@ class _Reader:
     """It has said it began ``task``: if it dies now, ``task`` is what killed it."""
     broken: bool = False
     """Its pipe failed: it is dead or dying, and the watcher will replace it."""
+    started_at: float = 0.0
+    """``time.monotonic()`` when it began ``task``."""
+    timed_out: bool = False
+    """Killed for taking too long over ``task``."""
 
 
 class ReaderPool(Generic[Item, Result]):
@@ -109,6 +118,8 @@ class ReaderPool(Generic[Item, Result]):
 
     ``fn`` and ``initializer`` must be importable module-level functions (the processes
     are spawned, so they never inherit the parent's threads or its loaded model).
+    ``timeout``: seconds a reader may spend on one item before it is killed and the item
+    fails (``None``: no limit).
     """
 
     def __init__(
@@ -117,9 +128,13 @@ class ReaderPool(Generic[Item, Result]):
         processes: int,
         on_death: Callable[[Item, str], Result],
         initializer: Callable[[], None] | None = None,
+        timeout: float | None = None,
     ) -> None:
         if processes < 1:
             raise ValueError(f'Argument "processes" must be at least 1, not {processes}')
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f'Argument "timeout" must be positive, not {timeout}')
+        self._timeout = timeout
         self._fn = fn
         self._on_death = on_death
         self._initializer = initializer
@@ -186,7 +201,7 @@ class ReaderPool(Generic[Item, Result]):
             waitables: list[Any] = [self._wake_read]
             for reader in readers:
                 waitables += [reader.conn, reader.process.sentinel]
-            ready = set(wait(waitables))
+            ready = set(wait(waitables, timeout=self._next_deadline(readers)))
             if self._wake_read in ready:
                 os.read(self._wake_read, 512)
             for reader in readers:
@@ -197,13 +212,37 @@ class ReaderPool(Generic[Item, Result]):
                         self._replace(reader)
                         continue
                     if message[0] == _STARTED:
-                        reader.started = True
+                        reader.started, reader.started_at = True, time.monotonic()
                     else:
                         self._finish(reader, message)
                 elif reader.process.sentinel in ready:
                     self._replace(reader)
+            self._stop_overdue(readers)
+
+    def _next_deadline(self, readers: list[_Reader]) -> float | None:
+        """Seconds until the first busy reader runs out of time (``None``: wait for events)."""
+        if self._timeout is None:
+            return None
+        busy = [r.started_at for r in readers if r.started and not r.timed_out]
+        if not busy:
+            return None
+        return max(0.0, min(busy) + self._timeout - time.monotonic())
+
+    def _stop_overdue(self, readers: list[_Reader]) -> None:
+        """Kill each reader that has spent longer than the timeout on its item; its death
+        (seen through its sentinel) then fails the item and brings a new reader."""
+        if self._timeout is None:
+            return
+        now = time.monotonic()
+        for reader in readers:
+            if reader.started and not reader.timed_out and now - reader.started_at > self._timeout:
+                reader.timed_out = True
+                with contextlib.suppress(OSError):
+                    reader.process.kill()
 
     def _finish(self, reader: _Reader, message: tuple[str, Any]) -> None:
+        if reader.timed_out:
+            return  # finished just as it was killed: its death reports the item
         with self._lock:
             task, reader.task, reader.started = reader.task, None, False
             self._dispatch()
@@ -218,7 +257,10 @@ class ReaderPool(Generic[Item, Result]):
     def _replace(self, dead: _Reader) -> None:
         """A reader died: fail the item it held, start another reader in its place."""
         dead.process.join(timeout=5)
-        reason = death_reason(dead.process.exitcode)
+        if dead.timed_out:
+            reason = f"reading took longer than {self._timeout:g} s; the reader was stopped"
+        else:
+            reason = death_reason(dead.process.exitcode)
         dead.conn.close()
         with self._lock:
             if self._closing:
@@ -229,7 +271,7 @@ class ReaderPool(Generic[Item, Result]):
                 # culprit, so it goes to the next reader.
                 self._queue.appendleft(task)
                 task = None
-            if task is None:
+            if task is None and not dead.timed_out:  # killed by us: not a broken reader
                 self._idle_deaths += 1
             give_up = self._idle_deaths > self._max_idle_deaths
             if not give_up:

@@ -251,6 +251,8 @@ class Watcher:
     state: WatchState
     batch_size: int = 16
     workers: int = 1
+    read_timeout: float | None = None
+    """Seconds a reader process may spend on one image (see :mod:`cxrsr.reader_pool`)."""
     upload_workers: int = 8
     stop: threading.Event = field(default_factory=threading.Event)
     chunk_size: int = CHUNK_SIZE
@@ -377,6 +379,7 @@ class Watcher:
                 self.workers,
                 domain=self.domain,
                 heatmaps=heatmaps,
+                read_timeout=self.read_timeout,
             )
             self._check_stop()  # a stop during classification: nothing was recorded or sent
             entries = []

@@ -56,6 +56,26 @@ def prepare_or_segfault(source: Source) -> Prepared:
     return prepare(source)
 
 
+HANG_MARK = "hang-here"
+
+
+def prepare_or_hang(source: Source) -> Prepared:
+    """:func:`cxrsr.classify.prepare`, but a file named with :data:`HANG_MARK` never
+    finishes, as a decoder caught in a loop by hostile data would not."""
+    if HANG_MARK in source.name:
+        while True:
+            time.sleep(1)
+    return prepare(source)
+
+
+def sleep_if_negative(item: int) -> int:
+    """A reader function for the pool's own tests: a negative item never finishes."""
+    if item < 0:
+        while True:
+            time.sleep(1)
+    return item * 2
+
+
 def linked_copies(
     corpus_dir: Path, folder: Path, names: list[str], count: int, copy: bool = False
 ) -> list[Path]:
@@ -144,6 +164,37 @@ def test_a_segfaulting_decoder_fails_only_its_own_file(corpus_dir: Path, tmp_pat
         expected = prepare(source)
         assert (result.status, result.identity) == ("ready", expected.identity)
         assert (result.model_input == expected.model_input).all()
+
+
+def test_a_hung_reader_is_stopped_and_fails_only_its_own_file(
+    corpus_dir: Path, tmp_path: Path
+) -> None:
+    """A file whose reading never ends fails after the timeout, with the reason; the files
+    before and after it come out as they would, and the run ends."""
+    paths = linked_copies(corpus_dir, tmp_path / "in", CLASSIFIABLE[:4], 8)
+    hang = paths[3].rename(paths[3].with_name(f"{HANG_MARK}.dcm"))
+    paths[3] = hang
+    sources = [Source(str(p)) for p in paths]
+    started = time.monotonic()
+    results = list(prepared_in_order(sources, 2, 6, prepare_or_hang, timeout=3))
+    assert time.monotonic() - started < 60
+    assert [r.path for r in results] == [s.name for s in sources]
+    assert [(r.path, r.status, r.reason) for r in results if r.status != "ready"] == [
+        (str(hang), "failed", "reading took longer than 3 s; the reader was stopped")
+    ]
+
+
+def test_the_reader_timeout_counts_from_when_an_item_begins() -> None:
+    """Items queued behind a slow one are not charged for the wait, and a stopped reader
+    is replaced: the pool goes on with every other item."""
+    reasons: list[str] = []
+    pool: ReaderPool[int, int] = ReaderPool(
+        sleep_if_negative, 1, lambda item, reason: reasons.append(reason) or -1, timeout=2
+    )
+    with pool:
+        futures = [pool.submit(item) for item in (-1, 1, -2, 2, 3)]
+        assert [f.result(timeout=60) for f in futures] == [-1, 2, -1, 4, 6]
+    assert reasons == ["reading took longer than 2 s; the reader was stopped"] * 2
 
 
 def test_classify_goes_on_after_a_reader_crash(
