@@ -16,7 +16,7 @@ from cxrsr import cli
 from cxrsr.config import setting
 from cxrsr.report import write_report
 from cxrsr.results import load_results
-from cxrsr.sr_batch import generate_srs
+from cxrsr.sr.batch import generate_srs
 
 DEFAULT_RESULTS = Path("output/results.json")
 DEFAULT_OUTPUT_DIR = Path("output/sr")

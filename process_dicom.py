@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cxrsr import cli
-from cxrsr.discovery import check_inputs_exist, iter_sources
-from cxrsr.domain import DomainPolicy
+from cxrsr.dicomio.discovery import check_inputs_exist, iter_sources
+from cxrsr.dicomio.domain import DomainPolicy
 from cxrsr.errors import PipelineError
 from cxrsr.files import make_folders
 from cxrsr.results import FAILED, SKIPPED
@@ -90,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ", ".join(args.inputs),
         )
 
-    from cxrsr.heatmaps import ALL_LABELS, FINDINGS, HeatmapWriter
-    from cxrsr.model import Classifier, load_classifier
+    from cxrsr.model.classifier import Classifier, load_classifier
+    from cxrsr.model.heatmaps import ALL_LABELS, FINDINGS, HeatmapWriter
     from cxrsr.resume import ResultsRun
 
     # Earlier results of unchanged files, from the results file and a killed run's journal.

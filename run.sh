@@ -25,7 +25,7 @@ elif [ $# -gt 0 ]; then
 fi
 
 # Is there anything to do?
-count=$("$PY" -m cxrsr.discovery --count-dicom "$INPUT")
+count=$("$PY" -m cxrsr.dicomio.discovery --count-dicom "$INPUT")
 if [ "$count" = 0 ]; then
   cat >&2 <<'MSG'
 E: data/ holds no DICOM file. Put chest X-ray DICOM files there (any names, sub-folders or .zip
@@ -77,7 +77,7 @@ elif [ "$status" != 200 ]; then
     ORTHANC_HTTP_PORT=$port docker compose up -d || { say "E: docker compose up failed"; exit 3; }
   elif ensure_packages Orthanc:orthanc; then
     say "I: no Docker engine; starting the local Orthanc binary (data in .orthanc/db)"
-    "$PY" -m cxrsr.local_orthanc start --dir .orthanc --http-port "$port" || exit 3
+    "$PY" -m cxrsr.pacs.local_orthanc start --dir .orthanc --http-port "$port" || exit 3
   else
     say "E: no Orthanc at $ORTHANC_URL, no Docker engine and no Orthanc binary. Install Docker and"
     say "   run 'docker compose up -d', or install Debian/Ubuntu's 'orthanc' package, then rerun."

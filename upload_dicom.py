@@ -24,7 +24,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from cxrsr import orthanc, upload
 from cxrsr.cli import (
     EXIT_FAILED,
     EXIT_OK,
@@ -39,7 +38,8 @@ from cxrsr.cli import (
     summary,
 )
 from cxrsr.config import orthanc_settings
-from cxrsr.discovery import Source, check_inputs_exist, iter_sources
+from cxrsr.dicomio.discovery import Source, check_inputs_exist, iter_sources
+from cxrsr.pacs import orthanc, upload
 
 #: Inputs when no PATH is given: the images, and generate_sr.py's output if it exists.
 DEFAULT_INPUTS = (Path("data"), Path("output") / "sr")

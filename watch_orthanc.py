@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from cxrsr import cli, orthanc
+from cxrsr import cli
 from cxrsr.config import orthanc_settings
 from cxrsr.errors import PipelineError
+from cxrsr.pacs import orthanc
 
 DEFAULT_STATE_DIR = Path("output/watch")
 
@@ -106,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
         stopped_by.append(signum)
         stop.set()
-        from cxrsr.watch import Stopping
+        from cxrsr.pacs.watch import Stopping
 
         raise Stopping()
 
@@ -119,10 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             retry=orthanc.RetryPolicy(retries=0 if probe else args.retries),
         )
 
-    from cxrsr.domain import DomainPolicy
-    from cxrsr.model import load_classifier
-    from cxrsr.watch import Counts, OrthancError, Stopping, Watcher, run_forever
-    from cxrsr.watch_state import WatchState
+    from cxrsr.dicomio.domain import DomainPolicy
+    from cxrsr.model.classifier import load_classifier
+    from cxrsr.pacs.watch import Counts, OrthancError, Stopping, Watcher, run_forever
+    from cxrsr.pacs.watch_state import WatchState
 
     try:
         client = connect()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the domain gates cost (issue 13): the header check, and a turned image's full decode.
 
-1. ``cxrsr.domain.check_domain`` on every corpus header, ``--repeats`` times: time per header;
+1. ``cxrsr.dicomio.domain.check_domain`` on every corpus header, ``--repeats`` times: time per header;
 2. ``cxrsr.classify.prepare`` (read, gates, decode, turn, preprocess: one worker's job) on a
    JPEG baseline and a JPEG 2000 corpus file, saved twice: Patient Orientation ``L\\F`` (the
    baseline), then ``F\\R`` (the same compressed bytes, turned after decoding). A turned image
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cxrsr.classify import prepare
 from cxrsr.config import PROJECT_ROOT
-from cxrsr.discovery import Source
-from cxrsr.domain import check_domain
+from cxrsr.dicomio.discovery import Source
+from cxrsr.dicomio.domain import check_domain
 
 CORPUS = PROJECT_ROOT.parent / "shared" / "cxr-corpus"
 FILES = ("cxr09_orthanc_issue44_mono1_jpeg8.dcm", "cxr05_dx_canon_966_fixed_j2kr.dcm")

@@ -7,7 +7,7 @@ eager PyTorch on the CPU, fp32, one image at a time and in batches:
 
 - **forward**: the network up to its logits, what classification costs anyway;
 - **forward + CAM**: the same pass also returning every label's class activation map
-  (``cxrsr.model._network_module``: a 1x1 convolution of the last feature map with the
+  (``cxrsr.model.classifier._network_module``: a 1x1 convolution of the last feature map with the
   classifier's weights), then the 224x224 8-bit map of one label (``heatmap_image``);
 - **input gradient, 1 label / 18 labels**: torchxrayvision's saliency (its README and
   ``scripts/process_image.py --saliency``): ``torch.autograd.grad`` of one output with
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cxrsr.classify import prepare
 from cxrsr.config import PROJECT_ROOT
-from cxrsr.discovery import Source
-from cxrsr.heatmaps import heatmap_image
+from cxrsr.dicomio.discovery import Source
+from cxrsr.model.heatmaps import heatmap_image
 
 CORPUS = PROJECT_ROOT.parent / "shared" / "cxr-corpus"
 NAMES = (
@@ -68,7 +68,7 @@ def main() -> int:
     import torch
     import torchxrayvision as xrv
 
-    from cxrsr.model import _network_module
+    from cxrsr.model.classifier import _network_module
 
     torch.manual_seed(0)
     model = xrv.models.DenseNet(weights=None).eval()  # random weights: same speed

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cxrsr.report import render_report
-from cxrsr.sr_batch import generate_srs
+from cxrsr.sr.batch import generate_srs
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ source file: a header-only copy (no Pixel Data, which generate_sr never reads) o
 few corpus files, with a fresh SOP Instance UID and one series per 50 images, so the
 source check (UIDs re-read from the file) does its real work. Then:
 
-1. end to end: ``cxrsr.sr_batch.generate_srs`` on the whole file, as generate_sr.py runs it,
+1. end to end: ``cxrsr.sr.batch.generate_srs`` on the whole file, as generate_sr.py runs it,
    once per ``--jobs`` value (the files must be byte-identical across them);
 2. per stage of the fast path, on the same entries: source header read and check,
    highdicom header (Comprehensive3DSR around an empty root), per-image highdicom items
@@ -38,10 +38,13 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cxrsr import sr, sr_batch, sr_template, uids
 from cxrsr.classify import Prepared, classified_entry
 from cxrsr.config import PROJECT_ROOT
-from cxrsr.reading import identity_of
+from cxrsr.dicomio.reading import identity_of
+from cxrsr.sr import batch as sr_batch
+from cxrsr.sr import document as sr
+from cxrsr.sr import template as sr_template
+from cxrsr.sr import uids
 
 CORPUS = PROJECT_ROOT.parent / "shared" / "cxr-corpus"
 SOURCES = (
@@ -63,11 +66,11 @@ TARGET_KEY_IMAGE_RATE = 30.0
 
 def write_pictures(results_dir: Path) -> list[dict]:
     """Per source: the preview and a heatmap, as process_dicom.py writes them (results keys)."""
-    from cxrsr.discovery import Source
+    from cxrsr.dicomio.discovery import Source
+    from cxrsr.dicomio.preview import make_preview, png_bytes, preview_crop
+    from cxrsr.dicomio.reading import read_radiograph
     from cxrsr.files import write_atomic
-    from cxrsr.heatmaps import heatmap_image
-    from cxrsr.preview import make_preview, png_bytes, preview_crop
-    from cxrsr.reading import read_radiograph
+    from cxrsr.model.heatmaps import heatmap_image
 
     rng = np.random.default_rng(1)
     keys = []
@@ -149,7 +152,7 @@ def fast_stages(document: dict, output_dir: Path, when: datetime.datetime) -> di
     """Seconds per stage of SRBuilder.encode + write, summed over the document.
 
     The two encodings stand apart: the placeholder pass (whose digest gives the UID,
-    ``cxrsr.uids.content_uid``) is what deriving the UID from the content costs.
+    ``cxrsr.sr.uids.content_uid``) is what deriving the UID from the content costs.
     """
     model = sr.ModelInfo.from_results(document["model"])
     builder = sr.SRBuilder(model, when)

@@ -69,7 +69,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from delay_proxy import DelayProxy  # noqa: E402
 
-from cxrsr.local_orthanc import LocalOrthanc  # noqa: E402
+from cxrsr.pacs.local_orthanc import LocalOrthanc  # noqa: E402
 
 CORPUS_DIR = PROJECT_ROOT.parent / "shared" / "cxr-corpus"
 LARGE = (

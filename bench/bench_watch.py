@@ -40,7 +40,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from cxrsr.local_orthanc import LocalOrthanc  # noqa: E402
+from cxrsr.pacs.local_orthanc import LocalOrthanc  # noqa: E402
 
 CORPUS_DIR = PROJECT_ROOT.parent / "shared" / "cxr-corpus"
 IMAGES = (

@@ -42,7 +42,7 @@ sys.path.insert(0, str(PROJECT_ROOT / "tests"))
 import fuzzing  # noqa: E402
 import requests  # noqa: E402
 
-from cxrsr.local_orthanc import LocalOrthanc  # noqa: E402
+from cxrsr.pacs.local_orthanc import LocalOrthanc  # noqa: E402
 
 CORPUS_DIR = PROJECT_ROOT.parent / "shared" / "cxr-corpus"
 WEIGHTS_NAME = "densenet121-res224-all"

@@ -12,7 +12,7 @@ The generated set (in a temporary folder, removed afterwards):
   at 100 µm), stored native, RLE and JPEG-LS; and to 8600x8600 (43x43 cm at 50 µm);
 - *hostile*: real corpus files whose Rows/Columns claim 16384x16384 (or 12000x12000),
   with RLE, JPEG-LS and native pixel data: each is refused before decoding, within the
-  per-worker budget (``cxrsr.reading.MEMORY_BUDGET``).
+  per-worker budget (``cxrsr.dicomio.reading.MEMORY_BUDGET``).
 
 Usage::
 
@@ -39,7 +39,7 @@ def hwm():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
 from cxrsr.classify import prepare
-from cxrsr.discovery import Source
+from cxrsr.dicomio.discovery import Source
 import numpy, pydicom, scipy.ndimage, skimage.transform, PIL.Image  # noqa: the worker's imports
 import pydicom.pixels
 base = hwm()
@@ -47,7 +47,7 @@ item = prepare(Source(sys.argv[1]))
 peak = hwm()
 estimate = 0
 try:
-    from cxrsr.reading import decode_memory, open_dataset, _pixel_data_bytes
+    from cxrsr.dicomio.reading import decode_memory, open_dataset, _pixel_data_bytes
     with open_dataset(Source(sys.argv[1])) as ds:
         if "PixelData" in ds:
             estimate = decode_memory(ds, _pixel_data_bytes(ds))

@@ -21,16 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from cxrsr.discovery import Source
-from cxrsr.domain import DomainPolicy, entry_fields
+from cxrsr.dicomio.discovery import Source
+from cxrsr.dicomio.domain import DomainPolicy, entry_fields
+from cxrsr.dicomio.preview import make_preview, png_bytes, preview_crop
+from cxrsr.dicomio.reading import Radiograph, read_radiograph
 from cxrsr.errors import MAX_REASON, InputError, NotARadiographError, PipelineError, one_line
 from cxrsr.files import write_atomic
-from cxrsr.heatmaps import PREVIEW_FOLDER, HeatmapWriter, file_stem
-from cxrsr.model import Classifier
-from cxrsr.preprocess import INPUT_SIZE, preprocess
-from cxrsr.preview import make_preview, png_bytes, preview_crop
+from cxrsr.model.classifier import Classifier
+from cxrsr.model.heatmaps import PREVIEW_FOLDER, HeatmapWriter, file_stem
+from cxrsr.model.preprocess import INPUT_SIZE, preprocess
 from cxrsr.reader_pool import ReaderPool
-from cxrsr.reading import Radiograph, read_radiograph
 from cxrsr.results import CLASSIFIED, FAILED, SKIPPED
 
 log = logging.getLogger("cxrsr")
@@ -240,7 +240,7 @@ def classify(
     ``on_batch`` after each network batch's entries (a good moment to fsync a journal).
     Ctrl-C ends the run early but keeps what is finished (``Run.interrupted``), unless
     the model has not even loaded yet. ``domain`` is the domain gates' policy
-    (:mod:`cxrsr.domain`); ``prepare_one`` replaces :func:`prepare` (tests pass one that
+    (:mod:`cxrsr.dicomio.domain`); ``prepare_one`` replaces :func:`prepare` (tests pass one that
     crashes). ``read_timeout``: seconds a reader may spend on one file (see
     :func:`prepared_in_order`).
     """

@@ -132,7 +132,7 @@ def _bounded_int(text: str, least: int) -> int:
 MAX_SECONDS = 86400.0
 
 
-#: ``--domain`` choices: the values of :class:`cxrsr.domain.DomainPolicy` (not imported
+#: ``--domain`` choices: the values of :class:`cxrsr.dicomio.domain.DomainPolicy` (not imported
 #: here, so that scripts which never classify do not load it).
 DOMAIN_POLICIES = ("strict", "warn", "off")
 
@@ -211,7 +211,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
         "file fails (default: %(default)g; not with --workers 0)",
     )
     return model
-
 
 
 def sha256_hex(text: str) -> str:

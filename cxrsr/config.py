@@ -147,7 +147,7 @@ def orthanc_json_problems() -> list[str]:
     ``orthanc.json`` names them as ``"${ORTHANC_USERNAME}": "${ORTHANC_PASSWORD}"``, and
     Orthanc substitutes environment variables into the file's text before parsing it
     as JSON: a ``"`` or ``\\`` in either value breaks or changes the JSON. (The local
-    Orthanc of :mod:`cxrsr.local_orthanc` writes them as JSON strings instead.)
+    Orthanc of :mod:`cxrsr.pacs.local_orthanc` writes them as JSON strings instead.)
     """
     problems = []
     for name in ("ORTHANC_USERNAME", "ORTHANC_PASSWORD"):

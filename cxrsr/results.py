@@ -127,5 +127,5 @@ def load_results(path: Path) -> dict[str, Any]:
     model = document.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("labels"), list):
         raise PipelineError(f"{path}: not a results file (no 'model.labels')", exit_code=2)
-    # Entries are not checked here: a bad entry costs only its own SR (cxrsr.sr_batch).
+    # Entries are not checked here: a bad entry costs only its own SR (cxrsr.sr.batch).
     return document

@@ -34,7 +34,7 @@ from cxrsr.results import CLASSIFIED, FAILED, save_results
 if TYPE_CHECKING:
     import zipfile
 
-    from cxrsr.discovery import Source
+    from cxrsr.dicomio.discovery import Source
 
 #: Key of the file's fingerprint in every results entry.
 FILE_KEY = "file"
@@ -133,7 +133,7 @@ class Earlier:
             ):
                 continue
             try:
-                from cxrsr.model import sha256_of
+                from cxrsr.model.classifier import sha256_of
 
                 return sha256_of(Path(cache_dir) / name)
             except OSError:
@@ -297,7 +297,7 @@ class ResultsRun:
         cache_dir: Path | None,
         options: dict[str, Any] | None = None,
     ) -> None:
-        from cxrsr.model import default_cache_dir, torchxrayvision_version
+        from cxrsr.model.classifier import default_cache_dir, torchxrayvision_version
 
         self.options = options
         """Settings that change what an entry says; recorded in the model block as

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from cxrsr.config import PROJECT_ROOT
-from cxrsr.local_orthanc import LocalOrthanc, find_orthanc_binary
+from cxrsr.pacs.local_orthanc import LocalOrthanc, find_orthanc_binary
 
 CORPUS_DIR = PROJECT_ROOT.parent / "shared" / "cxr-corpus"
 

@@ -971,7 +971,7 @@ def find_orthanc_killers(
     that crash it (at most ``limit``, within ``budget`` seconds)."""
     import requests
 
-    from cxrsr.discovery import iter_sources
+    from cxrsr.dicomio.discovery import iter_sources
 
     killers: list[str] = []
     deadline = time.monotonic() + budget

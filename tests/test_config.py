@@ -20,7 +20,7 @@ from conftest import run_script
 from pydicom.uid import generate_uid
 
 from cxrsr.config import PROJECT_ROOT, dotenv_line, dotenv_problems, read_dotenv, write_dotenv
-from cxrsr.local_orthanc import free_port
+from cxrsr.pacs.local_orthanc import free_port
 
 NASTY_PASSWORD = 'pa ss"wo$rd#1 $(touch pwned)'
 PY = sys.executable
@@ -135,7 +135,7 @@ def test_nasty_password_end_to_end_through_run_sh_pieces_local_orthanc_and_the_s
     # run.sh's local Orthanc start path, with the credentials from .env.
     orthanc_dir = tmp_path / "orthanc"
     env = dict(os.environ, CXRSR_DOTENV=str(dotenv))
-    start = [PY, "-m", "cxrsr.local_orthanc", "start", "--dir", str(orthanc_dir)]
+    start = [PY, "-m", "cxrsr.pacs.local_orthanc", "start", "--dir", str(orthanc_dir)]
     start += ["--http-port", str(port), "--dicom-port", str(free_port())]
     try:
         started = subprocess.run(
@@ -174,7 +174,7 @@ def test_nasty_password_end_to_end_through_run_sh_pieces_local_orthanc_and_the_s
         assert runs[2].stdout.startswith("3 stored, 0 already stored, 0 rejected, 0 failed")
         assert all(NASTY_PASSWORD not in r.stdout + r.stderr for r in runs)
     finally:
-        stop = [PY, "-m", "cxrsr.local_orthanc", "stop", "--dir", str(orthanc_dir)]
+        stop = [PY, "-m", "cxrsr.pacs.local_orthanc", "stop", "--dir", str(orthanc_dir)]
         subprocess.run(stop, capture_output=True, env=env, cwd=PROJECT_ROOT, timeout=60)
     assert not (tmp_path / "pwned").exists() and not (PROJECT_ROOT / "pwned").exists()
 

@@ -20,7 +20,7 @@ import pytest
 
 from cxrsr.classify import prepare
 from cxrsr.config import PROJECT_ROOT
-from cxrsr.discovery import Source, iter_sources, open_source
+from cxrsr.dicomio.discovery import Source, iter_sources, open_source
 from cxrsr.errors import InputError, SourceReadError
 from cxrsr.results import FAILED
 
@@ -179,9 +179,9 @@ def test_process_worker_records_broken_sources_as_failed(
 
 
 def count_dicom(folder: Path) -> subprocess.CompletedProcess[str]:
-    """``python -m cxrsr.discovery --count-dicom`` (as run.sh calls it), bounded in time."""
+    """``python -m cxrsr.dicomio.discovery --count-dicom`` (as run.sh calls it), bounded in time."""
     return subprocess.run(
-        [sys.executable, "-m", "cxrsr.discovery", "--count-dicom", str(folder)],
+        [sys.executable, "-m", "cxrsr.dicomio.discovery", "--count-dicom", str(folder)],
         capture_output=True,
         text=True,
         cwd=PROJECT_ROOT,

@@ -25,17 +25,17 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cxrsr.classify import prepare
-from cxrsr.discovery import Source
-from cxrsr.domain import (
+from cxrsr.dicomio.discovery import Source
+from cxrsr.dicomio.domain import (
     DomainPolicy,
     Reorientation,
     age_of,
     check_domain,
     reorientation_for,
 )
-from cxrsr.model import load_classifier
-from cxrsr.preprocess import preprocess
-from cxrsr.reading import read_radiograph
+from cxrsr.dicomio.reading import read_radiograph
+from cxrsr.model.classifier import load_classifier
+from cxrsr.model.preprocess import preprocess
 
 #: A CR CHEST PA, Patient Orientation L\F, 64-year-old patient, non-square (1955x1841).
 UPRIGHT = "cxr04_nema_RG1_JLSN.dcm"

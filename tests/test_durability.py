@@ -26,10 +26,10 @@ from conftest import run_script
 
 from cxrsr.classify import Prepared, classify, prepare, prepared_in_order
 from cxrsr.config import PROJECT_ROOT
-from cxrsr.discovery import Source
+from cxrsr.dicomio.discovery import Source
 from cxrsr.files import make_folders, write_atomic
 from cxrsr.journal import Journal, journal_path, read_journal
-from cxrsr.model import load_classifier
+from cxrsr.model.classifier import load_classifier
 from cxrsr.reader_pool import ReaderPool
 
 SCRIPT = PROJECT_ROOT / "process_dicom.py"

@@ -31,11 +31,11 @@ import numpy as np
 import pytest
 
 from cxrsr.classify import prepare
-from cxrsr.discovery import Source
+from cxrsr.dicomio.discovery import Source
+from cxrsr.dicomio.reading import read_radiograph
 from cxrsr.errors import InputError
-from cxrsr.model import load_classifier, scores_from_logits
-from cxrsr.preprocess import reference_preprocess
-from cxrsr.reading import read_radiograph
+from cxrsr.model.classifier import load_classifier, scores_from_logits
+from cxrsr.model.preprocess import reference_preprocess
 
 #: Corpus files where the reference reader ignores a Modality LUT Sequence.
 MODALITY_LUT_FILES = {"bad_cr_dental_panoramic.dcm"}

@@ -8,8 +8,8 @@ from pathlib import Path
 import requests
 
 from cxrsr.config import orthanc_settings, read_dotenv
-from cxrsr.discovery import iter_sources, open_source, sniff_dicom
-from cxrsr.local_orthanc import LocalOrthanc
+from cxrsr.dicomio.discovery import iter_sources, open_source, sniff_dicom
+from cxrsr.pacs.local_orthanc import LocalOrthanc
 
 
 def test_orthanc_requires_the_configured_credentials(orthanc: LocalOrthanc) -> None:

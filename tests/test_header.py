@@ -1,4 +1,4 @@
-"""The header check that decides whether a file may be sent to a PACS (cxrsr.header)."""
+"""The header check that decides whether a file may be sent to a PACS (cxrsr.dicomio.header)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pydicom
 import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from cxrsr import header
-from cxrsr.header import MalformedDicom, is_dicomdir, read_header
+from cxrsr.dicomio import header
+from cxrsr.dicomio.header import MalformedDicom, is_dicomdir, read_header
 
 
 def check(data: bytes) -> pydicom.Dataset:
@@ -87,7 +87,7 @@ def _fails_to_convert(data: bytes, convert: Callable[[pydicom.Dataset], None]) -
 
 def test_the_fast_conversion_refuses_exactly_what_iterall_refuses(corpus_dir: Path) -> None:
     """The header check converts elements through pydicom's converter directly
-    (:func:`cxrsr.header._convert_every_element`) instead of ``Dataset.iterall()``, which
+    (:func:`cxrsr.dicomio.header._convert_every_element`) instead of ``Dataset.iterall()``, which
     stores each converted element back and cost the uploader a millisecond per file.
     On the corpus and 600 fuzzed headers, both must refuse the same files."""
     import fuzzing

@@ -20,10 +20,10 @@ import pytest
 from conftest import WEIGHTS_NAME, run_script
 from PIL import Image
 
-from cxrsr.discovery import Source
-from cxrsr.preprocess import reference_preprocess
-from cxrsr.preview import PREVIEW_LONG_SIDE, make_preview, preview_size
-from cxrsr.reading import read_radiograph, read_radiograph_bytes
+from cxrsr.dicomio.discovery import Source
+from cxrsr.dicomio.preview import PREVIEW_LONG_SIDE, make_preview, preview_size
+from cxrsr.dicomio.reading import read_radiograph, read_radiograph_bytes
+from cxrsr.model.preprocess import reference_preprocess
 
 #: Classifiable corpus files covering MONOCHROME1 and 2, non-square images, reduced
 #: decoding (JPEG baseline, JPEG 2000) and JPEG-LS.
@@ -256,7 +256,7 @@ def test_no_heatmaps_writes_none(corpus_dir: Path, weights_cache_dir: Path, tmp_
 
 def test_an_onnx_export_without_maps_is_made_again(weights_cache_dir: Path, tmp_path: Path) -> None:
     """A cache from before heatmaps (no ``export_version``) is exported again, with the maps."""
-    from cxrsr.model import load_classifier
+    from cxrsr.model.classifier import load_classifier
 
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -280,7 +280,7 @@ def test_png_bytes_round_trips_through_pillow() -> None:
     """Our PNG encoder (Up filter, Huffman-only zlib) gives what Pillow reads back exactly."""
     from io import BytesIO
 
-    from cxrsr.preview import png_bytes
+    from cxrsr.dicomio.preview import png_bytes
 
     rng = np.random.default_rng(0)
     for shape in [(1, 1), (3, 5), (224, 224), (1024, 817)]:
@@ -298,7 +298,7 @@ def test_read_png_reads_what_png_bytes_writes_as_pillow_does(shape: tuple[int, i
 
     from PIL import Image
 
-    from cxrsr.preview import png_bytes, read_png
+    from cxrsr.dicomio.preview import png_bytes, read_png
 
     rng = np.random.default_rng(shape[0])
     image = rng.integers(0, 256, shape, dtype=np.uint8)

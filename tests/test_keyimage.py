@@ -16,7 +16,7 @@ from conftest import require_program, run_script
 from PIL import Image
 
 from cxrsr.config import PROJECT_ROOT
-from cxrsr.keyimage import BANNER_HEIGHT, KEY_IMAGE_SERIES_DESCRIPTION
+from cxrsr.sr.keyimage import BANNER_HEIGHT, KEY_IMAGE_SERIES_DESCRIPTION
 
 NAMES = [
     "cxr04_nema_RG1_JLSN.dcm",  # taller than wide: preview rows outside the crop
@@ -243,7 +243,7 @@ def test_a_key_image_whose_sr_fails_is_not_left_behind(
     the SR is written: when the SR fails, its key image (and any temporary file) goes."""
     import datetime
 
-    from cxrsr import sr_batch
+    from cxrsr.sr import batch as sr_batch
 
     document = json.loads(results.read_text())
     refused = document["images"][1]["path"]

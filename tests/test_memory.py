@@ -21,12 +21,12 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
 from cxrsr.config import PROJECT_ROOT
-from cxrsr.reading import MEMORY_BUDGET
+from cxrsr.dicomio.reading import MEMORY_BUDGET
 
 _CHILD = r"""
 import json, resource, sys
 from cxrsr.classify import prepare
-from cxrsr.discovery import Source
+from cxrsr.dicomio.discovery import Source
 import pydicom.pixels  # the worker's decoders, imported before the cap
 
 def vm_size():

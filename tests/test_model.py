@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrsr.config import PROJECT_ROOT
-from cxrsr.model import default_cache_dir, load_classifier, scores_from_logits
+from cxrsr.model.classifier import default_cache_dir, load_classifier, scores_from_logits
 
 
 def test_scores_follow_torchxrayvision_op_norm() -> None:
@@ -34,9 +34,9 @@ def test_default_cache_dir_is_torchxrayvisions() -> None:
 def test_onnx_backend_matches_eager_on_real_images(
     weights_cache_dir: Path, corpus_dir: Path
 ) -> None:
-    from cxrsr.discovery import Source
-    from cxrsr.preprocess import preprocess
-    from cxrsr.reading import read_radiograph
+    from cxrsr.dicomio.discovery import Source
+    from cxrsr.dicomio.reading import read_radiograph
+    from cxrsr.model.preprocess import preprocess
 
     names = [
         "cxr04_nema_RG1_JLSN.dcm",
@@ -59,7 +59,7 @@ def test_onnx_backend_matches_eager_on_real_images(
 def test_cached_export_starts_without_importing_torch(weights_cache_dir: Path) -> None:
     load_classifier(cache_dir=weights_cache_dir, backend="onnx")  # make sure the export exists
     code = (
-        "import sys; from cxrsr.model import load_classifier; "
+        "import sys; from cxrsr.model.classifier import load_classifier; "
         f"c = load_classifier(cache_dir={str(weights_cache_dir)!r}, device='cpu'); "
         "print(c.backend, 'torch' in sys.modules)"
     )

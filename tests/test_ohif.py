@@ -1,7 +1,7 @@
 """OHIF v3 shows what the pipeline stored, in a real headless Chromium.
 
 The viewer is npm's prebuilt ``@ohif/app`` (cached under ~/.cache/cxrsr-test), served by
-``cxrsr.ohif`` in front of a real Orthanc with Debian's DICOMweb plugin; playwright
+``cxrsr.pacs.ohif`` in front of a real Orthanc with Debian's DICOMweb plugin; playwright
 drives the system Chromium. What the viewport shows is judged from screenshots: an RGB
 Secondary Capture built here proves the plumbing, and the key image generate_sr.py
 writes must show its overlay colours.
@@ -29,8 +29,8 @@ from pydicom.uid import generate_uid
 from test_report import copy_with_new_uids
 
 from cxrsr.errors import PipelineError
-from cxrsr.local_orthanc import DICOMWEB_PLUGIN, LocalOrthanc
-from cxrsr.ohif import OhifServer, ensure_ohif_dist
+from cxrsr.pacs.local_orthanc import DICOMWEB_PLUGIN, LocalOrthanc
+from cxrsr.pacs.ohif import OhifServer, ensure_ohif_dist
 
 CACHE = Path.home() / ".cache" / "cxrsr-test"
 #: WebGL in headless Chromium needs SwiftShader (../shared/docs/ohif.md).

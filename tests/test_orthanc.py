@@ -23,8 +23,8 @@ import pytest
 
 from cxrsr import __version__
 from cxrsr.config import PROJECT_ROOT, OrthancSettings
-from cxrsr.local_orthanc import free_port
-from cxrsr.orthanc import (
+from cxrsr.pacs.local_orthanc import free_port
+from cxrsr.pacs.orthanc import (
     CredentialsRefused,
     FileBody,
     FileChanged,
@@ -327,8 +327,8 @@ def test_urls_with_control_characters_are_refused(bad: str) -> None:
 
 
 def test_the_rest_client_does_not_import_the_cli() -> None:
-    """Library code raises, scripts report: cxrsr.orthanc must not pull in cxrsr.cli."""
-    code = "import sys, cxrsr.orthanc, cxrsr.upload; print('cxrsr.cli' in sys.modules)"
+    """Library code raises, scripts report: cxrsr.pacs.orthanc must not pull in cxrsr.cli."""
+    code = "import sys, cxrsr.pacs.orthanc, cxrsr.pacs.upload; print('cxrsr.cli' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT, check=True
     )

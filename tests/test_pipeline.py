@@ -15,7 +15,7 @@ import requests
 from conftest import orthanc_env, run_script
 from pydicom.uid import generate_uid
 
-from cxrsr.local_orthanc import LocalOrthanc
+from cxrsr.pacs.local_orthanc import LocalOrthanc
 
 IMAGES = [
     "cxr04_nema_RG1_JLSN.dcm",

@@ -11,9 +11,9 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from cxrsr.discovery import Source
+from cxrsr.dicomio.discovery import Source
+from cxrsr.dicomio.reading import read_radiograph, read_radiograph_bytes
 from cxrsr.errors import InputError, NotARadiographError
-from cxrsr.reading import read_radiograph, read_radiograph_bytes
 
 
 def _native_copy(path: Path) -> pydicom.Dataset:

@@ -26,7 +26,7 @@ from PIL import Image
 from pydicom.uid import generate_uid
 from report_fixtures import add_pictures
 
-from cxrsr.local_orthanc import LocalOrthanc
+from cxrsr.pacs.local_orthanc import LocalOrthanc
 from cxrsr.report import REPORT_NAME, render_report, write_report
 from cxrsr.report.links import explorer_study_url, orthanc_study_id, public_base_url
 

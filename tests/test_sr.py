@@ -1,4 +1,4 @@
-"""generate_sr.py and cxrsr.sr: one valid, well-placed TID 1500 SR per classified image.
+"""generate_sr.py and cxrsr.sr.document: one valid, well-placed TID 1500 SR per classified image.
 
 The SRs are written from the shared corpus by the real script (a subprocess), then checked
 by two independent validators run as real programs (dicom3tools' dciodvfy, DCMTK's
@@ -27,11 +27,16 @@ from conftest import missing_prerequisite, orthanc_env, require_program, run_scr
 from pydicom.sr.codedict import codes
 from test_pipeline import copy_with_new_uids
 
-from cxrsr import sr as sr_module
-from cxrsr import sr_batch
 from cxrsr.classify import Prepared
 from cxrsr.classify import classified_entry as production_entry
-from cxrsr.codes import (
+from cxrsr.config import PROJECT_ROOT
+from cxrsr.dicomio.discovery import open_source
+from cxrsr.dicomio.reading import identity_of
+from cxrsr.pacs.local_orthanc import LocalOrthanc
+from cxrsr.results import write_json_atomic
+from cxrsr.sr import batch as sr_batch
+from cxrsr.sr import document as sr_module
+from cxrsr.sr.codes import (
     ABSENT,
     CERTAINTY_OF_FINDING,
     OPERATING_POINT_METHOD,
@@ -39,12 +44,7 @@ from cxrsr.codes import (
     PRIVATE_SCHEME,
     finding_for_label,
 )
-from cxrsr.config import PROJECT_ROOT
-from cxrsr.discovery import open_source
-from cxrsr.local_orthanc import LocalOrthanc
-from cxrsr.reading import identity_of
-from cxrsr.results import write_json_atomic
-from cxrsr.uids import is_valid_uid
+from cxrsr.sr.uids import is_valid_uid
 
 SCRIPT = PROJECT_ROOT / "generate_sr.py"
 WEIGHTS = "densenet121-res224-all"
@@ -1161,7 +1161,7 @@ def test_two_independent_classifications_upload_without_conflict(
 PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
 
 #: PixelMed 20220618 (Debian's libpixelmed-java) bundles CID 100 version 20190121, from
-#: before (43468-8, LN, "XR unspecified body region") was added to it (cxrsr/codes.py).
+#: before (43468-8, LN, "XR unspecified body region") was added to it (cxrsr/sr/codes.py).
 PIXELMED_STALE_CID_100 = (
     'Code (43468-8,LN,"XR unspecified body region") not found in context group 100'
 )

@@ -11,7 +11,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
-from cxrsr import uids
+from cxrsr.sr import uids
 
 
 @pytest.mark.parametrize(

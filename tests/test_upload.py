@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cxrsr.config import PROJECT_ROOT
-from cxrsr.local_orthanc import LocalOrthanc, free_port
+from cxrsr.pacs.local_orthanc import LocalOrthanc, free_port
 
 SCRIPT = PROJECT_ROOT / "upload_dicom.py"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"

@@ -24,7 +24,7 @@ import requests
 from pydicom.uid import generate_uid
 
 from cxrsr.config import PROJECT_ROOT
-from cxrsr.local_orthanc import LocalOrthanc
+from cxrsr.pacs.local_orthanc import LocalOrthanc
 from tests.conftest import orthanc_env
 
 STABLE_AGE = 2

@@ -18,8 +18,8 @@ import pytest
 from conftest import WEIGHTS_NAME, run_script
 
 from cxrsr.errors import PipelineError
-from cxrsr.model import load_classifier, load_torch_model, sha256_of
-from cxrsr.weights import WeightsRefused, load_state_dict
+from cxrsr.model.classifier import load_classifier, load_torch_model, sha256_of
+from cxrsr.model.weights import WeightsRefused, load_state_dict
 
 
 def weights_file_name() -> str:

@@ -22,7 +22,7 @@ be rebuilt empty and filled with state (``NEWOBJ`` + ``BUILD``), never called; t
 callables are PyTorch's tensor rebuild functions and the containers; ``INST``/``OBJ``
 (protocol 0/1 calls) are refused. The loaded object's methods are never called: its
 tensors are read from the module tree's ``__dict__``, checked, and copied into a freshly
-built ``xrv.models.DenseNet`` (:mod:`cxrsr.model`).
+built ``xrv.models.DenseNet`` (:mod:`cxrsr.model.classifier`).
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def _restricted_load(file: Any, **kwargs: Any) -> Any:
 
 #: What ``torch.load(pickle_module=...)`` needs: ``Unpickler`` and ``load``.
 RESTRICTED_PICKLE = types.SimpleNamespace(
-    Unpickler=_RestrictedUnpickler, load=_restricted_load, __name__="cxrsr.weights"
+    Unpickler=_RestrictedUnpickler, load=_restricted_load, __name__="cxrsr.model.weights"
 )
 
 

@@ -12,9 +12,9 @@ does, burned into pixels every viewer shows:
 
 It is a Secondary Capture Image (PS3.3 A.8.1, built by ``highdicom.sc.SCImage``) with
 Burned In Annotation YES, in its own series of the source's study, with Patient and Study
-copied exactly as for the SR (:func:`cxrsr.sr.evidence_dataset`). Its SOP Instance UID names
+copied exactly as for the SR (:func:`cxrsr.sr.document.evidence_dataset`). Its SOP Instance UID names
 one byte stream: generate_sr.py derives it from the file's complete bytes
-(:func:`cxrsr.uids.encode_with_content_uid`), before the SR that names it is built.
+(:func:`cxrsr.sr.uids.encode_with_content_uid`), before the SR that names it is built.
 Everything it needs comes from the files process_dicom.py wrote beside the results (the
 preview and heatmaps), so no image is decoded twice.
 """
@@ -34,9 +34,10 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.valuerep import DA, DT, TM
 
-from cxrsr import __version__, uids
+from cxrsr import __version__
+from cxrsr.dicomio.preview import read_png
 from cxrsr.errors import InputError
-from cxrsr.preview import read_png
+from cxrsr.sr import uids
 
 KEY_IMAGE_SERIES_NUMBER = 9902
 #: Series Description (LO, at most 64 characters).

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrsr.dicomio.preview import png_bytes
 from cxrsr.files import write_atomic
-from cxrsr.preprocess import INPUT_SIZE
-from cxrsr.preview import png_bytes
+from cxrsr.model.preprocess import INPUT_SIZE
 
 THRESHOLD = 0.5
 HEATMAP_FOLDER = "heatmaps"

@@ -16,11 +16,11 @@ gets its own series (Modality SR) in the source's study, because SR documents ne
 reside in a series of images. There is one SR series per source series and model weights.
 
 The SOP Instance UID is derived from the document's complete content
-(:func:`cxrsr.uids.content_uid`): the same results make the same file, and two documents
+(:func:`cxrsr.sr.uids.content_uid`): the same results make the same file, and two documents
 that differ in any byte (another classification time, a value copied from a changed
 source header) are two instances. Times are in the source's Timezone Offset From UTC, or
 in local time when the source states none (:func:`document_time`). Running the builder
-over a whole results file is :mod:`cxrsr.sr_batch`'s job.
+over a whole results file is :mod:`cxrsr.sr.batch`'s job.
 """
 
 from __future__ import annotations
@@ -47,8 +47,13 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID
 from pydicom.valuerep import DT, validate_value
 
-from cxrsr import __version__, uids
-from cxrsr.codes import (
+from cxrsr import __version__
+from cxrsr.dicomio.discovery import open_source
+from cxrsr.dicomio.domain import view_code
+from cxrsr.errors import InputError, PipelineError
+from cxrsr.files import write_atomic
+from cxrsr.sr import uids
+from cxrsr.sr.codes import (
     ABSENT,
     CERTAINTY_OF_FINDING,
     NO_UNITS,
@@ -60,12 +65,8 @@ from cxrsr.codes import (
     PROCEDURE_REPORTED,
     finding_for_label,
 )
-from cxrsr.discovery import open_source
-from cxrsr.domain import view_code
-from cxrsr.errors import InputError, PipelineError
-from cxrsr.files import write_atomic
-from cxrsr.keyimage import KeyImageRef
-from cxrsr.sr_template import ContentTemplate, character_encodings, encode_document
+from cxrsr.sr.keyimage import KeyImageRef
+from cxrsr.sr.template import ContentTemplate, character_encodings, encode_document
 
 log = logging.getLogger("cxrsr")
 
@@ -285,7 +286,7 @@ class Classification:
 
         Floats are written by ``json`` as their shortest round-trip repr, so the digest
         changes exactly when a score does. Not the SR's identity (that is its whole
-        content, :func:`cxrsr.uids.content_uid`); used to tell entries apart.
+        content, :func:`cxrsr.sr.uids.content_uid`); used to tell entries apart.
         """
         payload = {
             "labels": model.labels,
@@ -725,7 +726,7 @@ def reference_sr(
 ) -> ReferenceSR:
     """The SR of one classified image built by highdicom, under its content-derived UID.
 
-    Built twice, as :func:`cxrsr.uids.content_uid` requires: once with the placeholder
+    Built twice, as :func:`cxrsr.sr.uids.content_uid` requires: once with the placeholder
     UID (its bytes give the UID), once with the UID.
     """
     built: list[tuple[hd.sr.Comprehensive3DSR, dict[str, str]]] = []
@@ -798,7 +799,7 @@ class SRBuilder:
 
     Per image, highdicom still builds the header (patient, study, series, evidence,
     equipment: ``sr_document`` with an empty root), the Image Library entry and the IMAGE
-    item; the TID 1501 groups come from a :class:`~cxrsr.sr_template.ContentTemplate`
+    item; the TID 1501 groups come from a :class:`~cxrsr.sr.template.ContentTemplate`
     compiled once per character set from a document highdicom built in full. The first
     document of each template is also built by :func:`build_sr_reference` and must match
     byte for byte; if it does not (a highdicom or pydicom upgrade changed the layout), the

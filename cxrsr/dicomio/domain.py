@@ -37,7 +37,7 @@ Re-orientation is not a gate: the header says how to show the image, so it is al
 applied when it can be.
 
 :func:`check_domain` is pure: a header in, a :class:`DomainDecision` out. process_dicom.py
-applies it through :func:`cxrsr.reading.read_radiograph`; a PACS watcher can call it on a
+applies it through :func:`cxrsr.dicomio.reading.read_radiograph`; a PACS watcher can call it on a
 header before fetching any pixels.
 """
 

@@ -8,7 +8,7 @@ with exponential backoff and jitter, never 4xx; 401/403 raise
 store, or ``SSL_CERT_FILE``), and ``http_proxy``/``https_proxy``/``no_proxy`` are
 honoured as by curl and requests, except for a loopback Orthanc, which no proxy can
 reach on our behalf. Sending files and checking that they arrived is
-:mod:`cxrsr.upload`'s job.
+:mod:`cxrsr.pacs.upload`'s job.
 
 Library code: it raises, and the scripts decide what to print (it never imports
 :mod:`cxrsr.cli`).

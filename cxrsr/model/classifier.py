@@ -2,7 +2,7 @@
 
 Weights are downloaded once by torchxrayvision's own ``get_weights`` (when that fails,
 offline machines, firewalls, the error says which file to put where), then read as data
-by :mod:`cxrsr.weights`, never by torchxrayvision's ``torch.load(weights_only=False)``.
+by :mod:`cxrsr.model.weights`, never by torchxrayvision's ``torch.load(weights_only=False)``.
 
 Backends, all fp32 (the model's own precision):
 
@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from cxrsr.errors import PipelineError
+from cxrsr.model.weights import WeightsRefused, load_state_dict, read_weights_bytes
 from cxrsr.results import OPERATING_POINT_SCORE, write_json_atomic
-from cxrsr.weights import WeightsRefused, load_state_dict, read_weights_bytes
 
 log = logging.getLogger("cxrsr")
 
@@ -237,7 +237,7 @@ def _network_module(model: Any) -> Any:
 def load_torch_model(
     weights: str, cache_dir: Path, expected_sha256: str | None = None
 ) -> tuple[Any, ModelCard]:
-    """torchxrayvision's DenseNet with its weights read as data (:mod:`cxrsr.weights`).
+    """torchxrayvision's DenseNet with its weights read as data (:mod:`cxrsr.model.weights`).
 
     The file is downloaded once by torchxrayvision's own ``get_weights``; then its bytes
     are checked against ``expected_sha256`` (if given) before anything is unpickled, and

@@ -10,8 +10,8 @@ it as JSON, so a password holding ``"`` or ``\\`` would break it.
 
 Command line (for run.sh)::
 
-    python -m cxrsr.local_orthanc start --dir .orthanc --http-port 8042 --dicom-port 4242
-    python -m cxrsr.local_orthanc stop --dir .orthanc
+    python -m cxrsr.pacs.local_orthanc start --dir .orthanc --http-port 8042 --dicom-port 4242
+    python -m cxrsr.pacs.local_orthanc stop --dir .orthanc
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def _is_orthanc(pid: int) -> bool:
 
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cxrsr.local_orthanc",
+        prog="python -m cxrsr.pacs.local_orthanc",
         description="Start or stop a background Orthanc from orthanc.json (for hosts without Docker).",
     )
     parser.add_argument("action", choices=["start", "stop"])

@@ -1,6 +1,6 @@
 """Running the SR builder over a whole results file: what ``generate_sr.py`` does.
 
-:mod:`cxrsr.sr` builds one document; this module turns a loaded results file into a
+:mod:`cxrsr.sr.document` builds one document; this module turns a loaded results file into a
 folder of them. It checks every entry (a malformed one, or one whose source has gone or
 changed, is an error for that entry only: one ``E:`` line, and the rest go on), builds
 in a process pool when there is enough work, yet writes the same files and logs the same
@@ -30,18 +30,10 @@ import numpy as np
 import pydicom
 from tqdm import tqdm
 
-from cxrsr import uids
 from cxrsr.errors import PipelineError
 from cxrsr.files import StagedFile
-from cxrsr.keyimage import (
-    KEY_IMAGE_MODALITY,
-    KeyImageError,
-    KeyImageRef,
-    build_key_image,
-    render,
-)
 from cxrsr.results import CLASSIFIED, FAILED, SKIPPED, STATUSES
-from cxrsr.sr import (
+from cxrsr.sr.document import (
     SR_MANUFACTURER,
     Classification,
     EncodedSR,
@@ -53,7 +45,15 @@ from cxrsr.sr import (
     evidence_dataset,
     instance_number,
     read_source_header,
+    uids,
     write_encoded,
+)
+from cxrsr.sr.keyimage import (
+    KEY_IMAGE_MODALITY,
+    KeyImageError,
+    KeyImageRef,
+    build_key_image,
+    render,
 )
 
 log = logging.getLogger("cxrsr")
@@ -308,7 +308,7 @@ def generate_srs(
 
     With ``results_dir`` (the results file's folder, which holds the previews and
     heatmaps process_dicom.py wrote), each SR comes with a key image
-    (:mod:`cxrsr.keyimage`) in the same folder, and references it.
+    (:mod:`cxrsr.sr.keyimage`) in the same folder, and references it.
     """
     model = ModelInfo.from_results(document["model"])
     outcome = Outcome()

@@ -42,7 +42,7 @@ PIXEL_DATA = Tag(0x7FE0, 0x0010)
 SPECIFIC_CHARACTER_SET = Tag(0x0008, 0x0005)
 
 # Real-world headers break VR rules all the time (UIDs with leading zeros, ...): what
-# matters for sending is decided here, not in a warning per value (as cxrsr.reading does).
+# matters for sending is decided here, not in a warning per value (as cxrsr.dicomio.reading does).
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 

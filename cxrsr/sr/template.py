@@ -15,9 +15,9 @@ Open per image (everything else is constant for a model and its labels):
   CODE item (both variants pre-encoded) and the IMAGE (121112) item;
 - at the root: the TID 1600 Image Library item (a whole item, built per image by highdicom).
 
-The byte-identity of this path with the highdicom reference (``cxrsr.sr.build_sr_reference``)
+The byte-identity of this path with the highdicom reference (``cxrsr.sr.document.build_sr_reference``)
 is tested on every classifiable corpus file and synthetic variants (tests/test_sr.py), and
-checked at run time on the first document of every template (``cxrsr.sr.SRBuilder``).
+checked at run time on the first document of every template (``cxrsr.sr.document.SRBuilder``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pydicom.filewriter import write_data_element, write_dataset
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DS
 
-from cxrsr.codes import CERTAINTY_OF_FINDING
+from cxrsr.sr.codes import CERTAINTY_OF_FINDING
 
 #: (0040,A730) Content Sequence, (0040,A300) Measured Value Sequence and the elements in it.
 CONTENT_SEQUENCE = 0x0040A730
@@ -182,7 +182,7 @@ class GroupTemplate:
         """The group with everything but its Tracking Unique Identifier encoded.
 
         The UID comes last because it derives from the SR's own UID, which is known only
-        after a first encoding (:func:`cxrsr.uids.content_uid`).
+        after a first encoding (:func:`cxrsr.sr.uids.content_uid`).
         """
         filled = {
             Slot.SCORE: self._measurement(score, encodings),
@@ -345,7 +345,7 @@ class ContentTemplate:
         """The tree with everything but the Tracking Unique Identifiers encoded; fill them in.
 
         The SR is encoded twice, with a placeholder UID and then with its own
-        (:func:`cxrsr.uids.content_uid`); only the tracking UIDs differ between the two.
+        (:func:`cxrsr.sr.uids.content_uid`); only the tracking UIDs differ between the two.
         """
         source = encode_item(source_image, self.encodings)
         groups = [
@@ -375,7 +375,7 @@ def encode_document(sr: Dataset, content_sequence: bytes) -> bytes:
     ``sr``'s own Content Sequence must be empty (the root stub's placeholder). It and the
     elements that sort after it (none in our SRs, handled all the same) are set aside
     while the rest is encoded, then put back: ``sr`` is unchanged afterwards, so it can be
-    encoded again under another UID (:func:`cxrsr.uids.content_uid` encodes twice).
+    encoded again under another UID (:func:`cxrsr.sr.uids.content_uid` encodes twice).
     """
     if sr.get("ContentSequence"):
         raise ValueError("encode_document: the dataset already has content items")

@@ -1,10 +1,10 @@
 """Send DICOM instances to Orthanc and prove that they arrived: what ``upload_dicom.py`` does.
 
-:mod:`cxrsr.orthanc` only talks HTTP; this module decides what to send and what the
+:mod:`cxrsr.pacs.orthanc` only talks HTTP; this module decides what to send and what the
 answers mean, on top of it:
 
 * :func:`upload` recognises each file by its first bytes, reads its header with pydicom
-  and sends only what a PACS can parse safely (:mod:`cxrsr.header`: a file that fails is
+  and sends only what a PACS can parse safely (:mod:`cxrsr.dicomio.header`: a file that fails is
   "not sent: malformed: <reason>"), hashes it, sends it with ``POST /instances`` from a
   few parallel workers (a large file streamed from disk) and classifies Orthanc's answer
   as ``stored`` (``"Status": "Success"``), ``already stored`` (``"AlreadyStored"``),
@@ -31,10 +31,10 @@ from typing import Any, BinaryIO, TypeVar
 
 from pydicom.dataset import Dataset
 
-from cxrsr import orthanc
-from cxrsr.discovery import SNIFF_BYTES, Source, sniff_dicom
-from cxrsr.header import MalformedDicom, is_dicomdir, read_header
-from cxrsr.orthanc import FileChanged, OrthancClient, OrthancUnavailable, Response
+from cxrsr.dicomio.discovery import SNIFF_BYTES, Source, sniff_dicom
+from cxrsr.dicomio.header import MalformedDicom, is_dicomdir, read_header
+from cxrsr.pacs import orthanc
+from cxrsr.pacs.orthanc import FileChanged, OrthancClient, OrthancUnavailable, Response
 
 log = logging.getLogger("cxrsr")
 
@@ -260,7 +260,7 @@ class _Prepared:
 def _hash_file(fh: BinaryIO, size: int) -> str:
     """The MD5 of a whole open file, read from its start.
 
-    Raises :class:`~cxrsr.orthanc.FileChanged` when the file no longer has ``size``
+    Raises :class:`~cxrsr.pacs.orthanc.FileChanged` when the file no longer has ``size``
     bytes: it is being written, and what would be sent is not a finished file. (A file
     rewritten in place between this hash and the send is caught by :func:`verify`,
     whose MD5 comparison then fails.)
@@ -321,7 +321,7 @@ def _prepare(source: Source, stack: contextlib.ExitStack) -> _Prepared | Outcome
     """A file ready to send, or its outcome when it is not sent.
 
     The first bytes decide whether it is DICOM, so a large file that is not is never
-    read whole; then pydicom reads the header (:func:`cxrsr.header.read_header`), and
+    read whole; then pydicom reads the header (:func:`cxrsr.dicomio.header.read_header`), and
     only then is the file hashed. A file up to :data:`SMALL_FILE` is read once, into
     memory: parsing from memory costs pydicom no system call per element. A larger plain
     file stays open (on ``stack``) to be streamed from disk.

@@ -4,14 +4,14 @@ The watcher is the three scripts run against the PACS instead of a folder, with 
 second copy of any of them: instances are fetched over the REST client
 (``/instances/{id}/file``) into an owner-only work folder, classified by
 :func:`cxrsr.classify.classify` (the same worker processes and batches as
-``process_dicom.py``), turned into SRs by :func:`cxrsr.sr_batch.generate_srs` and stored
-and verified by :mod:`cxrsr.upload`, as ``upload_dicom.py`` does.
+``process_dicom.py``), turned into SRs by :func:`cxrsr.sr.batch.generate_srs` and stored
+and verified by :mod:`cxrsr.pacs.upload`, as ``upload_dicom.py`` does.
 
 Exactly once, by construction:
 
 * **What has a result is asked of Orthanc, before work.** An image has a result from
   these weights when the SR series that the SR builder derives for its series, the model
-  and the weights (:meth:`cxrsr.sr.Classification.sr_series_uid`) holds an SR whose
+  and the weights (:meth:`cxrsr.sr.document.Classification.sr_series_uid`) holds an SR whose
   evidence names the image's SOP Instance UID. That series UID is a pure function of its
   inputs, so the question needs no state of the watcher's own and survives a lost state
   folder, a second watcher or a restored PACS.
@@ -51,18 +51,23 @@ from typing import Any
 
 import pydicom
 
-from cxrsr import upload
 from cxrsr.classify import classify
-from cxrsr.discovery import Source
-from cxrsr.domain import DomainPolicy
-from cxrsr.heatmaps import HeatmapWriter
-from cxrsr.model import Classifier
-from cxrsr.orthanc import CredentialsRefused, OrthancClient, OrthancFatalError, OrthancUnavailable
+from cxrsr.dicomio.discovery import Source
+from cxrsr.dicomio.domain import DomainPolicy
+from cxrsr.model.classifier import Classifier
+from cxrsr.model.heatmaps import HeatmapWriter
+from cxrsr.pacs import upload
+from cxrsr.pacs.orthanc import (
+    CredentialsRefused,
+    OrthancClient,
+    OrthancFatalError,
+    OrthancUnavailable,
+)
+from cxrsr.pacs.watch_state import WatchState
 from cxrsr.results import FAILED, FORMAT, SKIPPED
-from cxrsr.sr import SR_MANUFACTURER, ModelInfo
-from cxrsr.sr_batch import generate_srs
-from cxrsr.uids import sr_series_uid
-from cxrsr.watch_state import WatchState
+from cxrsr.sr.batch import generate_srs
+from cxrsr.sr.document import SR_MANUFACTURER, ModelInfo
+from cxrsr.sr.uids import sr_series_uid
 
 log = logging.getLogger("cxrsr")
 

@@ -10,7 +10,7 @@ The order of checks matters and follows what a PACS engineer would report first:
 4. not a chest radiograph (DX For Processing, Modality, colour, multi-frame,
    BodyPartExamined) → skipped;
 5. no usable SOP Class or SOP Instance UID (an SR could not reference it) → failed;
-   outside the model's training domain (species, view, orientation: :mod:`cxrsr.domain`)
+   outside the model's training domain (species, view, orientation: :mod:`cxrsr.dicomio.domain`)
    → skipped, or classified with a warning, as the domain policy says;
 6. pixel data that cannot be decoded, or holds one value everywhere → failed.
 
@@ -42,10 +42,10 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from cxrsr.discovery import SNIFF_BYTES, Source, sniff_dicom
-from cxrsr.domain import DomainPolicy, check_domain
+from cxrsr.dicomio.discovery import SNIFF_BYTES, Source, sniff_dicom
+from cxrsr.dicomio.domain import DomainPolicy, check_domain
+from cxrsr.dicomio.preview import Display, display_from_header
 from cxrsr.errors import InputError, NotARadiographError
-from cxrsr.preview import Display, display_from_header
 
 #: SOP classes of projection radiographs (PS3.4 B.5): CR, and DX for presentation.
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -568,7 +568,7 @@ def read_radiograph(
 
     With ``min_size``, codecs that can decode at reduced resolution may return an image
     whose short side is at least ``min_size`` (see :attr:`Radiograph.decimation`).
-    ``domain`` is the policy of the domain gates (:mod:`cxrsr.domain`); the pixels come
+    ``domain`` is the policy of the domain gates (:mod:`cxrsr.dicomio.domain`); the pixels come
     back turned to the standard display the gates found in Patient Orientation.
     """
     with open_dataset(source) as ds:

@@ -58,7 +58,7 @@ SNIFF_BYTES = 132
 
 #: Largest uncompressed archive member read. A member is read into memory whole (pydicom
 #: needs to seek in it; a deflated member cannot), so this bounds what one reader process
-#: holds for it, far below its 1 GiB budget (``cxrsr.reading.MEMORY_BUDGET``). The
+#: holds for it, far below its 1 GiB budget (``cxrsr.dicomio.reading.MEMORY_BUDGET``). The
 #: largest radiographs (43 x 43 cm detectors at 50 µm, 8600 x 8600 pixels, 16 bit) are
 #: under 150 MB uncompressed; a member that declares more than this is not a radiograph
 #: and is refused without being read.
@@ -444,10 +444,10 @@ def check_inputs_exist(inputs: Iterable[str | os.PathLike[str]]) -> list[str]:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """``python -m cxrsr.discovery --count-dicom DIR ...``: how many DICOM files (for run.sh)."""
+    """``python -m cxrsr.dicomio.discovery --count-dicom DIR ...``: how many DICOM files (for run.sh)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m cxrsr.discovery")
+    parser = argparse.ArgumentParser(prog="python -m cxrsr.dicomio.discovery")
     parser.add_argument("--count-dicom", nargs="+", metavar="INPUT", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(format="W: %(message)s", level=logging.WARNING)

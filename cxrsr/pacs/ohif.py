@@ -17,7 +17,7 @@ this machine cannot read studies through it. It listens on loopback only.
 
 Command line::
 
-    python -m cxrsr.ohif [--port 3000] [--dist DIR]     # fetches the viewer with npm if needed
+    python -m cxrsr.pacs.ohif [--port 3000] [--dist DIR]     # fetches the viewer with npm if needed
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = cli.make_parser(
-        "python -m cxrsr.ohif",
+        "python -m cxrsr.pacs.ohif",
         description="Serve the OHIF viewer on 127.0.0.1, reading studies from Orthanc's "
         "DICOMweb plugin at ORTHANC_URL (from the environment or .env). Log in with the "
         "Orthanc user and password.",
