@@ -9,9 +9,11 @@ are (the user chose their permissions).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 #: Files we write: owner read/write, group read, nothing for others.
 FILE_MODE = 0o640
@@ -61,6 +63,12 @@ def write_atomic(path: Path, data: bytes) -> None:
     file gets :data:`FILE_MODE` whatever the umask: it may hold patient data.
     """
     StagedFile(path, data).commit()
+
+
+def write_json_atomic(path: Path, document: Any) -> None:
+    """Write JSON atomically (see :func:`write_atomic`)."""
+    text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    write_atomic(Path(path), text.encode("utf-8"))
 
 
 class StagedFile:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrsr.errors import PipelineError
-from cxrsr.files import write_atomic
+from cxrsr.files import write_json_atomic
 
 FORMAT = "cxrsr-results/1"
 
@@ -38,12 +38,6 @@ CLASSIFIED = "classified"
 SKIPPED = "skipped"
 FAILED = "failed"
 STATUSES = (CLASSIFIED, SKIPPED, FAILED)
-
-#: What a score of the ``-all`` weights means; written to the results file and the SR.
-OPERATING_POINT_SCORE = (
-    "operating-point normalised score, not a probability: torchxrayvision rescales each "
-    "label's sigmoid output so that 0.5 is that label's operating threshold"
-)
 
 
 def _shared_uid_note_prefix(uid: str) -> str:
@@ -97,12 +91,6 @@ def save_results(
         document["complete"] = False
     write_json_atomic(path, document)
     return messages
-
-
-def write_json_atomic(path: Path, document: Any) -> None:
-    """Write JSON atomically (see :func:`cxrsr.files.write_atomic`)."""
-    text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    write_atomic(Path(path), text.encode("utf-8"))
 
 
 def load_results(path: Path) -> dict[str, Any]:

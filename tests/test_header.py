@@ -85,6 +85,7 @@ def _fails_to_convert(data: bytes, convert: Callable[[pydicom.Dataset], None]) -
     return False
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # fuzzed headers: unknown tags, charsets
 def test_the_fast_conversion_refuses_exactly_what_iterall_refuses(corpus_dir: Path) -> None:
     """The header check converts elements through pydicom's converter directly
     (:func:`cxrsr.dicomio.header._convert_every_element`) instead of ``Dataset.iterall()``, which

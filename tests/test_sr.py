@@ -32,8 +32,8 @@ from cxrsr.classify import classified_entry as production_entry
 from cxrsr.config import PROJECT_ROOT
 from cxrsr.dicomio.discovery import open_source
 from cxrsr.dicomio.reading import identity_of
+from cxrsr.files import write_json_atomic
 from cxrsr.pacs.local_orthanc import LocalOrthanc
-from cxrsr.results import write_json_atomic
 from cxrsr.sr import batch as sr_batch
 from cxrsr.sr import document as sr_module
 from cxrsr.sr.codes import (

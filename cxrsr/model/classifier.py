@@ -38,12 +38,17 @@ from typing import Any
 import numpy as np
 
 from cxrsr.errors import PipelineError
+from cxrsr.files import write_json_atomic
 from cxrsr.model.weights import WeightsRefused, load_state_dict, read_weights_bytes
-from cxrsr.results import OPERATING_POINT_SCORE, write_json_atomic
 
 log = logging.getLogger("cxrsr")
 
 DEFAULT_WEIGHTS = "densenet121-res224-all"
+#: What a score of the ``-all`` weights means; written to the results file and the SR.
+OPERATING_POINT_SCORE = (
+    "operating-point normalised score, not a probability: torchxrayvision rescales each "
+    "label's sigmoid output so that 0.5 is that label's operating threshold"
+)
 #: Largest score difference allowed between the ONNX export and eager PyTorch.
 ONNX_SCORE_TOLERANCE = 1e-4
 #: Version of what the cached ONNX export computes; a cache made by another version is
