@@ -1218,3 +1218,35 @@ def test_control_characters_in_copied_values_are_emptied_and_the_sr_stays_valid(
     checked = subprocess.run([dciodvfy, str(sr_path)], capture_output=True, text=True, timeout=60)
     errors = [line for line in (checked.stdout + checked.stderr).splitlines() if "Error" in line]
     assert errors == []
+
+
+def test_a_copied_element_with_a_foreign_vr_gets_the_standards_and_the_sr_stays_valid(
+    corpus_dir: Path, tmp_path: Path, labels: list[str]
+) -> None:
+    """Found by the fuzz test (seed 1, case 7170): a flipped byte turned Patient Age's tag
+    into Patient's Name, so the source held Patient's Name with VR AS, and the SR copied it
+    (dciodvfy: 'Invalid Value Representation AS (PN Required)'). Such an element is written
+    with the standard's VR and no value; Patient ID, which places the SR, keeps its value."""
+    dciodvfy = require_program("dciodvfy")
+    source = pydicom.dcmread(corpus_dir / "edge_vet_dog_dx_thorax_small.dcm")
+    source["PatientName"] = pydicom.DataElement(0x00100010, "AS", "005Y")
+    source["PatientID"] = pydicom.DataElement(0x00100020, "SH", "123456")
+    path = tmp_path / "foreign-vr.dcm"
+    source.save_as(path)
+    rng = np.random.default_rng(5)
+    results = tmp_path / "results.json"
+    results.write_text(
+        json.dumps(results_document([classified_entry(str(path), labels, rng)], labels))
+    )
+    done = run_generate("--results", results, "--output-dir", tmp_path / "sr")
+    assert done.returncode == 0, done.stderr
+    assert "PatientName has VR AS, where the standard says PN" in done.stderr
+    srs = [pydicom.dcmread(p) for p in (tmp_path / "sr").glob("*.dcm")]
+    (written,) = srs
+    assert written["PatientName"].VR == "PN" and not written.PatientName
+    assert (written["PatientID"].VR, written.PatientID) == ("LO", "123456")
+    checked = subprocess.run(
+        [dciodvfy, str(written.filename)], capture_output=True, text=True, timeout=60
+    )
+    errors = [line for line in (checked.stdout + checked.stderr).splitlines() if "Error" in line]
+    assert errors == []

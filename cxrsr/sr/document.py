@@ -41,11 +41,12 @@ from typing import Any
 
 import highdicom as hd
 import pydicom
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID
-from pydicom.valuerep import DT, validate_value
+from pydicom.valuerep import DT, VR, validate_value
 
 from cxrsr import __version__
 from cxrsr.dicomio.discovery import open_source
@@ -358,7 +359,17 @@ def evidence_dataset(header: Dataset) -> tuple[Dataset, dict[str, str]]:
     evidence.update(header)
     emptied: dict[str, str] = {}
     for element in evidence:
+        standard = _standard_vr(element)
         if element.keyword in PLACEMENT_KEYWORDS:
+            if standard is not None:  # the value places the SR: kept, under the right VR
+                element.VR = standard
+            continue
+        if standard is not None:
+            # The element says one VR, the standard another (a damaged header; the fuzz test
+            # found Patient's Name with VR AS): written with the standard's VR and no value,
+            # since the value was read by the other VR's rules.
+            emptied[element.keyword] = f"has VR {element.VR}, where the standard says {standard}"
+            element.VR, element.value = standard, None
             continue
         problem = _vr_violation(element)
         if problem is not None:
@@ -391,6 +402,18 @@ def _control_character(vr: str, value: str) -> str | None:
         if (ord(character) < 0x20 or ord(character) == 0x7F) and character not in allowed:
             return f"control character {character!r}"
     return None
+
+
+def _standard_vr(element: pydicom.DataElement) -> str | None:
+    """The standard's VR for a public element that carries another one, else ``None``."""
+    if element.tag.is_private or element.VR in (VR.UN, VR.SQ):
+        return None
+    try:
+        standard = dictionary_VR(element.tag)
+    except KeyError:  # not in the dictionary: nothing to hold it against
+        return None
+    allowed = standard.split(" or ")  # "US or SS", "OB or OW"
+    return None if element.VR in allowed else allowed[0]
 
 
 def _vr_violation(element: pydicom.DataElement) -> str | None:
