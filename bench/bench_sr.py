@@ -237,8 +237,9 @@ def print_stages(title: str, stages: dict[str, float], count: int) -> None:
         print(f"  {stage:28s} {1000 * seconds / count:7.2f} ms/SR  {100 * seconds / total:5.1f} %")
 
 
-def key_images(folder: Path, count: int, when: datetime.datetime) -> None:
-    """generate_sr with and without key images on the same ``count`` entries, one process."""
+def key_images(folder: Path, count: int, when: datetime.datetime, jobs: list[int]) -> None:
+    """generate_sr with and without key images on the same ``count`` entries: one process
+    (the target's setting), then each of ``jobs``."""
     (folder / "src").mkdir(parents=True)
     document = synthetic_results(count, folder / "src", write_pictures(folder))
     plain = end_to_end(document, folder / "sr-only", when, 1)
@@ -249,6 +250,9 @@ def key_images(folder: Path, count: int, when: datetime.datetime) -> None:
         f"{count / both:.1f} images/s (SRs only: {count / plain:.1f}/s; "
         f"target >= {TARGET_KEY_IMAGE_RATE:.0f}/s)"
     )
+    for n in (n for n in jobs if n != 1):
+        seconds = end_to_end(document, folder / f"key-images-{n}", when, n, results_dir=folder)
+        print(f"generate_sr --jobs {n} with key images: {count / seconds:.1f} images/s")
 
 
 def main() -> int:
@@ -265,8 +269,8 @@ def main() -> int:
         type=int,
         default=300,
         metavar="N",
-        help="also time generate_sr with key images, in one process, on N entries "
-        "(default: 300; 0 skips it)",
+        help="also time generate_sr with key images on N entries, in one process and with "
+        "each --jobs value (default: 300; 0 skips it)",
     )
     args = parser.parse_args()
     logging.getLogger("cxrsr").setLevel(logging.ERROR)
@@ -298,7 +302,7 @@ def main() -> int:
             count = min(args.reference, args.count)
             print_stages("highdicom reference", reference_stages(document, count, when), count)
         if args.key_images:
-            key_images(folder / "with-key-images", args.key_images, when)
+            key_images(folder / "with-key-images", args.key_images, when, args.jobs)
     return 0
 
 
