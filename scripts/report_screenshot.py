@@ -11,43 +11,25 @@ the picture shows the report exactly as it opens from a USB stick.
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-FLAGS = [
-    "--no-sandbox",
-    "--headless=new",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--hide-scrollbars",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cxrsr.report import chromium
 
 
 def screenshot(report: Path, target: Path, width: int = 1280, height: int = 1800) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
+    binary = chromium.find_binary()
+    if binary is None:
         raise SystemExit("E: chromium not found (apt-get install chromium)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="cxrsr-chromium-") as profile:
-        done = subprocess.run(
-            [
-                chromium,
-                *FLAGS,
-                f"--user-data-dir={profile}",
-                f"--window-size={width},{height}",
-                f"--screenshot={target.resolve()}",
-                report.resolve().as_uri(),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+    done = chromium.run(
+        binary,
+        report.resolve().as_uri(),
+        f"--window-size={width},{height}",
+        f"--screenshot={target.resolve()}",
+    )
     if not target.is_file():
         raise SystemExit(f"E: chromium wrote no screenshot: {done.stderr.strip()[-500:]}")
 

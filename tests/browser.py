@@ -1,32 +1,17 @@
-"""Debian's Chromium, headless, for the browser tests (the report and OHIF).
-
-The flags keep the browser from phoning home (component updates, sync, background
-networking), so a test that passes proves the page needs nothing from the network.
-"""
+"""Debian's Chromium, headless, for the browser tests (the report and OHIF)."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import tempfile
 
 from conftest import missing_prerequisite
 
-QUIET_FLAGS = [
-    "--no-sandbox",  # tests run as root in CI containers, where the sandbox cannot start
-    "--headless=new",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--hide-scrollbars",
-]
+from cxrsr.report import chromium
 
 
 def chromium_binary() -> str:
     """The system Chromium (test.sh installs Debian's ``chromium``)."""
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    found = chromium.find_binary()
     if found is None:
         missing_prerequisite("chromium not installed (test.sh installs Debian's chromium)")
     assert found is not None
@@ -34,14 +19,9 @@ def chromium_binary() -> str:
 
 
 def run_chromium(url: str, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """One headless Chromium run on ``url`` with a throw-away profile."""
-    with tempfile.TemporaryDirectory(prefix="cxrsr-chromium-") as profile:
-        return subprocess.run(
-            [chromium_binary(), *QUIET_FLAGS, f"--user-data-dir={profile}", *extra, url],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+    """One headless Chromium run on ``url`` with a throw-away profile (flags:
+    :data:`cxrsr.report.chromium.FLAGS`)."""
+    return chromium.run(chromium_binary(), url, *extra, timeout=timeout)
 
 
 def dump_dom(url: str) -> str:

@@ -65,6 +65,16 @@ def run_script(
     )
 
 
+def process_files(
+    out: Path, cache_dir: Path, *inputs_and_options: str | Path
+) -> subprocess.CompletedProcess[str]:
+    """process_dicom.py on the inputs into the results file ``out`` with the tests' weights;
+    it must exit 0."""
+    proc = run_script("process_dicom.py", *inputs_and_options, "-o", out, "--cache-dir", cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 #: SOP Class UIDs of the Structured Report family (PS3.4 B.5).
 SR_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from conftest import WEIGHTS_NAME, run_script
+from conftest import WEIGHTS_NAME, process_files
 from PIL import Image
 
 from cxrsr.dicomio.discovery import Source
@@ -41,17 +41,7 @@ def processed(
     corpus_dir: Path, weights_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, dict[str, dict[str, Any]]]:
     out = tmp_path_factory.mktemp("heatmaps") / "results.json"
-    proc = run_script(
-        "process_dicom.py",
-        *(corpus_dir / name for name in NAMES),
-        "--output",
-        out,
-        "--cache-dir",
-        weights_cache_dir,
-        "--workers",
-        "1",
-    )
-    assert proc.returncode == 0, proc.stderr
+    process_files(out, weights_cache_dir, *(corpus_dir / name for name in NAMES), "--workers", "1")
     document = json.loads(out.read_text())
     return out.parent, {Path(e["path"]).name: e for e in document["images"]}
 
@@ -239,16 +229,7 @@ def test_preview_applies_the_voi_window_and_lut(corpus_dir: Path) -> None:
 
 def test_no_heatmaps_writes_none(corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "results.json"
-    proc = run_script(
-        "process_dicom.py",
-        corpus_dir / NAMES[3],
-        "--output",
-        out,
-        "--cache-dir",
-        weights_cache_dir,
-        "--no-heatmaps",
-    )
-    assert proc.returncode == 0, proc.stderr
+    process_files(out, weights_cache_dir, corpus_dir / NAMES[3], "--no-heatmaps")
     entry = json.loads(out.read_text())["images"][0]
     assert "heatmaps" not in entry and "preview" not in entry
     assert sorted(os.listdir(tmp_path)) == ["results.json"]

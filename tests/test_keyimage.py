@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from conftest import require_program, run_script
+from conftest import process_files, require_program, run_script
 from PIL import Image
 
 from cxrsr.config import PROJECT_ROOT
@@ -46,17 +46,7 @@ def results(
     corpus_dir: Path, weights_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     out = tmp_path_factory.mktemp("keyimage") / "results.json"
-    proc = run_script(
-        "process_dicom.py",
-        *(corpus_dir / name for name in NAMES),
-        "-o",
-        out,
-        "--cache-dir",
-        weights_cache_dir,
-        "--workers",
-        "1",
-    )
-    assert proc.returncode == 0, proc.stderr
+    process_files(out, weights_cache_dir, *(corpus_dir / name for name in NAMES), "--workers", "1")
     return out
 
 
@@ -205,16 +195,7 @@ def test_no_heatmaps_no_key_images_and_a_missing_preview_is_an_error(
     corpus_dir: Path, weights_cache_dir: Path, results: Path, tmp_path: Path
 ) -> None:
     plain = tmp_path / "plain.json"
-    proc = run_script(
-        "process_dicom.py",
-        corpus_dir / NAMES[0],
-        "-o",
-        plain,
-        "--cache-dir",
-        weights_cache_dir,
-        "--no-heatmaps",
-    )
-    assert proc.returncode == 0, proc.stderr
+    process_files(plain, weights_cache_dir, corpus_dir / NAMES[0], "--no-heatmaps")
     proc = generate(plain, tmp_path / "plain")
     assert proc.returncode == 0, proc.stderr
     (sr,) = (pydicom.dcmread(p) for p in (tmp_path / "plain").glob("*.dcm"))

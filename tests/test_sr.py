@@ -1194,30 +1194,43 @@ def test_pixelmed_template_validator_finds_no_errors(
     assert [e for e in errors if PIXELMED_STALE_CID_100 not in e] == [], output
 
 
-def test_control_characters_in_copied_values_are_emptied_and_the_sr_stays_valid(
-    corpus_dir: Path, tmp_path: Path, labels: list[str]
-) -> None:
-    """A NUL in Manufacturer (LO) or a line break in Study Description (LO) breaks PS3.5 6.2,
-    which pydicom does not check; found by the fuzz test (dciodvfy: 'Character invalid')."""
-    dciodvfy = require_program("dciodvfy")
-    source = pydicom.dcmread(corpus_dir / "edge_vet_dog_dx_thorax_small.dcm")
-    source.Manufacturer = "FUJIFILM Corpo\x00ation"
-    source.StudyDescription = "THORAX\r\nPA"
-    path = tmp_path / "control.dcm"
+def _sr_of_changed_source(
+    source: pydicom.Dataset, tmp_path: Path, labels: list[str], seed: int
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """generate_sr.py on one classified entry whose source is ``source`` (written first);
+    its run and the one SR it wrote."""
+    path = tmp_path / "source.dcm"
     source.save_as(path)
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(seed)
     results = tmp_path / "results.json"
     results.write_text(
         json.dumps(results_document([classified_entry(str(path), labels, rng)], labels))
     )
     done = run_generate("--results", results, "--output-dir", tmp_path / "sr")
     assert done.returncode == 0, done.stderr
+    (sr_path,) = (tmp_path / "sr").glob("*.dcm")
+    return done, sr_path
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    dciodvfy = require_program("dciodvfy")
+    checked = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (checked.stdout + checked.stderr).splitlines() if "Error" in line]
+
+
+def test_control_characters_in_copied_values_are_emptied_and_the_sr_stays_valid(
+    corpus_dir: Path, tmp_path: Path, labels: list[str]
+) -> None:
+    """A NUL in Manufacturer (LO) or a line break in Study Description (LO) breaks PS3.5 6.2,
+    which pydicom does not check; found by the fuzz test (dciodvfy: 'Character invalid')."""
+    require_program("dciodvfy")
+    source = pydicom.dcmread(corpus_dir / "edge_vet_dog_dx_thorax_small.dcm")
+    source.Manufacturer = "FUJIFILM Corpo\x00ation"
+    source.StudyDescription = "THORAX\r\nPA"
+    done, sr_path = _sr_of_changed_source(source, tmp_path, labels, seed=3)
     assert "Manufacturer" in done.stderr and "control character" in done.stderr
     assert "StudyDescription" in done.stderr
-    (sr_path,) = (tmp_path / "sr").glob("*.dcm")
-    checked = subprocess.run([dciodvfy, str(sr_path)], capture_output=True, text=True, timeout=60)
-    errors = [line for line in (checked.stdout + checked.stderr).splitlines() if "Error" in line]
-    assert errors == []
+    assert _dciodvfy_errors(sr_path) == []
 
 
 def test_a_copied_element_with_a_foreign_vr_gets_the_standards_and_the_sr_stays_valid(
@@ -1227,26 +1240,13 @@ def test_a_copied_element_with_a_foreign_vr_gets_the_standards_and_the_sr_stays_
     into Patient's Name, so the source held Patient's Name with VR AS, and the SR copied it
     (dciodvfy: 'Invalid Value Representation AS (PN Required)'). Such an element is written
     with the standard's VR and no value; Patient ID, which places the SR, keeps its value."""
-    dciodvfy = require_program("dciodvfy")
+    require_program("dciodvfy")
     source = pydicom.dcmread(corpus_dir / "edge_vet_dog_dx_thorax_small.dcm")
     source["PatientName"] = pydicom.DataElement(0x00100010, "AS", "005Y")
     source["PatientID"] = pydicom.DataElement(0x00100020, "SH", "123456")
-    path = tmp_path / "foreign-vr.dcm"
-    source.save_as(path)
-    rng = np.random.default_rng(5)
-    results = tmp_path / "results.json"
-    results.write_text(
-        json.dumps(results_document([classified_entry(str(path), labels, rng)], labels))
-    )
-    done = run_generate("--results", results, "--output-dir", tmp_path / "sr")
-    assert done.returncode == 0, done.stderr
+    done, sr_path = _sr_of_changed_source(source, tmp_path, labels, seed=5)
     assert "PatientName has VR AS, where the standard says PN" in done.stderr
-    srs = [pydicom.dcmread(p) for p in (tmp_path / "sr").glob("*.dcm")]
-    (written,) = srs
+    written = pydicom.dcmread(sr_path)
     assert written["PatientName"].VR == "PN" and not written.PatientName
     assert (written["PatientID"].VR, written.PatientID) == ("LO", "123456")
-    checked = subprocess.run(
-        [dciodvfy, str(written.filename)], capture_output=True, text=True, timeout=60
-    )
-    errors = [line for line in (checked.stdout + checked.stderr).splitlines() if "Error" in line]
-    assert errors == []
+    assert _dciodvfy_errors(sr_path) == []

@@ -130,7 +130,8 @@ def _convert_every_element(ds: Dataset) -> None:
     elements.
     """
     character_set = ds.original_character_set or ds._character_set
-    for tag, elem in list(ds._dict.items()):
+    for tag in list(ds.keys()):  # not the Dataset itself: iterating it converts every element
+        elem = ds.get_item(tag)  # as read: raw unless already converted
         # An implicit VR (None) is looked up by the converter; a lookup that gives SQ or an
         # ambiguous VR is done again below, the way Dataset.__getitem__ does it.
         if (
