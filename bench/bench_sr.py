@@ -79,13 +79,12 @@ def write_pictures(results_dir: Path) -> list[dict]:
         assert radiograph.display is not None
         shape = (radiograph.identity["rows"], radiograph.identity["columns"])
         preview = f"previews/{index}.png"
-        write_atomic(
-            results_dir / preview,
-            png_bytes(make_preview(radiograph.pixels, radiograph.display, shape)),
-        )
+        image = make_preview(radiograph.pixels, radiograph.display, shape)
+        write_atomic(results_dir / preview, png_bytes(image))
         heatmap = f"heatmaps/{index}.png"
         write_atomic(results_dir / heatmap, png_bytes(heatmap_image(rng.normal(size=(7, 7)))))
-        keys.append({"preview": preview, "preview_crop": preview_crop(shape), "heatmap": heatmap})
+        crop = preview_crop(shape, image.shape)
+        keys.append({"preview": preview, "preview_crop": crop, "heatmap": heatmap})
     return keys
 
 

@@ -26,7 +26,7 @@ from cxrsr.dicomio.domain import DomainPolicy, entry_fields
 from cxrsr.dicomio.preview import make_preview, png_bytes, preview_crop
 from cxrsr.dicomio.reading import Radiograph, read_radiograph
 from cxrsr.errors import MAX_REASON, InputError, NotARadiographError, PipelineError, one_line
-from cxrsr.files import write_atomic
+from cxrsr.files import sync_files, write_atomic
 from cxrsr.model.classifier import Classifier
 from cxrsr.model.heatmaps import PREVIEW_FOLDER, HeatmapWriter, file_stem
 from cxrsr.model.preprocess import INPUT_SIZE, preprocess
@@ -121,12 +121,16 @@ def prepare(
 def write_preview(
     radiograph: Radiograph, shape: tuple[int, int], path: str, results_dir: Path
 ) -> dict[str, Any]:
-    """Write the display preview of ``radiograph``; return its results entry keys."""
+    """Write the display preview of ``radiograph``; return its results entry keys.
+
+    The file is not flushed to disk here: :func:`classify` makes a batch's pictures
+    durable together before it reports the entries that name them.
+    """
     assert radiograph.display is not None  # read_radiograph always sets it
     relative = f"{PREVIEW_FOLDER}/{file_stem(path)}.png"
     image = make_preview(radiograph.pixels, radiograph.display, shape)
-    write_atomic(results_dir / relative, png_bytes(image))
-    return {"preview": relative, "preview_crop": preview_crop(shape)}
+    write_atomic(results_dir / relative, png_bytes(image), durable=False)
+    return {"preview": relative, "preview_crop": preview_crop(shape, image.shape)}
 
 
 def _ignore_sigint() -> None:
@@ -252,9 +256,39 @@ def classify(
     threshold = 0.5
     entries: list[dict[str, Any] | None] = [None] * len(sources)
     batch: list[tuple[int, Prepared]] = []
+    # The last batch classified, waiting for its pictures: (index, entry, pictures task).
+    unpublished: list[tuple[int, dict[str, Any], Future[list[Path]] | None]] = []
     loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
     loading = loader.submit(load_classifier)
     loader.shutdown(wait=False)
+
+    def publish() -> None:
+        """Report the waiting batch once the pictures its entries name are on disk.
+
+        Its heatmaps were written while the network ran the next batch, so this rarely
+        waits. Then one :func:`sync_files` makes the batch's pictures (heatmaps and
+        previews) durable before any entry naming them is reported and journaled: a run
+        killed, or a machine that loses power, at any moment leaves no entry naming a
+        missing file.
+        """
+        if not unpublished:
+            return
+        if results_dir is not None:
+            try:
+                pictures: list[Path] = []
+                for _index, entry, task in unpublished:
+                    if task is not None:
+                        pictures.extend(task.result())
+                    if "preview" in entry:
+                        pictures.append(results_dir / entry["preview"])
+                sync_files(pictures)
+            except OSError as exc:
+                raise PipelineError(f"{results_dir}: cannot write heatmaps: {exc}", 3) from exc
+        for index, entry, _task in unpublished:
+            entries[index] = entry
+            on_entry(entry)
+        unpublished.clear()
+        on_batch()
 
     def flush() -> None:
         if not batch:
@@ -262,24 +296,14 @@ def classify(
         classifier = loading.result()
         inputs = np.stack([item.model_input for _, item in batch])  # type: ignore[misc]
         all_scores, all_maps = classifier.predict_with_maps(inputs)
+        publish()  # the previous batch: its pictures were written while the network ran
         for (index, item), scores, maps in zip(batch, all_scores, all_maps, strict=True):
-            entries[index] = classified_entry(item, scores, threshold)
+            entry = classified_entry(item, scores, threshold)
+            task = None
             if heatmaps is not None:
-                entries[index]["heatmaps"] = heatmaps.write(item.path, scores, maps)  # type: ignore[index]
-        if heatmaps is not None:
-            # An entry is reported (and journaled) only once the pictures it names are on
-            # disk, so a run killed at any moment leaves no entry naming a missing file.
-            # The batch's maps are still encoded in parallel (zlib releases the GIL).
-            try:
-                heatmaps.wait()
-            except OSError as exc:
-                raise PipelineError(
-                    f"{heatmaps.results_dir}: cannot write heatmaps: {exc}", 3
-                ) from exc
-        for index, _item in batch:
-            on_entry(entries[index])  # type: ignore[arg-type]
+                entry["heatmaps"], task = heatmaps.write(item.path, scores, maps)
+            unpublished.append((index, entry, task))
         batch.clear()
-        on_batch()
 
     window = batch_size * 2 + max(workers, 1) * 2
     interrupted = False
@@ -300,6 +324,7 @@ def classify(
                     entries[index] = entry
                     on_entry(entry)
         flush()
+        publish()
     except KeyboardInterrupt:
         if not loading.done() or loading.exception() is not None:
             raise

@@ -500,3 +500,100 @@ def test_results_and_srs_are_private_whatever_the_umask(
     for path in written:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o750 if path.is_dir() else 0o640), (path, oct(mode))
+
+
+def test_entries_are_reported_only_once_their_pictures_are_synced(
+    corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pictures are flushed once per batch (not once per file), always before the entries
+    that name them reach on_entry (the journal), and the journal is fsynced after them."""
+    import cxrsr.classify
+    from cxrsr.files import sync_files
+    from cxrsr.model.heatmaps import ALL_LABELS, HeatmapWriter
+
+    events: list[tuple[str, Any]] = []
+
+    def recording_sync(paths: Any) -> None:
+        paths = [Path(p) for p in paths]
+        sync_files(paths)
+        events.append(("sync", {str(p) for p in paths}))
+
+    monkeypatch.setattr(cxrsr.classify, "sync_files", recording_sync)
+    out = tmp_path / "out"
+    paths = linked_copies(corpus_dir, tmp_path / "in", CLASSIFIABLE[:3], 7)
+    run = classify(
+        [Source(str(p)) for p in paths],
+        lambda: load_classifier(cache_dir=weights_cache_dir, backend="onnx", device="cpu"),
+        batch_size=3,
+        workers=2,
+        on_entry=lambda entry: events.append(("entry", entry)),
+        on_batch=lambda: events.append(("batch", None)),
+        heatmaps=HeatmapWriter(out, ALL_LABELS),
+    )
+    assert [e["status"] for e in run.entries] == ["classified"] * 7
+    synced: set[str] = set()
+    for kind, value in events:
+        if kind == "sync":
+            synced |= value
+        elif kind == "entry":
+            pictures = [value["preview"], *value["heatmaps"].values()]
+            assert len(pictures) == 19
+            for relative in pictures:
+                assert str(out / relative) in synced, f"{relative} reported before its sync"
+                assert (out / relative).read_bytes().startswith(b"\x89PNG")
+    kinds = [kind for kind, _ in events]
+    # Batches of 3, 3 and 1: one flush each, then its entries, then the journal's fsync.
+    assert kinds == ["sync", *["entry"] * 3, "batch"] * 2 + ["sync", "entry", "batch"]
+
+
+def test_sync_files_flushes_each_filesystem_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Linux one syncfs per filesystem, however many files and folders."""
+    import cxrsr.files
+    from cxrsr.files import sync_files
+
+    real = cxrsr.files._SYNCFS
+    assert real is not None, "syncfs is missing from this Linux C library"
+    flushed: list[int] = []
+
+    def recording_syncfs(fd: int) -> int:
+        flushed.append(os.fstat(fd).st_dev)
+        return real(fd)
+
+    monkeypatch.setattr(cxrsr.files, "_SYNCFS", recording_syncfs)
+    files = [tmp_path / folder / f"{n}.png" for folder in ("a", "b") for n in range(5)]
+    for path in files:
+        write_atomic(path, b"picture", durable=False)
+    other = Path("/dev/shm")  # tmpfs: another filesystem
+    assert os.stat(other).st_dev != os.stat(tmp_path).st_dev
+    sync_files([*files, other / "nonexistent-file-only-its-folder-counts.png"])
+    assert sorted(flushed) == sorted({os.stat(tmp_path).st_dev, os.stat(other).st_dev})
+    flushed.clear()
+    with pytest.raises(FileNotFoundError):
+        sync_files([tmp_path / "missing" / "x.png"])
+    assert flushed == []
+
+
+def test_sync_files_without_syncfs_fsyncs_every_file_and_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where there is no syncfs (not Linux), each file and each folder gets its fsync."""
+    import cxrsr.files
+    from cxrsr.files import sync_files
+
+    fsynced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(cxrsr.files, "_SYNCFS", None)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    files = [tmp_path / folder / f"{n}.png" for folder in ("a", "b") for n in range(3)]
+    for path in files:
+        write_atomic(path, b"picture", durable=False)
+    assert fsynced == []  # durable=False: no flush at write time
+    sync_files(files)
+    assert sorted(fsynced) == sorted([*map(str, files), str(tmp_path / "a"), str(tmp_path / "b")])

@@ -20,6 +20,7 @@ import pytest
 from conftest import WEIGHTS_NAME, process_files
 from PIL import Image
 
+from cxrsr.classify import REDUCED_DECODE_MIN_SIZE
 from cxrsr.dicomio.discovery import Source
 from cxrsr.dicomio.preview import PREVIEW_LONG_SIDE, make_preview, preview_size
 from cxrsr.dicomio.reading import read_radiograph, read_radiograph_bytes
@@ -161,14 +162,23 @@ def test_previews_are_the_files_windowed_as_a_viewer_shows_them(
     processed, corpus_dir: Path
 ) -> None:
     """Compared at half the preview's size: a preview has the detail the model's reader
-    decoded (at least 448 pixels on the short side), upsampled to 1024."""
+    decoded (at least 448 pixels on the short side), never enlarged, at most 1024."""
     folder, entries = processed
+    sizes = set()
     for name in NAMES:
         entry = entries[name]
         preview = load_png(folder / entry["preview"]).astype(float)
-        assert max(preview.shape) == PREVIEW_LONG_SIDE
         expected = independent_display(corpus_dir / name)
-        assert preview.shape == preview_size(expected.shape)
+        decoded = read_radiograph(
+            Source(str(corpus_dir / name)), min_size=REDUCED_DECODE_MIN_SIZE
+        ).pixels.shape
+        # The decoded detail, never enlarged, at most PREVIEW_LONG_SIDE; the file's aspect.
+        assert max(preview.shape) == min(max(decoded), PREVIEW_LONG_SIDE), (name, decoded)
+        assert preview.shape == preview_size(expected.shape, decoded)
+        aspect = (preview.shape[0] / preview.shape[1]) / (expected.shape[0] / expected.shape[1])
+        assert abs(aspect - 1) < 0.01, (name, preview.shape, expected.shape)
+        sizes.add("reduced" if max(decoded) < max(expected.shape) else "full")
+        sizes.add("shrunk" if max(decoded) > PREVIEW_LONG_SIDE else "as decoded")
         half = (preview.shape[0] // 2, preview.shape[1] // 2)
         preview = resized(preview / 255, half)
         error = np.abs(preview - resized(expected, half)).mean()
@@ -177,6 +187,8 @@ def test_previews_are_the_files_windowed_as_a_viewer_shows_them(
         windowed = "WindowCenter" in pydicom.dcmread(corpus_dir / name, stop_before_pixels=True)
         assert error < (3 if windowed else 8), (name, error)
         assert np.abs(preview - resized(1 - expected, half)).mean() > 30
+    # The corpus files cover a reduced decode, a full one, and one larger than 1024.
+    assert sizes == {"reduced", "full", "shrunk", "as decoded"}, sizes
 
 
 def test_preview_crop_is_the_square_the_model_saw(processed, corpus_dir: Path) -> None:
@@ -235,6 +247,28 @@ def test_no_heatmaps_writes_none(corpus_dir: Path, weights_cache_dir: Path, tmp_
     assert sorted(os.listdir(tmp_path)) == ["results.json"]
 
 
+def test_a_folder_that_cannot_take_heatmaps_ends_the_run_with_exit_3(
+    corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
+) -> None:
+    """One line naming the folder and the reason, no traceback, and no journaled entry that
+    names a heatmap which was never written."""
+    from conftest import run_script
+
+    from cxrsr.journal import journal_path
+
+    out = tmp_path / "results.json"
+    (tmp_path / "heatmaps").write_text("a file where the heatmaps folder should be")
+    proc = run_script(
+        "process_dicom.py", corpus_dir / NAMES[3], "-o", out, "--cache-dir", weights_cache_dir
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("E:")]
+    assert len(errors) == 1 and f"{tmp_path}: cannot write heatmaps" in errors[0], proc.stderr
+    journal = journal_path(out)
+    assert not journal.exists() or '"entry"' not in journal.read_text()
+
+
 def test_an_onnx_export_without_maps_is_made_again(weights_cache_dir: Path, tmp_path: Path) -> None:
     """A cache from before heatmaps (no ``export_version``) is exported again, with the maps."""
     from cxrsr.model.classifier import load_classifier
@@ -257,8 +291,22 @@ def test_an_onnx_export_without_maps_is_made_again(weights_cache_dir: Path, tmp_
     assert set(maps[0]) == set(scores[0]) and maps[0]["Effusion"].shape == (7, 7)
 
 
-def test_png_bytes_round_trips_through_pillow() -> None:
-    """Our PNG encoder (Up filter, Huffman-only zlib) gives what Pillow reads back exactly."""
+@pytest.fixture(params=["isal", "zlib"])
+def deflate(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each of the PNG deflate back ends: ISA-L (installed by requirements.txt) and the
+    standard library's zlib, which platforms without an ISA-L wheel use."""
+    from cxrsr.dicomio import preview
+
+    if request.param == "zlib":
+        monkeypatch.setattr(preview, "_compress", preview._zlib_compress)
+        monkeypatch.setattr(preview, "_decompress", preview._zlib_decompress)
+    else:
+        assert preview._compress.__name__ == "_isal_compress", "isal is not installed"
+    return str(request.param)
+
+
+def test_png_bytes_round_trips_through_pillow(deflate: str) -> None:
+    """Our PNG encoder (Up filter, ISA-L or zlib) gives what Pillow reads back exactly."""
     from io import BytesIO
 
     from cxrsr.dicomio.preview import png_bytes
@@ -272,7 +320,9 @@ def test_png_bytes_round_trips_through_pillow() -> None:
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 5), (224, 224), (1024, 833)])
-def test_read_png_reads_what_png_bytes_writes_as_pillow_does(shape: tuple[int, int]) -> None:
+def test_read_png_reads_what_png_bytes_writes_as_pillow_does(
+    shape: tuple[int, int], deflate: str
+) -> None:
     """generate_sr.py reads the previews and heatmaps with preview.read_png (zlib and
     numpy, no GIL ping-pong); it must give exactly what Pillow decodes."""
     import io

@@ -16,7 +16,7 @@ from conftest import process_files, require_program, run_script
 from PIL import Image
 
 from cxrsr.config import PROJECT_ROOT
-from cxrsr.sr.keyimage import BANNER_HEIGHT, KEY_IMAGE_SERIES_DESCRIPTION
+from cxrsr.sr.keyimage import BANNER_HEIGHT, KEY_IMAGE_SERIES_DESCRIPTION, PANEL_WIDTH
 
 NAMES = [
     "cxr04_nema_RG1_JLSN.dcm",  # taller than wide: preview rows outside the crop
@@ -130,13 +130,21 @@ def test_key_image_shows_the_preview_and_the_top_findings_heatmap(
         pixels = by_source[entry["sop_instance_uid"]].pixel_array.astype(float)
         banner = pixels[: BANNER_HEIGHT - 4, :].reshape(-1, 3)
         assert np.median(banner[:, 0]) > 150 and np.median(banner[:, 1]) < 60  # red banner
+        # The preview is stored at the detail process_dicom.py decoded; the key image shows
+        # it with a long side of 1024 pixels, enlarged bilinearly (crop scaled with it).
         with Image.open(folder / entry["preview"]) as image:
-            preview = np.asarray(image).astype(float)
+            scale = 1024 / max(image.size)
+            size = (round(image.width * scale), round(image.height * scale))
+            preview = np.asarray(image.resize(size, Image.Resampling.BILINEAR)).astype(float)
+            sx, sy = size[0] / image.width, size[1] / image.height
+        assert max(preview.shape) == 1024
         top = max(entry["heatmaps"], key=lambda label: entry["scores"][label])
         with Image.open(folder / entry["heatmaps"][top]) as image:
             heat_image = image.copy()
         picture = pixels[BANNER_HEIGHT : BANNER_HEIGHT + preview.shape[0], : preview.shape[1]]
+        assert pixels.shape[1] == preview.shape[1] + PANEL_WIDTH
         left, top, w, h = entry["preview_crop"]
+        left, top, w, h = left * sx, top * sy, w * sx, h * sy
         x, y = round(left), round(top)
         width, height = round(left + w) - x, round(top + h) - y
         inside = np.zeros(preview.shape, dtype=bool)

@@ -1,4 +1,4 @@
-"""A display preview of a radiograph: what a radiologist would see, at about 1024 pixels.
+"""A display preview of a radiograph: what a radiologist would see, at up to 1024 pixels.
 
 The preview is made from the pixels the reader already decoded for the model (no second
 decode), in the orientation the model saw. Those pixels are in torchxrayvision's
@@ -14,6 +14,11 @@ undone:
 MONOCHROME1 (and Presentation LUT Shape INVERSE) is then inverted so that bone is bright.
 ``preview_crop`` gives the square the model saw in preview pixels, so that a 224x224
 heatmap can be laid over it.
+
+The preview keeps the detail the reader decoded and never enlarges it: its long side is
+that of the decoded pixels, at most :data:`PREVIEW_LONG_SIDE`. An enlarged copy would
+hold no more information, cost several times as much to encode and store, and the key
+image (``cxrsr.sr.keyimage``) and the browser enlarge it anyway when they show it.
 """
 
 from __future__ import annotations
@@ -22,14 +27,15 @@ import io
 import math
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image
 from pydicom.multival import MultiValue
 
-#: The preview's long side, in pixels.
+#: The preview's longest side, in pixels: larger decodes are scaled down to it.
 PREVIEW_LONG_SIDE = 1024
 MODEL_RANGE = 1024.0
 
@@ -133,39 +139,83 @@ def display_grey(pixels: np.ndarray, display: Display) -> np.ndarray:
     return 1 - grey if display.inverted else grey
 
 
-def preview_size(shape: tuple[int, int]) -> tuple[int, int]:
-    """(height, width) of the preview of an image of ``shape`` (rows, columns)."""
+def preview_size(shape: tuple[int, int], decoded: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(height, width) of the preview of an image of ``shape`` (rows, columns).
+
+    ``decoded`` is the shape of the pixels the reader decoded (a reduced decode is
+    smaller than ``shape``; the default is a full decode). The preview has the image's
+    aspect and the decoded long side, at most :data:`PREVIEW_LONG_SIDE`: never enlarged.
+    """
     height, width = shape
-    scale = PREVIEW_LONG_SIDE / max(height, width)
+    long_side = min(PREVIEW_LONG_SIDE, max(decoded or shape))
+    scale = long_side / max(height, width)
     return max(round(height * scale), 1), max(round(width * scale), 1)
 
 
-def preview_crop(shape: tuple[int, int]) -> list[float]:
-    """``[x, y, width, height]`` of the model's centre crop in preview pixels.
+def preview_crop(shape: tuple[int, int], preview: tuple[int, int]) -> list[float]:
+    """``[x, y, width, height]`` of the model's centre crop in the pixels of a preview.
 
     The crop is ``preprocess.center_crop``'s (``XRayCenterCrop``'s rounding) in the
-    image's own pixels, scaled as the preview is.
+    image's own pixels (``shape``, rows and columns), scaled as the preview (``preview``,
+    its rows and columns) is.
     """
     height, width = shape
     size = min(height, width)
     x0, y0 = width // 2 - size // 2, height // 2 - size // 2
-    preview_height, preview_width = preview_size(shape)
+    preview_height, preview_width = preview
     sx, sy = preview_width / width, preview_height / height
     return [round(x0 * sx, 3), round(y0 * sy, 3), round(size * sx, 3), round(size * sy, 3)]
 
 
 def make_preview(pixels: np.ndarray, display: Display, shape: tuple[int, int]) -> np.ndarray:
-    """8-bit preview (long side :data:`PREVIEW_LONG_SIDE`) of reader pixels.
+    """8-bit preview of reader pixels, :func:`preview_size` big.
 
     ``shape`` is the image's full size (rows, columns): ``pixels`` may be a reduced
-    decode of it.
+    decode of it. Pixels already at the preview's size are not resampled at all.
     """
     grey = np.rint(np.clip(display_grey(pixels, display), 0, 1) * 255).astype(np.uint8)
-    height, width = preview_size(shape)
+    height, width = preview_size(shape, (int(pixels.shape[0]), int(pixels.shape[1])))
+    if grey.shape == (height, width):
+        return grey
     # Pillow's resampling filters widen their support when shrinking (anti-aliasing);
     # on 8-bit data they run in SIMD, several times faster than on floats.
     resized = Image.fromarray(grey, mode="L").resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(resized)
+
+
+def _zlib_compress(raw: np.ndarray) -> bytes:
+    packer = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
+    return packer.compress(raw.tobytes()) + packer.flush()
+
+
+def _zlib_decompress(data: bytes, size: int) -> bytes:
+    return zlib.decompress(data, zlib.MAX_WBITS, size)
+
+
+# The PNGs' deflate: Intel's ISA-L (python-isal) where installed, else the standard
+# library's zlib (Huffman-only, its fastest useful setting). Both write zlib streams that
+# any PNG reader inflates. Measured on process_dicom.py's own pictures (one thread):
+#   224x224 heatmap:   zlib 0.22 ms, 14.5 kB;   ISA-L level 1 0.074 ms, 8.6 kB
+#   1024-pixel preview: zlib 5.0 ms, 304 kB;    ISA-L level 1 1.7 ms, 285 kB
+#   reading a preview:  zlib 2.5-2.9 ms;        ISA-L 1.5-1.7 ms
+# With 18 heatmaps and a preview per image, that is about 6 ms of CPU per image.
+_compress: Callable[[np.ndarray], bytes]
+_decompress: Callable[[bytes, int], bytes]
+_INFLATE_ERRORS: tuple[type[Exception], ...]
+try:
+    from isal import isal_zlib
+
+    def _isal_compress(raw: np.ndarray) -> bytes:
+        return isal_zlib.compress(raw, 1)
+
+    def _isal_decompress(data: bytes, size: int) -> bytes:
+        return isal_zlib.decompress(data, isal_zlib.MAX_WBITS, size)
+
+    _compress, _decompress = _isal_compress, _isal_decompress
+    # python-isal's stubs declare its error as an instance; it is the exception class.
+    _INFLATE_ERRORS = (zlib.error, cast(type[Exception], isal_zlib.error))
+except ImportError:  # no ISA-L wheel for this platform: the standard library does it
+    _compress, _decompress, _INFLATE_ERRORS = _zlib_compress, _zlib_decompress, (zlib.error,)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -173,19 +223,17 @@ def png_bytes(image: np.ndarray) -> bytes:
 
     Written here rather than by Pillow, for speed: Pillow tries every PNG row filter on
     every row, which made the preview's PNG cost more than the rest of the preview and
-    most of a heatmap's cost. Here every row uses the Up filter (PNG 9.2, type 2: the
-    difference to the row above, modulo 256) and zlib's Huffman-only strategy: a
-    1024x1024 preview encodes in 6 ms instead of Pillow's 21 ms (level 1, Huffman-only)
-    or 26 ms (level 1), and the file is 401 kB against 371 and 471 kB. Pillow reads the
-    files back exactly (``tests/test_heatmaps.py``).
+    most of a heatmap's cost (a 1024x1024 preview: Pillow 21-26 ms, here 6 ms with zlib).
+    Here every row uses the Up filter (PNG 9.2, type 2: the difference to the row above,
+    modulo 256), deflated by ISA-L at level 1 (see ``_compress``). Pillow reads the files
+    back exactly (``tests/test_heatmaps.py``).
     """
     height, width = image.shape
     rows = np.empty((height, width + 1), dtype=np.uint8)
     rows[:, 0] = 2  # filter type Up
     rows[0, 1:] = image[0]
     np.subtract(image[1:], image[:-1], out=rows[1:, 1:])  # uint8 arithmetic wraps: mod 256
-    packer = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
-    data = packer.compress(rows.tobytes()) + packer.flush()
+    data = _compress(rows)
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
     return PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
 
@@ -197,7 +245,7 @@ def read_png(data: bytes) -> np.ndarray:
     """The 8-bit grayscale pixels of a PNG, as a 2-D ``uint8`` array.
 
     A file :func:`png_bytes` wrote (grayscale, every row filtered Up) is read here: one
-    ``zlib.decompress`` and one running sum down the columns. Anything else goes to
+    inflate call (ISA-L's where installed) and one running sum down the columns. Anything else goes to
     Pillow. Why: generate_sr.py decodes the preview on a thread while the SR is encoded,
     and Pillow decodes a PNG in many small steps, each giving up the GIL and waiting to
     get it back. Measured on a 1024-pixel preview: Pillow 3.8 ms alone and 35 ms beside
@@ -234,8 +282,8 @@ def _read_own_png(data: bytes) -> np.ndarray:
         raise ValueError("not 8-bit grayscale, non-interlaced")
     try:
         # Sized for the whole image: one inflate call, one wait for the GIL afterwards.
-        raw = zlib.decompress(b"".join(compressed), zlib.MAX_WBITS, height * (width + 1))
-    except zlib.error as exc:
+        raw = _decompress(b"".join(compressed), height * (width + 1))
+    except _INFLATE_ERRORS as exc:
         raise ValueError(str(exc)) from exc
     if len(raw) != height * (width + 1):
         raise ValueError("wrong amount of image data")

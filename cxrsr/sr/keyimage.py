@@ -3,8 +3,10 @@
 An SR holds the scores, but no viewer draws an image-level classification. The key image
 does, burned into pixels every viewer shows:
 
-- the display preview (the radiograph windowed as its header says, long side 1024) with
-  the top finding's heatmap laid over the square the model saw, in colour (jet), with a
+- the display preview (the radiograph windowed as its header says), shown with its long
+  side 1024 pixels (:data:`READING_SIZE`; process_dicom.py stores it at the detail it
+  decoded, never enlarged, so smaller previews are enlarged here), with the top
+  finding's heatmap laid over the square the model saw, in colour (jet), with a
   legend;
 - a panel of every label sorted by score, with bars and the 0.5 threshold marked;
 - a banner: "AI RESULT - NOT FOR DIAGNOSTIC USE - colour shows model attention, not a
@@ -54,6 +56,8 @@ BACKGROUND = (24, 24, 24)
 TEXT = (235, 235, 235)
 #: Largest weight of the heatmap colour over the radiograph (at the map's maximum).
 OVERLAY_OPACITY = 0.55
+#: The radiograph's long side in a key image, in pixels: readable on a PACS screen.
+READING_SIZE = 1024
 
 
 @cache
@@ -175,6 +179,24 @@ def _png(data: bytes) -> Image.Image:
     return Image.fromarray(read_png(data))
 
 
+def at_reading_size(
+    preview: Image.Image, crop: tuple[float, float, float, float]
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """The preview enlarged to a long side of :data:`READING_SIZE`, and the crop with it.
+
+    Bilinear, as process_dicom.py enlarged previews before it stored them at their decoded
+    size. A preview already that large is left as it is.
+    """
+    scale = READING_SIZE / max(preview.size)
+    if scale <= 1:
+        return preview, crop
+    size = (max(round(preview.width * scale), 1), max(round(preview.height * scale), 1))
+    sx, sy = size[0] / preview.width, size[1] / preview.height
+    x, y, width, height = crop
+    enlarged = preview.resize(size, Image.Resampling.BILINEAR)
+    return enlarged, (x * sx, y * sy, width * sx, height * sy)
+
+
 @cache
 def _jet_palette() -> list[int]:
     return [int(v) for v in jet_lut().ravel()]
@@ -268,7 +290,7 @@ def render(item: KeyImageRef) -> np.ndarray:
     (measured: 20 ms on the thread for 10 ms of work).
     """
     preview, heatmap = item.read()
-    picture = overlay(_png(preview), item.preview_crop, _png(heatmap))
+    picture = overlay(*at_reading_size(_png(preview), item.preview_crop), _png(heatmap))
     height = BANNER_HEIGHT + max(picture.height, 720)
     canvas = _background_pixels(picture.width + PANEL_WIDTH, height, picture.width).copy()
     canvas[BANNER_HEIGHT : BANNER_HEIGHT + picture.height, : picture.width] = np.asarray(picture)
