@@ -22,7 +22,7 @@ from PIL import Image
 
 from cxrsr.classify import REDUCED_DECODE_MIN_SIZE
 from cxrsr.dicomio.discovery import Source
-from cxrsr.dicomio.preview import PREVIEW_LONG_SIDE, make_preview, preview_size
+from cxrsr.dicomio.preview import PREVIEW_LONG_SIDE, Display, make_preview, preview_size
 from cxrsr.dicomio.reading import read_radiograph, read_radiograph_bytes
 from cxrsr.model.preprocess import reference_preprocess
 
@@ -205,6 +205,32 @@ def test_preview_crop_is_the_square_the_model_saw(processed, corpus_dir: Path) -
         correlation = np.corrcoef(np.asarray(crop, dtype=float).ravel(), model_input.ravel())[0, 1]
         # MONOCHROME1 files are inverted for both; a VOI window is monotonic.
         assert correlation > 0.9, (name, correlation)
+
+
+@pytest.mark.parametrize(
+    "display",
+    [
+        Display(0, 4095, False),
+        Display(0, 4095, True),
+        Display(-1000, 3000, False, (1500.0, 2000.0, "LINEAR")),
+        Display(-1000, 3000, True, (1500.0, 2000.0, "LINEAR")),
+        Display(0, 255, False, (100.0, 50.0, "LINEAR_EXACT")),
+        Display(0, 255, True, (60.0, 81.0, "LINEAR_EXACT")),
+        Display(0, 4095, False, (2000.0, 1.0, "LINEAR")),  # a hard threshold
+        Display(0, 4095, True, (2000.0, 500.0, "SIGMOID")),
+    ],
+)
+def test_the_fast_linear_display_is_the_general_one(display: Display) -> None:
+    """display_bytes folds a linear display into one multiply-add: the same grey levels as
+    display_grey's step-by-step arithmetic, give or take float32 rounding at a half."""
+    from cxrsr.dicomio.preview import display_bytes, display_grey
+
+    rng = np.random.default_rng(7)
+    pixels = (rng.random((300, 200)) * 2048 - 1024).astype(np.float32)
+    expected = np.rint(np.clip(display_grey(pixels, display), 0, 1) * 255)
+    difference = np.abs(display_bytes(pixels, display).astype(float) - expected)
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+    assert len(np.unique(expected)) >= 2  # the case tests grey levels, not a blank
 
 
 def test_preview_applies_the_voi_window_and_lut(corpus_dir: Path) -> None:
