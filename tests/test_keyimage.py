@@ -253,3 +253,31 @@ def test_a_key_image_whose_sr_fails_is_not_left_behind(
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         p.name for p in outcome.written + outcome.key_images
     )
+
+
+def test_the_highdicom_memo_changes_no_byte(
+    results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cxrsr.sr.highdicom_memo memoises a highdicom lookup for speed: SRs and key images
+    are byte for byte those that the unpatched library writes."""
+    import datetime
+
+    from highdicom import _standard_utils, base_content
+
+    from cxrsr.sr import batch as sr_batch
+
+    document = json.loads(results.read_text())
+    when = datetime.datetime(2026, 12, 1, 12, 0, tzinfo=datetime.UTC)
+    assert hasattr(base_content.does_iod_have_pixel_data, "cache_info"), "the memo is not in place"
+    memo = sr_batch.generate_srs(document, tmp_path / "memo", when, results_dir=results.parent)
+    monkeypatch.setattr(
+        base_content, "does_iod_have_pixel_data", _standard_utils.does_iod_have_pixel_data
+    )
+    plain = sr_batch.generate_srs(document, tmp_path / "plain", when, results_dir=results.parent)
+    assert len(memo.written) == len(plain.written) == len(NAMES)
+    assert len(memo.key_images) == len(NAMES)
+    files = sorted(p.name for p in (tmp_path / "memo").glob("*.dcm"))
+    assert files == sorted(p.name for p in (tmp_path / "plain").glob("*.dcm"))
+    assert len(files) == 2 * len(NAMES)
+    for name in files:
+        assert (tmp_path / "memo" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
