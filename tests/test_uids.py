@@ -105,13 +105,17 @@ def test_content_uid_covers_what_derives_from_the_uid() -> None:
 
 
 @pytest.mark.parametrize("pixel_bytes", [6, 7, 3 * 1024 * 1024])
-@pytest.mark.parametrize("vr", ["OB", "OW"])
+@pytest.mark.parametrize("vr", ["OB", "OW", "OB or OW, 8 bits", "OB or OW, 16 bits"])
 def test_pixel_data_encoded_once_gives_the_same_file_and_uid(pixel_bytes: int, vr: str) -> None:
     """encode_with_content_uid encodes a last Pixel Data element once and the elements
-    before it twice; the file and the UID must be exactly what two whole encodings give
-    (odd lengths included: the padding byte belongs to the element)."""
+    before it once (the UIDs spliced in); the file and the UID must be exactly what two
+    whole encodings give (odd lengths included: the padding byte belongs to the element).
+    highdicom leaves the VR "OB or OW" (its key images take this path)."""
     rng = np.random.default_rng(pixel_bytes)
     ds = _secondary_capture("A^B")
+    if vr.startswith("OB or OW"):
+        ds.BitsAllocated = int(vr.split(", ")[1].split()[0])
+        vr = "OB or OW"
     ds.add_new(0x7FE00010, vr, rng.integers(0, 256, pixel_bytes, dtype=np.uint8).tobytes())
 
     def whole(uid: str) -> bytes:
@@ -136,3 +140,23 @@ def test_pixel_data_not_last_takes_the_whole_encoding() -> None:
     assert uids._last_pixel_data(ds) is None
     uid, data = uids.encode_with_content_uid(ds, "key-image")
     assert pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID == uid
+
+
+@pytest.mark.parametrize("uid", ["2.25.1", "2.25.12", "2.25.123456789012345678901234567890123"])
+def test_splicing_the_uid_in_is_writing_the_file_again(uid: str) -> None:
+    """The final file of a key image is the placeholder's with the two UIDs spliced in:
+    byte for byte what save_as writes, for UIDs of odd (padded) and even length."""
+
+    def whole(value: str) -> bytes:
+        ds = _secondary_capture("A^B")
+        ds.SOPInstanceUID = value
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(value)
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    spliced = uids.respliced(whole(uids.CONTENT_UID_PLACEHOLDER), uid)
+    assert spliced is not None, "the splice was refused: the whole encoding would be taken"
+    assert spliced == whole(uid)
+    assert uids.respliced(whole("1.2.3"), uid) is None  # no placeholder: refused
+    assert uids.respliced(b"not a DICOM file", uid) is None

@@ -24,17 +24,19 @@ integer has only digits and dots, no leading zero in any component, and at most
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
 import re
+import struct
 import uuid
 from collections.abc import Callable, Iterable
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element
+from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import VR
@@ -120,18 +122,77 @@ def encode_with_content_uid(
         dataset.save_as(buffer, enforce_file_format=True)
         return buffer.getvalue()
 
+    def encode_final(placeholder_file: bytes, uid: str) -> bytes:
+        # With nothing derived from the UID, the final file differs from the placeholder's
+        # only in the two UID elements (and the meta group's length): splice them in
+        # instead of encoding the header again (a key image's header costs ~2 ms, with
+        # the GIL held). Anything unexpected takes the whole encoding.
+        if set_derived is None:
+            spliced = respliced(placeholder_file, uid)
+            if spliced is not None:
+                dataset.SOPInstanceUID = uid
+                dataset.file_meta.MediaStorageSOPInstanceUID = UID(uid)
+                return spliced
+        return encode(uid)
+
     pixel_data = _last_pixel_data(dataset)
     if pixel_data is None:
-        return content_uid(purpose, encode)
+        first = encode(CONTENT_UID_PLACEHOLDER)
+        uid = derive_uid(purpose, [hashlib.sha256(first).hexdigest()])
+        return uid, encode_final(first, uid)
     tail = _encode_element(pixel_data)
+    original = dataset[PIXEL_DATA]  # as given: its VR may still be "OB or OW"
     del dataset[PIXEL_DATA]
     try:
-        digest = hashlib.sha256(encode(CONTENT_UID_PLACEHOLDER))
+        first = encode(CONTENT_UID_PLACEHOLDER)
+        digest = hashlib.sha256(first)
         digest.update(tail)
         uid = derive_uid(purpose, [digest.hexdigest()])
-        return uid, encode(uid) + tail
+        return uid, encode_final(first, uid) + tail
     finally:
-        dataset[PIXEL_DATA] = pixel_data
+        dataset[PIXEL_DATA] = original
+
+
+def _ui_element(group: int, element: int, uid: str) -> bytes:
+    """A UI element in explicit VR little endian, padded to even length with NUL (PS3.5 6.2)."""
+    value = uid.encode("ascii")
+    if len(value) % 2:
+        value += b"\0"
+    return struct.pack("<HH2sH", group, element, b"UI", len(value)) + value
+
+
+def respliced(placeholder_file: bytes, uid: str) -> bytes | None:
+    """A PS3.10 file written with :data:`CONTENT_UID_PLACEHOLDER` as its SOP Instance UID and
+    Media Storage SOP Instance UID, with ``uid`` in both instead; ``None`` when the file is
+    not laid out as expected (each element exactly once, explicit VR little endian).
+
+    Byte for byte what writing the data set again with ``uid`` gives: the elements are
+    the same but for those two values, and the file meta group's length is adjusted
+    (``tests/test_uids.py`` compares the two for UIDs of odd and even length).
+    """
+    old_meta = _ui_element(0x0002, 0x0003, CONTENT_UID_PLACEHOLDER)
+    old_sop = _ui_element(0x0008, 0x0018, CONTENT_UID_PLACEHOLDER)
+    preamble = 128
+    if placeholder_file[preamble : preamble + 4] != b"DICM":
+        return None
+    start = preamble + 4
+    if placeholder_file[start : start + 8] != b"\x02\x00\x00\x00UL\x04\x00":
+        return None  # no (0002,0000) File Meta Information Group Length first
+    (length,) = struct.unpack("<I", placeholder_file[start + 8 : start + 12])
+    meta_start = start + 12
+    meta = placeholder_file[meta_start : meta_start + length]
+    body = placeholder_file[meta_start + length :]
+    if len(meta) != length or meta.count(old_meta) != 1 or body.count(old_sop) != 1:
+        return None
+    meta = meta.replace(old_meta, _ui_element(0x0002, 0x0003, uid))
+    return b"".join(
+        [
+            placeholder_file[: start + 8],
+            struct.pack("<I", len(meta)),
+            meta,
+            body.replace(old_sop, _ui_element(0x0008, 0x0018, uid)),
+        ]
+    )
 
 
 #: (7FE0,0010) Pixel Data.
@@ -140,12 +201,23 @@ PIXEL_DATA = BaseTag(0x7FE00010)
 
 def _last_pixel_data(dataset: Dataset) -> DataElement | None:
     """Pixel Data, when it is the last element and its encoding needs no other element
-    (native, explicit VR little endian, a VR of its own); otherwise ``None``."""
+    (native, explicit VR little endian, OB or OW), with the VR it will be written with;
+    otherwise ``None``.
+
+    highdicom leaves Pixel Data's VR as "OB or OW" for pydicom to settle when it writes
+    (PS3.5 A.2: OW when Bits Allocated > 8, else OB); it is settled here the same way, by
+    pydicom's own function, on a copy.
+    """
     if PIXEL_DATA not in dataset or max(dataset.keys()) != PIXEL_DATA:
         return None
     if dataset.file_meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian:
         return None
     element = dataset[PIXEL_DATA]
+    if element.VR == VR.OB_OW and "BitsAllocated" in dataset:
+        settled = correct_ambiguous_vr_element(copy.copy(element), dataset, True)
+        if not isinstance(settled, DataElement):
+            return None
+        element = settled
     if element.VR not in (VR.OB, VR.OW) or not isinstance(element.value, bytes):
         return None
     return element
