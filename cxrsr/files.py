@@ -10,6 +10,7 @@ are (the user chose their permissions).
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import sys
@@ -142,22 +143,12 @@ def sync_files(paths: Iterable[Path]) -> None:
     On Linux, one ``syncfs(2)`` per filesystem flushes them all with one commit; it also
     makes the renames durable, which an ``fsync`` of the file alone did not. It flushes
     whatever else is waiting on that filesystem too, so it costs more beside a large
-    copy. Elsewhere each file is fsynced, then each folder (on POSIX). Raises ``OSError``.
+    copy. Elsewhere, and on a filesystem that does not support syncfs, each file is
+    fsynced, then each folder (on POSIX). Raises ``OSError``.
     """
     files = [Path(path) for path in paths]
     folders = list(dict.fromkeys(path.parent for path in files))
-    if _SYNCFS is not None:
-        flushed: set[int] = set()
-        for folder in folders:
-            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                device = os.fstat(fd).st_dev
-                if device not in flushed and _SYNCFS(fd) != 0:
-                    error = ctypes.get_errno()
-                    raise OSError(error, f"syncfs: {os.strerror(error)}", str(folder))
-                flushed.add(device)
-            finally:
-                os.close(fd)
+    if _SYNCFS is not None and _syncfs_folders(folders):
         return
     for path in files:
         fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))  # Windows fsyncs writers only
@@ -172,3 +163,26 @@ def sync_files(paths: Iterable[Path]) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+#: What a filesystem without syncfs support answers; then each file is fsynced instead.
+_SYNCFS_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
+
+
+def _syncfs_folders(folders: list[Path]) -> bool:
+    """One syncfs per filesystem holding ``folders``; False when one does not support it."""
+    assert _SYNCFS is not None
+    flushed: set[int] = set()
+    for folder in folders:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            device = os.fstat(fd).st_dev
+            if device not in flushed and _SYNCFS(fd) != 0:
+                error = ctypes.get_errno()
+                if error in _SYNCFS_UNSUPPORTED:
+                    return False
+                raise OSError(error, f"syncfs: {os.strerror(error)}", str(folder))
+            flushed.add(device)
+        finally:
+            os.close(fd)
+    return True

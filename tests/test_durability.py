@@ -597,3 +597,40 @@ def test_sync_files_without_syncfs_fsyncs_every_file_and_folder(
     assert fsynced == []  # durable=False: no flush at write time
     sync_files(files)
     assert sorted(fsynced) == sorted([*map(str, files), str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_a_filesystem_without_syncfs_gets_an_fsync_per_file_and_a_failing_one_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """syncfs answering EINVAL (a filesystem that does not support it) falls back to an
+    fsync per file; any other failure (EIO: the disk lost the data) is raised."""
+    import ctypes
+    import errno
+
+    import cxrsr.files
+    from cxrsr.files import sync_files
+
+    answer = [errno.EINVAL]
+
+    def failing_syncfs(fd: int) -> int:
+        ctypes.set_errno(answer[0])
+        return -1
+
+    fsynced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(cxrsr.files, "_SYNCFS", failing_syncfs)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    files = [tmp_path / f"{n}.png" for n in range(3)]
+    for path in files:
+        write_atomic(path, b"picture", durable=False)
+    sync_files(files)
+    assert sorted(fsynced) == sorted([*map(str, files), str(tmp_path)])
+    answer[0] = errno.EIO
+    with pytest.raises(OSError) as raised:
+        sync_files(files)
+    assert raised.value.errno == errno.EIO
