@@ -301,7 +301,10 @@ def classify(
             entry = classified_entry(item, scores, threshold)
             task = None
             if heatmaps is not None:
-                entry["heatmaps"], task = heatmaps.write(item.path, scores, maps)
+                try:  # a full queue waits for an earlier image, whose write may have failed
+                    entry["heatmaps"], task = heatmaps.write(item.path, scores, maps)
+                except OSError as exc:
+                    raise PipelineError(f"{results_dir}: cannot write heatmaps: {exc}", 3) from exc
             unpublished.append((index, entry, task))
         batch.clear()
 
