@@ -1233,6 +1233,26 @@ def test_control_characters_in_copied_values_are_emptied_and_the_sr_stays_valid(
     assert _dciodvfy_errors(sr_path) == []
 
 
+def test_evidence_leaves_the_source_header_as_read(corpus_dir: Path) -> None:
+    """generate_sr.py builds the key image's evidence and then the SR's from one header:
+    the first must not empty the header's values, or the second would not know (nor say)
+    what it emptied. Elements already converted are the ones shared with the header."""
+    header = pydicom.dcmread(corpus_dir / "cxr10_nih_dx_8bit.dcm", stop_before_pixels=True)
+    header.PatientAge = "62"  # not an AS
+    header.AccessionNumber = "x" * 40  # longer than SH allows
+    header["PatientName"] = pydicom.DataElement(0x00100010, "AS", "045Y")  # a foreign VR
+    header["PatientID"] = pydicom.DataElement(0x00100020, "UN", b"123456")  # placement
+    # Iterating converts every element: all of them are shared with the evidence.
+    before = {element.tag: (element.VR, element.value) for element in header}
+    first, first_emptied = sr_module.evidence_dataset(header)
+    _second, second_emptied = sr_module.evidence_dataset(header)
+    assert set(first_emptied) == {"PatientAge", "AccessionNumber", "PatientName"}
+    assert second_emptied == first_emptied
+    assert {element.tag: (element.VR, element.value) for element in header} == before
+    assert first.PatientAge is None and first.AccessionNumber == ""
+    assert first["PatientName"].VR == "PN" and first["PatientID"].VR == "LO"
+
+
 def test_a_copied_element_with_a_foreign_vr_gets_the_standards_and_the_sr_stays_valid(
     corpus_dir: Path, tmp_path: Path, labels: list[str]
 ) -> None:

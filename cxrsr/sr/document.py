@@ -358,23 +358,29 @@ def evidence_dataset(header: Dataset) -> tuple[Dataset, dict[str, str]]:
     evidence = Dataset()
     evidence.update(header)
     emptied: dict[str, str] = {}
-    for element in evidence:
+    for element in list(evidence):
+        # Elements the header had already converted are shared with it: each change goes
+        # to a copy, so the header is left as read (the key image and the SR both start
+        # from it, and each reports what it emptied).
         standard = _standard_vr(element)
         if element.keyword in PLACEMENT_KEYWORDS:
             if standard is not None:  # the value places the SR: kept, under the right VR
-                element.VR = standard
+                evidence[element.tag] = fixed = copy.copy(element)
+                fixed.VR = standard
             continue
         if standard is not None:
             # The element says one VR, the standard another (a damaged header; the fuzz test
             # found Patient's Name with VR AS): written with the standard's VR and no value,
             # since the value was read by the other VR's rules.
             emptied[element.keyword] = f"has VR {element.VR}, where the standard says {standard}"
-            element.VR, element.value = standard, None
+            evidence[element.tag] = fixed = copy.copy(element)
+            fixed.VR, fixed.value = standard, None
             continue
         problem = _vr_violation(element)
         if problem is not None:
             emptied[element.keyword] = problem
-            element.value = None
+            evidence[element.tag] = fixed = copy.copy(element)
+            fixed.value = None
     offset = evidence.get("TimezoneOffsetFromUTC")
     if offset is not None and utc_offset(evidence) is None:
         emptied["TimezoneOffsetFromUTC"] = f"{offset!r} is not an offset from UTC (&ZZXX)"
