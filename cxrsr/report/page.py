@@ -52,7 +52,7 @@ dl.facts dd{margin:0;overflow-wrap:anywhere}
 .counts b{font-size:20px}
 article.card{display:grid;grid-template-columns:minmax(0,auto) minmax(300px,1fr);gap:16px}
 article.card figure{margin:0}
-article.card img.main{max-width:100%;max-height:720px;display:block;background:#000}
+article.card img.main{max-width:100%;height:auto;max-height:720px;display:block;background:#000}
 figcaption{font-size:13px;color:#5a6375;margin-top:4px}
 .legend{display:flex;align-items:center;gap:6px;font-size:12px;color:#5a6375}
 .legend i{display:inline-block;width:140px;height:10px;border-radius:2px}
@@ -334,9 +334,14 @@ def _figures(
         f"<figcaption>{escape(label)}</figcaption></figure>"
         for label in order[1:]
     )
+    # Shown with its long side DISPLAY_SIZE: previews are stored at the detail that was
+    # decoded (often 440-612 pixels), and the browser enlarges them, not the data URI.
+    scale = images.DISPLAY_SIZE / max(main.size)
+    width, height = round(main.width * scale), round(main.height * scale)
     return (
         f'<figure data-heatmap="{escape(top or "")}"><img class="main" alt="radiograph'
-        f'{" with heatmap for " + escape(top) if top else ""}" src="{images.data_uri(main)}">'
+        f'{" with heatmap for " + escape(top) if top else ""}" width="{width}" '
+        f'height="{height}" src="{images.data_uri(main)}">'
         f"<figcaption>{caption}</figcaption>{legend}</figure>"
         + (f'<div class="thumbs">{thumbs}</div>' if thumbs else "")
     )
