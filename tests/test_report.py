@@ -233,6 +233,11 @@ def test_the_heatmap_lies_over_the_models_square_only(processed: Path) -> None:
     preview = np.asarray(Image.open(results_path.parent / entry["preview"]))
     scale = picture.shape[1] / preview.shape[1]  # the card may show the preview smaller
     assert scale <= 1 and abs(picture.shape[0] - preview.shape[0] * scale) <= 1
+    # The page shows it with a long side of 720 px, whatever size the preview was stored at.
+    shown = int(card["pictures"][0]["width"]), int(card["pictures"][0]["height"])
+    assert (
+        max(shown) == 720 and abs(shown[0] / shown[1] - picture.shape[1] / picture.shape[0]) < 0.01
+    )
     x, y, width, height = (round(v * scale) for v in entry["preview_crop"])
     colour = picture.max(axis=2) - picture.min(axis=2)
     inside = np.zeros(colour.shape, dtype=bool)
