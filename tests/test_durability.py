@@ -575,13 +575,8 @@ def test_sync_files_flushes_each_filesystem_once(
     assert flushed == []
 
 
-def test_sync_files_without_syncfs_fsyncs_every_file_and_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Where there is no syncfs (not Linux), each file and each folder gets its fsync."""
-    import cxrsr.files
-    from cxrsr.files import sync_files
-
+def recorded_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the path of everything fsynced (the real fsync still runs)."""
     fsynced: list[str] = []
     real_fsync = os.fsync
 
@@ -589,8 +584,19 @@ def test_sync_files_without_syncfs_fsyncs_every_file_and_folder(
         fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
-    monkeypatch.setattr(cxrsr.files, "_SYNCFS", None)
     monkeypatch.setattr(os, "fsync", recording_fsync)
+    return fsynced
+
+
+def test_sync_files_without_syncfs_fsyncs_every_file_and_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where there is no syncfs (not Linux), each file and each folder gets its fsync."""
+    import cxrsr.files
+    from cxrsr.files import sync_files
+
+    monkeypatch.setattr(cxrsr.files, "_SYNCFS", None)
+    fsynced = recorded_fsyncs(monkeypatch)
     files = [tmp_path / folder / f"{n}.png" for folder in ("a", "b") for n in range(3)]
     for path in files:
         write_atomic(path, b"picture", durable=False)
@@ -616,15 +622,8 @@ def test_a_filesystem_without_syncfs_gets_an_fsync_per_file_and_a_failing_one_ra
         ctypes.set_errno(answer[0])
         return -1
 
-    fsynced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
     monkeypatch.setattr(cxrsr.files, "_SYNCFS", failing_syncfs)
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    fsynced = recorded_fsyncs(monkeypatch)
     files = [tmp_path / f"{n}.png" for n in range(3)]
     for path in files:
         write_atomic(path, b"picture", durable=False)
