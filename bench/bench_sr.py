@@ -66,8 +66,9 @@ TARGET_KEY_IMAGE_RATE = 30.0
 
 def write_pictures(results_dir: Path) -> list[dict]:
     """Per source: the preview and a heatmap, as process_dicom.py writes them (results keys)."""
+    from cxrsr.classify import REDUCED_DECODE_MIN_SIZE, write_preview
     from cxrsr.dicomio.discovery import Source
-    from cxrsr.dicomio.preview import make_preview, png_bytes, preview_crop
+    from cxrsr.dicomio.preview import png_bytes
     from cxrsr.dicomio.reading import read_radiograph
     from cxrsr.files import write_atomic
     from cxrsr.model.heatmaps import heatmap_image
@@ -75,16 +76,12 @@ def write_pictures(results_dir: Path) -> list[dict]:
     rng = np.random.default_rng(1)
     keys = []
     for index, name in enumerate(SOURCES):
-        radiograph = read_radiograph(Source(str(CORPUS / name)), min_size=448)
-        assert radiograph.display is not None
+        radiograph = read_radiograph(Source(str(CORPUS / name)), min_size=REDUCED_DECODE_MIN_SIZE)
         shape = (radiograph.identity["rows"], radiograph.identity["columns"])
-        preview = f"previews/{index}.png"
-        image = make_preview(radiograph.pixels, radiograph.display, shape)
-        write_atomic(results_dir / preview, png_bytes(image))
+        picture = write_preview(radiograph, shape, f"{index}", results_dir)
         heatmap = f"heatmaps/{index}.png"
         write_atomic(results_dir / heatmap, png_bytes(heatmap_image(rng.normal(size=(7, 7)))))
-        crop = preview_crop(shape, image.shape)
-        keys.append({"preview": preview, "preview_crop": crop, "heatmap": heatmap})
+        keys.append({**picture, "heatmap": heatmap})
     return keys
 
 

@@ -200,12 +200,17 @@ def classified_entry(item: Prepared, scores: dict[str, float], threshold: float)
     return entry
 
 
+def pictures_error(results_dir: Path | None, exc: OSError) -> PipelineError:
+    """A disk that cannot take the pictures ends the run (exit 3), naming the folder."""
+    return PipelineError(f"{results_dir}: cannot write heatmaps: {exc}", 3)
+
+
 def close_heatmaps(heatmaps: HeatmapWriter) -> None:
     """Wait for the heatmap files; a disk that cannot take them ends the run (exit 3)."""
     try:
         heatmaps.close()
     except OSError as exc:
-        raise PipelineError(f"{heatmaps.results_dir}: cannot write heatmaps: {exc}", 3) from exc
+        raise pictures_error(heatmaps.results_dir, exc) from exc
 
 
 @dataclass
@@ -283,7 +288,7 @@ def classify(
                         pictures.append(results_dir / entry["preview"])
                 sync_files(pictures)
             except OSError as exc:
-                raise PipelineError(f"{results_dir}: cannot write heatmaps: {exc}", 3) from exc
+                raise pictures_error(results_dir, exc) from exc
         for index, entry, _task in unpublished:
             entries[index] = entry
             on_entry(entry)
@@ -304,7 +309,7 @@ def classify(
                 try:  # a full queue waits for an earlier image, whose write may have failed
                     entry["heatmaps"], task = heatmaps.write(item.path, scores, maps)
                 except OSError as exc:
-                    raise PipelineError(f"{results_dir}: cannot write heatmaps: {exc}", 3) from exc
+                    raise pictures_error(results_dir, exc) from exc
             unpublished.append((index, entry, task))
         batch.clear()
 

@@ -54,13 +54,6 @@ def _bilinear_matrix(source: int, target: int) -> np.ndarray:
     return matrix
 
 
-def upsample(cam: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
-    """A class activation map resampled bilinearly to ``size`` x ``size``."""
-    rows = _bilinear_matrix(cam.shape[0], size)
-    columns = _bilinear_matrix(cam.shape[1], size)
-    return rows @ cam.astype(np.float64) @ columns.T
-
-
 def heatmap_image(cam: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
     """8-bit heatmap: the upsampled map scaled from its minimum (0) to its maximum (255)."""
     return heatmap_images(cam[None], size)[0]
