@@ -17,6 +17,7 @@ Orthancs may share the database.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -162,10 +163,8 @@ class LocalPostgres:
         if self.folder is None:
             return
         if self.data.exists():
-            try:
+            with contextlib.suppress(RuntimeError):  # it was not running
                 self._run("pg_ctl", "--pgdata", str(self.data), "--mode", "immediate", "stop")
-            except RuntimeError:
-                pass  # it was not running
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder = None
 
