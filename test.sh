@@ -15,6 +15,10 @@ ensure_packages Orthanc:orthanc dsrdump:dcmtk storescu:dcmtk dciodvfy:dicom3tool
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
   || ensure_packages libOrthancDicomWeb.so:orthanc-dicomweb \
   || say "W: the OHIF test will be skipped (or fail under CI) without orthanc-dicomweb"
+# Orthanc with its index in PostgreSQL (the hospital stack): a throwaway cluster per test module.
+ensure_packages pg_ctlcluster:postgresql \
+  /usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so:orthanc-postgresql \
+  || say "W: the PostgreSQL tests will be skipped (or fail under CI) without postgresql and orthanc-postgresql"
 ensure_venv requirements-dev.txt
 "$VENV/bin/ruff" check .
 "$VENV/bin/mypy"
