@@ -823,3 +823,37 @@ def test_orthanc_with_md5_is_never_read_back(
     assert client.keeps_md5 is True
     assert report.summary().endswith("verified 3/3 by stored MD5")
     client.close()
+
+
+def test_summary_names_both_ways_when_some_files_had_no_md5() -> None:
+    """An Orthanc whose older files were stored without MD5 (the setting changed since):
+    the files checked by each way are counted apart."""
+    report = upload_module.Report(
+        [upload_module.Outcome(f"f{i}", upload_module.STORED, verified=True) for i in range(3)],
+        checked_by={upload_module.BY_STORED_MD5: 2, upload_module.BY_READING_BACK: 1},
+    )
+    assert report.summary().endswith(
+        "verified 3/3: 2 by stored MD5, 1 by re-reading the file (Orthanc keeps no MD5 of those)"
+    )
+
+
+def test_files_stored_before_md5_was_turned_on_are_read_back(
+    md5less_orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
+) -> None:
+    """Files stored while Orthanc kept no MD5 still have none after the setting is turned
+    on: each is read back, while newer files are checked by their stored MD5 until the
+    first file without one is met."""
+    old, new = write_copies(small_dicom, tmp_path / "in", 2)
+    before = CountingClient(md5less_orthanc)
+    (old_outcome,) = upload_module.upload([Source(str(old))], before, workers=1)
+    before.close()
+    md5less_orthanc.stop()
+    md5less_orthanc.overrides["StoreMD5ForAttachments"] = True
+    md5less_orthanc.start()
+    client = CountingClient(md5less_orthanc)
+    (new_outcome,) = upload_module.upload([Source(str(new))], client, workers=1)
+    report = upload_module.verify([new_outcome, old_outcome], client, workers=1)
+    assert report.ok and report.verified == 2
+    assert (client.md5_requests, client.files_read) == (2, 1)
+    assert "verified 2/2: 1 by stored MD5, 1 by re-reading the file" in report.summary()
+    client.close()
