@@ -7,8 +7,9 @@ with ``POST /instances`` by a few parallel workers over keep-alive connections, 
 ``stored``, ``already stored``, ``rejected`` (Orthanc answered 4xx) or ``failed`` (no
 answer after the retries, or not sent because malformed); files that are not DICOM are
 passed over with a reason. Afterwards every acknowledged instance is checked: present in
-Orthanc, with the MD5 of the bytes sent, and each SR or key image in the same Orthanc
-study and patient as its image.
+Orthanc, with the MD5 of the bytes sent (the MD5 Orthanc recorded, or, from an Orthanc
+that keeps none, that of the file read back), and each SR or key image in the same
+Orthanc study and patient as its image; the summary line says which way.
 """
 
 from __future__ import annotations

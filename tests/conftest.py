@@ -138,6 +138,20 @@ def empty_orthanc(tmp_path: Path, orthanc_binary: str) -> Iterator[LocalOrthanc]
         yield server
 
 
+@pytest.fixture
+def md5less_orthanc(tmp_path: Path, orthanc_binary: str) -> Iterator[LocalOrthanc]:
+    """An empty Orthanc of the test's own that keeps no MD5 of stored files: the project's
+    orthanc.json with ``"StoreMD5ForAttachments": false``, a documented Orthanc setting."""
+    with LocalOrthanc(
+        tmp_path / "orthanc-md5less",
+        "cxrsr-test",
+        secrets.token_urlsafe(16),
+        binary=orthanc_binary,
+        overrides={"StoreMD5ForAttachments": False},
+    ) as server:
+        yield server
+
+
 def new_orthanc(workdir: Path, binary: str) -> LocalOrthanc:
     """A LocalOrthanc from the project's orthanc.json with a random password (a context manager)."""
     return LocalOrthanc(workdir, "cxrsr-test", secrets.token_urlsafe(16), binary=binary)

@@ -8,6 +8,9 @@ exact file bodies, and the plain-http credentials warning.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
 import os
 import shutil
 import socket
@@ -15,11 +18,11 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from cxrsr import __version__
 from cxrsr.config import PROJECT_ROOT, OrthancSettings
@@ -32,6 +35,7 @@ from cxrsr.pacs.orthanc import (
     OrthancFatalError,
     OrthancUnavailable,
     RetryPolicy,
+    _Attempts,
     url_problem,
 )
 
@@ -151,11 +155,12 @@ def test_client_reconnects_when_an_idle_connection_was_closed(serve: Callable) -
     connection fails, and the client must send it again on a new one at once."""
     raw = b"HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\n" + b'{"Version": "1"}'
     server = serve([answer(raw), answer(b"", close=True), answer(raw)])
-    client = client_for(server, retry=RetryPolicy(retries=1, backoff=5.0))
+    # Any wait before the retry would be 600 s, beyond the request's 300 s deadline, so
+    # the request would fail at once instead: succeeding proves the retry did not wait.
+    patient = RetryPolicy(retries=1, backoff=600.0, max_backoff=600.0)
+    client = client_for(server, retry=patient, deadline=300.0)
     assert client.system() == {"Version": "1"}
-    started = time.monotonic()
     assert client.system() == {"Version": "1"}  # first attempt met the closed connection
-    assert time.monotonic() - started < 2  # the first retry does not wait for the backoff
     assert server.connections == 2
 
 
@@ -176,10 +181,14 @@ def test_file_that_shrank_is_file_changed_not_retried(serve: Callable, tmp_path:
     path = tmp_path / "body.bin"
     path.write_bytes(b"x" * 100_000)
     server = serve([answer(OK_JSON)] * 3)
+    client = client_for(server)
     with open(path, "rb") as fh, pytest.raises(FileChanged, match="shrank"):
-        client_for(server).store_instance(FileBody(fh, 200_000))
-    time.sleep(0.2)
-    assert server.connections == 1  # not retried on another connection
+        client.store_instance(FileBody(fh, 200_000))
+    # The server takes connections in turn: by the time this next request is answered,
+    # it has seen any retry of the shrunk file, which would be one more connection.
+    assert client.request("GET", "/system").status == 200
+    assert server.connections == 2  # the shrunk file's, and this request's
+    assert len(server.requests) == 1
 
 
 @pytest.mark.parametrize(
@@ -215,7 +224,13 @@ def test_5xx_is_retried_and_4xx_is_not(serve: Callable) -> None:
 
 
 def test_a_server_that_never_answers_ends_at_the_deadline() -> None:
-    """A per-attempt timeout alone lets retries add up; the deadline bounds the request."""
+    """A per-attempt timeout alone lets retries add up; the deadline bounds the request.
+
+    Attempts of 0.5 s, waits of 0.2 s (none before the first retry) and a 2 s deadline
+    leave room for at most 4 attempts (at 0, 0.5, 1.2 and 1.9 s), fewer on a slow
+    machine; without the deadline there would be 51. Each attempt is a new connection,
+    counted in the listener's queue afterwards, so no clock is read here.
+    """
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (backlog), never answers
         port = silent.getsockname()[1]
         client = OrthancClient(
@@ -224,27 +239,113 @@ def test_a_server_that_never_answers_ends_at_the_deadline() -> None:
             retry=RetryPolicy(retries=50, backoff=0.2, max_backoff=0.2, jitter=0.0),
             deadline=2.0,
         )
-        started = time.monotonic()
         with pytest.raises(OrthancUnavailable, match="deadline"):
             client.request("GET", "/system")
-        assert time.monotonic() - started < 4
+        silent.setblocking(False)
+        attempts = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                silent.accept()[0].close()
+                attempts += 1
+        assert 1 <= attempts <= 4
+
+
+class _OnRetry(logging.Handler):
+    """Sets ``event`` when urllib3 announces a retry (after its wait, before the attempt)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        super().__init__()
+        self.event = event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Retrying"):
+            self.event.set()
 
 
 def test_stop_ends_a_request_waiting_to_retry_and_later_ones_are_not_sent() -> None:
+    """Each wait before a retry is a million seconds: the request ends only because
+    ``stop`` cuts the wait short, called once the first attempt was refused."""
     port = free_port()
     client = OrthancClient(
         OrthancSettings(f"http://127.0.0.1:{port}", None, None),
-        retry=RetryPolicy(retries=5, backoff=30.0, max_backoff=30.0, jitter=0.0),
+        retry=RetryPolicy(retries=5, backoff=1e6, max_backoff=1e6, jitter=0.0),
+        deadline=1e7,
     )
-    threading.Timer(0.5, client.stop, args=("stopped by the test",)).start()
-    started = time.monotonic()
-    with pytest.raises(OrthancUnavailable, match="stopped") as first:
-        client.request("GET", "/system")  # refused, retried at once, then waits 30 s
-    assert time.monotonic() - started < 5
-    assert not first.value.maybe_delivered  # refused connections carry no request
+    retrying = threading.Event()
+    handler = _OnRetry(retrying)
+    urllib3_log = logging.getLogger("urllib3.connectionpool")
+    urllib3_log.addHandler(handler)
+    raised: list[BaseException] = []
+
+    def refused_then_waiting() -> None:
+        try:
+            client.request("GET", "/system")  # refused, retried at once, then waits
+        except BaseException as exc:
+            raised.append(exc)
+
+    requester = threading.Thread(target=refused_then_waiting, daemon=True)
+    try:
+        requester.start()
+        assert retrying.wait(60), "the first attempt was never retried"
+        client.stop("stopped by the test")
+        requester.join(60)
+    finally:
+        urllib3_log.removeHandler(handler)
+    assert not requester.is_alive(), "stop did not end the wait before the retry"
+    (first,) = raised
+    assert isinstance(first, OrthancUnavailable) and "stopped" in str(first)
+    assert not first.maybe_delivered  # refused connections carry no request
     with pytest.raises(OrthancUnavailable) as later:
         client.request("GET", "/system")
     assert not later.value.attempted
+
+
+def test_default_retries_wait_at_most_the_documented_time() -> None:
+    """upload_dicom.py --help promises: the first retry at once, then 0.5, 1, 2 s plus up to
+    0.25 s of jitter each, at most 4.25 s in all for the default 4 retries."""
+    client = OrthancClient(OrthancSettings("http://127.0.0.1:9", None, None))
+    retry = client._new_retry(_Attempts())
+    waits = []
+    for _ in range(client.retry.retries):
+        retry = retry.increment("GET", "/system", error=NewConnectionError(None, "refused"))  # type: ignore[arg-type]
+        waits.append(retry.get_backoff_time())
+    for wait, base in zip(waits, (0.0, 0.5, 1.0, 2.0), strict=True):
+        assert base <= wait <= base + (0.25 if base else 0.0)
+    assert sum(waits) <= 4.25
+    with pytest.raises(MaxRetryError):
+        retry.increment("GET", "/system", error=NewConnectionError(None, "refused"))  # type: ignore[arg-type]
+
+
+def test_stored_file_is_read_back_in_chunks_and_a_short_one_is_unavailable(
+    serve: Callable,
+) -> None:
+    """What verification reads where Orthanc keeps no MD5: the whole file, hashed as it
+    streams in; 404 for an instance that is gone; a body cut short is no answer, and its
+    connection is not reused."""
+    data = bytes(range(256)) * 4096 + b"tail"  # 1 MB and a bit: several read chunks
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom\r\nContent-Length: %d\r\n\r\n"
+    missing = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+    server = serve(
+        [
+            answer(head % len(data) + data),
+            answer(missing),
+            answer(head % len(data) + data[:1000], close=True),
+            answer(OK_JSON),
+        ]
+    )
+    client = client_for(server, retry=FAST)
+    assert client.stored_file_md5("a") == (hashlib.md5(data).hexdigest(), len(data))
+    assert client.stored_file_md5("b") is None
+    with pytest.raises(OrthancUnavailable, match="reading stored instance c back"):
+        client.stored_file_md5("c")
+    assert client.request("GET", "/system").status == 200
+    assert [r.split(b"\r\n")[0] for r in server.requests] == [
+        b"GET /instances/a/file HTTP/1.1",
+        b"GET /instances/b/file HTTP/1.1",
+        b"GET /instances/c/file HTTP/1.1",
+        b"GET /system HTTP/1.1",
+    ]
+    assert server.connections == 2
 
 
 def test_http_proxy_from_the_environment_is_used_but_not_for_loopback(

@@ -16,6 +16,7 @@ Library code: it raises, and the scripts decide what to print (it never imports
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import logging
@@ -47,6 +48,9 @@ log = logging.getLogger("cxrsr")
 #: Exit code of :class:`OrthancFatalError`: the same number as ``cli.EXIT_FATAL``, which
 #: this library module must not import (library code raises, scripts report).
 _EXIT_FATAL = 3
+
+#: Bytes read at a time when a stored file is read back from Orthanc and hashed.
+READ_CHUNK = 256 * 1024
 
 #: Answers retried: the server, or a proxy in front of it, cannot serve now.
 _RETRIED_STATUSES = frozenset(range(500, 600))
@@ -289,6 +293,11 @@ class OrthancClient:
         self._down = threading.Event()
         self._lock = threading.Lock()
         self.down_reason: str | None = None
+        self.keeps_md5: bool | None = None
+        """Whether this Orthanc keeps an MD5 of each stored file (its
+        ``StoreMD5ForAttachments``): ``None`` until a verification finds out
+        (:func:`cxrsr.pacs.upload.verify`), which then checks every later file the way
+        that works."""
 
     @property
     def proxy(self) -> str | None:
@@ -348,6 +357,18 @@ class OrthancClient:
         says. 401/403 raise :class:`CredentialsRefused`; other 4xx answers are returned
         to the caller. No usable answer raises :class:`OrthancUnavailable`.
         """
+        answer, attempts = self._send(method, path, body, content_type, preload=True)
+        return self._checked(Response(answer.status, answer.data), attempts)
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        body: Body | None,
+        content_type: str | None,
+        preload: bool,
+    ) -> tuple[urllib3.BaseHTTPResponse, _Attempts]:
+        """One request with its retries; the answer's body is read only when ``preload``."""
         if self._down.is_set():
             raise OrthancUnavailable(
                 f"Orthanc at {self.url} had stopped answering", attempted=False
@@ -366,7 +387,7 @@ class OrthancClient:
                 headers=headers,
                 retries=self._new_retry(attempts),
                 timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout),
-                preload_content=True,
+                preload_content=preload,
                 redirect=False,
             )
         except MaxRetryError as exc:
@@ -386,7 +407,11 @@ class OrthancClient:
                 f"no answer from Orthanc at {self.url}: {_describe_network_error(exc)}",
                 attempts.maybe_delivered,
             ) from exc
-        response = Response(answer.status, answer.data)
+        return answer, attempts
+
+    def _checked(self, response: Response, attempts: _Attempts) -> Response:
+        """``response``, unless it is 401/403 (:class:`CredentialsRefused`) or 5xx
+        (:class:`OrthancUnavailable`, tripping the breaker for 502/503/504)."""
         if response.status in (401, 403):
             raise CredentialsRefused(self._credentials_message(response.status))
         if response.status >= 500:
@@ -457,17 +482,51 @@ class OrthancClient:
         return self.request("POST", "/instances", body=data, content_type="application/dicom")
 
     def attachment_md5(self, instance_id: str) -> str | None:
-        """The MD5 Orthanc recorded for the stored DICOM file, or ``None`` if the instance is gone.
+        """The MD5 Orthanc recorded for the stored DICOM file, or ``None`` when it has none.
 
         Orthanc computes it over the bytes it received (``"StorageCompression": false``
         in ``orthanc.json`` keeps them as sent), so it equals the sender's MD5 exactly
-        when the file arrived intact.
+        when the file arrived intact. ``None`` (HTTP 404) means the instance is gone, or
+        Orthanc keeps no MD5 (``"StoreMD5ForAttachments": false``):
+        :meth:`stored_file_md5` tells the two apart.
         """
         answer = self.request("GET", f"/instances/{instance_id}/attachments/dicom/md5")
         if answer.status == 404:
             return None
         _expect_ok(answer, "reading an attachment's MD5")
         return answer.body.decode("ascii").strip().strip('"')
+
+    def stored_file_md5(self, instance_id: str) -> tuple[str, int] | None:
+        """The MD5 and size of the stored DICOM file, read back from Orthanc
+        (``GET /instances/{id}/file``), or ``None`` if the instance is gone.
+
+        The proof of integrity where Orthanc keeps no MD5 of its attachments: it costs a
+        download of the file, streamed through a :data:`READ_CHUNK` buffer so that a
+        large file is never held in memory.
+        """
+        answer, attempts = self._send(
+            "GET", f"/instances/{instance_id}/file", None, None, preload=False
+        )
+        try:
+            if answer.status != 200:
+                response = self._checked(Response(answer.status, answer.read()), attempts)
+                if response.status == 404:
+                    return None
+                _expect_ok(response, "reading a stored file")
+            digest = hashlib.md5()
+            size = 0
+            for chunk in answer.stream(READ_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        except (HTTPError, OSError) as exc:  # the connection broke, or the body ended early
+            answer.close()  # never back into the pool with part of a body unread
+            raise OrthancUnavailable(
+                f"reading stored instance {instance_id} back from Orthanc at {self.url} "
+                f"failed: {_describe_network_error(exc)}"
+            ) from exc
+        finally:
+            answer.release_conn()
+        return digest.hexdigest(), size
 
     def lookup_instances(self, sop_instance_uid: str) -> list[str]:
         """Orthanc IDs of the instances with this SOP Instance UID (``POST /tools/lookup``)."""

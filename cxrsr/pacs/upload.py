@@ -12,8 +12,10 @@ answers mean, on top of it:
   Files that are not DICOM, and DICOMDIRs, are passed over with a reason.
 * :func:`verify` asks Orthanc afterwards for the MD5 it keeps of each stored file
   (``GET /instances/{id}/attachments/dicom/md5``) and compares it with the MD5 of the
-  bytes sent, and checks that each object derived from an image (an SR, a key image)
-  sits in the same Orthanc study and patient as the image it references.
+  bytes sent; an Orthanc that keeps no MD5 (``"StoreMD5ForAttachments": false``) has
+  each file read back and hashed instead. It also checks that each object derived from
+  an image (an SR, a key image) sits in the same Orthanc study and patient as the image
+  it references.
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ REJECTED = "rejected"
 FAILED = "failed"
 #: Not DICOM (or empty, or a DICOMDIR): not sent at all, and not a failure.
 PASSED_OVER = "passed over"
+
+#: How :func:`verify` proved a stored file intact: the MD5 Orthanc recorded when it
+#: stored the file, or the MD5 of the file read back from Orthanc (an Orthanc with
+#: ``"StoreMD5ForAttachments": false`` records none).
+BY_STORED_MD5 = "stored MD5"
+BY_READING_BACK = "reading back"
 
 #: SOP Class UIDs of the Structured Report family (PS3.4 Annex B, B.5: ``...1.1.88.x``).
 SR_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
@@ -103,6 +111,9 @@ class Report:
     outcomes: list[Outcome]
     verification_note: str = ""
     placements: dict[str, Placement] = field(default_factory=dict)
+    checked_by: dict[str, int] = field(default_factory=dict)
+    """How many stored files were compared with what was sent, by method
+    (:data:`BY_STORED_MD5`, :data:`BY_READING_BACK`)."""
 
     def count(self, status: str) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
@@ -139,6 +150,7 @@ class Report:
             f"{self.count(PASSED_OVER)} passed over, "
             f"verified {self.verified}/{self.acknowledged}"
         )
+        line += self.method()
         if self.verification_note:
             line += f" ({self.verification_note})"
         order = [kind for kind, _matches, _references in DERIVED_KINDS]
@@ -148,6 +160,22 @@ class Report:
             if placement.source_missing:
                 line += f" ({placement.source_missing} without their source in Orthanc)"
         return line
+
+    def method(self) -> str:
+        """How the stored files were checked, as the summary line says it."""
+        by_md5 = self.checked_by.get(BY_STORED_MD5, 0)
+        read_back = self.checked_by.get(BY_READING_BACK, 0)
+        if by_md5 and read_back:
+            return (
+                f": {by_md5} by stored MD5, {read_back} by re-reading the file "
+                "(Orthanc keeps no MD5 of those)"
+            )
+        if read_back:
+            files = "file" if read_back == 1 else "files"
+            return f" by re-reading {read_back} {files} (Orthanc keeps no MD5)"
+        if by_md5:
+            return " by stored MD5"
+        return ""
 
 
 def classify_answer(answer: Response) -> tuple[str, str, dict[str, Any]]:
@@ -514,6 +542,10 @@ def verify(outcomes: Iterable[Outcome], client: OrthancClient, workers: int = 8)
       bytes sent. For ``already stored`` a different MD5 means Orthanc holds another
       file under the same SOP Instance UID (it keeps the first one,
       ``"OverwriteInstances": false``), so what was sent is not what the PACS has.
+      An Orthanc configured with ``"StoreMD5ForAttachments": false`` records no MD5
+      (the request answers 404 although the instance exists): the stored file is then
+      read back and hashed, the same proof at the cost of a download. The first such
+      404 is remembered on ``client``, so every later file goes straight to reading back.
     * placement: each derived object's (SR, key image; :data:`DERIVED_KINDS`) Orthanc
       study and patient must be those of the images it references (Orthanc derives its
       IDs from PatientID and the DICOM UIDs, so an SR with a different PatientID would
@@ -540,15 +572,16 @@ def verify(outcomes: Iterable[Outcome], client: OrthancClient, workers: int = 8)
     derived = [o for o in sent if o.derived]
     instance_ids = list(by_id)
 
-    def judge(index: int, result: tuple[str | None, str] | BaseException) -> None:
+    def judge(index: int, result: _StoredCopy | BaseException) -> None:
         checked = by_id[instance_ids[index]]
         if isinstance(result, BaseException):
             for outcome in checked:
                 outcome.problems.append(f"could not verify: {result}")
             return
-        stored_md5, sop_instance_uid = result
+        if result.md5 is not None:
+            report.checked_by[result.method] = report.checked_by.get(result.method, 0) + 1
         for outcome in checked:
-            _judge_md5(outcome, stored_md5, sop_instance_uid)
+            _judge_md5(outcome, result.md5, result.sop_instance_uid)
 
     def place(index: int, result: tuple[str, str] | BaseException) -> None:
         outcome = derived[index]
@@ -574,20 +607,65 @@ def verify(outcomes: Iterable[Outcome], client: OrthancClient, workers: int = 8)
     return report
 
 
-def _stored_copy(
-    client: OrthancClient, instance_id: str, outcomes: list[Outcome]
-) -> tuple[str | None, str]:
-    """The stored file's MD5, and its SOP Instance UID when some sender's MD5 differs.
+@dataclass
+class _StoredCopy:
+    """What Orthanc holds under one instance ID, as far as verification needs it."""
 
-    The UID is fetched only for a mismatch, so the common case costs one request.
+    md5: str | None
+    """The stored file's MD5; ``None`` when the instance is not in Orthanc."""
+    method: str
+    """How the MD5 was had: :data:`BY_STORED_MD5` or :data:`BY_READING_BACK`."""
+    sop_instance_uid: str = ""
+    """Its SOP Instance UID, fetched only when some sender's MD5 differs."""
+
+
+#: Makes the switch to reading back (and its log line) happen once per client.
+_method_lock = threading.Lock()
+
+
+def _stored_copy(client: OrthancClient, instance_id: str, outcomes: list[Outcome]) -> _StoredCopy:
+    """The stored file's MD5, by the cheapest proof this Orthanc offers, and its SOP
+    Instance UID when some sender's MD5 differs.
+
+    One request in the common case: the recorded MD5, or, from an Orthanc known to
+    keep none, the file itself. The UID costs a request only for a mismatch.
     """
-    stored_md5 = client.attachment_md5(instance_id)
-    if stored_md5 is None or all(o.md5 == stored_md5 for o in outcomes):
-        return stored_md5, ""
+    copy = None
+    if client.keeps_md5 is not False:
+        stored_md5 = client.attachment_md5(instance_id)
+        if stored_md5 is not None:
+            if client.keeps_md5 is None:
+                client.keeps_md5 = True
+            copy = _StoredCopy(stored_md5, BY_STORED_MD5)
+    if copy is None:
+        # No MD5: the instance is gone, or Orthanc keeps none. Reading it back tells which.
+        read_back = client.stored_file_md5(instance_id)
+        if read_back is None:
+            return _StoredCopy(None, BY_READING_BACK)
+        if client.keeps_md5 is not False:
+            _keeps_no_md5(client)
+        copy = _StoredCopy(read_back[0], BY_READING_BACK)
+    if all(o.md5 == copy.md5 for o in outcomes):
+        return copy
     answer = client.request("GET", f"/instances/{instance_id}")
-    if answer.status != 200:
-        return stored_md5, ""
-    return stored_md5, str(answer.json().get("MainDicomTags", {}).get("SOPInstanceUID", ""))
+    if answer.status == 200:
+        copy.sop_instance_uid = str(
+            answer.json().get("MainDicomTags", {}).get("SOPInstanceUID", "")
+        )
+    return copy
+
+
+def _keeps_no_md5(client: OrthancClient) -> None:
+    """Remember that ``client``'s Orthanc keeps no MD5, and say so once."""
+    with _method_lock:
+        if client.keeps_md5 is False:
+            return
+        client.keeps_md5 = False
+    log.info(
+        'Orthanc at %s keeps no MD5 of stored files ("StoreMD5ForAttachments": false): '
+        "verifying each by reading it back",
+        client.url,
+    )
 
 
 def _judge_md5(outcome: Outcome, stored_md5: str | None, sop_instance_uid: str) -> None:
