@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -340,11 +341,48 @@ def test_results_file_is_replaced_atomically(corpus_dir, weights_cache_dir, tmp_
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+class StderrLines:
+    """A process's stderr read line by line on a thread, so that every wait has a timeout
+    (a bare ``readline()`` on a silent process would block the test run forever)."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        assert process.stderr is not None
+        self._stream = process.stderr
+        self._lines: list[str] = []
+        self._arrived = threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self._stream:
+            with self._arrived:
+                self._lines.append(line)
+                self._arrived.notify_all()
+
+    def wait_for(self, text: str, count: int, timeout: float) -> None:
+        """Return once ``count`` lines hold ``text``; fail after ``timeout`` seconds."""
+
+        def enough() -> bool:
+            return sum(text in line for line in self._lines) >= count
+
+        with self._arrived:
+            if not self._arrived.wait_for(enough, timeout):
+                pytest.fail(
+                    f"fewer than {count} lines with {text!r} in {timeout} s:\n"
+                    + "".join(self._lines[-20:])
+                )
+
+    def text(self, timeout: float) -> str:
+        """Everything the process wrote, once its stderr is closed (it has exited)."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "stderr still open"
+        with self._arrived:
+            return "".join(self._lines)
+
+
 def test_ctrl_c_keeps_the_finished_results(corpus_dir, weights_cache_dir, tmp_path) -> None:
     """Ctrl-C (SIGINT to the process group): exit 130, the finished files' results written."""
-    import os
     import signal
-    import time
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -367,19 +405,22 @@ def test_ctrl_c_keeps_the_finished_results(corpus_dir, weights_cache_dir, tmp_pa
         [sys.executable, str(SCRIPT), *map(str, args)],
         cwd=PROJECT_ROOT,
         stderr=subprocess.PIPE,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         text=True,
         start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    assert process.stderr is not None
-    finished = 0
-    deadline = time.monotonic() + 120
-    while finished < 6 and time.monotonic() < deadline:  # one W: line per classified file
-        line = process.stderr.readline()
-        finished += "BodyPartExamined is absent" in line
-    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-    _, stderr = process.communicate(timeout=60)
+    try:
+        lines = StderrLines(process)
+        # One W: line per classified file; each wait is bounded, so a silent process fails.
+        lines.wait_for("BodyPartExamined is absent", count=6, timeout=120)
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+    stderr = lines.text(timeout=60)
     assert process.returncode == 130, stderr
     assert "interrupted after" in stderr and "Traceback" not in stderr
     results = json.loads(out.read_text())
