@@ -180,6 +180,23 @@ def test_upload_ends_with_0_or_1_and_orthanc_still_answers(fuzz_run: fuzzing.Out
     assert fuzz_run.orthanc is not None and fuzz_run.orthanc.alive
 
 
+def assert_killed(pid: int, timeout: float) -> None:
+    """``pid`` ends (gone, or a zombie waiting for its reaper) within ``timeout`` seconds:
+    the kill signal is delivered asynchronously, so its effect is awaited, bounded."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.05)  # a poll interval, not a wait for the outcome
+    pytest.fail(f"process {pid} still running {timeout:.0f} s after its group was killed")
+
+
 def test_the_checks_catch_a_traceback_a_hang_and_a_bad_exit_code(tmp_path: Path) -> None:
     """The harness itself: a check that cannot fail proves nothing."""
     ok = fuzzing.ScriptRun("x.py", 1, "1 failed\n", "E: a.dcm: bad\n", 1.0, 0)
@@ -191,13 +208,19 @@ def test_the_checks_catch_a_traceback_a_hang_and_a_bad_exit_code(tmp_path: Path)
     killed = fuzzing.ScriptRun("x.py", -11, "", "", 1.0, 0)
     assert "exit -11" in fuzzing.script_problems(killed)[0]
 
-    # run_bounded kills a hanging script (and its children) at the timeout.
-    script = tmp_path / "sleeper.py"
+    # run_bounded kills a hanging script (and its children) at the timeout. The script
+    # hangs for an hour: were it not killed, pytest's per-test timeout would fail the test.
+    script, child_pid = tmp_path / "hang.py", tmp_path / "child.pid"
     script.write_text(
-        "import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\ntime.sleep(60)\n"
+        "import pathlib, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)'])\n"
+        f"pathlib.Path({str(child_pid)!r}).write_text(str(child.pid))\n"
+        "time.sleep(3600)\n"
     )
-    run = fuzzing.run_bounded(str(script), [], 2.0, None, tmp_path)
-    assert run.timed_out and run.seconds < 30
+    run = fuzzing.run_bounded(str(script), [], 15.0, None, tmp_path)
+    assert run.timed_out
+    assert child_pid.is_file(), "the script did not start its child within 15 s"
+    assert_killed(int(child_pid.read_text()), timeout=30)
 
 
 def test_the_accounting_catches_a_lost_file_and_a_reason_on_two_lines(tmp_path: Path) -> None:
