@@ -24,6 +24,7 @@ import os
 import shutil
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import fuzzing
@@ -35,6 +36,13 @@ SEED = int(os.environ.get("CXRSR_FUZZ_SEED", "20261201"))
 #: Each script's whole run is bounded: a minute to start, plus 0.4 s per case (four to
 #: eight times what a case costs on a loaded 2-core machine). A hang on any case trips it.
 TIMEOUT = 60 + 0.4 * CASES
+
+
+def uses_the_fuzz_run(test: Callable[..., None]) -> Callable[..., None]:
+    """Marks a test of the shared fuzz run slow (4 minutes for 500 cases on a loaded 2-core
+    machine) and gives it the harness's own bound (each script's TIMEOUT) plus five minutes
+    for writing the cases, Orthanc and the validators, instead of pytest's default limit."""
+    return pytest.mark.slow(pytest.mark.timeout(int(3 * TIMEOUT + 300))(test))
 
 
 @pytest.fixture(scope="module")
@@ -144,19 +152,23 @@ def test_set_element_changes_only_that_element(corpus: fuzzing.Corpus) -> None:
 # --- the pipeline under fuzzing ------------------------------------------------------------
 
 
+@uses_the_fuzz_run
 def test_process_dicom_ends_with_0_or_1_no_traceback_no_hang(fuzz_run: fuzzing.Outcome) -> None:
     assert not problems(fuzz_run, "process_dicom"), problems(fuzz_run, "process_dicom")
 
 
+@uses_the_fuzz_run
 def test_every_input_has_one_result_with_a_status_and_reason(fuzz_run: fuzzing.Outcome) -> None:
     assert not problems(fuzz_run, "accounting"), problems(fuzz_run, "accounting")
     assert sum(fuzz_run.statuses.values()) >= fuzz_run.cases
 
 
+@uses_the_fuzz_run
 def test_every_failed_or_skipped_file_is_named_on_its_own_line(fuzz_run: fuzzing.Outcome) -> None:
     assert not problems(fuzz_run, "messages"), problems(fuzz_run, "messages")
 
 
+@uses_the_fuzz_run
 def test_generate_sr_writes_an_sr_or_an_error_line_for_each_classified_entry(
     fuzz_run: fuzzing.Outcome,
 ) -> None:
@@ -165,6 +177,7 @@ def test_generate_sr_writes_an_sr_or_an_error_line_for_each_classified_entry(
     assert fuzz_run.sr_count > 0  # the fuzz set always keeps some classifiable images
 
 
+@uses_the_fuzz_run
 def test_the_srs_written_from_fuzzed_sources_pass_dciodvfy_and_dsrdump(
     fuzz_run: fuzzing.Outcome,
 ) -> None:
@@ -172,6 +185,7 @@ def test_the_srs_written_from_fuzzed_sources_pass_dciodvfy_and_dsrdump(
     assert not problems(fuzz_run, "dciodvfy", "dsrdump"), problems(fuzz_run, "dciodvfy", "dsrdump")
 
 
+@uses_the_fuzz_run
 def test_upload_ends_with_0_or_1_and_orthanc_still_answers(fuzz_run: fuzzing.Outcome) -> None:
     assert "upload_dicom" in fuzz_run.runs, problems(fuzz_run, "accounting")
     assert not problems(fuzz_run, "orthanc", "upload_dicom"), problems(
