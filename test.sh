@@ -11,7 +11,7 @@ ensure_packages Orthanc:orthanc dsrdump:dcmtk storescu:dcmtk dciodvfy:dicom3tool
   || say "W: integration tests will be skipped (or fail under CI) without these"
 # OHIF's browser test needs Orthanc's DICOMweb plugin, a library with no command to look for.
 # (Never orthanc-gdcm 1.5: its transcoding segfaults Orthanc 1.10.1.) The test fetches the
-# OHIF viewer itself with npm into ~/.cache/cxrsr-test when it is missing.
+# OHIF viewer itself with npm into the project's git-ignored .cache/cxrsr-test/ when it is missing (then offline).
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
   || ensure_packages libOrthancDicomWeb.so:orthanc-dicomweb \
   || say "W: the OHIF test will be skipped (or fail under CI) without orthanc-dicomweb"

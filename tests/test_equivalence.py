@@ -116,6 +116,7 @@ def test_model_input_matches_the_reference(pairs, corpus_dir: Path) -> None:
     assert decimated >= 3  # the reduced-resolution decoders were really exercised
 
 
+@pytest.mark.slow  # 90 s on a loaded 2-core machine: the whole corpus through both pipelines
 def test_scores_agree_with_the_reference(pairs, corpus_dir: Path, weights_cache_dir: Path) -> None:
     classifier = load_classifier(cache_dir=weights_cache_dir, backend="eager")
     for name, ours, reference in pairs:

@@ -24,6 +24,7 @@ import os
 import shutil
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import fuzzing
@@ -35,6 +36,13 @@ SEED = int(os.environ.get("CXRSR_FUZZ_SEED", "20261201"))
 #: Each script's whole run is bounded: a minute to start, plus 0.4 s per case (four to
 #: eight times what a case costs on a loaded 2-core machine). A hang on any case trips it.
 TIMEOUT = 60 + 0.4 * CASES
+
+
+def uses_the_fuzz_run(test: Callable[..., None]) -> Callable[..., None]:
+    """Marks a test of the shared fuzz run slow (4 minutes for 500 cases on a loaded 2-core
+    machine) and gives it the harness's own bound (each script's TIMEOUT) plus five minutes
+    for writing the cases, Orthanc and the validators, instead of pytest's default limit."""
+    return pytest.mark.slow(pytest.mark.timeout(int(3 * TIMEOUT + 300))(test))
 
 
 @pytest.fixture(scope="module")
@@ -144,19 +152,23 @@ def test_set_element_changes_only_that_element(corpus: fuzzing.Corpus) -> None:
 # --- the pipeline under fuzzing ------------------------------------------------------------
 
 
+@uses_the_fuzz_run
 def test_process_dicom_ends_with_0_or_1_no_traceback_no_hang(fuzz_run: fuzzing.Outcome) -> None:
     assert not problems(fuzz_run, "process_dicom"), problems(fuzz_run, "process_dicom")
 
 
+@uses_the_fuzz_run
 def test_every_input_has_one_result_with_a_status_and_reason(fuzz_run: fuzzing.Outcome) -> None:
     assert not problems(fuzz_run, "accounting"), problems(fuzz_run, "accounting")
     assert sum(fuzz_run.statuses.values()) >= fuzz_run.cases
 
 
+@uses_the_fuzz_run
 def test_every_failed_or_skipped_file_is_named_on_its_own_line(fuzz_run: fuzzing.Outcome) -> None:
     assert not problems(fuzz_run, "messages"), problems(fuzz_run, "messages")
 
 
+@uses_the_fuzz_run
 def test_generate_sr_writes_an_sr_or_an_error_line_for_each_classified_entry(
     fuzz_run: fuzzing.Outcome,
 ) -> None:
@@ -165,6 +177,7 @@ def test_generate_sr_writes_an_sr_or_an_error_line_for_each_classified_entry(
     assert fuzz_run.sr_count > 0  # the fuzz set always keeps some classifiable images
 
 
+@uses_the_fuzz_run
 def test_the_srs_written_from_fuzzed_sources_pass_dciodvfy_and_dsrdump(
     fuzz_run: fuzzing.Outcome,
 ) -> None:
@@ -172,12 +185,30 @@ def test_the_srs_written_from_fuzzed_sources_pass_dciodvfy_and_dsrdump(
     assert not problems(fuzz_run, "dciodvfy", "dsrdump"), problems(fuzz_run, "dciodvfy", "dsrdump")
 
 
+@uses_the_fuzz_run
 def test_upload_ends_with_0_or_1_and_orthanc_still_answers(fuzz_run: fuzzing.Outcome) -> None:
     assert "upload_dicom" in fuzz_run.runs, problems(fuzz_run, "accounting")
     assert not problems(fuzz_run, "orthanc", "upload_dicom"), problems(
         fuzz_run, "orthanc", "upload_dicom"
     )
     assert fuzz_run.orthanc is not None and fuzz_run.orthanc.alive
+
+
+def assert_killed(pid: int, timeout: float) -> None:
+    """``pid`` ends (gone, or a zombie waiting for its reaper) within ``timeout`` seconds:
+    the kill signal is delivered asynchronously, so its effect is awaited, bounded."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.05)  # a poll interval, not a wait for the outcome
+    pytest.fail(f"process {pid} still running {timeout:.0f} s after its group was killed")
 
 
 def test_the_checks_catch_a_traceback_a_hang_and_a_bad_exit_code(tmp_path: Path) -> None:
@@ -191,13 +222,19 @@ def test_the_checks_catch_a_traceback_a_hang_and_a_bad_exit_code(tmp_path: Path)
     killed = fuzzing.ScriptRun("x.py", -11, "", "", 1.0, 0)
     assert "exit -11" in fuzzing.script_problems(killed)[0]
 
-    # run_bounded kills a hanging script (and its children) at the timeout.
-    script = tmp_path / "sleeper.py"
+    # run_bounded kills a hanging script (and its children) at the timeout. The script
+    # hangs for an hour: were it not killed, pytest's per-test timeout would fail the test.
+    script, child_pid = tmp_path / "hang.py", tmp_path / "child.pid"
     script.write_text(
-        "import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\ntime.sleep(60)\n"
+        "import pathlib, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)'])\n"
+        f"pathlib.Path({str(child_pid)!r}).write_text(str(child.pid))\n"
+        "time.sleep(3600)\n"
     )
-    run = fuzzing.run_bounded(str(script), [], 2.0, None, tmp_path)
-    assert run.timed_out and run.seconds < 30
+    run = fuzzing.run_bounded(str(script), [], 15.0, None, tmp_path)
+    assert run.timed_out
+    assert child_pid.is_file(), "the script did not start its child within 15 s"
+    assert_killed(int(child_pid.read_text()), timeout=30)
 
 
 def test_the_accounting_catches_a_lost_file_and_a_reason_on_two_lines(tmp_path: Path) -> None:

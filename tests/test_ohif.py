@@ -1,10 +1,14 @@
 """OHIF v3 shows what the pipeline stored, in a real headless Chromium.
 
-The viewer is npm's prebuilt ``@ohif/app`` (cached under ~/.cache/cxrsr-test), served by
+The viewer is npm's prebuilt ``@ohif/app``, served by
 ``cxrsr.pacs.ohif`` in front of a real Orthanc with Debian's DICOMweb plugin; playwright
 drives the system Chromium. What the viewport shows is judged from screenshots: an RGB
 Secondary Capture built here proves the plumbing, and the key image generate_sr.py
 writes must show its overlay colours.
+
+``npm pack`` of the viewer is the one registry fetch the tests make. It is cached in the
+project's git-ignored ``.cache/cxrsr-test/`` (the unpacked viewer, and npm's own cache in
+its ``npm/``), so a second run needs no network.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ from PIL import Image
 from pydicom.uid import generate_uid
 from test_report import copy_with_new_uids
 
+from cxrsr.config import PROJECT_ROOT
 from cxrsr.errors import PipelineError
 from cxrsr.pacs.local_orthanc import DICOMWEB_PLUGIN, LocalOrthanc
 from cxrsr.pacs.ohif import OhifServer, ensure_ohif_dist
 
-CACHE = Path.home() / ".cache" / "cxrsr-test"
+#: The unpacked viewer and npm's cache, inside the project (git-ignored): see above.
+CACHE = PROJECT_ROOT / ".cache" / "cxrsr-test"
 #: WebGL in headless Chromium needs SwiftShader (../shared/docs/ohif.md).
 BROWSER_ARGS = ["--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
 SECONDARY_CAPTURE_CLASSES = ("1.2.840.10008.5.1.4.1.1.7",)  # and its multi-frame .7.x
@@ -159,6 +165,7 @@ def viewport_pixels(
         context.close()
 
 
+@pytest.mark.slow
 def test_ohif_shows_an_rgb_secondary_capture_in_its_colours(
     ohif: OhifServer, dicomweb_orthanc: LocalOrthanc, browser: Any, tmp_path: Path
 ) -> None:
@@ -233,6 +240,10 @@ def secondary_captures(folder: Path) -> list[Path]:
     return found
 
 
+@pytest.mark.slow
+# 112 s measured (plus 29 s of fixtures) on a 2-core machine at load 11: three scripts, then
+# up to 90 s for the viewport to settle. Twice that, rather than the default 300 s.
+@pytest.mark.timeout(600)
 def test_ohif_shows_the_key_image_generate_sr_wrote(
     ohif: OhifServer,
     dicomweb_orthanc: LocalOrthanc,

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pydicom
+import pytest
 import requests
 from conftest import orthanc_env, run_script
 from pydicom.uid import generate_uid
@@ -35,6 +36,7 @@ def copy_with_new_uids(source: Path, target: Path) -> None:
     ds.save_as(target)
 
 
+@pytest.mark.slow  # 104 s (plus 26 s of fixtures) on a loaded 2-core machine
 def test_pipeline_lands_each_sr_in_its_image_study_and_reruns_add_nothing(
     orthanc: LocalOrthanc, corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
 ) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -13,14 +17,17 @@ from typing import Any
 import pydicom
 import pytest
 from conftest import run_script
+from local_http import refused_url, serve_folder
 
 from cxrsr.config import PROJECT_ROOT
 
 SCRIPT = PROJECT_ROOT / "process_dicom.py"
 
 
-def run_process(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return run_script("process_dicom.py", *args)
+def run_process(
+    *args: str | Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run_script("process_dicom.py", *args, env=env)
 
 
 def expected_statuses(expected: str) -> set[str]:
@@ -228,24 +235,80 @@ def test_zip_archives_are_read_in_memory(corpus_dir, weights_cache_dir, tmp_path
     assert not (tmp_path / "a").exists()  # nothing extracted
 
 
-def test_missing_weights_give_one_clear_line(corpus_dir, tmp_path) -> None:
-    empty = tmp_path / "no-weights"
-    out = tmp_path / "r.json"
-    proc = run_process(corpus_dir / "cxr11_siim_cr_jpeg8.dcm", "-o", out, "--cache-dir", empty)
-    assert proc.returncode == 3
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("E: ")]
-    assert len(errors) == 1
-    assert "cannot download weights densenet121-res224-all" in errors[0]
-    assert (
-        str(
-            empty
-            / "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
+WEIGHTS_FILE = "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
+
+
+def with_weights_base_url(url: str) -> dict[str, str]:
+    """This process's environment with the weights fetched from ``url``, never from GitHub."""
+    return dict(os.environ, CXRSR_WEIGHTS_BASE_URL=url)
+
+
+def test_missing_weights_are_downloaded_under_their_real_name(
+    corpus_dir, weights_cache_dir, tmp_path
+) -> None:
+    """A local server stands in for torchxrayvision's GitHub release (CXRSR_WEIGHTS_BASE_URL):
+    the file lands in --cache-dir under its published name, and --weights-sha256 is checked
+    against what arrived."""
+    served = weights_cache_dir / WEIGHTS_FILE
+    digest = hashlib.sha256(served.read_bytes()).hexdigest()
+    empty, out = tmp_path / "no-weights", tmp_path / "r.json"
+    source = corpus_dir / "cxr11_siim_cr_jpeg8.dcm"
+    with serve_folder(weights_cache_dir) as (base_url, requested):
+        proc = run_script(
+            "process_dicom.py",
+            source,
+            "-o",
+            out,
+            "--cache-dir",
+            empty,
+            "--weights-sha256",
+            digest,
+            "--backend",
+            "eager",
+            env=with_weights_base_url(base_url),
         )
-        in errors[0]
-    )
+    assert proc.returncode == 0, proc.stderr
+    assert requested == [f"/{WEIGHTS_FILE}"]
+    assert sorted(p.name for p in empty.iterdir()) == [WEIGHTS_FILE]  # no .part left
+    assert (empty / WEIGHTS_FILE).read_bytes() == served.read_bytes()
+    model = json.loads(out.read_text())["model"]
+    assert model["weights_sha256"] == digest
+    assert json.loads(out.read_text())["images"][0]["status"] == "classified"
+
+
+@pytest.mark.parametrize("server", ["404", "refused"])
+def test_weights_that_cannot_be_downloaded_give_one_clear_line(
+    server: str, corpus_dir, tmp_path
+) -> None:
+    empty, out = tmp_path / "no-weights", tmp_path / "r.json"
+    source = corpus_dir / "cxr11_siim_cr_jpeg8.dcm"
+    (tmp_path / "www").mkdir()
+    with contextlib.ExitStack() as stack:
+        if server == "404":
+            base_url, requested = stack.enter_context(serve_folder(tmp_path / "www"))
+        else:
+            base_url, requested = refused_url(), []
+        proc = run_process(
+            source,
+            "-o",
+            out,
+            "--cache-dir",
+            empty,
+            "--backend",
+            "eager",
+            env=with_weights_base_url(base_url),
+        )
+    assert proc.returncode == 3, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("E: ")]
+    assert len(errors) == 1, proc.stderr
+    assert "cannot download weights densenet121-res224-all" in errors[0]
+    assert ("404" if server == "404" else "ConnectionError") in errors[0]
+    assert f"download {base_url}{WEIGHTS_FILE} " in errors[0]  # the URL it tried
+    assert str(empty / WEIGHTS_FILE) in errors[0]  # and where the file belongs
     assert "Traceback" not in proc.stderr
+    assert requested == ([f"/{WEIGHTS_FILE}"] if server == "404" else [])
     assert not out.exists()
-    assert not any(empty.glob("*.pt"))  # no partial download left behind
+    assert not any(empty.glob("*.pt*"))  # no partial download left behind
 
 
 def test_usage_errors_exit_2(tmp_path) -> None:
@@ -278,11 +341,48 @@ def test_results_file_is_replaced_atomically(corpus_dir, weights_cache_dir, tmp_
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+class StderrLines:
+    """A process's stderr read line by line on a thread, so that every wait has a timeout
+    (a bare ``readline()`` on a silent process would block the test run forever)."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        assert process.stderr is not None
+        self._stream = process.stderr
+        self._lines: list[str] = []
+        self._arrived = threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self._stream:
+            with self._arrived:
+                self._lines.append(line)
+                self._arrived.notify_all()
+
+    def wait_for(self, text: str, count: int, timeout: float) -> None:
+        """Return once ``count`` lines hold ``text``; fail after ``timeout`` seconds."""
+
+        def enough() -> bool:
+            return sum(text in line for line in self._lines) >= count
+
+        with self._arrived:
+            if not self._arrived.wait_for(enough, timeout):
+                pytest.fail(
+                    f"fewer than {count} lines with {text!r} in {timeout} s:\n"
+                    + "".join(self._lines[-20:])
+                )
+
+    def text(self, timeout: float) -> str:
+        """Everything the process wrote, once its stderr is closed (it has exited)."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "stderr still open"
+        with self._arrived:
+            return "".join(self._lines)
+
+
 def test_ctrl_c_keeps_the_finished_results(corpus_dir, weights_cache_dir, tmp_path) -> None:
     """Ctrl-C (SIGINT to the process group): exit 130, the finished files' results written."""
-    import os
     import signal
-    import time
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -305,19 +405,22 @@ def test_ctrl_c_keeps_the_finished_results(corpus_dir, weights_cache_dir, tmp_pa
         [sys.executable, str(SCRIPT), *map(str, args)],
         cwd=PROJECT_ROOT,
         stderr=subprocess.PIPE,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         text=True,
         start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    assert process.stderr is not None
-    finished = 0
-    deadline = time.monotonic() + 120
-    while finished < 6 and time.monotonic() < deadline:  # one W: line per classified file
-        line = process.stderr.readline()
-        finished += "BodyPartExamined is absent" in line
-    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-    _, stderr = process.communicate(timeout=60)
+    try:
+        lines = StderrLines(process)
+        # One W: line per classified file; each wait is bounded, so a silent process fails.
+        lines.wait_for("BodyPartExamined is absent", count=6, timeout=120)
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+    stderr = lines.text(timeout=60)
     assert process.returncode == 130, stderr
     assert "interrupted after" in stderr and "Traceback" not in stderr
     results = json.loads(out.read_text())

@@ -57,10 +57,16 @@ def test_signed_pixels_with_rescale_give_the_same_image(corpus_dir: Path) -> Non
     ds.PixelData = values.tobytes()
     ds.RescaleIntercept, ds.RescaleSlope = 512, 1
     result = read_radiograph_bytes(_to_bytes(ds))
-    # Signed 11-bit spans 2048 values where the original's 10 bits span 1024: same image,
-    # scaled about the centre of the range.
-    expected_scale = np.corrcoef(result.pixels.ravel(), original.pixels.ravel())[0, 1]
-    assert expected_scale > 0.9999
+    # The declared range is what maps to [-1024, 1024]: signed 11-bit after the intercept
+    # spans -512..1535 (2048 values) where the original's unsigned 10 bits span 0..1023.
+    # So each value lands where that range puts it, MONOCHROME1 inverted:
+    stored = pydicom.dcmread(corpus_dir / name).pixel_array.astype(np.float64)
+    expected = (2 * (1 - (stored + 512) / 2047) - 1) * 1024
+    # float32 arithmetic on values up to 1024: well under 0.01 of error.
+    np.testing.assert_allclose(result.pixels, expected, atol=0.01)
+    # The same picture as the original, in the wider range: an affine map of its pixels.
+    on_wider_range = ((original.pixels / 1024 + 1) / 2 * 1023 + 512) / 2047 * 2048 - 1024
+    np.testing.assert_allclose(result.pixels, on_wider_range, atol=0.01)
 
 
 def test_monochrome1_is_inverted_exactly_once(corpus_dir: Path) -> None:
@@ -78,6 +84,45 @@ def test_presentation_lut_inverse_does_not_invert_monochrome1_twice(corpus_dir: 
     raw = ds.pixel_array.astype(np.float32)
     expected = (2 * (1 - raw / 4095) - 1) * 1024
     np.testing.assert_allclose(result.pixels, expected, atol=0.01)
+
+
+def _with_presentation_lut_shape(ds: pydicom.Dataset, shape: str) -> bytes:
+    copy = pydicom.Dataset(ds)
+    copy.file_meta = ds.file_meta
+    copy.PresentationLUTShape = shape
+    return _to_bytes(copy)
+
+
+@pytest.mark.parametrize("window", [None, ("100", "120")], ids=["min-max", "window"])
+def test_presentation_lut_inverse_inverts_monochrome2(
+    corpus_dir: Path, window: tuple[str, str] | None
+) -> None:
+    """MONOCHROME2 with Presentation LUT Shape INVERSE is displayed inverted (PS3.3
+    C.11.6.1.2: the output of the VOI transform is inverted), as MONOCHROME1 is: the model
+    gets the negative of the IDENTITY file's input and the preview the negative grey levels.
+
+    torchxrayvision's ``read_xray_dcm`` inverts only on MONOCHROME1 and ignores the
+    Presentation LUT Shape, so it would feed this file to the model with bone dark: the
+    opposite of what the radiologist sees and of the polarity the model was trained on.
+    """
+    from cxrsr.dicomio.preview import make_preview
+
+    ds = _native_copy(corpus_dir / "cxr10_nih_dx_8bit.dcm")
+    assert ds.PhotometricInterpretation == "MONOCHROME2"
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    identity = read_radiograph_bytes(_with_presentation_lut_shape(ds, "IDENTITY"))
+    inverse = read_radiograph_bytes(_with_presentation_lut_shape(ds, "INVERSE"))
+    assert np.ptp(identity.pixels) > 1000  # a real image, not a flat one
+    np.testing.assert_allclose(inverse.pixels, -identity.pixels, atol=1e-3)
+
+    assert identity.display is not None and inverse.display is not None
+    shape = (int(ds.Rows), int(ds.Columns))
+    shown = make_preview(identity.pixels, identity.display, shape).astype(int)
+    shown_inverse = make_preview(inverse.pixels, inverse.display, shape).astype(int)
+    assert np.ptp(shown) > 100
+    # 8-bit grey levels: rounding at a half may differ by one level.
+    np.testing.assert_allclose(shown_inverse, 255 - shown, atol=1)
 
 
 def test_modality_lut_sequence_is_applied(corpus_dir: Path) -> None:

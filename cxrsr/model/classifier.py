@@ -1,6 +1,7 @@
 """Load a torchxrayvision DenseNet and run it in batches, through ONNX Runtime or PyTorch.
 
-Weights are downloaded once by torchxrayvision's own ``get_weights`` (when that fails,
+Weights are downloaded once by torchxrayvision's own downloader, from its GitHub release
+or ``CXRSR_WEIGHTS_BASE_URL`` (:func:`cxrsr.model.weights.weights_url`; when that fails,
 offline machines, firewalls, the error says which file to put where), then read as data
 by :mod:`cxrsr.model.weights`, never by torchxrayvision's ``torch.load(weights_only=False)``.
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
-import io
 import json
 import logging
 import math
@@ -39,7 +39,13 @@ import numpy as np
 
 from cxrsr.errors import PipelineError
 from cxrsr.files import write_json_atomic
-from cxrsr.model.weights import WeightsRefused, load_state_dict, read_weights_bytes
+from cxrsr.model.weights import (
+    WeightsRefused,
+    download_weights,
+    load_state_dict,
+    read_weights_bytes,
+    weights_url,
+)
 
 log = logging.getLogger("cxrsr")
 
@@ -244,7 +250,7 @@ def load_torch_model(
 ) -> tuple[Any, ModelCard]:
     """torchxrayvision's DenseNet with its weights read as data (:mod:`cxrsr.model.weights`).
 
-    The file is downloaded once by torchxrayvision's own ``get_weights``; then its bytes
+    The file is downloaded once (:func:`~cxrsr.model.weights.download_weights`); then its bytes
     are checked against ``expected_sha256`` (if given) before anything is unpickled, and
     its tensors are loaded into a DenseNet built as ``xrv.models.DenseNet(weights=...)``
     builds it, without torchxrayvision's ``torch.load(weights_only=False)``.
@@ -256,8 +262,8 @@ def load_torch_model(
     if weights not in names:
         raise PipelineError(f"unknown weights {weights!r}; choose one of: {', '.join(names)}", 2)
     spec = xrv.models.model_urls[weights]
-    url = spec["weights_url"]
-    path = cache_dir / os.path.basename(url)
+    url = weights_url(spec["weights_url"])
+    path = cache_dir / os.path.basename(spec["weights_url"])
     fix = (
         f"offline? download {url} on a machine with internet access and copy it to {path} "
         f"(or pass --cache-dir with the folder that holds it)"
@@ -265,9 +271,7 @@ def load_torch_model(
     if not path.is_file():
         log.info("downloading weights %s to %s (once)", weights, path)
         try:
-            # torchxrayvision prints its download chatter; keep stdout for our summary.
-            with contextlib.redirect_stdout(io.StringIO()):
-                xrv.models.get_weights(weights, str(cache_dir))
+            download_weights(url, path)
         except Exception as exc:
             path.unlink(missing_ok=True)  # never leave a partial download behind
             reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__

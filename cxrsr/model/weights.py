@@ -23,15 +23,22 @@ callables are PyTorch's tensor rebuild functions and the containers; ``INST``/``
 (protocol 0/1 calls) are refused. The loaded object's methods are never called: its
 tensors are read from the module tree's ``__dict__``, checked, and copied into a freshly
 built ``xrv.models.DenseNet`` (:mod:`cxrsr.model.classifier`).
+
+Where the file comes from: torchxrayvision's GitHub release, unless the setting
+``CXRSR_WEIGHTS_BASE_URL`` (environment, then ``.env``) names another base URL, such as a
+mirror inside a hospital network or the tests' local server; the published file name
+is appended to it. The file is checked as above whatever served it.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import hashlib
 import io
 import pickle
+import posixpath
 import types
 import warnings
 from pathlib import Path
@@ -171,6 +178,32 @@ def _restricted_load(file: Any, **kwargs: Any) -> Any:
 RESTRICTED_PICKLE = types.SimpleNamespace(
     Unpickler=_RestrictedUnpickler, load=_restricted_load, __name__="cxrsr.model.weights"
 )
+
+
+#: The setting that replaces the GitHub release's base URL of the weights files.
+WEIGHTS_BASE_URL = "CXRSR_WEIGHTS_BASE_URL"
+
+
+def weights_url(published: str) -> str:
+    """The URL to fetch a weights file from: ``published`` (torchxrayvision's), or the
+    same file name under :data:`WEIGHTS_BASE_URL` when that setting is not empty."""
+    from cxrsr.config import setting
+
+    base = (setting(WEIGHTS_BASE_URL) or "").strip()
+    if not base:
+        return published
+    return f"{base.rstrip('/')}/{posixpath.basename(published)}"
+
+
+def download_weights(url: str, path: Path) -> None:
+    """Fetch ``url`` to ``path`` with torchxrayvision's own downloader, which writes
+    ``path`` only once the transfer is complete and raises on an HTTP error status."""
+    import torchxrayvision as xrv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # torchxrayvision prints a progress bar; keep stdout for the scripts' summaries.
+    with contextlib.redirect_stdout(io.StringIO()):
+        xrv.utils.download(url, str(path))
 
 
 def sha256_hex(data: bytes) -> str:

@@ -92,7 +92,10 @@ def ensure_ohif_dist(cache: Path = DEFAULT_CACHE) -> Path:
     """The prebuilt viewer's ``dist/`` folder, fetched once with ``npm pack`` into ``cache``.
 
     The tarball is checked against :data:`OHIF_TARBALL_SHA256` and only ``package/dist``
-    is unpacked (with tarfile's ``data`` filter: no links out, no absolute paths).
+    is unpacked (with tarfile's ``data`` filter: no links out, no absolute paths). npm's
+    own download cache is ``cache/npm`` (not ``~/.npm``), used before the registry
+    (``--prefer-offline``), so everything fetched stays in one folder and unpacking again
+    needs no network.
     """
     target = Path(cache) / f"ohif-app-{OHIF_VERSION}"
     dist = target / "package" / "dist"
@@ -107,7 +110,16 @@ def ensure_ohif_dist(cache: Path = DEFAULT_CACHE) -> Path:
     Path(cache).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
         done = subprocess.run(
-            [npm, "pack", f"{OHIF_PACKAGE}@{OHIF_VERSION}", "--pack-destination", scratch],
+            [
+                npm,
+                "pack",
+                f"{OHIF_PACKAGE}@{OHIF_VERSION}",
+                "--pack-destination",
+                scratch,
+                "--cache",
+                str(Path(cache) / "npm"),
+                "--prefer-offline",
+            ],
             capture_output=True,
             text=True,
             timeout=900,
