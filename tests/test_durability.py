@@ -633,3 +633,31 @@ def test_a_filesystem_without_syncfs_gets_an_fsync_per_file_and_a_failing_one_ra
     with pytest.raises(OSError) as raised:
         sync_files(files)
     assert raised.value.errno == errno.EIO
+
+
+def test_write_atomic_flushes_the_folder_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A durable write flushes the file, renames it, then flushes its folder (a power cut
+    must not bring back the old results file, or none); a preview (``durable=False``)
+    flushes nothing: its batch's :func:`sync_files` does."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        assert target in (str(tmp_path), *map(str, tmp_path.glob(".r.json.*.tmp")))
+        real_fsync(fd)
+
+    def recording_replace(source: Any, target: Any) -> None:
+        events.append("rename")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    write_atomic(tmp_path / "r.json", b"{}")
+    assert events == ["fsync file", "rename", "fsync folder"]
+    events.clear()
+    write_atomic(tmp_path / "preview.png", b"picture", durable=False)
+    assert events == ["rename"]
