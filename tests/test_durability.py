@@ -140,9 +140,7 @@ def wait_until(
 
 
 def wait_for_journal(process: subprocess.Popen[str], path: Path, entries: int) -> None:
-    wait_until(
-        lambda: len(journal_entries(path)) >= entries, f"{entries} journal entries", process
-    )
+    wait_until(lambda: len(journal_entries(path)) >= entries, f"{entries} journal entries", process)
 
 
 def reader_processes(pid: int) -> list[int]:
@@ -747,3 +745,37 @@ def test_write_atomic_flushes_the_folder_after_the_rename(
     events.clear()
     write_atomic(tmp_path / "preview.png", b"picture", durable=False)
     assert events == ["rename"]
+
+
+def test_a_reader_that_cannot_be_started_ends_the_run_with_the_reason() -> None:
+    """No descriptor left for a new reader's pipe (a real RLIMIT_NOFILE, in a process of its
+    own): a ReaderPoolError (exit 3) naming the cause, not an OSError's traceback."""
+    script = """
+import os, resource
+from cxrsr.reader_pool import ReaderPool, ReaderPoolError
+open_now = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 4, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    ReaderPool(abs, 8, lambda item, reason: -1)
+except ReaderPoolError as exc:
+    print(exc.exit_code, exc)
+"""
+    shown = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == "3 cannot start a reader process: [Errno 24] Too many open files\n"
+
+
+def test_items_submitted_after_the_readers_gave_up_get_the_reason() -> None:
+    """The caller learns why through each item it submits later, not as 'pool closed'."""
+    pool: ReaderPool[int, int] = ReaderPool(abs, 1, lambda item, reason: -1, initializer=os.abort)
+    with pool:
+        with pytest.raises(ReaderPoolError, match="keep dying"):
+            pool.submit(-3).result(timeout=120)
+        with pytest.raises(ReaderPoolError, match="keep dying"):
+            pool.submit(-4).result(timeout=1)
