@@ -7,19 +7,24 @@ references the source image; see the README's "Structured Report" section.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cxrsr import cli
 from cxrsr.config import setting
 from cxrsr.report import write_report
 from cxrsr.results import load_results
+from cxrsr.runlock import hold
 from cxrsr.sr.batch import generate_srs
 
 DEFAULT_RESULTS = Path("output/results.json")
 DEFAULT_OUTPUT_DIR = Path("output/sr")
+#: The lock file of an output folder, inside it (hidden: uploads and --clean pass it over).
+LOCK_NAME = ".generate_sr.lock"
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -29,9 +34,16 @@ def parse_args(argv: Sequence[str] | None):
         + "\n\nReads the results file written by process_dicom.py and the source files it "
         "names; a bad entry, or a source that has gone or changed since classification, is "
         "reported and passed over. Each SR's UID is derived from its complete content: the "
-        "same results file gives the same files, byte for byte.",
-        fatal_reasons="the output folder cannot be written\n       (a missing file, or one that "
-        "is not a results file, is a usage error: 2)",
+        "same results file gives the same files, byte for byte.\n\n"
+        "One run per output folder: a run holds DIR/.generate_sr.lock (owner-only; its pid, "
+        "host, start time and command inside) while it writes, so two runs never mix or "
+        "--clean each other's files; a second run on the same --output-dir exits 3 at once, "
+        "naming the holder. A killed run's lock never blocks: the kernel frees it when the "
+        "process ends. The results file is not locked: it is always whole (written "
+        "atomically), and a run beside process_dicom.py reads the last one written.",
+        fatal_reasons="the output folder cannot be written, or another run holds it (the E: "
+        "line names it)\n       (a missing file, or one that is not a results file, is a "
+        "usage error: 2)",
     )
     parameters = parser.add_argument_group("parameters")
     parameters.add_argument(
@@ -81,6 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "%s: process_dicom.py was interrupted; SRs only for the files it finished",
             args.results,
         )
+    # One run per output folder, so that two runs never mix or --clean each other's files.
+    with hold(args.output_dir / LOCK_NAME, str(args.output_dir)):
+        return write_outputs(args, document)
+
+
+def write_outputs(args: argparse.Namespace, document: dict[str, Any]) -> int:
+    """Write the SRs, key images and report of ``document`` (the output folder's lock held)."""
     # Content Date/Time is each entry's classified_at; results files without it fall back
     # to when the file was written, never to the clock, so reruns write the same bytes.
     classified_at = datetime.datetime.fromtimestamp(args.results.stat().st_mtime, datetime.UTC)

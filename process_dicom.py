@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections import Counter
@@ -15,6 +16,7 @@ from cxrsr.dicomio.domain import DomainPolicy
 from cxrsr.errors import PipelineError
 from cxrsr.files import make_folders
 from cxrsr.results import FAILED, SKIPPED
+from cxrsr.runlock import hold, lock_path
 
 DESCRIPTION = """\
 Classify chest radiographs (CR/DX) with a TorchXRayVision DenseNet and write one JSON
@@ -32,6 +34,11 @@ results of unchanged files (same path, size, modification time and weights) are 
 with their classified_at, and only new, changed, failed or unfinished files are read
 (a different --domain policy reuses nothing).
 
+One run per results file: a run holds FILE.lock beside it (owner-only; its pid, host,
+start time and command inside) while it works, and a second run on the same results
+file exits 3 at once, naming the holder. A killed run's lock never blocks: the kernel
+frees it when the process ends, and the next run takes it over.
+
 Scores: for the default weights (densenet121-res224-all) they are operating-point
 normalised, NOT probabilities: 0.5 is each label's decision threshold, and a label is
 listed under "findings" when its score is >= 0.5.
@@ -43,8 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "process_dicom.py",
         DESCRIPTION,
         "the model weights are missing and cannot be downloaded (the message says where to put "
-        "them), or the weights file is refused (not plain DenseNet weights, or not the "
-        "--weights-sha256 file)",
+        "them), the weights file is refused (not plain DenseNet weights, or not the "
+        "--weights-sha256 file), another run holds the results file (the E: line names it), "
+        "or reader processes keep dying (finished results stay in FILE.journal)",
     )
     params = parser.add_argument_group("parameters")
     params.add_argument(
@@ -82,7 +90,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         parser.error(f"no such file or folder: {', '.join(missing)}")
     check_writable(args.output)  # before any work, not after it
+    # One run per results file: a second one would append to this run's journal, which
+    # the first to finish folds into its results file and deletes.
+    with hold(lock_path(args.output), str(args.output)):
+        return process(args)
 
+
+def process(args: argparse.Namespace) -> int:
+    """Classify ``args.inputs`` into ``args.output`` (the results file's lock held)."""
     sources = list(iter_sources(args.inputs))
     if not sources:
         cli.log.warning(
@@ -144,20 +159,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if results.todo:  # else no model, no reader processes, not even their imports
                 from cxrsr.classify import classify
+                from cxrsr.reader_pool import ReaderPoolError
 
                 heatmaps = None if args.no_heatmaps else HeatmapWriter(args.output.parent, which)
 
-                run = classify(
-                    results.todo,
-                    load,
-                    args.batch_size,
-                    args.workers,
-                    report,
-                    results.sync,
-                    domain=DomainPolicy(args.domain),
-                    heatmaps=heatmaps,
-                    read_timeout=args.read_timeout,
-                )
+                try:
+                    run = classify(
+                        results.todo,
+                        load,
+                        args.batch_size,
+                        args.workers,
+                        report,
+                        results.sync,
+                        domain=DomainPolicy(args.domain),
+                        heatmaps=heatmaps,
+                        read_timeout=args.read_timeout,
+                    )
+                except ReaderPoolError as exc:
+                    raise PipelineError(
+                        f"{exc}; the {sum(counts.values()) - len(results.reused)} results "
+                        f"finished are kept in {results.journal.path}: run again once it is fixed",
+                        exc.exit_code,
+                    ) from exc
                 classifier, finished, interrupted = run.classifier, run.entries, run.interrupted
         finally:
             results.close()  # what is finished stays journaled, whatever happened

@@ -62,13 +62,14 @@ def open_private_append(path: Path) -> int:
 def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Write ``data`` to ``path``: afterwards the file holds either the old bytes or the new.
 
-    The bytes go to a temporary file in the same folder, are flushed to disk, and the
-    file is renamed over the target (``os.replace`` is atomic on POSIX and Windows). The
-    file gets :data:`FILE_MODE` whatever the umask: it may hold patient data.
+    The bytes go to a temporary file in the same folder, are flushed to disk, the file
+    is renamed over the target (``os.replace`` is atomic on POSIX and Windows), and the
+    folder is flushed, so that the new name survives a power cut too. The file gets
+    :data:`FILE_MODE` whatever the umask: it may hold patient data.
 
-    With ``durable=False`` the bytes are not flushed: a killed process loses nothing (the
-    kernel has them), and the caller makes many files durable at once with
-    :func:`sync_files` before anything durable names them.
+    With ``durable=False`` neither the bytes nor the folder is flushed: a killed process
+    loses nothing (the kernel has them), and the caller makes many files durable at once
+    with :func:`sync_files` before anything durable names them.
     """
     StagedFile(path, data, durable=durable).commit()
 
@@ -89,6 +90,7 @@ class StagedFile:
 
     def __init__(self, path: Path, data: bytes, durable: bool = True) -> None:
         self.path = Path(path)
+        self._durable = durable
         make_folders(self.path.parent)
         fd, self._tmp_name = tempfile.mkstemp(
             prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
@@ -105,17 +107,46 @@ class StagedFile:
             raise
 
     def commit(self) -> Path:
-        """Rename the written file over its target; returns the target."""
+        """Rename the written file over its target; returns the target.
+
+        A durable file's folder is flushed after the rename: the new name is an entry of
+        the folder, and until that is on disk a power cut can bring back the old file, or
+        none at all.
+        """
         try:
             os.replace(self._tmp_name, self.path)
         except BaseException:
             self.discard()
             raise
+        if self._durable:
+            fsync_folder(self.path.parent)
         return self.path
 
     def discard(self) -> None:
         """Remove the written file; the target is left as it was."""
         Path(self._tmp_name).unlink(missing_ok=True)
+
+
+#: What a folder fsync answers where the filesystem cannot flush folders on their own
+#: (some network and FUSE filesystems); the rename is then as durable as it can be made.
+_FOLDER_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF}
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries (names renamed or created in it) to disk; raises ``OSError``.
+
+    A no-op where folders cannot be opened (Windows, which makes renames durable itself).
+    """
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _FOLDER_FSYNC_UNSUPPORTED:
+            raise
+    finally:
+        os.close(fd)
 
 
 def _load_syncfs() -> Callable[[int], int] | None:

@@ -16,6 +16,7 @@ run the journal is folded into the results file and deleted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cxrsr.files import open_private_append
+from cxrsr.files import fsync_folder, open_private_append
 
 log = logging.getLogger("cxrsr")
 
@@ -140,14 +141,7 @@ class Journal:
 
 
 def _fsync_folder(folder: Path) -> None:
-    """Make a new file's name durable (its folder entry), not only its contents."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Make a new journal's name durable (its folder entry), not only its contents; a
+    failure here is left to the results file's own write, which flushes the same folder."""
+    with contextlib.suppress(OSError):
+        fsync_folder(folder)

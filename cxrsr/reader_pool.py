@@ -10,8 +10,9 @@ SIGKILL) while reading"), a new process takes the dead one's place, and every ot
 item goes on. An item sent but not yet begun goes to the next reader. Since a process
 never holds more than one item, no innocent bystander is lost with the culprit, and
 nothing need be retried to find out which one it was. Readers that keep dying before
-they begin anything (a broken installation) end the run with an error instead of being
-respawned forever.
+they begin anything (a broken installation, a memory limit too small to start one), or
+new readers that cannot be started at all, end the run with a :class:`ReaderPoolError`
+(exit 3, the cause named) instead of being respawned forever.
 
 A reader that spends longer than ``timeout`` seconds on one item (a decoder caught in a
 loop by hostile data) is killed the same way, and its item fails with "reading took
@@ -38,6 +39,8 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, Generic, TypeVar
 
+from cxrsr.errors import PipelineError
+
 log = logging.getLogger("cxrsr")
 
 Item = TypeVar("Item")
@@ -46,6 +49,13 @@ Result = TypeVar("Result")
 #: Deaths of idle readers (holding no item) tolerated per reader before the pool gives
 #: up: a process that dies before it even asks for work cannot be helped by another one.
 IDLE_DEATHS_PER_READER = 3
+
+
+class ReaderPoolError(PipelineError):
+    """The readers cannot be kept running (exit 3): they keep dying before they read
+    anything, or no new process can be started. No file is to blame, so the run ends."""
+
+    exit_code = 3
 
 
 def death_reason(exitcode: int | None) -> str:
@@ -60,6 +70,23 @@ def death_reason(exitcode: int | None) -> str:
             name = ""
         return f"reader process died (signal {number}{name}) while reading"
     return f"reader process exited with status {exitcode} while reading"
+
+
+def death_cause(exitcode: int | None) -> str:
+    """Why reader processes that keep dying died, with a guess at the cause where one fits."""
+    if exitcode is None:
+        return "they vanish"
+    if exitcode < 0:
+        number = -exitcode
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = "an unknown signal"
+        # SIGKILL from nobody the user knows of is the kernel's OOM killer (or a cgroup's
+        # memory limit); the journal or dmesg tells.
+        guess = ": out of memory?" if number == signal.SIGKILL else ""
+        return f"killed by signal {number}, {name}{guess}"
+    return f"they exit with status {exitcode}"
 
 
 #: Messages from a reader: it has begun an item; it finished it; the function raised.
@@ -142,29 +169,52 @@ class ReaderPool(Generic[Item, Result]):
         self._lock = threading.Lock()
         self._queue: deque[_Task[Item, Result]] = deque()
         self._closing = False
+        self._failure: BaseException | None = None
+        """Why the pool stopped by itself (readers that keep dying), if it did."""
         self._idle_deaths = 0
         self._max_idle_deaths = IDLE_DEATHS_PER_READER * processes
         self._wake_read, self._wake_write = os.pipe()
-        self._readers = [self._start_reader() for _ in range(processes)]
+        self._readers: list[_Reader] = []
+        try:
+            for _ in range(processes):
+                self._readers.append(self._start_reader())
+        except ReaderPoolError:
+            self._stop_readers(self._readers)
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+            raise
         self._watcher = threading.Thread(target=self._watch, name="reader-pool", daemon=True)
         self._watcher.start()
 
     def _start_reader(self) -> _Reader:
-        parent_end, child_end = self._context.Pipe()
+        """A new reader process; :class:`ReaderPoolError` when none can be started (the
+        process or file limit reached, no memory for another process)."""
+        try:
+            parent_end, child_end = self._context.Pipe()
+        except OSError as exc:
+            raise ReaderPoolError(f"cannot start a reader process: {exc}") from exc
         process = self._context.Process(
             target=_serve,
             args=(child_end, self._fn, self._initializer),
             name="cxrsr-reader",
             daemon=True,
         )
-        process.start()
-        child_end.close()  # so the reader's death reads as EOF on the parent's end
+        try:
+            process.start()
+        except OSError as exc:
+            parent_end.close()
+            raise ReaderPoolError(f"cannot start a reader process: {exc}") from exc
+        finally:
+            child_end.close()  # so the reader's death reads as EOF on the parent's end
         return _Reader(process, parent_end)
 
     def submit(self, item: Item) -> Future[Result]:
         """Queue ``item``; its future resolves when a reader has finished it (or died on it)."""
         future: Future[Result] = Future()
         with self._lock:
+            if self._failure is not None:  # the readers cannot go on: each item says why
+                future.set_exception(self._failure)
+                return future
             if self._closing:
                 raise RuntimeError("the reader pool is closed")
             self._queue.append(_Task(item, future))
@@ -192,7 +242,18 @@ class ReaderPool(Generic[Item, Result]):
             reader.task = task
 
     def _watch(self) -> None:
-        """Collect results and deaths until the pool closes (runs in its own thread)."""
+        """Collect results and deaths until the pool closes (runs in its own thread).
+
+        Should the watcher itself fail, every waiting item gets the error: the caller
+        then sees it, rather than waiting forever for readers nobody watches.
+        """
+        try:
+            self._watch_readers()
+        except BaseException as exc:
+            self._fail_all(exc)
+            raise
+
+    def _watch_readers(self) -> None:
         while True:
             with self._lock:
                 if self._closing:
@@ -273,21 +334,31 @@ class ReaderPool(Generic[Item, Result]):
                 task = None
             if task is None and not dead.timed_out:  # killed by us: not a broken reader
                 self._idle_deaths += 1
-            give_up = self._idle_deaths > self._max_idle_deaths
-            if not give_up:
-                self._readers[self._readers.index(dead)] = self._start_reader()
-                self._dispatch()
+            error: ReaderPoolError | None = None
+            if self._idle_deaths > self._max_idle_deaths:
+                error = ReaderPoolError(
+                    "reader processes keep dying before they read anything "
+                    f"({death_cause(dead.process.exitcode)})"
+                )
             else:
+                try:
+                    self._readers[self._readers.index(dead)] = self._start_reader()
+                except ReaderPoolError as exc:
+                    error = exc
+                else:
+                    self._dispatch()
+            if error is not None:
                 self._readers.remove(dead)
         if task is not None:
             log.debug("%s: %s", task.item, reason)
             task.future.set_result(self._on_death(task.item, reason))
-        if give_up:
-            self._fail_all(RuntimeError(f"reader processes keep dying before any work: {reason}"))
+        if error is not None:
+            self._fail_all(error)
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
             self._closing = True
+            self._failure = error
             tasks = list(self._queue) + [r.task for r in self._readers if r.task is not None]
             self._queue.clear()
         for task in tasks:
@@ -308,6 +379,13 @@ class ReaderPool(Generic[Item, Result]):
             readers = list(self._readers)
         os.write(self._wake_write, b"x")
         self._watcher.join()
+        self._stop_readers(readers)
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    @staticmethod
+    def _stop_readers(readers: list[_Reader]) -> None:
+        """Tell idle readers to stop, terminate busy ones, and wait for all of them."""
         for reader in readers:
             if reader.task is None:
                 with contextlib.suppress(BrokenPipeError, OSError):
@@ -322,8 +400,6 @@ class ReaderPool(Generic[Item, Result]):
             reader.conn.close()
             if reader.task is not None and not reader.task.future.done():
                 reader.task.future.cancel()
-        os.close(self._wake_read)
-        os.close(self._wake_write)
 
     def __enter__(self) -> ReaderPool[Item, Result]:
         return self

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 import types
 
 import pytest
 
 from cxrsr import cli
+from cxrsr.config import PROJECT_ROOT
 
 
 def test_a_log_line_survives_tqdm_being_imported_by_another_thread(
@@ -50,3 +52,28 @@ def test_a_fatal_error_message_stays_one_line(capsys: pytest.CaptureFixture[str]
 
     assert cli.run(main) == 2
     assert capsys.readouterr().err == "E: results.json: images[3] (/d/x\\x0a.dcm) lacks scores\n"
+
+
+@pytest.mark.parametrize(
+    ("script", "rule"),
+    [
+        ("process_dicom.py", "a second run on the same results file exits 3 at once, naming"),
+        ("generate_sr.py", "a second run on the same --output-dir exits 3 at once, naming"),
+    ],
+)
+def test_help_states_the_lock_rule_and_the_exit_codes(script: str, rule: str) -> None:
+    """Each script's --help says which run wins, and that a killed run's lock never blocks."""
+    shown = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"COLUMNS": "100", "PATH": ""},
+    )
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert rule in text
+    assert "A killed run's lock never blocks" in text
+    assert "another run holds" in text  # among the reasons for exit 3
+    for code in ("0 ", "1 ", "2 ", "3 ", "4 ", "130 "):
+        assert f"\n  {code}" in shown.stdout

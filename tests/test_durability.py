@@ -17,9 +17,9 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from conftest import run_script
@@ -30,7 +30,7 @@ from cxrsr.dicomio.discovery import Source
 from cxrsr.files import make_folders, write_atomic
 from cxrsr.journal import Journal, journal_path, read_journal
 from cxrsr.model.classifier import load_classifier
-from cxrsr.reader_pool import ReaderPool
+from cxrsr.reader_pool import ReaderPool, ReaderPoolError
 
 SCRIPT = PROJECT_ROOT / "process_dicom.py"
 
@@ -116,27 +116,69 @@ def journal_entries(path: Path) -> list[dict[str, Any]]:
     return [entry for _, entry in read_journal(path)]
 
 
+Found = TypeVar("Found")
+
+
+def wait_until(
+    event: Callable[[], Found | None],
+    what: str,
+    process: subprocess.Popen[str] | None = None,
+    timeout: float = 300,
+) -> Found:
+    """Poll ``event`` until it returns something (then that), while ``process`` runs.
+
+    The timeout only turns a hang into a failure; the wait itself ends on the event.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        found = event()
+        if found:
+            return found
+        assert process is None or process.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout:g} s"
+        time.sleep(0.005)
+
+
 def wait_for_journal(process: subprocess.Popen[str], path: Path, entries: int) -> None:
-    deadline = time.monotonic() + 300
-    while len(journal_entries(path)) < entries:
-        assert process.poll() is None, "the run ended before the journal filled"
-        assert time.monotonic() < deadline, "the journal did not fill in time"
-        time.sleep(0.05)
+    wait_until(lambda: len(journal_entries(path)) >= entries, f"{entries} journal entries", process)
 
 
 def reader_processes(pid: int) -> list[int]:
-    """The spawned reader processes of process ``pid`` (not the resource tracker)."""
+    """The spawned reader processes of process ``pid`` (not the resource tracker); none
+    once it has ended. A reader that is dead but not yet reaped has no command line."""
     children = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children += [int(c) for c in (task / "children").read_text().split()]
-    return [
-        child for child in children if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()
-    ]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children += [int(c) for c in (task / "children").read_text().split()]
+    except FileNotFoundError:
+        return []
+    readers = []
+    for child in children:
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                readers.append(child)
+        except FileNotFoundError:
+            continue
+    return readers
 
 
 def process_state(pid: int) -> str:
-    text = Path(f"/proc/{pid}/stat").read_text()
+    """The state letter of process ``pid`` (R running, S sleeping, Z dead...); X once gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return "X"
     return text[text.rindex(")") + 2]
+
+
+def busy_reader(pid: int, seen_running: set[int]) -> int | None:
+    """A reader of process ``pid`` found running (state R) at this look and the one before:
+    busy decoding a file, not between two of them."""
+    running = {reader for reader in reader_processes(pid) if process_state(reader) == "R"}
+    busy = running & seen_running
+    seen_running.clear()
+    seen_running |= running
+    return min(busy) if busy else None
 
 
 def without_times(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -232,16 +274,9 @@ def test_killing_a_reader_mid_batch_fails_only_its_file(
     )  # fmt: skip
     try:
         wait_for_journal(process, journal_path(out), 2)  # mid-batch: results are flowing
-        victim = None
-        deadline = time.monotonic() + 60
-        while victim is None and time.monotonic() < deadline:
-            busy = [p for p in reader_processes(process.pid) if process_state(p) == "R"]
-            if busy:
-                victim = busy[0]
-                os.kill(victim, signal.SIGKILL)
-            else:
-                time.sleep(0.01)
-        assert victim is not None, "no reader was ever busy"
+        seen_running: set[int] = set()
+        victim = wait_until(lambda: busy_reader(process.pid, seen_running), "busy reader", process)
+        os.kill(victim, signal.SIGKILL)
         stdout, stderr = process.communicate(timeout=300)
     finally:
         if process.poll() is None:
@@ -276,8 +311,57 @@ def test_readers_that_cannot_even_start_end_the_run() -> None:
     pool: ReaderPool[int, int] = ReaderPool(abs, 1, lambda item, reason: -1, initializer=os.abort)
     with pool:
         future = pool.submit(-3)
-        with pytest.raises(RuntimeError, match=r"keep dying before any work.*SIGABRT"):
+        with pytest.raises(ReaderPoolError, match=r"keep dying before they read .*SIGABRT"):
             future.result(timeout=120)
+
+
+def test_readers_that_keep_dying_end_the_run_with_exit_3_keeping_what_finished(
+    corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
+) -> None:
+    """Every reader killed with SIGKILL as soon as it appears, as a memory limit too small
+    to start one would: the run ends with exit 3 and one E: line saying so, not a traceback
+    (exit 4), and the results finished before stay in the journal for the next run."""
+    count = 40
+    folder = tmp_path / "in"
+    linked_copies(corpus_dir, folder, CLASSIFIABLE[4:], count)  # large, slow to decode
+    out = tmp_path / "out" / "r.json"
+    args = [folder, "-o", out, "--cache-dir", weights_cache_dir, "--workers", "1"]
+    process = start_process(*args, "--batch-size", "1")
+    killed: set[int] = set()
+
+    def kill_new_readers() -> bool:
+        for reader in set(reader_processes(process.pid)) - killed:
+            os.kill(reader, signal.SIGKILL)
+            killed.add(reader)
+        return process.poll() is not None
+
+    try:
+        wait_for_journal(process, journal_path(out), 2)
+        wait_until(kill_new_readers, "end of the run")
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 3, stderr
+    assert "Traceback" not in stderr
+    finished = journal_entries(journal_path(out))
+    assert len(finished) >= 2
+    reason = (
+        "E: reader processes keep dying before they read anything (killed by signal 9, "
+        f"SIGKILL: out of memory?); the {len(finished)} results finished are kept in "
+        f"{journal_path(out)}: run again once it is fixed"
+    )
+    assert [line for line in stderr.splitlines() if "keep dying" in line] == [reason]
+    assert len(killed) > 3  # the first reader and at least three of its replacements
+    assert not out.exists()
+
+    again = run_script("process_dicom.py", *args)
+    assert again.returncode == 0, again.stderr
+    kept = sum(entry["status"] != "failed" for entry in finished)
+    assert f"{kept} of {count} files unchanged since an earlier run" in again.stderr
+    assert len(json.loads(out.read_text())["images"]) == count
+    assert not journal_path(out).exists()
 
 
 # --------------------------------------------------------------------------- item 3
@@ -633,3 +717,65 @@ def test_a_filesystem_without_syncfs_gets_an_fsync_per_file_and_a_failing_one_ra
     with pytest.raises(OSError) as raised:
         sync_files(files)
     assert raised.value.errno == errno.EIO
+
+
+def test_write_atomic_flushes_the_folder_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A durable write flushes the file, renames it, then flushes its folder (a power cut
+    must not bring back the old results file, or none); a preview (``durable=False``)
+    flushes nothing: its batch's :func:`sync_files` does."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        assert target in (str(tmp_path), *map(str, tmp_path.glob(".r.json.*.tmp")))
+        real_fsync(fd)
+
+    def recording_replace(source: Any, target: Any) -> None:
+        events.append("rename")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    write_atomic(tmp_path / "r.json", b"{}")
+    assert events == ["fsync file", "rename", "fsync folder"]
+    events.clear()
+    write_atomic(tmp_path / "preview.png", b"picture", durable=False)
+    assert events == ["rename"]
+
+
+def test_a_reader_that_cannot_be_started_ends_the_run_with_the_reason() -> None:
+    """No descriptor left for a new reader's pipe (a real RLIMIT_NOFILE, in a process of its
+    own): a ReaderPoolError (exit 3) naming the cause, not an OSError's traceback."""
+    script = """
+import os, resource
+from cxrsr.reader_pool import ReaderPool, ReaderPoolError
+open_now = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 4, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    ReaderPool(abs, 8, lambda item, reason: -1)
+except ReaderPoolError as exc:
+    print(exc.exit_code, exc)
+"""
+    shown = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == "3 cannot start a reader process: [Errno 24] Too many open files\n"
+
+
+def test_items_submitted_after_the_readers_gave_up_get_the_reason() -> None:
+    """The caller learns why through each item it submits later, not as 'pool closed'."""
+    pool: ReaderPool[int, int] = ReaderPool(abs, 1, lambda item, reason: -1, initializer=os.abort)
+    with pool:
+        with pytest.raises(ReaderPoolError, match="keep dying"):
+            pool.submit(-3).result(timeout=120)
+        with pytest.raises(ReaderPoolError, match="keep dying"):
+            pool.submit(-4).result(timeout=1)
