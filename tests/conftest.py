@@ -27,6 +27,9 @@ CORPUS_DIR = PROJECT_ROOT.parent / "shared" / "cxr-corpus"
 os.environ["CXRSR_DOTENV"] = os.devnull
 for _name in ("ORTHANC_URL", "ORTHANC_USERNAME", "ORTHANC_PASSWORD"):
     os.environ.pop(_name, None)
+# No test may download weights from the internet by accident: a download goes to a loopback
+# port where nothing listens (refused at once) unless a test serves the weights itself.
+os.environ["CXRSR_WEIGHTS_BASE_URL"] = "http://127.0.0.1:9/weights"
 WEIGHTS_NAME = "densenet121-res224-all"
 
 
