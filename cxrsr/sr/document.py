@@ -22,8 +22,8 @@ source header) are two instances. Times are in the source's Timezone Offset From
 UTC clock values without an offset when the source states none (:mod:`cxrsr.sr.times`),
 never the host's zone; Software Versions is :func:`cxrsr.sr.uids.software_versions`, not
 the package version. So the same results give the same bytes on every host and after an
-upgrade that leaves the encoding alone. Running the builder
-over a whole results file is :mod:`cxrsr.sr.batch`'s job.
+upgrade that leaves the encoding alone. Running the builder over a whole results file is
+:mod:`cxrsr.sr.batch`'s job.
 """
 
 from __future__ import annotations
