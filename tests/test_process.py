@@ -123,7 +123,7 @@ def test_classified_entries_carry_the_source_identity_and_scores(corpus_results)
     assert len(model["weights_sha256"]) == 64
     assert "not a probability" in model["score_kind"]
     classified = [e for e in results["images"] if e["status"] == "classified"]
-    assert len(classified) >= 10
+    assert len(classified) >= 9  # MANIFEST's "classify" rows
     for entry in classified:
         ds = pydicom.dcmread(entry["path"], force=True, stop_before_pixels=True)
         assert entry["sop_instance_uid"] == ds.SOPInstanceUID
