@@ -31,7 +31,7 @@ from cxrsr.model.classifier import Classifier
 from cxrsr.model.heatmaps import PREVIEW_FOLDER, HeatmapWriter, file_stem
 from cxrsr.model.preprocess import INPUT_SIZE, preprocess
 from cxrsr.reader_pool import ReaderPool
-from cxrsr.results import CLASSIFIED, FAILED, SKIPPED
+from cxrsr.results import CLASSIFIED, FAILED, SKIPPED, rounded_score
 
 log = logging.getLogger("cxrsr")
 
@@ -174,7 +174,12 @@ def prepared_in_order(
 
 
 def classified_entry(item: Prepared, scores: dict[str, float], threshold: float) -> dict[str, Any]:
-    """A ``classified`` entry of the results file."""
+    """A ``classified`` entry of the results file.
+
+    ``scores`` are the model's, unrounded: findings are decided on them, and the entry
+    stores them rounded without crossing the threshold (:func:`rounded_score`), so the
+    stored scores and the findings always agree.
+    """
     identity = item.identity
     entry: dict[str, Any] = {
         "path": item.path,
@@ -191,7 +196,7 @@ def classified_entry(item: Prepared, scores: dict[str, float], threshold: float)
         "columns": identity["columns"],
         "transfer_syntax_uid": identity["transfer_syntax_uid"],
         **entry_fields(identity),
-        "scores": scores,
+        "scores": {label: rounded_score(score, threshold) for label, score in scores.items()},
         "findings": [label for label, score in scores.items() if score >= threshold],
     }
     if item.warnings:

@@ -14,6 +14,13 @@ Shape (names are fixed; more keys may be added)::
        {"path": "...", "status": "skipped", "reason": "..."},
        {"path": "...", "status": "failed", "reason": "..."}]}
 
+Scores and findings: ``findings`` are decided on the model's unrounded (float32) scores,
+``score >= threshold``, and so are the heatmaps drawn for them. ``scores`` holds each score
+rounded to 6 decimals, except that rounding never crosses the threshold: a score below it
+whose rounding would reach it is stored as the largest 6-decimal value below it (0.4999996
+as 0.499999), and the reverse. So ``score >= threshold`` on a stored score always gives
+the stored finding, wherever it is compared again (SR, key image, report).
+
 Each classified entry carries ``classified_at`` (UTC, ISO 8601), the time its result
 was first produced: a rerun reuses or reproduces a result and keeps the earlier time
 (see :mod:`cxrsr.resume`), so the same inputs give the same bytes, and the SR built
@@ -26,6 +33,7 @@ tells a rerun whether the entry still holds.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +42,39 @@ from cxrsr.files import write_json_atomic
 
 FORMAT = "cxrsr-results/1"
 
+#: Decimals of a score in the results file: enough to tell results apart (float32 holds
+#: about 7 significant digits), few enough for files that read well and compare stably.
+SCORE_DECIMALS = 6
+
 CLASSIFIED = "classified"
 SKIPPED = "skipped"
 FAILED = "failed"
 STATUSES = (CLASSIFIED, SKIPPED, FAILED)
+
+
+def rounded_score(score: float, threshold: float, decimals: int = SCORE_DECIMALS) -> float:
+    """``score`` rounded to ``decimals`` decimals, never across ``threshold``.
+
+    A finding is decided on the unrounded score (``score >= threshold``); a rounded value
+    must tell the same story to anyone who compares it with the threshold again, or reads
+    it beside the call. So when rounding would cross the threshold, the result is the
+    nearest value of that many decimals on the score's own side: 0.4999996 is stored as
+    0.499999 and shown as 0.49 at two decimals (Absent), never as 0.5. The results file
+    stores scores with the default decimals; the key image and the report show them so.
+    """
+    rounded = round(score, decimals)
+    if (score >= threshold) == (rounded >= threshold):
+        return rounded
+    scale = 10**decimals
+    if score < threshold:  # the largest value below the threshold
+        units = math.ceil(threshold * scale)
+        while round(units / scale, decimals) >= threshold:
+            units -= 1
+    else:  # the smallest value at or above it
+        units = math.floor(threshold * scale)
+        while round(units / scale, decimals) < threshold:
+            units += 1
+    return round(units / scale, decimals)
 
 
 def _shared_uid_note_prefix(uid: str) -> str:

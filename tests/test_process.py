@@ -42,7 +42,7 @@ def expected_statuses(expected: str) -> set[str]:
     if text.startswith("per-file error"):
         return {"failed"}
     if "classify with a warning, or reject" in text:
-        return {"classified", "skipped"}
+        return {"classified", "skipped", "failed"}
     raise AssertionError(f"unknown expectation {expected!r}")
 
 
@@ -88,6 +88,8 @@ def test_reasons_name_the_problem(corpus_results) -> None:
     assert "no pixel data" in reasons["bad_cr_nopixel.dcm"]
     assert "Modality CT" in reasons["bad_ct_chest_tcia_slice.dcm"]
     assert "HIP" in reasons["bad_cr_hip_jlsn.dcm"]
+    # Its SOP Instance UID breaks PS3.5 9.1, so no SR could reference it: failed at reading.
+    assert "leading zero ('01')" in reasons["bad_cr_dental_panoramic.dcm"]
     assert "Presentation State" in reasons["bad_pr_chest_pa_nopixel.dcm"]
     assert "colour" in reasons["bad_rgb_us.dcm"]
     assert "multi-frame" in reasons["bad_multiframe_us_ybr.dcm"]
@@ -128,7 +130,7 @@ def test_classified_entries_carry_the_source_identity_and_scores(corpus_results)
     assert len(model["weights_sha256"]) == 64
     assert "not a probability" in model["score_kind"]
     classified = [e for e in results["images"] if e["status"] == "classified"]
-    assert len(classified) >= 10
+    assert len(classified) >= 9  # MANIFEST's "classify" rows
     for entry in classified:
         ds = pydicom.dcmread(entry["path"], force=True, stop_before_pixels=True)
         assert entry["sop_instance_uid"] == ds.SOPInstanceUID

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 from pathlib import Path
 
 import numpy as np
@@ -125,9 +124,11 @@ def test_presentation_lut_inverse_inverts_monochrome2(
     np.testing.assert_allclose(shown_inverse, 255 - shown, atol=1)
 
 
-def test_modality_lut_sequence_is_applied(corpus_dir: Path) -> None:
-    path = corpus_dir / "bad_cr_dental_panoramic.dcm"
-    ds = pydicom.dcmread(path)
+def test_modality_lut_sequence_is_applied(corpus_dir: Path, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(corpus_dir / "bad_cr_dental_panoramic.dcm")
+    ds.SOPInstanceUID = "999.999.1.23.45.6789"  # the corpus file's breaks PS3.5 9.1 ('01')
+    path = tmp_path / "dental.dcm"
+    ds.save_as(path)
     lut = np.frombuffer(ds.ModalityLUTSequence[0].LUTData, dtype="<u2")  # OW, 16-bit entries
     result = read_radiograph(Source(str(path)))
     mapped = lut[np.clip(ds.pixel_array, 0, len(lut) - 1)].astype(np.float32)
@@ -183,11 +184,17 @@ def test_dicomdir_is_skipped_as_a_media_directory(tmp_path: Path) -> None:
         read_radiograph(Source(str(path)))
 
 
-def test_invalid_uids_are_reported(corpus_dir: Path) -> None:
-    """The dental CR's SOP Instance UID has a leading zero ('01'): classified, with a warning."""
-    result = read_radiograph(Source(str(corpus_dir / "bad_cr_dental_panoramic.dcm")))
-    assert any(
-        "SOPInstanceUID '999.999.01.23.45.6789' is not a valid" in w for w in result.warnings
+def test_an_image_with_an_invalid_uid_fails_before_it_is_classified(corpus_dir: Path) -> None:
+    """The dental CR's SOP Instance UID has a leading zero ('01'): no valid SR could
+    reference it, so it fails at reading, naming the UID and the rule, and is never
+    classified (generate_sr.py would refuse its SR after the model had run)."""
+    from cxrsr.classify import prepare
+
+    prepared = prepare(Source(str(corpus_dir / "bad_cr_dental_panoramic.dcm")))
+    assert prepared.status == "failed"
+    assert prepared.reason == (
+        "SOPInstanceUID '999.999.01.23.45.6789' is not a valid DICOM UID (PS3.5 9.1): "
+        "it has a component with a leading zero ('01'); an SR cannot reference this image"
     )
     clean = read_radiograph(Source(str(corpus_dir / "cxr11_siim_cr_jpeg8.dcm")))
     assert not any("valid DICOM UID" in w for w in clean.warnings)
@@ -270,8 +277,10 @@ def test_overlay_with_its_own_data_leaves_the_high_bits_alone(corpus_dir: Path) 
     [
         ("SOPClassUID", None, "no SOPClassUID: an SR cannot reference this image"),
         ("SOPInstanceUID", "", "no SOPInstanceUID: an SR cannot reference this image"),
-        ("SOPClassUID", "CR Image Storage", "SOPClassUID 'CR Image Storage' is not usable"),
-        ("SOPInstanceUID", "1." * 40 + "1", "SOPInstanceUID '1.1.1.*' is not usable"),
+        ("SOPClassUID", "CR Image Storage", "holds characters other than digits and dots"),
+        ("SOPInstanceUID", "1." * 40 + "1", "has 81 characters (at most 64)"),
+        ("SeriesInstanceUID", "1.2.03", "has a component with a leading zero ('03')"),
+        ("StudyInstanceUID", "1.2..3", "has an empty component"),
     ],
 )
 def test_images_an_sr_cannot_reference_fail(
@@ -288,4 +297,4 @@ def test_images_an_sr_cannot_reference_fail(
     path.write_bytes(_to_bytes(ds))
     prepared = prepare(Source(str(path)))
     assert prepared.status == "failed", prepared.reason
-    assert re.search(reason, prepared.reason), prepared.reason
+    assert reason in prepared.reason and keyword in prepared.reason, prepared.reason

@@ -944,9 +944,10 @@ def test_sr_carries_its_sources_time_zone(
 def test_sr_of_a_source_without_time_zone_states_none(
     corpus_dir: Path, tmp_path: Path, labels: list[str]
 ) -> None:
-    """No offset in the source: none in the SR, and its own times in local time.
+    """No offset in the source: none in the SR, and its own times as UTC clock values.
 
-    Before, the SR said "+0000" beside the source's local Study Date/Time.
+    Never "+0000" beside the source's local Study Date/Time, and never the host's zone
+    (here New York's): the same results give the same bytes on every host.
     """
     entry = classified_entry(
         str(_with_timezone(corpus_dir, tmp_path, None)), labels, np.random.default_rng(15)
@@ -960,7 +961,8 @@ def test_sr_of_a_source_without_time_zone_states_none(
     assert done.returncode == 0, done.stderr
     (sr,) = written_srs(out).values()
     assert "TimezoneOffsetFromUTC" not in sr
-    assert (sr.ContentDate, sr.ContentTime) == ("20310202", "230506")
+    assert (sr.ContentDate, sr.ContentTime) == ("20310203", "040506")
+    assert {i.ContributionDateTime for i in sr.ContributingEquipmentSequence} == {"20310203040506"}
     assert (sr.StudyDate, sr.StudyTime) == ("20310202", "201500")
     assert not any(v.endswith("+0000") for v in _dates_and_times(sr).values())
     # The same results on the same machine: the same bytes.

@@ -34,6 +34,23 @@ def test_is_valid_uid_follows_ps3_5(value: str, valid: bool) -> None:
     assert uids.is_valid_uid(value) is valid
 
 
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        ("", "is empty"),
+        ("1." + "2" * 63, "has 65 characters (at most 64)"),
+        ("1.2a.3", "holds characters other than digits and dots ('a')"),
+        ("1.2.3\n", "holds characters other than digits and dots ('\\n')"),
+        ("1..2", "has an empty component"),
+        ("1.2.", "has an empty component"),
+        ("999.999.01.23", "has a component with a leading zero ('01')"),
+        ("1.2.0.3", None),
+    ],
+)
+def test_uid_problem_names_the_rule_broken(value: str, reason: str | None) -> None:
+    assert uids.uid_problem(value) == reason
+
+
 def test_pydicom_is_valid_is_weaker_which_is_why_we_keep_ours() -> None:
     """Issue 10 asked to use ``pydicom.uid.UID(x).is_valid``; it accepts a trailing newline.
 

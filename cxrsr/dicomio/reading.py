@@ -9,7 +9,7 @@ The order of checks matters and follows what a PACS engineer would report first:
    failed (a broken or hostile file: someone should look at it);
 4. not a chest radiograph (DX For Processing, Modality, colour, multi-frame,
    BodyPartExamined) → skipped;
-5. no usable SOP Class or SOP Instance UID (an SR could not reference it) → failed;
+5. a missing UID, or one that breaks PS3.5 9.1 (an SR could not reference it) → failed;
    outside the model's training domain (species, view, orientation: :mod:`cxrsr.dicomio.domain`)
    → skipped, or classified with a warning, as the domain policy says;
 6. pixel data that cannot be decoded, or holds one value everywhere → failed.
@@ -46,6 +46,7 @@ from cxrsr.dicomio.discovery import SNIFF_BYTES, Source, sniff_dicom
 from cxrsr.dicomio.domain import DomainPolicy, check_domain
 from cxrsr.dicomio.preview import Display, display_from_header
 from cxrsr.errors import InputError, NotARadiographError
+from cxrsr.sr.uids import uid_problem
 
 #: SOP classes of projection radiographs (PS3.4 B.5): CR, and DX for presentation.
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -536,27 +537,26 @@ def to_model_range(array: np.ndarray, ds: Dataset, notes: list[str]) -> tuple[np
 REFERENCED_UIDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
 
 
-def check_uids(ds: Dataset, notes: list[str]) -> None:
-    """Fail images an SR cannot reference; warn about UIDs that merely break PS3.5 9.1.
+def check_uids(ds: Dataset) -> None:
+    """Fail an image whose SR could not reference it, naming the UID and the rule it breaks.
 
-    An SR references its source by SOP Class and SOP Instance UID (and copies the study
-    and series UIDs): without them, or with values no UI element can hold (more than 64
-    characters, anything but digits and dots), the image fails. A UID that only breaks
-    the finer rules (leading zeros, empty components) is common in the wild: the image
-    is classified with a warning, as a PACS may still refuse it.
+    An SR references its source by SOP Class and SOP Instance UID and copies the study and
+    series UIDs (PS3.3 C.17.2.1): without them, or with a value that breaks PS3.5 9.1
+    (:func:`cxrsr.sr.uids.uid_problem`, the rule the SR builder applies too), no valid SR
+    can be written. Such an image fails here, before the model runs: what cannot be
+    reported is not classified.
     """
     for keyword in REFERENCED_UIDS:
         value = _text(ds, keyword)
         if not value:
             raise InputError(f"no {keyword}: an SR cannot reference this image")
-        if len(value) > 64 or set(value) - set("0123456789."):
+        problem = uid_problem(value)
+        if problem is not None:
             shown = value if len(value) <= 80 else value[:77] + "..."
             raise InputError(
-                f"{keyword} {shown!r} is not usable (a UID holds at most 64 digits and dots): "
+                f"{keyword} {shown!r} is not a valid DICOM UID (PS3.5 9.1): it {problem}; "
                 "an SR cannot reference this image"
             )
-        if not UID(value).is_valid:
-            notes.append(f"{keyword} {value!r} is not a valid DICOM UID (PS3.5 9.1)")
 
 
 def read_radiograph(
@@ -575,7 +575,7 @@ def read_radiograph(
         check_pixel_data(ds)
         notes: list[str] = []
         check_radiograph(ds, notes)
-        check_uids(ds, notes)
+        check_uids(ds)
         decision = check_domain(ds, domain)
         if decision.skip_reason:
             raise NotARadiographError(decision.skip_reason)

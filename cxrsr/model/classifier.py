@@ -193,7 +193,7 @@ class Classifier:
         return self._network(np.ascontiguousarray(batch, dtype=np.float32))[0]
 
     def predict(self, batch: np.ndarray) -> list[dict[str, float]]:
-        """Scores per image as ``{label: score}``, rounded to 6 decimals for stable files."""
+        """Scores per image as ``{label: score}``, unrounded (see :meth:`predict_with_maps`)."""
         return self.predict_with_maps(batch)[0]
 
     def predict_with_maps(
@@ -202,13 +202,15 @@ class Classifier:
         """Scores per image, and each label's class activation map (7x7, float32).
 
         The maps come out of the same forward pass (see :func:`_network_module`), so they
-        cost almost nothing.
+        cost almost nothing. Scores are the network's float32 values, unrounded: findings
+        and heatmaps are decided on them, and only what is stored or shown is rounded
+        (:func:`cxrsr.results.rounded_score`).
         """
         logits, cams = self._network(np.ascontiguousarray(batch, dtype=np.float32))
         scores = scores_from_logits(logits, self.card.op_threshs)
         kept, outputs = self.card.kept, self.card.outputs
         return (
-            [{outputs[k]: round(float(row[k]), 6) for k in kept} for row in scores],
+            [{outputs[k]: float(row[k]) for k in kept} for row in scores],
             [{outputs[k]: maps[k] for k in kept} for maps in cams],
         )
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 from cxrsr.report import images
 from cxrsr.report.links import explorer_study_url
+from cxrsr.results import rounded_score
 
 NOT_FOR_DIAGNOSIS = "AI RESULT - NOT FOR DIAGNOSTIC USE"
 ATTENTION_NOTE = "colour shows model attention, not a localisation"
@@ -277,6 +278,11 @@ def _card(
     )
 
 
+def _shown(score: float, threshold: float) -> str:
+    """A score as the card shows it: three decimals, never rounded across the threshold."""
+    return f"{rounded_score(score, threshold, 3):.3f}"
+
+
 def _score_row(label: str, score: float, threshold: float) -> str:
     width = min(max(score, 0.0), 1.0) * 100 if math.isfinite(score) else 0.0
     mark = min(max(threshold, 0.0), 1.0) * 100
@@ -286,7 +292,7 @@ def _score_row(label: str, score: float, threshold: float) -> str:
         f"<th>{escape(label)}</th>"
         f'<td class="bar"><div class="track"><div class="fill" style="width:{width:.1f}%"></div>'
         f'<div class="threshold" style="left:{mark:.1f}%" title="threshold {threshold:g}"></div>'
-        f'</div></td><td class="value">{score:.3f}</td></tr>'
+        f'</div></td><td class="value">{_shown(score, threshold)}</td></tr>'
     )
 
 

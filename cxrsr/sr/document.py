@@ -19,8 +19,11 @@ The SOP Instance UID is derived from the document's complete content
 (:func:`cxrsr.sr.uids.content_uid`): the same results make the same file, and two documents
 that differ in any byte (another classification time, a value copied from a changed
 source header) are two instances. Times are in the source's Timezone Offset From UTC, or
-in local time when the source states none (:func:`document_time`). Running the builder
-over a whole results file is :mod:`cxrsr.sr.batch`'s job.
+UTC clock values without an offset when the source states none (:mod:`cxrsr.sr.times`),
+never the host's zone; Software Versions is :func:`cxrsr.sr.uids.software_versions`, not
+the package version. So the same results give the same bytes on every host and after an
+upgrade that leaves the encoding alone. Running the builder over a whole results file is
+:mod:`cxrsr.sr.batch`'s job.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ import io
 import json
 import logging
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +50,6 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID
 from pydicom.valuerep import DT, VR, validate_value
 
-from cxrsr import __version__
 from cxrsr.dicomio.discovery import open_source
 from cxrsr.dicomio.domain import view_code
 from cxrsr.errors import InputError, PipelineError
@@ -68,6 +69,7 @@ from cxrsr.sr.codes import (
 )
 from cxrsr.sr.keyimage import KeyImageRef
 from cxrsr.sr.template import ContentTemplate, character_encodings, encode_document
+from cxrsr.sr.times import document_time, state_time_zone, utc_offset
 
 log = logging.getLogger("cxrsr")
 
@@ -241,9 +243,9 @@ class Classification:
             if not isinstance(entry[key], str) or not entry[key]:
                 raise EntryError(f"{where}: '{key}' must be a non-empty string")
         bad_uids = [
-            f"{name} {entry[key]!r} is not a valid DICOM UID (PS3.5 9.1)"
+            f"{name} {entry[key]!r} is not a valid DICOM UID (PS3.5 9.1): it {problem}"
             for key, name in ENTRY_UIDS.items()
-            if not uids.is_valid_uid(entry[key])
+            if (problem := uids.uid_problem(entry[key])) is not None
         ]
         if bad_uids:
             raise EntryError(
@@ -353,7 +355,7 @@ def evidence_dataset(header: Dataset) -> tuple[Dataset, dict[str, str]]:
     (DA). Copied as they are, the SR would fail validation; the attributes concerned are
     Type 2 or 3, so they are emptied, which PS3.5 7.4 allows for both. Placement attributes
     (:data:`PLACEMENT_KEYWORDS`) are never changed. A Timezone Offset From UTC that is not
-    an offset is removed: the SR then states none (:func:`document_time`).
+    an offset is removed: the SR then states none (:mod:`cxrsr.sr.times`).
     """
     evidence = Dataset()
     evidence.update(header)
@@ -439,40 +441,6 @@ def _vr_violation(element: pydicom.DataElement) -> str | None:
         except ValueError as exc:
             return f"{value!r} is not a valid {element.VR}: {exc}"
     return None
-
-
-# --- time ---------------------------------------------------------------------------------
-
-#: PS3.3 C.12.1.1.8: "&ZZXX", a sign, hours and minutes. Offsets in use run from -12:00
-#: to +14:00.
-_UTC_OFFSET = re.compile(r"([+-])([0-9]{2})([0-5][0-9])")
-_LARGEST_OFFSET_MINUTES = {"+": 14 * 60, "-": 12 * 60}
-
-
-def utc_offset(dataset: Dataset) -> datetime.timezone | None:
-    """The dataset's Timezone Offset From UTC as a time zone; ``None`` if absent or invalid."""
-    value = dataset.get("TimezoneOffsetFromUTC")
-    match = _UTC_OFFSET.fullmatch(str(value or "").strip())
-    if match is None:
-        return None
-    sign, hours, minutes = match.groups()
-    total = int(hours) * 60 + int(minutes)
-    if total > _LARGEST_OFFSET_MINUTES[sign]:
-        return None
-    return datetime.timezone(datetime.timedelta(minutes=-total if sign == "-" else total))
-
-
-def document_time(moment: datetime.datetime, evidence: Dataset) -> datetime.datetime:
-    """``moment`` as the SR states it: in the source's offset, else in local time.
-
-    Timezone Offset From UTC applies to every date and time of an instance (PS3.3
-    C.12.1.1.8), and the SR copies the source's Study Date/Time and Patient's Birth Date
-    as they are. So the SR carries the source's offset and states its own times in it;
-    a source without one has times in an undefined local zone, so the SR states no
-    offset either and gives its own times in the local time of the machine writing it
-    (which usually is the site's). Never "+0000" beside copied local times.
-    """
-    return moment.astimezone(utc_offset(evidence)).replace(microsecond=0)
 
 
 # --- the document -----------------------------------------------------------------------
@@ -695,7 +663,7 @@ def sr_document(
     ``content_datetime`` (timezone-aware) becomes Content Date/Time, "the date the document
     content creation started" (PS3.3 C.17.2): the caller passes when the classification
     was made, not the wall clock, so a rerun writes the same bytes. It is stated in the
-    source's time zone (:func:`document_time`).
+    source's time zone, or in UTC (:func:`cxrsr.sr.times.document_time`).
     """
     when = document_time(content_datetime, evidence)
     sr = hd.sr.Comprehensive3DSR(
@@ -707,7 +675,7 @@ def sr_document(
         instance_number=instance_number(header),
         manufacturer=SR_MANUFACTURER,
         manufacturer_model_name=SR_MANUFACTURER_MODEL_NAME,
-        software_versions=f"cxrsr {__version__}",
+        software_versions=uids.software_versions(),
         series_description=SR_SERIES_DESCRIPTION,
         is_complete=True,
         is_final=False,
@@ -949,16 +917,15 @@ def _make_reproducible(sr: Dataset, when: datetime.datetime, evidence: Dataset) 
     file was written, different on every run: they are left out. highdicom's own
     Contributing Equipment item gets the document's time (``when``) as its Contribution
     DateTime; the source's acquisition item, if highdicom added one, keeps the source's
-    time. Timezone Offset From UTC is the source's, or absent (:func:`document_time`).
+    time. Timezone Offset From UTC is the source's, or absent (:mod:`cxrsr.sr.times`).
     """
-    for keyword in ("InstanceCreationDate", "InstanceCreationTime", "TimezoneOffsetFromUTC"):
+    for keyword in ("InstanceCreationDate", "InstanceCreationTime"):
         if keyword in sr:
             delattr(sr, keyword)
     for item in sr.get("ContributingEquipmentSequence", []):
         if item.get("ManufacturerModelName") == "highdicom" and "ContributionDateTime" in item:
             item.ContributionDateTime = DT(when)
-    if utc_offset(evidence) is not None:
-        sr.TimezoneOffsetFromUTC = evidence.TimezoneOffsetFromUTC
+    state_time_zone(sr, evidence)
 
 
 def write_sr(sr: Dataset, output_dir: Path) -> Path:

@@ -36,10 +36,11 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.valuerep import DA, DT, TM
 
-from cxrsr import __version__
 from cxrsr.dicomio.preview import read_png
 from cxrsr.errors import InputError
+from cxrsr.results import rounded_score
 from cxrsr.sr import uids
+from cxrsr.sr.times import document_time, state_time_zone
 
 KEY_IMAGE_SERIES_NUMBER = 9902
 #: Series Description (LO, at most 64 characters).
@@ -328,10 +329,15 @@ def _put_text(
     canvas[y : y + height, x : x + width] = block
 
 
+def _shown(score: float, threshold: float) -> str:
+    """A score as the panel shows it: two decimals, never rounded across the threshold."""
+    return f"{rounded_score(score, threshold, 2):.2f}"
+
+
 def _panel(canvas: np.ndarray, item: KeyImageRef, left: int, top: int) -> None:
     """The overlay's label, then every label sorted by score with bars and the threshold."""
     score_of = dict(item.scores)
-    label = f"{item.heatmap_label} (score {score_of[item.heatmap_label]:.2f})"
+    label = f"{item.heatmap_label} (score {_shown(score_of[item.heatmap_label], item.threshold)})"
     _put_text(canvas, (left, top + 18), label, 16, (255, 210, 80))
     bar_left, bar_width = left, PANEL_WIDTH - 40
     y = top + 128
@@ -341,7 +347,7 @@ def _panel(canvas: np.ndarray, item: KeyImageRef, left: int, top: int) -> None:
     for name, score in sorted(item.scores, key=lambda pair: (-pair[1], pair[0])):
         found = score >= item.threshold
         _put_text(canvas, (left, y), name, 14)
-        _put_text(canvas, (left + bar_width, y), f"{score:.2f}", 14, anchor="ra")
+        _put_text(canvas, (left + bar_width, y), _shown(score, item.threshold), 14, anchor="ra")
         bar_top = y + 17
         # As ImageDraw.rectangle draws them: both corners inclusive.
         canvas[bar_top : bar_top + 9, bar_left : bar_left + bar_width + 1] = (60, 60, 60)
@@ -367,13 +373,18 @@ def build_key_image(
     content_datetime: datetime.datetime,
     pixels: np.ndarray | None = None,
 ) -> Dataset:
-    """The Secondary Capture dataset; ``evidence`` is the SR's cleaned source header."""
+    """The Secondary Capture dataset; ``evidence`` is the SR's cleaned source header.
+
+    Its times follow the SR's policy (:mod:`cxrsr.sr.times`): stated in the source's
+    offset, which it carries, or as UTC clock values with no offset when the source has
+    none; never in the host's zone.
+    """
     import highdicom as hd
     from pydicom.uid import ExplicitVRLittleEndian
 
     if pixels is None:
         pixels = render(item)
-    when = content_datetime.astimezone(datetime.UTC).replace(microsecond=0)
+    when = document_time(content_datetime, evidence)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=evidence,
         pixel_array=pixels,
@@ -402,7 +413,7 @@ def build_key_image(
     sc.DerivationDescription = (
         f"AI classification result (heatmap: {item.heatmap_label}) burned into a display preview"
     )
-    sc.SoftwareVersions = f"cxrsr {__version__}"
+    sc.SoftwareVersions = uids.software_versions()
     # Everything highdicom stamps from the clock gets the classification's time instead,
     # so the same results give the same bytes (the UID names one byte stream).
     sc.ContentDate = sc.DateOfSecondaryCapture = DA(when.date())
@@ -410,7 +421,7 @@ def build_key_image(
     for equipment in sc.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in equipment:
             equipment.ContributionDateTime = DT(when)
-    sc.TimezoneOffsetFromUTC = "+0000"
+    state_time_zone(sc, evidence)
     for keyword in ("InstanceCreationDate", "InstanceCreationTime"):
         if keyword in sc:
             delattr(sc, keyword)

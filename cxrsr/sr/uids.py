@@ -9,6 +9,20 @@ time, a value copied from the source, a new content item, a library upgrade that
 differently) gives a new instance. This holds by construction, so content added later
 needs no change here.
 
+So the bytes must depend on nothing but the results file and the source, never on the
+host or on the running package: "a SOP Instance UID names exactly one byte stream,
+forever, on any host", and a rerun of the same results on another machine, or after an
+upgrade, must name the same instances (else a PACS holds a second SR per image). Times
+come from the results and the source, never the host's zone (:mod:`cxrsr.sr.times`).
+The package version (``cxrsr.__version__``) is in no object: it changes with releases that
+leave the objects alone, and as Software Versions it would give every release new UIDs
+for unchanged content (or, were it kept out of the UID, one UID for two byte streams).
+Software Versions carries :data:`ENCODING_VERSION` instead (:func:`software_versions`),
+which is bumped exactly when a change to this project changes the bytes it writes for
+the same results: the new bytes then hold the new number, and the digest gives them new
+UIDs. A library upgrade that changes the encoding (highdicom and pydicom record their
+versions in the files they write) gives new bytes, hence new UIDs, by construction.
+
 Series UIDs are different: a series groups instances and may grow, so it is derived from
 what it groups (:func:`sr_series_uid`).
 
@@ -28,7 +42,6 @@ import copy
 import hashlib
 import io
 import json
-import re
 import struct
 import uuid
 from collections.abc import Callable, Iterable
@@ -48,11 +61,13 @@ UUID_ROOT = "2.25."
 #: so it cannot collide with another project's namespace by accident).
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/cxrsr/cxrsr/uids")
 
-#: PS3.5 9.1: components of digits without leading zeros (a lone "0" is allowed),
-#: separated by dots; at most 64 characters in all. Not ``pydicom.uid.UID.is_valid``
-#: (issue 10): pydicom 3.0 matches ``^...$`` with ``re.match``, and ``$`` also matches
-#: before a trailing newline, so it calls "1.2.3\n" valid; ``fullmatch`` does not.
-_UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+#: The version of what this project encodes: bump it with any change that alters the bytes
+#: of an SR or key image written from the same results (a new content item, another
+#: value, another layout), and only then. It is written as Software Versions
+#: (:func:`software_versions`), so it is part of every content digest.
+ENCODING_VERSION = 1
+
+#: PS3.5 9.1: at most 64 characters in all.
 UID_MAX_LENGTH = 64
 
 #: The value an object's own UID takes while its content digest is computed
@@ -61,9 +76,41 @@ UID_MAX_LENGTH = 64
 CONTENT_UID_PLACEHOLDER = "2.25.0"
 
 
+def software_versions() -> str:
+    """Software Versions (0018,1020) of the SRs and key images: the encoding, not the
+    package release (see the module docstring)."""
+    return f"cxrsr encoding {ENCODING_VERSION}"
+
+
+def uid_problem(value: str) -> str | None:
+    """Why ``value`` is not a UID as PS3.5 9.1 defines it, or ``None`` if it is one.
+
+    A UID is components of digits separated by dots, no component empty and none with a
+    leading zero (a lone "0" is allowed), at most 64 characters in all. The one rule for
+    every UID this project reads or writes: reading refuses a source whose UIDs break it
+    (an SR could not reference the image), the SR builder refuses such a results entry.
+    Not ``pydicom.uid.UID.is_valid``: pydicom 3.0 matches ``^...$`` with ``re.match``, and
+    ``$`` also matches before a trailing newline, so it calls "1.2.3\\n" valid.
+    """
+    if not value:
+        return "is empty"
+    if len(value) > UID_MAX_LENGTH:
+        return f"has {len(value)} characters (at most {UID_MAX_LENGTH})"
+    others = sorted(set(value) - set("0123456789."))
+    if others:
+        shown = ", ".join(repr(c) for c in others[:3])
+        return f"holds characters other than digits and dots ({shown})"
+    for component in value.split("."):
+        if not component:
+            return "has an empty component"
+        if len(component) > 1 and component.startswith("0"):
+            return f"has a component with a leading zero ({component!r})"
+    return None
+
+
 def is_valid_uid(value: str) -> bool:
-    """Whether ``value`` is a UID as PS3.5 9.1 defines it."""
-    return len(value) <= UID_MAX_LENGTH and _UID_PATTERN.fullmatch(value) is not None
+    """Whether ``value`` is a UID as PS3.5 9.1 defines it (:func:`uid_problem`)."""
+    return uid_problem(value) is None
 
 
 def derive_uid(purpose: str, parts: Iterable[str]) -> str:
