@@ -157,6 +157,21 @@ class Claims:
             raise OrthancUnavailable(f"Orthanc answered HTTP {answer.status} to {method} {path}")
         return _Answer(answer.status, answer.headers.get("ETag"), bytes(answer.data))
 
+    def _put(self, path: str, value: bytes, if_match: str | None = None, **kw: Any) -> _Answer:
+        """PUT a claim; on success, ``etag`` is the ETag to compare with next time.
+
+        Orthanc 1.10's answer to the PUT carries the next revision in its ETag, while
+        its default database (SQLite) keeps revision 0 and answers that to a GET: only a
+        GET tells what a later ``If-Match`` must say. The value read back must be ours.
+        """
+        answer = self._send("PUT", path, value, if_match=if_match, **kw)
+        if answer.status != 200:
+            return answer
+        current = self._send("GET", path, **kw)
+        if current.status != 200 or current.body != value:
+            return _Answer(409, None, current.body)  # overwritten at once by another watcher
+        return _Answer(200, current.etag, current.body)
+
     def _path(self, instance_id: str) -> str:
         return f"/instances/{instance_id}/metadata/{CLAIM_METADATA}"
 
@@ -207,7 +222,7 @@ class Claims:
         if not self.enabled:
             return Lease(instance_id, proposed_time, None, expires)
         path = self._path(instance_id)
-        answer = self._send("PUT", path, self._value(proposed_time, WORKING, expires))
+        answer = self._put(path, self._value(proposed_time, WORKING, expires))
         if answer.status == 200:
             return Lease(instance_id, proposed_time, answer.etag, expires)
         if answer.status in (400, 404):
@@ -224,9 +239,7 @@ class Claims:
             return None
         if claim.get("weights_sha256") == self.weights_sha256 and claim.get("classified_at"):
             proposed_time = str(claim["classified_at"])
-        taken = self._send(
-            "PUT", path, self._value(proposed_time, WORKING, expires), if_match=current.etag
-        )
+        taken = self._put(path, self._value(proposed_time, WORKING, expires), current.etag)
         if taken.status != 200:
             return None  # another watcher took it over first
         state = str(claim.get("state", "unreadable"))
@@ -256,7 +269,7 @@ class Claims:
         assert lease.etag is not None
         path = self._path(lease.instance_id)
         value = self._value(lease.classified_at, state, expires)
-        answer = self._send("PUT", path, value, if_match=lease.etag, timeout=timeout)
+        answer = self._put(path, value, lease.etag, timeout=timeout)
         if answer.status == 200:
             lease.etag, lease.expires = answer.etag, expires
             return True
