@@ -7,18 +7,38 @@ second copy of any of them: instances are fetched over the REST client
 ``process_dicom.py``), turned into SRs by :func:`cxrsr.sr.batch.generate_srs` and stored
 and verified by :mod:`cxrsr.pacs.upload`, as ``upload_dicom.py`` does.
 
-Exactly once, by construction:
+Exactly once, by construction. This module is the one place that decides "done":
 
-* **What has a result is asked of Orthanc, before work.** An image has a result from
-  these weights when the SR series that the SR builder derives for its series, the model
-  and the weights (:meth:`cxrsr.sr.document.Classification.sr_series_uid`) holds an SR whose
-  evidence names the image's SOP Instance UID. That series UID is a pure function of its
-  inputs, so the question needs no state of the watcher's own and survives a lost state
-  folder, a second watcher or a restored PACS.
-* **Repeats rebuild the same bytes.** Before anything is sent, the audit log records each
-  result's ``classified_at``; a repeat of the same image (after ``kill -9`` between two
-  uploads) reuses it, so the rebuilt objects are byte-identical and Orthanc answers
-  ``AlreadyStored`` instead of storing a second result.
+* **Done means a complete result in Orthanc, asked before work.** An image has a result
+  from these weights when the SR series that the SR builder derives for its series, the
+  model and the weights (:func:`cxrsr.sr.uids.sr_series_uid`) holds an SR whose evidence
+  names the image's SOP Instance UID *and* every other object that SR names (its
+  Pertinent Other Evidence: the key image) is in Orthanc too. An SR alone is not a
+  result. Orthanc is asked before the watcher's own log (one list per series; each SR's
+  evidence is read once), so a result deleted from Orthanc, or a study deleted and sent
+  again, is stored again, and a lost state folder costs nothing.
+* **Stored means stored and verified, key images first.** An image's objects go in two
+  phases: its key image is sent and verified (MD5 and placement, as ``upload_dicom.py``
+  checks); only when every other object of the image verified is its SR sent and
+  verified. An image with any object not stored is a failure (``--once`` exits 1 and
+  names it on an ``E:`` line), tried again at the next pass, and after
+  ``max_attempts`` attempts a dead letter.
+* **One watcher per image: a claim in Orthanc.** Before downloading an image a watcher
+  claims it (:mod:`cxrsr.pacs.claims`: the instance's ``cxrsr-claim`` metadata, created
+  only if absent, atomically). A second watcher, on this host or another, finds the
+  claim and leaves the image to its holder while the holder's lease lives; the holder
+  renews the lease while it works and stops working on an image (sends nothing for it)
+  once a renewal fails.
+* **Lease expiry hands the work over, byte-identically.** The claim holds the
+  result's ``classified_at``, fixed before anything is sent. When a holder dies its
+  lease expires and another watcher takes the claim over (compare and swap on the
+  claim's ETag) and reuses that ``classified_at``, so the objects it rebuilds are
+  byte-identical (their UIDs are derived from their content) and Orthanc answers
+  ``AlreadyStored`` to any the dead holder had sent, instead of storing a second
+  result. A watcher's own repeat (after ``kill -9``, or a result partly deleted from
+  Orthanc) reuses its audit log's ``classified_at`` the same way. After storing, the
+  claim is marked ``done``; "done" is still decided by the complete set in Orthanc.
+  An Orthanc without claims is reported on one ``W:`` line and the watcher works alone.
 * **The cursor only moves past finished work.** Changes are acted on a page at a time and
   the cursor is saved (atomically) after the whole page is done; a crash repeats a page.
 * **No loops.** Only series whose Modality is CR or DX are looked at, so the watcher's
@@ -26,6 +46,10 @@ Exactly once, by construction:
   whose Manufacturer is this project's is refused as well, whatever its Modality.
 * **A bad instance is a dead letter**, recorded once with its reason and not retried
   unless asked (``--retry-failed``).
+* **Stops lose nothing finished.** SIGTERM sets :attr:`Watcher.stop`, checked at safe
+  points (between batches, requests and phases); Ctrl-C raises ``KeyboardInterrupt``,
+  also during classification. Either way what was recorded stays recorded, what was in
+  flight is given back (its claims released) and repeated.
 
 Nothing is missed: on start, and every ``reconcile_interval`` seconds, every CR/DX
 series in Orthanc is compared with what is known (the backfill of ``--once``), so
