@@ -18,7 +18,8 @@ Orthanc with ``"CheckRevisions": true`` makes both steps of a claim atomic:
 
 A claim is a lease: its holder renews it while it works (a thread, every third of the
 lease) and gives up the image as soon as a renewal fails. An expired lease, a released
-one and a ``done`` one may be taken over (compare and swap); the taker reuses the
+one, a ``done`` one and one whose holder was a process of this host that no longer
+runs may be taken over (compare and swap); the taker reuses the
 claim's ``classified_at``, so a result half stored by a holder that died is rebuilt
 byte-identically (Orthanc answers ``AlreadyStored``) instead of being stored twice.
 Expiry is compared with this machine's clock: hosts sharing an Orthanc need synchronised
@@ -232,10 +233,15 @@ class Claims:
         current = self._send("GET", path)
         if current.status == 404:
             return None  # the instance was deleted (or its claim: the next pass retries)
+        if current.body == self._value(proposed_time, WORKING, expires):
+            # Our own PUT, repeated after its answer was lost.
+            return Lease(instance_id, proposed_time, current.etag, expires)
         claim = _decode(current.body)
-        if claim.get("holder") == self.holder:  # our own PUT, repeated after a lost answer
-            return Lease(instance_id, str(claim["classified_at"]), current.etag, expires)
-        if claim.get("state") == WORKING and _expiry(claim) > time.time():
+        if (
+            claim.get("state") == WORKING
+            and _expiry(claim) > time.time()
+            and not _holder_died(str(claim.get("holder", "")))
+        ):
             return None
         if claim.get("weights_sha256") == self.weights_sha256 and claim.get("classified_at"):
             proposed_time = str(claim["classified_at"])
@@ -344,6 +350,28 @@ class Claims:
             yield
         finally:
             done.set()
+
+
+def _holder_died(holder: str) -> bool:
+    """Whether the holder was a process of this host that no longer runs (``kill -9``, a
+    crash): its claims need not wait for their leases to expire.
+
+    A reused pid only makes this answer "alive", and the lease then expires as usual.
+    """
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists (another user's process): alive
+        return False
+    return False
 
 
 def _decode(body: bytes) -> dict[str, Any]:

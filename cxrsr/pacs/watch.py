@@ -332,6 +332,11 @@ class Watcher:
         self.model_info = ModelInfo.from_results(self.model)
         self.claims = Claims(self.client, self.model_info.weights_sha256, self.lease_seconds)
         self._evidence: dict[str, Evidence] = {}
+        self._series_ids: dict[str, str] = {}
+        """Series Instance UID -> Orthanc series ID, of the series looked at."""
+        self._revisit: dict[str, float] = {}
+        """Orthanc series ID -> when to look again at images left to another watcher
+        (once its lease could have expired, in case it died)."""
         self.work_root = self.state.folder / "work"
         self.work_root.mkdir(mode=0o700, exist_ok=True)
         # Work folders of a run that was killed hold nothing that is not in Orthanc.
@@ -403,6 +408,7 @@ class Watcher:
             if found is None:
                 continue
             series_uid, instances = found
+            self._series_ids[series_uid] = series_id
             open_ = [i for i in instances if not self.state.is_settled(i.sop_instance_uid)]
             counts.known += len(instances) - len(open_)
             if not open_:
@@ -438,6 +444,16 @@ class Watcher:
             counts.add(self._process_chunk(todo))
         return counts
 
+    def revisit(self) -> Counts:
+        """Look again at series with images left to another watcher whose lease has had
+        time to expire: a watcher that died does not leave them undone until the next
+        reconciliation."""
+        now = time.monotonic()
+        due = [series for series, when in self._revisit.items() if when <= now]
+        for series in due:
+            del self._revisit[series]
+        return self.process_series(due) if due else Counts()
+
     def reconcile(self) -> Counts:
         """The backfill: every CR/DX image in Orthanc without a result gets one."""
         series = self.index.radiograph_series()
@@ -459,6 +475,9 @@ class Watcher:
                     instance.orthanc_id,
                 )
                 counts.elsewhere += 1
+                series_id = self._series_ids.get(instance.series_instance_uid)
+                if series_id is not None:
+                    self._revisit[series_id] = time.monotonic() + self.lease_seconds + 1
                 continue
             if lease.previous_state == DONE and instance.sop_instance_uid in (
                 self._results_in_orthanc(instance.series_instance_uid)
@@ -807,6 +826,9 @@ def run_forever(
             done = False
             while not done:
                 cursor, done = watcher.follow_once(cursor)
+            revisited = watcher.revisit()
+            if revisited.classified or revisited.failed:
+                log.info("looked again at images left to another watcher: %s", revisited.summary())
             sleep_unless_stopped(stop, poll_interval)
         except CredentialsRefused:
             raise  # a configuration problem, not an outage: waiting would not fix it
