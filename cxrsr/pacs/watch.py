@@ -462,9 +462,9 @@ class Watcher:
 
     # -- doing it ------------------------------------------------------------------------
 
-    def _claim(self, chunk: list[Instance], counts: Counts) -> dict[str, Lease]:
-        """Claim the chunk's images; those another watcher holds are left to it."""
-        leases: dict[str, Lease] = {}
+    def _claim(self, chunk: list[Instance], counts: Counts, leases: dict[str, Lease]) -> None:
+        """Claim the chunk's images into ``leases``; those another watcher holds are left
+        to it."""
         for instance in chunk:
             self._check_stop()
             earlier = self.state.classified_at.get(instance.sop_instance_uid)
@@ -487,12 +487,12 @@ class Watcher:
                 counts.elsewhere += 1
                 continue
             leases[instance.orthanc_id] = lease
-        return leases
 
     def _process_chunk(self, chunk: list[Instance]) -> Counts:
         counts = Counts()
-        leases = self._claim(chunk, counts)
+        leases: dict[str, Lease] = {}
         try:
+            self._claim(chunk, counts, leases)
             with self.claims.renewing(list(leases.values())):
                 self._work_on([i for i in chunk if i.orthanc_id in leases], leases, counts)
         finally:
