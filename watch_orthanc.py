@@ -6,6 +6,20 @@ API, classified by the same engine as process_dicom.py, turned into SRs by the s
 builder as generate_sr.py, and stored and verified as upload_dicom.py does. Each image
 gets exactly one result per model weights, however often the watcher is stopped,
 killed or restarted; see the README's "Watching Orthanc" section.
+
+Exactly once, also with several watchers on one Orthanc (on one host or many): before
+classifying an image a watcher claims it in Orthanc (the instance's "cxrsr-claim"
+metadata, which needs "CheckRevisions": true and the metadata declared under
+"UserMetadata", as in the project's orthanc.json). An image another watcher holds is
+left to it; the claim of a watcher that died expires (a lease of 120 s, renewed while
+it works) and is taken over, its result rebuilt byte-identically. An image's key image
+is stored and verified before its SR, and it has a result only when its SR and key
+image are both in Orthanc. Without claims in Orthanc, a W: line says so and the watcher
+works alone.
+
+Stopping: SIGTERM stops at the next safe point, within 10 s, exit 0 (work in flight is
+given back and repeated by the next run); Ctrl-C stops at once, exit 130. Nothing
+finished is lost either way.
 """
 
 from __future__ import annotations
@@ -24,6 +38,8 @@ from cxrsr.errors import PipelineError
 from cxrsr.pacs import orthanc
 
 DEFAULT_STATE_DIR = Path("output/watch")
+#: As cxrsr.pacs.watch.DEFAULT_MAX_ATTEMPTS (not imported: --help stays fast).
+DEFAULT_MAX_ATTEMPTS = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument(
         "--once",
         action="store_true",
-        help="backfill: classify every CR/DX image in Orthanc without a result from these "
-        "weights, then exit (0, or 1 if anything failed); without it, run until SIGTERM "
-        "or Ctrl-C, following Orthanc's change log",
+        help="backfill: classify every CR/DX image in Orthanc without a complete result "
+        "(SR and key image) from these weights, then exit (0, or 1 if any image failed, "
+        "one whose results could not all be stored included); without it, run until "
+        "SIGTERM or Ctrl-C, following Orthanc's change log",
     )
     params.add_argument(
         "--state-dir",
@@ -53,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--retry-failed",
         action="store_true",
         help="try the dead letters (images that failed before) again",
+    )
+    params.add_argument(
+        "--max-attempts",
+        type=cli.positive_int,
+        default=DEFAULT_MAX_ATTEMPTS,
+        metavar="N",
+        help="attempts to store an image's results (Orthanc refused or lost its key image "
+        "or SR) before the image becomes a dead letter; each failed attempt counts as a "
+        "failure (default: %(default)s)",
     )
     params.add_argument(
         "--poll-interval",
@@ -105,11 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     stopped_by: list[int] = []
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        # Only a flag: the watcher stops at its next safe point (between two batches,
+        # two requests, or in a wait), never in the middle of recording something.
         stopped_by.append(signum)
         stop.set()
-        from cxrsr.pacs.watch import Stopping
-
-        raise Stopping()
 
     signal.signal(signal.SIGTERM, on_sigterm)
 
@@ -152,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop=stop,
             domain=DomainPolicy(args.domain),
             key_images=not args.no_key_images,
+            max_attempts=args.max_attempts,
         )
         cli.log.info(
             "watching Orthanc at %s with %s (state in %s)",
@@ -168,14 +194,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_forever(watcher, connect, args.poll_interval, args.reconcile_interval)
         return cli.EXIT_OK
     except (orthanc.OrthancUnavailable, OrthancError) as exc:
+        if stop.is_set():  # SIGTERM while a request was failing: a stop, not an outage
+            cli.log.info("stopped; work in flight is given back and will be repeated")
+            return cli.EXIT_OK
         # Only --once ends here: the default mode waits an outage out.
         raise PipelineError(f"Orthanc at {client.url} stopped answering: {exc}", 3) from exc
     except Stopping:
-        cli.log.info("stopped; work in flight is abandoned and will be repeated")
+        cli.log.info("stopped; work in flight is given back and will be repeated")
         return cli.EXIT_OK
     except Exception:
         if stopped_by:  # SIGTERM reached the reader processes first: a stop, not a bug
-            cli.log.info("stopped; work in flight is abandoned and will be repeated")
+            cli.log.info("stopped; work in flight is given back and will be repeated")
             return cli.EXIT_OK
         raise
 

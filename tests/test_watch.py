@@ -166,11 +166,18 @@ def _no_watcher_outlives_its_test() -> Iterator[None]:
 class Follower:
     """watch_orthanc.py in its default mode, as a process group of its own."""
 
-    def __init__(self, server: LocalOrthanc, state: Path, cache_dir: Path, log: Path) -> None:
+    def __init__(
+        self,
+        server: LocalOrthanc,
+        state: Path,
+        cache_dir: Path,
+        log: Path,
+        options: tuple[str, ...] = ("--poll-interval", "0.2"),
+    ) -> None:
         self.log = log
         with open(log, "ab") as out:
             self.process = subprocess.Popen(
-                watcher_args(state, cache_dir, "--poll-interval", "0.2"),
+                watcher_args(state, cache_dir, *options),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=PROJECT_ROOT,
@@ -347,3 +354,259 @@ def test_systemd_unit_is_valid_and_runs_the_watcher_with_real_options(tmp_path: 
         [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
     )
     assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr
+
+
+# -- exactly once: complete sets, claims, stops ----------------------------------------
+
+#: Refuses every key image (Modality OT, Secondary Capture), as a Lua filter, a full
+#: disk or a proxy error would make Orthanc refuse some objects of a result.
+REFUSE_KEY_IMAGES_LUA = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  if dicom.Modality == 'OT' then
+    return false
+  end
+  return true
+end
+"""
+
+
+def own_orthanc(tmp_path: Path, orthanc_binary: str, **overrides: object) -> LocalOrthanc:
+    """An Orthanc of the test's own (a context manager) with more settings over the project's."""
+    return LocalOrthanc(
+        tmp_path / "orthanc",
+        "cxrsr-test",
+        secrets.token_urlsafe(16),
+        binary=orthanc_binary,
+        overrides={"StableAge": STABLE_AGE, **overrides},
+    )
+
+
+def delete(server: LocalOrthanc, path: str) -> None:
+    answer = requests.delete(
+        f"{server.url}{path}", auth=(server.username, server.password), timeout=30
+    )
+    answer.raise_for_status()
+
+
+def instance_id_of(server: LocalOrthanc, sop_instance_uid: str) -> str:
+    answer = requests.post(
+        f"{server.url}/tools/lookup",
+        data=sop_instance_uid,
+        auth=(server.username, server.password),
+        timeout=30,
+    )
+    answer.raise_for_status()
+    return next(item["ID"] for item in answer.json() if item["Type"] == "Instance")
+
+
+def one_result_each(server: LocalOrthanc, uids: list[str]) -> None:
+    """Exactly one SR and one key image per image, and nothing else derived."""
+    results, key_images = results_by_image(server), key_images_by_image(server)
+    assert {uid: len(results.get(uid, [])) for uid in uids} == dict.fromkeys(uids, 1), results
+    assert {uid: len(key_images.get(uid, [])) for uid in uids} == dict.fromkeys(uids, 1)
+    assert set(results) == set(key_images) == set(uids)
+
+
+def test_refused_key_images_leave_no_sr_and_fail_until_a_dead_letter(
+    tmp_path: Path, orthanc_binary: str, corpus_dir: Path, weights_cache_dir: Path
+) -> None:
+    lua = tmp_path / "refuse-key-images.lua"
+    lua.write_text(REFUSE_KEY_IMAGES_LUA)
+    images = make_copies(corpus_dir, tmp_path / "in", 2)
+    uids = [uid_of(p) for p in images]
+    state = tmp_path / "state"
+    server = own_orthanc(tmp_path, orthanc_binary, LuaScripts=[str(lua)])
+    with server:
+        store(server, images)
+        ids = [instance_id_of(server, uid) for uid in uids]
+        first = run_once(server, state, weights_cache_dir, "--max-attempts", "2")
+        assert first.returncode == 1, first.stderr
+        assert "Traceback" not in first.stderr
+        for orthanc_id in ids:  # each image named on an E: line
+            assert any(
+                line.startswith("E:") and orthanc_id in line and "not all stored" in line
+                for line in first.stderr.splitlines()
+            ), first.stderr
+        assert results_by_image(server) == {}  # no SR without its key image
+        assert instance_count(server) == 2
+
+        # Not "present" now: tried again, and after --max-attempts a dead letter.
+        second = run_once(server, state, weights_cache_dir, "--max-attempts", "2")
+        assert second.returncode == 1, second.stderr
+        assert "2 classified" in second.stdout, second.stdout
+        dead = (state / "dead-letters.jsonl").read_text().splitlines()
+        assert len(dead) == 2 and all("not all stored" in line for line in dead)
+        third = run_once(server, state, weights_cache_dir, "--max-attempts", "2")
+        assert third.returncode == 0, third.stderr
+        assert "0 classified" in third.stdout  # not downloaded and classified forever
+        assert results_by_image(server) == {}
+
+        # The same Orthanc without the filter gets the complete set.
+        server.stop()
+        server.overrides.pop("LuaScripts")
+        server.start()
+        fixed = run_once(server, state, weights_cache_dir, "--retry-failed")
+        assert fixed.returncode == 0, fixed.stderr
+        one_result_each(server, uids)
+        complete = instance_count(server)
+
+        # Orthanc is asked before the watcher's own log: a key image deleted is stored
+        # again (the same bytes: its SR is not duplicated)...
+        key_image = key_images_by_image(server)[uids[0]][0][0]
+        delete(server, f"/instances/{instance_id_of(server, key_image)}")
+        again = run_once(server, state, weights_cache_dir)
+        assert again.returncode == 0, again.stderr
+        one_result_each(server, uids)
+        assert instance_count(server) == complete
+
+        # ...and a study deleted and sent again gets its results again.
+        study = results_by_image(server)[uids[1]][0][1]
+        delete(server, f"/studies/{study}")
+        store(server, images[1:])
+        resent = run_once(server, state, weights_cache_dir)
+        assert resent.returncode == 0, resent.stderr
+        assert "1 classified" in resent.stdout, resent.stdout
+        one_result_each(server, uids)
+        assert instance_count(server) == complete
+
+
+def start_once(server: LocalOrthanc, state: Path, cache_dir: Path, log: Path) -> Follower:
+    """watch_orthanc.py --once in the background (small batches), its output in ``log``."""
+    return Follower(server, state, cache_dir, log, ("--once", "--batch-size", "2"))
+
+
+def test_two_watchers_on_one_orthanc_store_one_result_per_image(
+    watched: LocalOrthanc, corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
+) -> None:
+    images = make_copies(corpus_dir, tmp_path / "in", 12, per_study=3)
+    uids = [uid_of(p) for p in images]
+
+    # Started together.
+    store(watched, images[:4])
+    pair = [
+        start_once(watched, tmp_path / f"state-a{n}", weights_cache_dir, tmp_path / f"a{n}.log")
+        for n in range(2)
+    ]
+    codes = [w.process.wait(300) for w in pair]
+    assert codes == [0, 0], [w.text() for w in pair]
+    one_result_each(watched, uids[:4])
+
+    # The second started while the first classifies.
+    store(watched, images[4:])
+    first = start_once(watched, tmp_path / "state-b0", weights_cache_dir, tmp_path / "b0.log")
+    wait_for(lambda: "classifying" in first.text(), "the first watcher classifying")
+    second = start_once(watched, tmp_path / "state-b1", weights_cache_dir, tmp_path / "b1.log")
+    codes = [w.process.wait(300) for w in (first, second)]
+    assert codes == [0, 0], (first.text(), second.text())
+    one_result_each(watched, uids)
+    assert "Traceback" not in first.text() + second.text()
+
+
+def put_claim(server: LocalOrthanc, orthanc_id: str, claim: dict) -> None:
+    answer = requests.put(
+        f"{server.url}/instances/{orthanc_id}/metadata/cxrsr-claim",
+        data=json.dumps(claim),
+        auth=(server.username, server.password),
+        timeout=30,
+    )
+    answer.raise_for_status()
+
+
+def get_claim(server: LocalOrthanc, orthanc_id: str) -> dict:
+    return get(server, f"/instances/{orthanc_id}/metadata/cxrsr-claim")  # type: ignore[return-value]
+
+
+def test_a_live_claim_is_left_to_its_holder_and_an_expired_one_taken_over(
+    watched: LocalOrthanc, corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
+) -> None:
+    images = make_copies(corpus_dir, tmp_path / "in", 2)
+    uids = [uid_of(p) for p in images]
+    store(watched, images)
+    ids = [instance_id_of(watched, uid) for uid in uids]
+    from cxrsr.model.classifier import load_classifier
+
+    weights = load_classifier(
+        "densenet121-res224-all", weights_cache_dir, "cpu", "eager", None
+    ).card.weights_sha256
+    # Another watcher holds the first image with a live lease; a killed one left the
+    # second image's claim expired, with the classification time it had fixed.
+    live = {
+        "holder": "other-host:1:ab",
+        "expires": time.time() + 3600,
+        "state": "working",
+        "classified_at": "2021-01-01T00:00:00+00:00",
+        "weights_sha256": weights,
+    }
+    dead = {
+        "holder": "killed-host:2:cd",
+        "expires": time.time() - 5,
+        "state": "working",
+        "classified_at": "2020-02-03T04:05:06+00:00",
+        "weights_sha256": weights,
+    }
+    put_claim(watched, ids[0], live)
+    put_claim(watched, ids[1], dead)
+
+    state = tmp_path / "state"
+    first = run_once(watched, state, weights_cache_dir)
+    assert first.returncode == 0, first.stderr
+    assert "1 left to another watcher" in first.stdout, first.stdout
+    results = results_by_image(watched)
+    assert set(results) == {uids[1]}
+    sr = get(watched, f"/instances/{instance_id_of(watched, results[uids[1]][0][0])}/tags?simplify")
+    assert sr["ContentDate"] == "20200203" and sr["ContentTime"].startswith("040506")  # type: ignore[index]
+    assert get_claim(watched, ids[1])["state"] == "done"
+    assert get_claim(watched, ids[0]) == live  # untouched
+
+    # The holder of the first dies: once its lease expires, the claim is taken over.
+    with requests.Session() as session:
+        session.auth = (watched.username, watched.password)
+        url = f"{watched.url}/instances/{ids[0]}/metadata/cxrsr-claim"
+        etag = session.get(url, timeout=30).headers["ETag"]
+        expired = {**live, "expires": time.time() - 1}
+        answer = session.put(url, data=json.dumps(expired), headers={"If-Match": etag}, timeout=30)
+        answer.raise_for_status()
+    second = run_once(watched, state, weights_cache_dir)
+    assert second.returncode == 0, second.stderr
+    one_result_each(watched, uids)
+    sr = get(
+        watched,
+        f"/instances/{instance_id_of(watched, results_by_image(watched)[uids[0]][0][0])}/tags?simplify",
+    )
+    assert sr["ContentDate"] == "20210101"  # type: ignore[index]
+
+
+def test_an_orthanc_without_claims_is_named_once_and_the_watcher_works_alone(
+    tmp_path: Path, orthanc_binary: str, corpus_dir: Path, weights_cache_dir: Path
+) -> None:
+    images = make_copies(corpus_dir, tmp_path / "in", 2)
+    with own_orthanc(tmp_path, orthanc_binary, CheckRevisions=False) as server:
+        store(server, images)
+        done = run_once(server, tmp_path / "state", weights_cache_dir)
+        assert done.returncode == 0, done.stderr
+        warnings = [line for line in done.stderr.splitlines() if "has no claims" in line]
+        assert len(warnings) == 1 and warnings[0].startswith("W:"), done.stderr
+        one_result_each(server, [uid_of(p) for p in images])
+
+
+def test_ctrl_c_and_sigterm_during_classification_stop_within_10_s(
+    watched: LocalOrthanc, corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
+) -> None:
+    images = make_copies(corpus_dir, tmp_path / "in", 24, per_study=4)
+    uids = [uid_of(p) for p in images]
+    store(watched, images)
+    state = tmp_path / "state"
+    for sig, expected in ((signal.SIGINT, 130), (signal.SIGTERM, 0)):
+        log = tmp_path / f"watch-{sig.name}.log"
+        follower = start_once(watched, state, weights_cache_dir, log)
+        wait_for(lambda: "classifying" in follower.text(), "classification to start")  # noqa: B023
+        code, seconds = follower.terminate(sig)
+        assert code == expected and seconds < 10, (sig, code, seconds, follower.text())
+        assert "Traceback" not in follower.text()
+        # Whatever was stored is complete: no SR without its key image.
+        results, key_images = results_by_image(watched), key_images_by_image(watched)
+        assert set(results) <= set(key_images)
+    # Nothing finished was lost, nothing is duplicated: a last run completes the rest.
+    last = run_once(watched, state, weights_cache_dir)
+    assert last.returncode == 0, last.stderr
+    one_result_each(watched, uids)

@@ -30,6 +30,7 @@ from pathlib import Path
 import requests
 
 from cxrsr.config import PROJECT_ROOT
+from cxrsr.pacs.claims import CLAIM_METADATA, CLAIM_METADATA_INDEX
 
 ORTHANC_BINARIES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc")
 #: Debian's orthanc-dicomweb plugin, which OHIF reads studies through (README "Viewing in OHIF").
@@ -118,6 +119,10 @@ class LocalOrthanc:
                 "RegisteredUsers": {self.username: self.password},  # JSON-escaped
             }
         )
+        # watch_orthanc.py's claims (cxrsr.pacs.claims) need revisions checked and their
+        # metadata declared; a template without them gets them (an override may remove them).
+        config.setdefault("CheckRevisions", True)
+        config.setdefault("UserMetadata", {}).setdefault(CLAIM_METADATA, CLAIM_METADATA_INDEX)
         if self.dicomweb:
             config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
         if self.dicom_server:

@@ -12,11 +12,15 @@ after a crash, ``kill -9`` or a power cut picks up exactly where the work stoppe
     One JSON line per event, appended and fsynced: ``classified`` (scores known, before
     anything is sent: it fixes the result's ``classified_at`` so that a repeat builds
     byte-identical objects), ``stored`` (the result objects are in Orthanc and
-    verified), ``skipped``, ``failed`` and ``present`` (Orthanc already held a result).
+    verified), ``incomplete`` (not all of them could be stored: an attempt that failed),
+    ``skipped``, ``failed`` and ``present`` (Orthanc already held a result).
     It answers "what did the watcher do, when, with which model, and what did it store".
+    ``stored`` and ``present`` are a memory, not a verdict: Orthanc is asked before
+    them, so an image whose results were deleted from Orthanc gets them again.
 ``dead-letters.jsonl``
     Instances that failed, with the reason: recorded once, never retried automatically
-    (``--retry-failed`` retries them).
+    (``--retry-failed`` retries them). An image whose results could not all be stored
+    goes here after ``--max-attempts`` attempts.
 
 A torn last line (the process died while appending) is ignored when the files are read.
 """
@@ -40,8 +44,10 @@ CURSOR_FILE = "cursor.json"
 AUDIT_FILE = "audit.jsonl"
 DEAD_LETTERS_FILE = "dead-letters.jsonl"
 
-#: Events after which an instance needs no more work from the same weights.
+#: Events after which an instance needs no more work from the same weights, as long
+#: as Orthanc still holds its result (``stored``, ``present``) or at all (``skipped``).
 FINAL_EVENTS = ("stored", "present", "skipped")
+RESULT_EVENTS = ("stored", "present")
 
 
 def now_iso() -> str:
@@ -97,13 +103,18 @@ class WatchState:
     weights_sha256: str
     domain: str = "strict"
     """The domain policy: a file skipped under one policy is looked at again under another."""
-    finished: set[str] = field(default_factory=set)
-    """SOP Instance UIDs that need no more work from these weights."""
+    results: set[str] = field(default_factory=set)
+    """SOP Instance UIDs whose result was stored or found in Orthanc (checked again there)."""
+    skipped: set[str] = field(default_factory=set)
+    """SOP Instance UIDs the domain policy skipped: no result is due."""
     dead: dict[str, str] = field(default_factory=dict)
     """SOP Instance UID -> why it failed (not retried unless asked)."""
+    attempts: dict[str, int] = field(default_factory=dict)
+    """SOP Instance UID -> attempts whose results could not all be stored, so far."""
     classified_at: dict[str, tuple[str, str]] = field(default_factory=dict)
-    """SOP Instance UID -> (classified_at, scores digest) of results classified but not yet
-    known to be stored: a repeat reuses the time, so it rebuilds the same bytes."""
+    """SOP Instance UID -> (classified_at, scores digest) of its latest classification: a
+    repeat (a crash between two uploads, a result partly deleted from Orthanc) reuses
+    the time, so it rebuilds the same bytes."""
 
     @classmethod
     def open(
@@ -126,19 +137,10 @@ class WatchState:
             event = record.get("event")
             if event == "skipped" and record.get("domain", "strict") != domain:
                 continue
-            if event in FINAL_EVENTS:
-                state.finished.add(uid)
-                state.dead.pop(uid, None)
-                state.classified_at.pop(uid, None)
-            elif event == "classified":
-                state.classified_at[uid] = (
-                    str(record.get("classified_at")),
-                    str(record.get("scores_digest")),
-                )
-            elif event == "failed":
-                state.dead[uid] = str(record.get("reason", ""))
+            state._apply(str(event), uid, record)
         if retry_failed:
             state.dead.clear()
+            state.attempts.clear()
         state._audit = _Appender(folder / AUDIT_FILE)
         state._dead_letters = _Appender(folder / DEAD_LETTERS_FILE)
         return state
@@ -146,8 +148,30 @@ class WatchState:
     _audit: _Appender | None = None
     _dead_letters: _Appender | None = None
 
-    def is_done(self, sop_instance_uid: str) -> bool:
-        return sop_instance_uid in self.finished or sop_instance_uid in self.dead
+    def is_settled(self, sop_instance_uid: str) -> bool:
+        """Whether the image needs no look at all: skipped, or a dead letter.
+
+        An image with a result is not settled here: whether its result is still in
+        Orthanc is asked of Orthanc.
+        """
+        return sop_instance_uid in self.skipped or sop_instance_uid in self.dead
+
+    def _apply(self, event: str, uid: str, details: dict[str, Any]) -> None:
+        """What one audit event means for the image."""
+        if event in FINAL_EVENTS:
+            (self.results if event in RESULT_EVENTS else self.skipped).add(uid)
+            self.dead.pop(uid, None)
+            self.attempts.pop(uid, None)
+        elif event == "classified":
+            self.classified_at[uid] = (
+                str(details.get("classified_at")),
+                str(details.get("scores_digest")),
+            )
+        elif event == "incomplete":
+            self.attempts[uid] = self.attempts.get(uid, 0) + 1
+        elif event == "failed":
+            self.dead[uid] = str(details.get("reason", ""))
+            self.attempts.pop(uid, None)
 
     def record(self, event: str, sop_instance_uid: str, **details: Any) -> None:
         """Append one audit event and update what is known."""
@@ -161,17 +185,8 @@ class WatchState:
             **details,
         }
         self._audit.append(record)
-        if event in FINAL_EVENTS:
-            self.finished.add(sop_instance_uid)
-            self.dead.pop(sop_instance_uid, None)
-            self.classified_at.pop(sop_instance_uid, None)
-        elif event == "classified":
-            self.classified_at[sop_instance_uid] = (
-                str(details.get("classified_at")),
-                str(details.get("scores_digest")),
-            )
-        elif event == "failed":
-            self.dead[sop_instance_uid] = str(details.get("reason", ""))
+        self._apply(event, sop_instance_uid, details)
+        if event == "failed":
             assert self._dead_letters is not None
             self._dead_letters.append(record)
 
