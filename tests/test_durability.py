@@ -171,14 +171,24 @@ def process_state(pid: int) -> str:
     return text[text.rindex(")") + 2]
 
 
-def busy_reader(pid: int, seen_running: set[int]) -> int | None:
-    """A reader of process ``pid`` found running (state R) at this look and the one before:
-    busy decoding a file, not between two of them."""
-    running = {reader for reader in reader_processes(pid) if process_state(reader) == "R"}
-    busy = running & seen_running
-    seen_running.clear()
-    seen_running |= running
-    return min(busy) if busy else None
+def busy_reader(pid: int, folder: Path) -> int | None:
+    """A reader of process ``pid`` that holds a file of ``folder`` open: inside a task,
+    reading that file (a reader between two files holds none, and its state letter alone
+    cannot tell: a reader waiting for the CPU to send its last result is in state R too)."""
+    inside = str(folder.resolve()) + os.sep
+    for reader in reader_processes(pid):
+        try:
+            descriptors = list(Path(f"/proc/{reader}/fd").iterdir())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for fd in descriptors:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith(inside):
+                return reader
+    return None
 
 
 def without_times(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -274,8 +284,9 @@ def test_killing_a_reader_mid_batch_fails_only_its_file(
     )  # fmt: skip
     try:
         wait_for_journal(process, journal_path(out), 2)  # mid-batch: results are flowing
-        seen_running: set[int] = set()
-        victim = wait_until(lambda: busy_reader(process.pid, seen_running), "busy reader", process)
+        victim = wait_until(
+            lambda: busy_reader(process.pid, tmp_path / "in"), "busy reader", process
+        )
         os.kill(victim, signal.SIGKILL)
         stdout, stderr = process.communicate(timeout=300)
     finally:
