@@ -59,7 +59,9 @@ def open_private_append(path: Path) -> int:
     return fd
 
 
-def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+def write_atomic(
+    path: Path, data: bytes, *, durable: bool = True, sync_folder: bool = True
+) -> None:
     """Write ``data`` to ``path``: afterwards the file holds either the old bytes or the new.
 
     The bytes go to a temporary file in the same folder, are flushed to disk, the file
@@ -70,8 +72,13 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
     With ``durable=False`` neither the bytes nor the folder is flushed: a killed process
     loses nothing (the kernel has them), and the caller makes many files durable at once
     with :func:`sync_files` before anything durable names them.
+
+    With ``sync_folder=False`` the bytes are flushed but the folder is not: for a caller that
+    writes many files into one folder and flushes it once with :func:`fsync_folder` before it
+    reports them done (a folder fsync is a journal commit of its own: 2-4 ms each here, about
+    a tenth of an SR's cost).
     """
-    StagedFile(path, data, durable=durable).commit()
+    StagedFile(path, data, durable=durable, sync_folder=sync_folder).commit()
 
 
 def write_json_atomic(path: Path, document: Any) -> None:
@@ -88,9 +95,12 @@ class StagedFile:
     only once that SR exists: a key image is never left behind for an SR that failed.
     """
 
-    def __init__(self, path: Path, data: bytes, durable: bool = True) -> None:
+    def __init__(
+        self, path: Path, data: bytes, durable: bool = True, sync_folder: bool = True
+    ) -> None:
         self.path = Path(path)
         self._durable = durable
+        self._sync_folder = durable and sync_folder
         make_folders(self.path.parent)
         fd, self._tmp_name = tempfile.mkstemp(
             prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
@@ -118,7 +128,7 @@ class StagedFile:
         except BaseException:
             self.discard()
             raise
-        if self._durable:
+        if self._sync_folder:
             fsync_folder(self.path.parent)
         return self.path
 

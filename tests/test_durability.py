@@ -790,3 +790,30 @@ def test_items_submitted_after_the_readers_gave_up_get_the_reason() -> None:
             pool.submit(-3).result(timeout=120)
         with pytest.raises(ReaderPoolError, match="keep dying"):
             pool.submit(-4).result(timeout=1)
+
+
+def test_generate_srs_flushes_each_object_and_its_folder_once(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every SR is flushed before its rename, and the output folder once, after the last
+    rename: the names are durable when generate_srs returns, for one folder fsync in all
+    instead of one per file (a journal commit each)."""
+    import numpy as np
+    import torchxrayvision as xrv
+
+    from cxrsr.sr import batch as sr_batch
+    from tests.test_sr import WEIGHTS, WHEN, classified_entry, results_document
+
+    labels = list(xrv.models.model_urls[WEIGHTS]["labels"])
+    rng = np.random.default_rng(3)
+    names = ["cxr10_nih_dx_8bit.dcm", "cxr11_siim_cr_jpeg8.dcm"]
+    entries = [classified_entry(str(corpus_dir / name), labels, rng) for name in names]
+    document = results_document(entries, labels)
+    out = tmp_path / "sr"
+    fsynced = recorded_fsyncs(monkeypatch)
+    outcome = sr_batch.generate_srs(document, out, WHEN, jobs=1)
+    assert len(outcome.written) == 2 and not outcome.errors
+    assert fsynced.count(str(out)) == 1
+    assert fsynced[-1] == str(out)
+    flushed_files = [p for p in fsynced if p != str(out)]
+    assert len(flushed_files) == 2  # each SR's bytes, under its temporary name

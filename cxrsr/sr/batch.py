@@ -31,7 +31,7 @@ import pydicom
 from tqdm import tqdm
 
 from cxrsr.errors import PipelineError
-from cxrsr.files import StagedFile
+from cxrsr.files import StagedFile, fsync_folder
 from cxrsr.results import CLASSIFIED, FAILED, SKIPPED, STATUSES
 from cxrsr.sr.document import (
     SR_MANUFACTURER,
@@ -209,7 +209,7 @@ class _Writer:
             if key_image is not None and ref is not None:
                 # Written while the SR is built; renamed into place only once the SR is.
                 target = encoded_path(key_image, self.output_dir)
-                staged = self._writing.submit(StagedFile, target, key_image.data)
+                staged = self._writing.submit(StagedFile, target, key_image.data, sync_folder=False)
                 classification = dataclasses.replace(
                     classification,
                     key_image=dataclasses.replace(ref, sop_instance_uid=key_image.sop_instance_uid),
@@ -362,6 +362,9 @@ def generate_srs(
             elif isinstance(check, Classification):
                 _record(check, next(built), outcome, output_dir, written_by)
     _tidy_other_files(output_dir, [*outcome.written, *outcome.key_images], clean)
+    # Every SR and key image was flushed as it was written; their names, once, here.
+    if output_dir.is_dir():
+        fsync_folder(output_dir)
     return outcome
 
 

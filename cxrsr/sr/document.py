@@ -938,9 +938,10 @@ def write_encoded(encoded: EncodedSR, output_dir: Path) -> Path:
 
     The name is the SR's own UID, so a rerun with the same results overwrites the file with
     the same bytes, and an SR for changed results never replaces the earlier one's file.
+    The folder is flushed once per batch, by :func:`cxrsr.sr.batch.generate_srs`.
     """
     target = encoded_path(encoded, output_dir)
-    write_atomic(target, encoded.data)
+    write_atomic(target, encoded.data, sync_folder=False)
     return target
 
 
