@@ -176,3 +176,13 @@ def weights_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = xrv.models.DenseNet()
     torch.save(model, cache_dir / os.path.basename(url))
     return cache_dir
+
+
+@pytest.fixture
+def no_umask() -> Iterator[None]:
+    """A umask of 0 for the test: files that must be owner-only cannot owe it to the umask."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)

@@ -3,13 +3,10 @@ layout, serving the shared corpus's copies of the demo files. No test touches th
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import pytest
 
 from cxrsr.config import PROJECT_ROOT
 from cxrsr.demo import DEMO_FILES, DemoFile, fetch_demo
+from tests.local_http import serve_folder
 
 #: The corpus copy of each demo file (MANIFEST.tsv names their sources).
 CORPUS_COPY = {
@@ -27,17 +25,6 @@ CORPUS_COPY = {
 }
 
 
-class RecordingHandler(http.server.SimpleHTTPRequestHandler):
-    requested: list[str]
-
-    def do_GET(self) -> None:
-        self.requested.append(self.path)
-        super().do_GET()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def mirror(tmp_path: Path, corpus_dir: Path) -> Iterator[tuple[str, Path, list[str]]]:
     """A local HTTP server on loopback: (base URL, its document root, requested paths)."""
@@ -46,19 +33,8 @@ def mirror(tmp_path: Path, corpus_dir: Path) -> Iterator[tuple[str, Path, list[s
         target = root / demo.repository / demo.commit / demo.path
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(corpus_dir / CORPUS_COPY[demo.name], target)
-    requested: list[str] = []
-    handler = functools.partial(
-        type("Handler", (RecordingHandler,), {"requested": requested}), directory=str(root)
-    )
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/", root, requested
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serve_folder(root) as (url, requested):
+        yield url, root, requested
 
 
 def run_demo(*args: str | Path) -> subprocess.CompletedProcess[str]:

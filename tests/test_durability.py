@@ -17,7 +17,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -544,15 +544,6 @@ def test_a_torn_journal_line_is_passed_over(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- item 8
-
-
-@pytest.fixture
-def no_umask() -> Iterator[None]:
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def test_written_files_and_new_folders_are_not_world_readable(

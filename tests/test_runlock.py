@@ -15,7 +15,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +27,6 @@ from cxrsr.runlock import RunInUseError, RunLock, hold, lock_path
 
 #: Classifiable corpus files (large ones: the run lasts while the test looks at it).
 CLASSIFIABLE = ["cxr09_orthanc_issue44_mono1_jpeg8.dcm", "cxr05_dx_canon_966_fixed_j2kr.dcm"]
-
-
-@pytest.fixture
-def no_umask() -> Iterator[None]:
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def linked_inputs(corpus_dir: Path, folder: Path, count: int) -> Path:
