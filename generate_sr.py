@@ -26,7 +26,7 @@ DEFAULT_OUTPUT_DIR = Path("output/sr")
 LOCK_NAME = ".generate_sr.lock"
 
 
-def parse_args(argv: Sequence[str] | None):
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = cli.make_parser(
         "generate_sr.py",
         description=__doc__.strip().splitlines()[0]

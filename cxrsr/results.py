@@ -119,7 +119,7 @@ def rounded_score(score: float, threshold: float, decimals: int = SCORE_DECIMALS
     rounded = round(score, decimals)
     if (score >= threshold) == (rounded >= threshold):
         return rounded
-    scale = 10**decimals
+    scale: int = 10**decimals
     if score < threshold:  # the largest value below the threshold
         units = math.ceil(threshold * scale)
         while round(units / scale, decimals) >= threshold:
