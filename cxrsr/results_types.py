@@ -206,10 +206,11 @@ def _scalar_problem(value: object, tp: object, where: str) -> str | None:
         ok = isinstance(value, str)
     else:
         raise TypeError(f"no check for {tp!r}")
-    return None if ok else f"{where}: {value!r} is not a {getattr(tp, '__name__', tp)}"
+    return None if ok else f"{where}: {value!r} is not {_NAMES[cast(type, tp)]}"
 
 
 _SCALARS = {bool: "boolean", int: "integer", float: "number", str: "string"}
+_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
 
 
 def _schema(tp: object, definitions: dict[str, dict[str, Any]]) -> dict[str, Any]:
