@@ -146,7 +146,7 @@ def test_a_broken_document_fails_both_checks(
     assert found is not None and found.startswith(reason), found
     target = tmp_path / "results.json"
     target.write_text(json.dumps(broken))
-    with pytest.raises(AssertionError, match="does not match results.schema.json"):
+    with pytest.raises(AssertionError, match=r"does not match results\.schema\.json"):
         assert_valid_results(target)
 
 
