@@ -65,6 +65,7 @@ def run_script(
     Schema (:func:`assert_valid_results`), so every run of every test checks the format.
     """
     before = _results_outputs(script, args)
+    journals = {path: _stamp(_journal(path)) for path in before}
     proc = subprocess.run(
         [sys.executable, str(PROJECT_ROOT / script), *map(str, args)],
         capture_output=True,
@@ -76,18 +77,51 @@ def run_script(
     for path, stamp in before.items():
         if _stamp(path) not in (None, stamp):  # written by this run
             assert_valid_results(path)
+        if _stamp(_journal(path)) not in (None, journals[path]):  # left by a failed run
+            assert_valid_journal(_journal(path))
     return proc
 
 
 RESULTS_SCHEMA = PROJECT_ROOT / "docs" / "results.schema.json"
 
 
-def results_validator() -> Any:
-    """A JSON Schema validator of the committed results schema (``docs/results.schema.json``)."""
+def results_validator(definition: str | None = None) -> Any:
+    """A JSON Schema validator of the committed results schema (``docs/results.schema.json``),
+    or of one of its definitions (``ModelRecord``, ...)."""
     import jsonschema
 
     schema = json.loads(RESULTS_SCHEMA.read_text(encoding="utf-8"))
+    if definition == "ResultsEntry":  # an item of ``images``
+        del schema["$ref"]
+        schema |= schema["$defs"]["ResultsDocument"]["properties"]["images"]["items"]
+    elif definition is not None:
+        schema["$ref"] = f"#/$defs/{definition}"
     return jsonschema.Draft202012Validator(schema)
+
+
+def assert_valid_journal(path: Path) -> None:
+    """Check each line of a results journal: a model line's ``model`` and each ``entry``."""
+    models, entries = results_validator("ModelRecord"), results_validator("ResultsEntry")
+    for number, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            continue  # an empty line, or a line a killed run tore: readers pass over it
+        assert isinstance(record, dict), f"{path}: line {number} is not an object"
+        validator, value = (
+            (models, record.get("model"))
+            if "model" in record
+            else (
+                entries,
+                record.get("entry"),
+            )
+        )
+        errors = [e.message for e in validator.iter_errors(value)]
+        assert not errors, f"{path}: line {number} does not match the schema: {errors[:3]}"
+
+
+def _journal(results: Path) -> Path:
+    return results.with_name(results.name + ".journal")
 
 
 def assert_valid_results(path: Path) -> dict[str, Any]:

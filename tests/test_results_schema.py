@@ -20,6 +20,7 @@ import jsonschema
 import pytest
 
 from cxrsr.config import PROJECT_ROOT
+from cxrsr.journal import Journal, read_journal
 from cxrsr.results import (
     FORMAT,
     ClassifiedEntry,
@@ -32,6 +33,7 @@ from cxrsr.results import (
 )
 from tests.conftest import (
     RESULTS_SCHEMA,
+    assert_valid_journal,
     assert_valid_results,
     results_validator,
     run_script,
@@ -148,6 +150,24 @@ def test_a_broken_document_fails_both_checks(
     target.write_text(json.dumps(broken))
     with pytest.raises(AssertionError, match=r"does not match results\.schema\.json"):
         assert_valid_results(target)
+
+
+def test_journal_lines_match_the_schema_and_broken_ones_are_not_reused(tmp_path: Path) -> None:
+    path = tmp_path / "results.json.journal"
+    journal = Journal(path)
+    journal.start(MODEL)
+    for entry in document()["images"]:
+        journal.append(entry)
+    journal.close()
+    assert_valid_journal(path)
+    assert [entry for _, entry in read_journal(path)] == document()["images"]
+
+    broken = dict(document()["images"][0], scores={"Effusion": "high"})
+    with path.open("a", encoding="utf-8") as stream:
+        stream.write(json.dumps({"entry": broken}) + "\n")
+    with pytest.raises(AssertionError, match="line 5 does not match the schema"):
+        assert_valid_journal(path)
+    assert len(list(read_journal(path))) == 3  # the broken entry is passed over
 
 
 def test_readers_may_meet_keys_they_do_not_know() -> None:
