@@ -12,10 +12,11 @@ earlier versions lack some of them, and some are written only when they apply
 do not know: later versions of format ``cxrsr-results/1`` may add optional keys.
 """
 
+import functools
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, NotRequired, TypedDict, Union, cast
 
 FORMAT: Literal["cxrsr-results/1"] = "cxrsr-results/1"
@@ -128,6 +129,7 @@ class ResultsDocument(TypedDict):
 # --- run-time checks and the JSON Schema, both derived from the classes above ----------
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, include_extras=True)
 
@@ -140,73 +142,147 @@ def _required(cls: type) -> list[str]:
     return [key for key in _hints(cls) if key in cast(Any, cls).__required_keys__]
 
 
+Failure = tuple[list[str], str]
+"""Where a check failed (the keys and indexes, innermost first) and why."""
+Check = Callable[[object], Failure | None]
+
+
 def problem(value: object, tp: object = ResultsDocument, where: str = "") -> str | None:
     """What makes ``value`` not a ``tp`` (one line naming the place), or ``None`` if it is one.
 
     Keys the type does not name are allowed (readers ignore them). Floats accept integers
     (JSON writes 1.0 as 1.0, but other tools may write 1); booleans are never numbers.
     """
+    failure = _check(tp)(value)
+    if failure is None:
+        return None
+    steps, reason = failure
+    place = where
+    for step in reversed(steps):
+        place = f"{place}{step}" if step.startswith("[") or not place else f"{place}.{step}"
+    return f"{place or 'document'}: {reason}"
+
+
+@functools.cache
+def _check(tp: object) -> Check:
+    """The check of values of ``tp``, built once per type (a results file has many entries)."""
     origin = typing.get_origin(tp)
     if origin is NotRequired:
-        return problem(value, typing.get_args(tp)[0], where)
+        return _check(typing.get_args(tp)[0])
     if _is_typeddict(tp):
-        if not isinstance(value, Mapping):
-            return f"{where or 'document'}: not an object"
-        hints = _hints(cast(type, tp))
-        for key in _required(cast(type, tp)):
-            if key not in value:
-                return f"{where or 'document'}: lacks '{key}'"
-        for key, hint in hints.items():
-            if key in value:
-                found = problem(value[key], hint, f"{where}.{key}" if where else key)
-                if found:
-                    return found
-        return None
+        return _object_check(cast(type, tp))
     if origin is Literal:
-        allowed = typing.get_args(tp)
-        return None if value in allowed else f"{where}: {value!r} is not one of {list(allowed)}"
+        return _literal_check(typing.get_args(tp))
     if origin in (Union, types.UnionType):
-        options = typing.get_args(tp)
-        reasons = [problem(value, option, where) for option in options]
-        if None in reasons:
+        return _union_check(typing.get_args(tp))
+    if origin is list:
+        return _list_check(_check(typing.get_args(tp)[0]))
+    if origin is dict:
+        return _dict_check(_check(typing.get_args(tp)[1]))
+    return _scalar_check(cast(type, tp))
+
+
+def _object_check(cls: type) -> Check:
+    required = _required(cls)
+    fields = [(key, _check(hint)) for key, hint in _hints(cls).items()]
+
+    def check(value: object) -> Failure | None:
+        if not isinstance(value, Mapping):
+            return [], "not an object"
+        for key in required:
+            if key not in value:
+                return [], f"lacks '{key}'"
+        for key, field_check in fields:
+            if key in value:
+                failure = field_check(value[key])
+                if failure is not None:
+                    failure[0].append(key)
+                    return failure
+        return None
+
+    return check
+
+
+def _literal_check(allowed: tuple[object, ...]) -> Check:
+    def check(value: object) -> Failure | None:
+        return None if value in allowed else ([], f"{value!r} is not one of {list(allowed)}")
+
+    return check
+
+
+def _union_check(options: tuple[object, ...]) -> Check:
+    """Any of ``options``; a failure names the reason of the variant the value's ``status``
+    claims (a classified entry that lacks a key is told so, not that it is no skipped one)."""
+    checks = [(_check(option), _status_of(option)) for option in options]
+
+    def check(value: object) -> Failure | None:
+        failures = [option_check(value) for option_check, _ in checks]
+        if None in failures:
             return None
         status = value.get("status") if isinstance(value, Mapping) else None
-        for option, reason in zip(options, reasons, strict=True):  # the variant it claims
-            if _is_typeddict(option) and status in _status_of(option):
-                return reason
-        return reasons[0]
-    if origin is list:
-        if not isinstance(value, list):
-            return f"{where}: not a list"
-        (item,) = typing.get_args(tp)
-        return next(
-            (p for i, v in enumerate(value) if (p := problem(v, item, f"{where}[{i}]"))), None
-        )
-    if origin is dict:
-        if not isinstance(value, dict):
-            return f"{where}: not an object"
-        _, item = typing.get_args(tp)
-        return next((p for k, v in value.items() if (p := problem(v, item, f"{where}.{k}"))), None)
-    return _scalar_problem(value, tp, where)
+        for (_, statuses), failure in zip(checks, failures, strict=True):
+            if status in statuses:
+                return failure
+        return failures[0]
+
+    return check
 
 
-def _status_of(cls: type) -> tuple[object, ...]:
-    hint = _hints(cls).get("status")
+def _status_of(tp: object) -> tuple[object, ...]:
+    if not _is_typeddict(tp):
+        return ()
+    hint = _hints(cast(type, tp)).get("status")
     return typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
 
 
-def _scalar_problem(value: object, tp: object, where: str) -> str | None:
+def _list_check(item: Check) -> Check:
+    def check(value: object) -> Failure | None:
+        if not isinstance(value, list):
+            return [], "not a list"
+        for index, element in enumerate(value):
+            failure = item(element)
+            if failure is not None:
+                failure[0].append(f"[{index}]")
+                return failure
+        return None
+
+    return check
+
+
+def _dict_check(item: Check) -> Check:
+    def check(value: object) -> Failure | None:
+        if not isinstance(value, dict):
+            return [], "not an object"
+        for key, element in value.items():
+            failure = item(element)
+            if failure is not None:
+                failure[0].append(str(key))
+                return failure
+        return None
+
+    return check
+
+
+def _scalar_check(tp: type) -> Check:
+    name = _NAMES[tp]
+    accept: Callable[[object], bool]
     if tp is bool:
-        ok = isinstance(value, bool)
+        accept = lambda value: isinstance(value, bool)  # noqa: E731
     elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        accept = lambda value: isinstance(value, int) and not isinstance(value, bool)  # noqa: E731
     elif tp is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    elif tp is str:
-        ok = isinstance(value, str)
+        accept = _is_finite_number
     else:
-        raise TypeError(f"no check for {tp!r}")
-    return None if ok else f"{where}: {value!r} is not {_NAMES[cast(type, tp)]}"
+        accept = lambda value: isinstance(value, tp)  # noqa: E731
+
+    def check(value: object) -> Failure | None:
+        return None if accept(value) else ([], f"{value!r} is not {name}")
+
+    return check
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 _SCALARS = {bool: "boolean", int: "integer", float: "number", str: "string"}
