@@ -58,11 +58,16 @@ def _line(record: ModelLine | EntryLine) -> bytes:
     return text.encode("utf-8") + b"\n"
 
 
-def read_journal(path: Path) -> Iterator[tuple[ModelRecord, ResultsEntry]]:
+ModelBlock = dict[str, object]
+"""A model block as read back, not yet checked: whoever uses one as a results file's
+``model`` checks it (:func:`cxrsr.resume.Earlier.model_for`)."""
+
+
+def read_journal(path: Path) -> Iterator[tuple[ModelBlock, ResultsEntry]]:
     """``(model, entry)`` for each entry line of the journal at ``path``, oldest first.
 
     A missing journal has no entries. Lines that do not parse (the torn last line of a
-    killed run), entries or models that are not what the results file holds
+    killed run), entries that are not what the results file holds
     (:mod:`cxrsr.results_types`), and entries without a model line before them are
     passed over.
     """
@@ -70,7 +75,7 @@ def read_journal(path: Path) -> Iterator[tuple[ModelRecord, ResultsEntry]]:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         return
-    model: ModelRecord | None = None
+    model: ModelBlock | None = None
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
@@ -81,9 +86,8 @@ def read_journal(path: Path) -> Iterator[tuple[ModelRecord, ResultsEntry]]:
             continue
         if not isinstance(record, dict):
             continue
-        if record.get("format") == FORMAT:
-            found = record.get("model")
-            model = cast(ModelRecord, found) if problem(found, ModelRecord) is None else None
+        if record.get("format") == FORMAT and isinstance(record.get("model"), dict):
+            model = record["model"]
         elif model is not None and problem(record.get("entry"), ResultsEntry) is None:
             yield model, cast(ResultsEntry, record["entry"])
         elif "entry" in record:

@@ -21,14 +21,14 @@ import copy
 import functools
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, cast
 
 from cxrsr.errors import PipelineError
-from cxrsr.journal import Journal, journal_path, read_journal
+from cxrsr.journal import Journal, ModelBlock, journal_path, read_journal
 from cxrsr.results import (
     CLASSIFIED,
     FAILED,
@@ -80,10 +80,10 @@ def utc_now() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
-ModelKey = tuple[str | None, str | None, RunOptions | None]
+ModelKey = tuple[object, object, object]
 
 
-def _model_key(model: ModelRecord) -> ModelKey:
+def _model_key(model: Mapping[str, object]) -> ModelKey:
     """What must match for an earlier entry to stand: the weights, torchxrayvision, and the
     run's options that change what an entry says (the domain policy, ...)."""
     return model.get("weights_sha256"), model.get("torchxrayvision"), model.get("options")
@@ -99,32 +99,32 @@ def _result_key(entry: ResultsEntry) -> tuple[object, ...]:
 class Earlier:
     """What earlier runs left for the results file at one path: its entries and its journal's."""
 
-    models: list[ModelRecord] = field(default_factory=list)
-    """Every model block met, the results file's first."""
-    entries: dict[str, list[tuple[ModelRecord, ResultsEntry]]] = field(default_factory=dict)
+    models: list[ModelBlock] = field(default_factory=list)
+    """Every model block met, the results file's first (checked only when one is used)."""
+    entries: dict[str, list[tuple[ModelBlock, ResultsEntry]]] = field(default_factory=dict)
     """``(model, entry)`` by path, oldest first (the journal is newer than the results file)."""
 
     @classmethod
     def load(cls, results_path: Path, journal: Path) -> Earlier:
         """Read the results file (if it is one) and the journal; damaged parts are passed over.
 
-        A part is damaged when it is not what the types of :mod:`cxrsr.results_types`
-        say: a model block or an entry that is not one is never reused.
+        An entry that is not what the types of :mod:`cxrsr.results_types` say is never
+        reused.
         """
         earlier = cls()
         try:
             document = json.loads(Path(results_path).read_text(encoding="utf-8"))
             model, images = document["model"], document["images"]
-            if problem(model, ModelRecord) is None and isinstance(images, list):
+            if isinstance(model, dict) and isinstance(images, list):
                 entries = [e for e in images if problem(e, ResultsEntry) is None]
-                earlier._add(cast(ModelRecord, model), cast(list[ResultsEntry], entries))
+                earlier._add(model, cast(list[ResultsEntry], entries))
         except (OSError, ValueError, KeyError, TypeError):
             pass  # no usable results file: nothing to reuse from it
         for model, entry in read_journal(journal):
             earlier._add(model, [entry])
         return earlier
 
-    def _add(self, model: ModelRecord, entries: list[ResultsEntry]) -> None:
+    def _add(self, model: ModelBlock, entries: list[ResultsEntry]) -> None:
         if not self.models or self.models[-1] != model:
             self.models.append(model)
         for entry in entries:
@@ -160,7 +160,7 @@ class Earlier:
         """The latest earlier model block of these weights, for a run that loads no model."""
         for model in reversed(self.models):
             if _model_key(model) == (digest, torchxrayvision, options):
-                return model
+                return cast(ModelRecord, model) if problem(model, ModelRecord) is None else None
         return None
 
     def reusable(
