@@ -12,12 +12,11 @@ import datetime
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from cxrsr import cli
 from cxrsr.config import setting
 from cxrsr.report import write_report
-from cxrsr.results import load_results
+from cxrsr.results import LoadedResults, load_results
 from cxrsr.runlock import hold
 from cxrsr.sr.batch import generate_srs
 
@@ -27,7 +26,7 @@ DEFAULT_OUTPUT_DIR = Path("output/sr")
 LOCK_NAME = ".generate_sr.lock"
 
 
-def parse_args(argv: Sequence[str] | None):
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = cli.make_parser(
         "generate_sr.py",
         description=__doc__.strip().splitlines()[0]
@@ -98,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return write_outputs(args, document)
 
 
-def write_outputs(args: argparse.Namespace, document: dict[str, Any]) -> int:
+def write_outputs(args: argparse.Namespace, document: LoadedResults) -> int:
     """Write the SRs, key images and report of ``document`` (the output folder's lock held)."""
     # Content Date/Time is each entry's classified_at; results files without it fall back
     # to when the file was written, never to the clock, so reruns write the same bytes.

@@ -15,7 +15,7 @@ from cxrsr.dicomio.discovery import check_inputs_exist, iter_sources
 from cxrsr.dicomio.domain import DomainPolicy
 from cxrsr.errors import PipelineError
 from cxrsr.files import make_folders
-from cxrsr.results import FAILED, SKIPPED
+from cxrsr.results import FAILED, SKIPPED, ResultsEntry, RunOptions, model_record
 from cxrsr.runlock import hold, lock_path
 
 DESCRIPTION = """\
@@ -112,7 +112,7 @@ def process(args: argparse.Namespace) -> int:
     # Earlier results of unchanged files, from the results file and a killed run's journal.
     which = ALL_LABELS if args.all_heatmaps else FINDINGS
     # Settings that change what an entry says: results made with others are not reused.
-    options = {"domain": args.domain, "heatmaps": "none" if args.no_heatmaps else which}
+    options: RunOptions = {"domain": args.domain, "heatmaps": "none" if args.no_heatmaps else which}
     results = ResultsRun(args.output, sources, args.weights, args.cache_dir, options)
     if args.weights_sha256 and results.digest and results.digest != args.weights_sha256:
         raise PipelineError(
@@ -135,14 +135,14 @@ def process(args: argparse.Namespace) -> int:
         cli.log.debug(
             "model %s on %s, %s backend", args.weights, classifier.device, classifier.backend
         )
-        results.begin(classifier.describe())
+        results.begin(model_record(classifier.describe()))
         return classifier
 
     counts: Counter[str] = Counter(entry["status"] for entry in results.reused)
     with cli.progress(args, total=len(sources), unit="img") as bar:
         bar.update(len(results.reused))
 
-        def report(entry: dict) -> None:
+        def report(entry: ResultsEntry) -> None:
             results.record(entry)
             counts[entry["status"]] += 1
             if entry["status"] == SKIPPED:
@@ -155,7 +155,9 @@ def process(args: argparse.Namespace) -> int:
                     cli.log.warning("%s: %s", entry["path"], note)
             bar.update(1)
 
-        classifier, finished, interrupted = None, [], False
+        classifier: Classifier | None = None
+        finished: list[ResultsEntry] = []
+        interrupted = False
         try:
             if results.todo:  # else no model, no reader processes, not even their imports
                 from cxrsr.classify import classify
@@ -186,9 +188,9 @@ def process(args: argparse.Namespace) -> int:
             results.close()  # what is finished stays journaled, whatever happened
 
     if classifier is not None:
-        model_block = classifier.describe()
+        model_block = model_record(classifier.describe())
     else:  # nothing classified: the model is needed only for its description
-        model_block = results.earlier_model or load().describe()
+        model_block = results.earlier_model or model_record(load().describe())
     entries, notes = results.save(model_block, finished, interrupted)
     for note in notes:
         cli.log.warning("%s", note)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict, cast
 
 import numpy as np
 
@@ -31,7 +31,16 @@ from cxrsr.model.classifier import Classifier
 from cxrsr.model.heatmaps import PREVIEW_FOLDER, HeatmapWriter, file_stem
 from cxrsr.model.preprocess import INPUT_SIZE, preprocess
 from cxrsr.reader_pool import ReaderPool
-from cxrsr.results import CLASSIFIED, FAILED, SKIPPED, rounded_score
+from cxrsr.results import (
+    CLASSIFIED,
+    FAILED,
+    SKIPPED,
+    ClassifiedEntry,
+    FailedEntry,
+    ResultsEntry,
+    SkippedEntry,
+    rounded_score,
+)
 
 log = logging.getLogger("cxrsr")
 
@@ -40,17 +49,33 @@ log = logging.getLogger("cxrsr")
 REDUCED_DECODE_MIN_SIZE = 2 * INPUT_SIZE
 
 
+class DomainKeys(TypedDict, total=False):
+    """The domain gates' record in a classified entry (:data:`cxrsr.dicomio.domain.ENTRY_KEYS`)."""
+
+    projection: str
+    patient_orientation: str
+    orientation_transform: str
+    domain_warnings: list[str]
+
+
+class PreviewKeys(TypedDict, total=False):
+    """The keys of a classified entry that name its display preview."""
+
+    preview: str
+    preview_crop: list[float]
+
+
 @dataclass
 class Prepared:
     """What a worker sends back for one file: a model input, or why there is none."""
 
     path: str
-    status: str
+    status: Literal["ready", "skipped", "failed"]
     reason: str = ""
     identity: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     model_input: np.ndarray | None = None
-    preview: dict[str, Any] = field(default_factory=dict)
+    preview: PreviewKeys = field(default_factory=PreviewKeys)
     """``preview`` and ``preview_crop`` of the results entry, when previews are written."""
 
     def __post_init__(self) -> None:
@@ -89,7 +114,7 @@ def prepare(
         preview = (
             write_preview(radiograph, shape, source.name, results_dir)
             if results_dir is not None
-            else {}
+            else PreviewKeys()
         )
     except NotARadiographError as exc:
         return Prepared(source.name, SKIPPED, reason=str(exc))
@@ -120,7 +145,7 @@ def prepare(
 
 def write_preview(
     radiograph: Radiograph, shape: tuple[int, int], path: str, results_dir: Path
-) -> dict[str, Any]:
+) -> PreviewKeys:
     """Write the display preview of ``radiograph``; return its results entry keys.
 
     The file is not flushed to disk here: :func:`classify` makes a batch's pictures
@@ -173,7 +198,7 @@ def prepared_in_order(
             yield pending.popleft().result()
 
 
-def classified_entry(item: Prepared, scores: dict[str, float], threshold: float) -> dict[str, Any]:
+def classified_entry(item: Prepared, scores: dict[str, float], threshold: float) -> ClassifiedEntry:
     """A ``classified`` entry of the results file.
 
     ``scores`` are the model's, unrounded: findings are decided on them, and the entry
@@ -181,7 +206,7 @@ def classified_entry(item: Prepared, scores: dict[str, float], threshold: float)
     stored scores and the findings always agree.
     """
     identity = item.identity
-    entry: dict[str, Any] = {
+    entry: ClassifiedEntry = {
         "path": item.path,
         "status": CLASSIFIED,
         "sop_instance_uid": identity["sop_instance_uid"],
@@ -195,7 +220,7 @@ def classified_entry(item: Prepared, scores: dict[str, float], threshold: float)
         "rows": identity["rows"],
         "columns": identity["columns"],
         "transfer_syntax_uid": identity["transfer_syntax_uid"],
-        **entry_fields(identity),
+        **cast(DomainKeys, entry_fields(identity)),
         "scores": {label: rounded_score(score, threshold) for label, score in scores.items()},
         "findings": [label for label, score in scores.items() if score >= threshold],
     }
@@ -203,6 +228,13 @@ def classified_entry(item: Prepared, scores: dict[str, float], threshold: float)
         entry["warnings"] = item.warnings
     entry.update(item.preview)
     return entry
+
+
+def not_classified_entry(item: Prepared) -> SkippedEntry | FailedEntry:
+    """The ``skipped`` or ``failed`` entry of a file the model never saw."""
+    if item.status == SKIPPED:
+        return {"path": item.path, "status": SKIPPED, "reason": item.reason}
+    return {"path": item.path, "status": FAILED, "reason": item.reason}
 
 
 def pictures_error(results_dir: Path | None, exc: OSError) -> PipelineError:
@@ -224,7 +256,7 @@ class Run:
 
     classifier: Classifier | None
     """The loaded model; ``None`` when there was nothing to classify (it is never loaded)."""
-    entries: list[dict[str, Any]]
+    entries: list[ResultsEntry]
     """One results entry per finished file, in input order."""
     interrupted: bool = False
     """Ctrl-C stopped the run; ``entries`` holds the files finished before it."""
@@ -235,7 +267,7 @@ def classify(
     load_classifier: Callable[[], Classifier],
     batch_size: int,
     workers: int,
-    on_entry: Callable[[dict[str, Any]], None] = lambda entry: None,
+    on_entry: Callable[[ResultsEntry], None] = lambda entry: None,
     on_batch: Callable[[], None] = lambda: None,
     prepare_one: Callable[[Source], Prepared] | None = None,
     domain: DomainPolicy = DomainPolicy.STRICT,
@@ -264,10 +296,10 @@ def classify(
     results_dir = heatmaps.results_dir if heatmaps is not None else None
     reader = prepare_one or functools.partial(prepare, domain=domain, results_dir=results_dir)
     threshold = 0.5
-    entries: list[dict[str, Any] | None] = [None] * len(sources)
+    entries: list[ResultsEntry | None] = [None] * len(sources)
     batch: list[tuple[int, Prepared]] = []
     # The last batch classified, waiting for its pictures: (index, entry, pictures task).
-    unpublished: list[tuple[int, dict[str, Any], Future[list[Path]] | None]] = []
+    unpublished: list[tuple[int, ClassifiedEntry, Future[list[Path]] | None]] = []
     loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
     loading = loader.submit(load_classifier)
     loader.shutdown(wait=False)
@@ -333,7 +365,7 @@ def classify(
                     if len(batch) >= batch_size:
                         flush()
                 else:
-                    entry = {"path": item.path, "status": item.status, "reason": item.reason}
+                    entry = not_classified_entry(item)
                     entries[index] = entry
                     on_entry(entry)
         flush()

@@ -23,9 +23,10 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TypedDict, cast
 
 from cxrsr.files import fsync_folder, open_private_append
+from cxrsr.results_types import ModelRecord, ResultsEntry, problem
 
 log = logging.getLogger("cxrsr")
 
@@ -39,22 +40,42 @@ def journal_path(results_path: Path) -> Path:
     return results_path.with_name(results_path.name + SUFFIX)
 
 
-def _line(record: dict[str, Any]) -> bytes:
+class ModelLine(TypedDict):
+    """The line that names the model of the entries after it."""
+
+    format: str
+    model: ModelRecord
+
+
+class EntryLine(TypedDict):
+    """One finished entry."""
+
+    entry: ResultsEntry
+
+
+def _line(record: ModelLine | EntryLine) -> bytes:
     text = json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     return text.encode("utf-8") + b"\n"
 
 
-def read_journal(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+ModelBlock = dict[str, object]
+"""A model block as read back, not yet checked: whoever uses one as a results file's
+``model`` checks it (:func:`cxrsr.resume.Earlier.model_for`)."""
+
+
+def read_journal(path: Path) -> Iterator[tuple[ModelBlock, ResultsEntry]]:
     """``(model, entry)`` for each entry line of the journal at ``path``, oldest first.
 
     A missing journal has no entries. Lines that do not parse (the torn last line of a
-    killed run) and entries without a model line before them are passed over.
+    killed run), entries that are not what the results file holds
+    (:mod:`cxrsr.results_types`), and entries without a model line before them are
+    passed over.
     """
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         return
-    model: dict[str, Any] | None = None
+    model: ModelBlock | None = None
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
@@ -67,8 +88,10 @@ def read_journal(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
             continue
         if record.get("format") == FORMAT and isinstance(record.get("model"), dict):
             model = record["model"]
-        elif isinstance(record.get("entry"), dict) and model is not None:
-            yield model, record["entry"]
+        elif model is not None and problem(record.get("entry"), ResultsEntry) is None:
+            yield model, cast(ResultsEntry, record["entry"])
+        elif "entry" in record:
+            log.debug("%s: line %d is not a results entry, passed over", path, number)
 
 
 class Journal:
@@ -82,10 +105,10 @@ class Journal:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._fd: int | None = None
-        self._waiting: list[dict[str, Any]] = []
+        self._waiting: list[ResultsEntry] = []
         self._unsynced = False
 
-    def start(self, model: dict[str, Any]) -> None:
+    def start(self, model: ModelRecord) -> None:
         """Open (or create) the journal and name the model of the entries that follow."""
         with self._lock:
             created = not self.path.exists()
@@ -103,7 +126,7 @@ class Journal:
             if created:
                 _fsync_folder(self.path.parent)
 
-    def append(self, entry: dict[str, Any]) -> None:
+    def append(self, entry: ResultsEntry) -> None:
         """Add one finished entry (in the kernel at once; on disk at the next :meth:`sync`)."""
         with self._lock:
             if self._fd is None:
@@ -111,7 +134,7 @@ class Journal:
             else:
                 self._write({"entry": entry})
 
-    def _write(self, record: dict[str, Any]) -> None:
+    def _write(self, record: ModelLine | EntryLine) -> None:
         assert self._fd is not None
         data = _line(record)
         while data:  # one write(2) in practice; a regular file takes it whole

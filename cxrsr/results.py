@@ -1,6 +1,8 @@
 """The JSON results file: the contract between process_dicom.py and generate_sr.py.
 
-Shape (names are fixed; more keys may be added)::
+Its types are in :mod:`cxrsr.results_types` (re-exported here), which also give the
+published JSON Schema (``python -m cxrsr.results schema``, committed as
+``docs/results.schema.json``). In short (names are fixed; more keys may be added)::
 
     {"format": "cxrsr-results/1",
      "model": {"weights": "densenet121-res224-all", "weights_sha256": "...",
@@ -34,22 +36,74 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Final, Literal, NotRequired, TypedDict, cast
 
 from cxrsr.errors import PipelineError
 from cxrsr.files import write_json_atomic
+from cxrsr.results_types import (
+    FORMAT,
+    ClassifiedEntry,
+    FailedEntry,
+    FileMark,
+    ModelRecord,
+    ResultsDocument,
+    ResultsEntry,
+    RunOptions,
+    SkippedEntry,
+    json_schema,
+    problem,
+)
 
-FORMAT = "cxrsr-results/1"
+__all__ = [
+    "CLASSIFIED",
+    "FAILED",
+    "FORMAT",
+    "SKIPPED",
+    "STATUSES",
+    "ClassifiedEntry",
+    "FailedEntry",
+    "FileMark",
+    "LoadedResults",
+    "ModelRecord",
+    "ReadableResults",
+    "ResultsDocument",
+    "ResultsEntry",
+    "RunOptions",
+    "SkippedEntry",
+    "json_schema",
+    "load_results",
+    "model_record",
+    "save_results",
+    "schema_text",
+]
 
 #: Decimals of a score in the results file: enough to tell results apart (float32 holds
 #: about 7 significant digits), few enough for files that read well and compare stably.
 SCORE_DECIMALS = 6
 
-CLASSIFIED = "classified"
-SKIPPED = "skipped"
-FAILED = "failed"
+CLASSIFIED: Final = "classified"
+SKIPPED: Final = "skipped"
+FAILED: Final = "failed"
 STATUSES = (CLASSIFIED, SKIPPED, FAILED)
+
+
+class LoadedResults(TypedDict):
+    """A results file as :func:`load_results` reads it: the document and its ``model``
+    block checked, its entries not yet. Entries come from a file anyone can edit, and a
+    bad one costs only itself: each reader checks the entries it uses
+    (:func:`cxrsr.sr.batch.check_entry`, the report's cards)."""
+
+    format: Literal["cxrsr-results/1"]
+    model: ModelRecord
+    images: list[object]
+    complete: NotRequired[bool]
+
+
+ReadableResults = ResultsDocument | LoadedResults
+"""What the SR builder and the report read: a file as loaded, or a document built in
+memory (the watcher's), whose entries are typed already."""
 
 
 def rounded_score(score: float, threshold: float, decimals: int = SCORE_DECIMALS) -> float:
@@ -65,7 +119,7 @@ def rounded_score(score: float, threshold: float, decimals: int = SCORE_DECIMALS
     rounded = round(score, decimals)
     if (score >= threshold) == (rounded >= threshold):
         return rounded
-    scale = 10**decimals
+    scale: int = 10**decimals
     if score < threshold:  # the largest value below the threshold
         units = math.ceil(threshold * scale)
         while round(units / scale, decimals) >= threshold:
@@ -81,7 +135,7 @@ def _shared_uid_note_prefix(uid: str) -> str:
     return f"SOP Instance UID {uid} is also used by "
 
 
-def flag_shared_instance_uids(entries: list[dict[str, Any]]) -> list[str]:
+def flag_shared_instance_uids(entries: list[ResultsEntry]) -> list[str]:
     """Warn on classified entries that share a SOP Instance UID, and say so in each entry.
 
     Two different files with one SOP Instance UID are one instance to a PACS: Orthanc keeps
@@ -90,7 +144,7 @@ def flag_shared_instance_uids(entries: list[dict[str, Any]]) -> list[str]:
     entry are dropped first, so they are neither doubled nor kept once the other file is
     gone.
     """
-    by_uid: dict[str, list[dict[str, Any]]] = {}
+    by_uid: dict[str, list[ClassifiedEntry]] = {}
     for entry in entries:
         if entry["status"] == CLASSIFIED:
             prefix = _shared_uid_note_prefix(entry["sop_instance_uid"])
@@ -114,7 +168,7 @@ def flag_shared_instance_uids(entries: list[dict[str, Any]]) -> list[str]:
 
 
 def save_results(
-    path: Path, model: dict[str, Any], entries: list[dict[str, Any]], interrupted: bool
+    path: Path, model: ModelRecord, entries: list[ResultsEntry], interrupted: bool
 ) -> list[str]:
     """Write the results file for ``entries``; return the warnings to show.
 
@@ -123,14 +177,14 @@ def save_results(
     (see :mod:`cxrsr.resume`).
     """
     messages = flag_shared_instance_uids(entries)
-    document: dict[str, Any] = {"format": FORMAT, "model": model, "images": entries}
+    document: ResultsDocument = {"format": FORMAT, "model": model, "images": entries}
     if interrupted:
         document["complete"] = False
     write_json_atomic(path, document)
     return messages
 
 
-def load_results(path: Path) -> dict[str, Any]:
+def load_results(path: Path) -> LoadedResults:
     """Read and check a results file; a missing or malformed one is a :class:`PipelineError`."""
     path = Path(path)
     try:
@@ -152,5 +206,36 @@ def load_results(path: Path) -> dict[str, Any]:
     model = document.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("labels"), list):
         raise PipelineError(f"{path}: not a results file (no 'model.labels')", exit_code=2)
+    found_problem = problem(model, ModelRecord, "model")
+    if found_problem is not None:
+        raise PipelineError(f"{path}: not a valid results file: {found_problem}", exit_code=2)
+    if "complete" in document and not isinstance(document["complete"], bool):
+        raise PipelineError(f"{path}: not a valid results file: 'complete' is not a boolean", 2)
     # Entries are not checked here: a bad entry costs only its own SR (cxrsr.sr.batch).
-    return document
+    return cast(LoadedResults, document)
+
+
+def model_record(block: object) -> ModelRecord:
+    """A ``model`` block made in this process (the classifier's description), checked."""
+    found = problem(block, ModelRecord, "model")
+    if found is not None:
+        raise ValueError(f"not a results model block: {found}")
+    return cast(ModelRecord, block)
+
+
+def schema_text() -> str:
+    """The JSON Schema of the results file, as committed in ``docs/results.schema.json``."""
+    return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    """``python -m cxrsr.results schema``: print the JSON Schema of the results file."""
+    if argv != ["schema"]:
+        print("usage: python -m cxrsr.results schema", file=sys.stderr)
+        return 2
+    sys.stdout.write(schema_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

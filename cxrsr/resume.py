@@ -21,15 +21,24 @@ import copy
 import functools
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Final, cast
 
 from cxrsr.errors import PipelineError
-from cxrsr.journal import Journal, journal_path, read_journal
-from cxrsr.results import CLASSIFIED, FAILED, save_results
+from cxrsr.journal import Journal, ModelBlock, journal_path, read_journal
+from cxrsr.results import (
+    CLASSIFIED,
+    FAILED,
+    FileMark,
+    ModelRecord,
+    ResultsEntry,
+    RunOptions,
+    problem,
+    save_results,
+)
 
 if TYPE_CHECKING:
     import zipfile
@@ -37,7 +46,7 @@ if TYPE_CHECKING:
     from cxrsr.dicomio.discovery import Source
 
 #: Key of the file's fingerprint in every results entry.
-FILE_KEY = "file"
+FILE_KEY: Final = "file"
 
 
 @functools.lru_cache(maxsize=8)
@@ -47,13 +56,13 @@ def _zip_directory(path: str, size: int, mtime_ns: int) -> zipfile.ZipFile:
     return zipfile.ZipFile(path)
 
 
-def fingerprint(source: Source) -> dict[str, int] | None:
+def fingerprint(source: Source) -> FileMark | None:
     """What must not change for an entry of ``source`` to be reused; ``None`` if unknowable."""
     try:
         info = os.stat(source.path)
     except OSError:
         return None
-    mark = {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+    mark: FileMark = {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
     if source.member is not None:
         try:
             member = _zip_directory(source.path, info.st_size, info.st_mtime_ns).getinfo(
@@ -71,50 +80,55 @@ def utc_now() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
-def _model_key(model: dict[str, Any]) -> tuple[Any, Any, Any]:
+ModelKey = tuple[object, object, object]
+
+
+def _model_key(model: Mapping[str, object]) -> ModelKey:
     """What must match for an earlier entry to stand: the weights, torchxrayvision, and the
     run's options that change what an entry says (the domain policy, ...)."""
     return model.get("weights_sha256"), model.get("torchxrayvision"), model.get("options")
 
 
-def _result_key(entry: dict[str, Any]) -> tuple[Any, ...]:
-    return (
-        entry.get("path"),
-        entry.get("sop_instance_uid"),
-        tuple(sorted((entry.get("scores") or {}).items())),
-    )
+def _result_key(entry: ResultsEntry) -> tuple[object, ...]:
+    if entry["status"] != CLASSIFIED:
+        return (entry["path"], None, ())
+    return (entry["path"], entry["sop_instance_uid"], tuple(sorted(entry["scores"].items())))
 
 
 @dataclass
 class Earlier:
     """What earlier runs left for the results file at one path: its entries and its journal's."""
 
-    models: list[dict[str, Any]] = field(default_factory=list)
-    """Every model block met, the results file's first."""
-    entries: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = field(default_factory=dict)
+    models: list[ModelBlock] = field(default_factory=list)
+    """Every model block met, the results file's first (checked only when one is used)."""
+    entries: dict[str, list[tuple[ModelBlock, ResultsEntry]]] = field(default_factory=dict)
     """``(model, entry)`` by path, oldest first (the journal is newer than the results file)."""
 
     @classmethod
     def load(cls, results_path: Path, journal: Path) -> Earlier:
-        """Read the results file (if it is one) and the journal; damaged parts are passed over."""
+        """Read the results file (if it is one) and the journal; damaged parts are passed over.
+
+        An entry that is not what the types of :mod:`cxrsr.results_types` say is never
+        reused.
+        """
         earlier = cls()
         try:
             document = json.loads(Path(results_path).read_text(encoding="utf-8"))
             model, images = document["model"], document["images"]
             if isinstance(model, dict) and isinstance(images, list):
-                earlier._add(model, [e for e in images if isinstance(e, dict)])
+                entries = [e for e in images if problem(e, ResultsEntry) is None]
+                earlier._add(model, cast(list[ResultsEntry], entries))
         except (OSError, ValueError, KeyError, TypeError):
             pass  # no usable results file: nothing to reuse from it
         for model, entry in read_journal(journal):
             earlier._add(model, [entry])
         return earlier
 
-    def _add(self, model: dict[str, Any], entries: list[dict[str, Any]]) -> None:
+    def _add(self, model: ModelBlock, entries: list[ResultsEntry]) -> None:
         if not self.models or self.models[-1] != model:
             self.models.append(model)
         for entry in entries:
-            if isinstance(entry.get("path"), str):
-                self.entries.setdefault(entry["path"], []).append((model, entry))
+            self.entries.setdefault(entry["path"], []).append((model, entry))
 
     def weights_digest(self, weights: str, cache_dir: Path, torchxrayvision: str) -> str | None:
         """The SHA-256 of the weights file this run would load, found without loading it.
@@ -141,21 +155,21 @@ class Earlier:
         return None
 
     def model_for(
-        self, digest: str, torchxrayvision: str, options: dict[str, Any] | None
-    ) -> dict[str, Any] | None:
+        self, digest: str, torchxrayvision: str, options: RunOptions | None
+    ) -> ModelRecord | None:
         """The latest earlier model block of these weights, for a run that loads no model."""
         for model in reversed(self.models):
             if _model_key(model) == (digest, torchxrayvision, options):
-                return model
+                return cast(ModelRecord, model) if problem(model, ModelRecord) is None else None
         return None
 
     def reusable(
         self,
         name: str,
-        mark: dict[str, int] | None,
-        model: tuple[Any, Any, Any],
+        mark: FileMark | None,
+        model: ModelKey,
         results_dir: Path | None = None,
-    ) -> dict[str, Any] | None:
+    ) -> ResultsEntry | None:
         """The newest earlier entry for file ``name`` that may stand for this run, if any."""
         if mark is None:
             return None
@@ -169,7 +183,7 @@ class Earlier:
                 return copy.deepcopy(entry)
         return None
 
-    def classified_at(self, entry: dict[str, Any], model: dict[str, Any]) -> str | None:
+    def classified_at(self, entry: ResultsEntry, model: ModelRecord) -> str | None:
         """When an earlier run first produced this very result (same file, UID, weights, scores).
 
         A file touched but unchanged is classified again and gives the same scores: it
@@ -178,12 +192,12 @@ class Earlier:
         key = _result_key(entry)
         for entry_model, earlier in self.entries.get(entry["path"], []):
             if (
-                earlier.get("status") == CLASSIFIED
+                earlier["status"] == CLASSIFIED
                 and earlier.get("classified_at")
                 and _model_key(entry_model) == _model_key(model)
                 and _result_key(earlier) == key
             ):
-                return str(earlier["classified_at"])
+                return earlier.get("classified_at")
         return None
 
 
@@ -192,10 +206,10 @@ class Plan:
     """Which sources an earlier result stands for, and which must be classified."""
 
     sources: Sequence[Source]
-    marks: list[dict[str, int] | None]
-    reused: dict[int, dict[str, Any]]
+    marks: list[FileMark | None]
+    reused: dict[int, ResultsEntry]
     """Earlier entries by index into ``sources``."""
-    model: dict[str, Any] | None
+    model: ModelRecord | None
     """The earlier model block of the current weights (for a run that loads no model)."""
 
     @property
@@ -203,7 +217,7 @@ class Plan:
         """The sources to classify, in input order."""
         return [s for i, s in enumerate(self.sources) if i not in self.reused]
 
-    def merge(self, finished: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def merge(self, finished: list[ResultsEntry]) -> list[ResultsEntry]:
         """All entries in input order: reused ones, and ``finished`` (of :attr:`todo`, in order).
 
         ``finished`` may stop short (Ctrl-C): unfinished sources are left out.
@@ -217,13 +231,15 @@ class Plan:
         return merged
 
 
-def pictures_present(entry: dict[str, Any], results_dir: Path) -> bool:
+def pictures_present(entry: ResultsEntry, results_dir: Path) -> bool:
     """Whether the preview and heatmaps an entry names are on disk.
 
     They are written on background threads and may lag the journal line that names
     them; a run killed in between left an entry whose pictures are missing, which is
     then classified again rather than reused.
     """
+    if entry["status"] != CLASSIFIED:
+        return True
     names = [entry.get("preview"), *(entry.get("heatmaps") or {}).values()]
     return all(isinstance(name, str) and (results_dir / name).is_file() for name in names if name)
 
@@ -233,12 +249,12 @@ def make_plan(
     earlier: Earlier,
     digest: str | None,
     torchxrayvision: str,
-    options: dict[str, Any] | None = None,
+    options: RunOptions | None = None,
     results_dir: Path | None = None,
 ) -> Plan:
     """Fingerprint every source and pick the earlier entries that still hold."""
     marks = [fingerprint(source) for source in sources]
-    reused: dict[int, dict[str, Any]] = {}
+    reused: dict[int, ResultsEntry] = {}
     model = None
     if digest is not None:
         model = earlier.model_for(digest, torchxrayvision, options)
@@ -265,16 +281,16 @@ class Recorder:
         self._earlier = earlier
         self._journal = journal
         self._clock = clock
-        self.model: dict[str, Any] | None = None
+        self.model: ModelRecord | None = None
 
-    def begin(self, model: dict[str, Any]) -> None:
+    def begin(self, model: ModelRecord) -> None:
         self.model = model
         self._journal.start(model)
 
-    def record(self, entry: dict[str, Any]) -> None:
+    def record(self, entry: ResultsEntry) -> None:
         mark = self._marks.get(entry["path"])
         if mark is not None:
-            entry[FILE_KEY] = mark
+            entry["file"] = mark
         if entry["status"] == CLASSIFIED and "classified_at" not in entry:
             assert self.model is not None, "a classified entry before the model loaded"
             entry["classified_at"] = self._earlier.classified_at(entry, self.model) or self._clock()
@@ -295,7 +311,7 @@ class ResultsRun:
         sources: Sequence[Source],
         weights: str,
         cache_dir: Path | None,
-        options: dict[str, Any] | None = None,
+        options: RunOptions | None = None,
     ) -> None:
         from cxrsr.model.classifier import default_cache_dir, torchxrayvision_version
 
@@ -316,23 +332,23 @@ class ResultsRun:
         return self.plan.todo
 
     @property
-    def reused(self) -> list[dict[str, Any]]:
+    def reused(self) -> list[ResultsEntry]:
         """The earlier entries kept for this run."""
         return list(self.plan.reused.values())
 
     @property
-    def earlier_model(self) -> dict[str, Any] | None:
+    def earlier_model(self) -> ModelRecord | None:
         """The model block of the earlier results kept, for a run that loads no model."""
         return self.plan.model
 
-    def _with_options(self, model: dict[str, Any]) -> dict[str, Any]:
+    def _with_options(self, model: ModelRecord) -> ModelRecord:
         return model if self.options is None else {**model, "options": self.options}
 
-    def begin(self, model: dict[str, Any]) -> None:
+    def begin(self, model: ModelRecord) -> None:
         """The model is loaded: start journaling under its description."""
         self.recorder.begin(self._with_options(model))
 
-    def record(self, entry: dict[str, Any]) -> None:
+    def record(self, entry: ResultsEntry) -> None:
         """A new entry is finished (adds ``file`` and ``classified_at``, journals it)."""
         self.recorder.record(entry)
 
@@ -344,8 +360,8 @@ class ResultsRun:
         self.journal.close()
 
     def save(
-        self, model: dict[str, Any], finished: list[dict[str, Any]], interrupted: bool
-    ) -> tuple[list[dict[str, Any]], list[str]]:
+        self, model: ModelRecord, finished: list[ResultsEntry], interrupted: bool
+    ) -> tuple[list[ResultsEntry], list[str]]:
         """Write the results file (kept and new entries, in input order), then drop the journal.
 
         Returns the entries and the warnings to show. A :class:`PipelineError` (exit 3)

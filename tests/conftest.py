@@ -8,13 +8,15 @@ installs them), so a skip there would hide a broken setup.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,8 +59,14 @@ def manifest(corpus_dir: Path) -> list[dict[str, str]]:
 def run_script(
     script: str, *args: str | Path, env: dict[str, str] | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
-    """Run one of the project's scripts as a user would: a real process, from the project root."""
-    return subprocess.run(
+    """Run one of the project's scripts as a user would: a real process, from the project root.
+
+    A results file that process_dicom.py writes is checked against the published JSON
+    Schema (:func:`assert_valid_results`), so every run of every test checks the format.
+    """
+    before = _results_outputs(script, args)
+    journals = {path: _stamp(_journal(path)) for path in before}
+    proc = subprocess.run(
         [sys.executable, str(PROJECT_ROOT / script), *map(str, args)],
         capture_output=True,
         text=True,
@@ -66,6 +74,91 @@ def run_script(
         env=env,
         timeout=timeout,
     )
+    for path, stamp in before.items():
+        if _stamp(path) not in (None, stamp):  # written by this run
+            assert_valid_results(path)
+        if _stamp(_journal(path)) not in (None, journals[path]):  # left by a failed run
+            assert_valid_journal(_journal(path))
+    return proc
+
+
+RESULTS_SCHEMA = PROJECT_ROOT / "docs" / "results.schema.json"
+
+
+def results_validator(definition: str | None = None) -> Any:
+    """A JSON Schema validator of the committed results schema (``docs/results.schema.json``),
+    or of one of its definitions (``ModelRecord``, ...)."""
+    import jsonschema
+
+    schema = json.loads(RESULTS_SCHEMA.read_text(encoding="utf-8"))
+    if definition == "ResultsEntry":  # an item of ``images``
+        del schema["$ref"]
+        schema |= schema["$defs"]["ResultsDocument"]["properties"]["images"]["items"]
+    elif definition is not None:
+        schema["$ref"] = f"#/$defs/{definition}"
+    return jsonschema.Draft202012Validator(schema)
+
+
+def assert_valid_journal(path: Path) -> None:
+    """Check each line of a results journal: a model line's ``model`` and each ``entry``."""
+    models, entries = results_validator("ModelRecord"), results_validator("ResultsEntry")
+    for number, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            continue  # an empty line, or a line a killed run tore: readers pass over it
+        assert isinstance(record, dict), f"{path}: line {number} is not an object"
+        validator, value = (
+            (models, record.get("model"))
+            if "model" in record
+            else (
+                entries,
+                record.get("entry"),
+            )
+        )
+        errors = [e.message for e in validator.iter_errors(value)]
+        assert not errors, f"{path}: line {number} does not match the schema: {errors[:3]}"
+
+
+def _journal(results: Path) -> Path:
+    return results.with_name(results.name + ".journal")
+
+
+def assert_valid_results(path: Path) -> dict[str, Any]:
+    """Check the results file at ``path`` against the published schema; return it, parsed."""
+    from jsonschema.exceptions import best_match
+
+    document = json.loads(Path(path).read_text(encoding="utf-8"))
+    error = best_match(results_validator().iter_errors(document))
+    if error is not None:
+        # For an entry (oneOf), what each variant found wrong; the entry itself is long.
+        reasons = sorted({sub.message[:150] for sub in error.context}) or [error.message[:300]]
+        where = "/".join(map(str, error.absolute_path))
+        raise AssertionError(
+            f"{path} does not match {RESULTS_SCHEMA.name}: {where}: {'; '.join(reasons)}"
+        )
+    return document
+
+
+def _results_outputs(
+    script: str, args: Sequence[str | Path]
+) -> dict[Path, tuple[int, int, int] | None]:
+    """The results file a process_dicom.py command line names, with its stamp before the run."""
+    if Path(script).name != "process_dicom.py":
+        return {}
+    words = list(map(str, args))
+    outputs = [words[i + 1] for i, word in enumerate(words[:-1]) if word in ("-o", "--output")]
+    outputs += [word.split("=", 1)[1] for word in words if word.startswith("--output=")]
+    paths = [PROJECT_ROOT / name for name in outputs]
+    return {path: _stamp(path) for path in paths}
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return (info.st_ino, info.st_mtime_ns, info.st_size) if path.is_file() else None
 
 
 def process_files(

@@ -89,7 +89,7 @@ from cxrsr.pacs.orthanc import (
     OrthancUnavailable,
 )
 from cxrsr.pacs.watch_state import WatchState
-from cxrsr.results import FAILED, FORMAT, SKIPPED
+from cxrsr.results import FAILED, FORMAT, SKIPPED, ClassifiedEntry, ResultsDocument, model_record
 from cxrsr.sr.batch import generate_srs
 from cxrsr.sr.document import SR_MANUFACTURER, ModelInfo
 from cxrsr.sr.uids import sr_series_uid
@@ -328,7 +328,7 @@ class Watcher:
 
     def __post_init__(self) -> None:
         self.index = OrthancIndex(self.client)
-        self.model = self.classifier.describe()
+        self.model = model_record(self.classifier.describe())
         self.model_info = ModelInfo.from_results(self.model)
         self.claims = Claims(self.client, self.model_info.weights_sha256, self.lease_seconds)
         self._evidence: dict[str, Evidence] = {}
@@ -541,7 +541,7 @@ class Watcher:
                 # or recorded; the next run repeats these images.
                 raise KeyboardInterrupt
             self._check_stop()
-            entries = []
+            entries: list[ClassifiedEntry] = []
             for entry in run.entries:
                 instance = by_path[entry["path"]]
                 lease = leases[instance.orthanc_id]
@@ -568,7 +568,9 @@ class Watcher:
             if entries:
                 self._store_results(entries, by_path, leases, folder / "out", counts)
 
-    def _fix_time(self, entry: dict[str, Any], instance: Instance, lease: Lease) -> dict[str, Any]:
+    def _fix_time(
+        self, entry: ClassifiedEntry, instance: Instance, lease: Lease
+    ) -> ClassifiedEntry:
         """Give the entry its claimed ``classified_at`` and record it before anything is sent.
 
         The claim carries the time (this watcher's earlier one, or that of a watcher
@@ -612,7 +614,7 @@ class Watcher:
 
     def _store_results(
         self,
-        entries: list[dict[str, Any]],
+        entries: list[ClassifiedEntry],
         by_path: dict[str, Instance],
         leases: dict[str, Lease],
         out: Path,
@@ -625,7 +627,7 @@ class Watcher:
         first, and only once every other object of an image is stored and verified is
         its SR sent.
         """
-        document = {"format": FORMAT, "model": self.model, "images": entries}
+        document: ResultsDocument = {"format": FORMAT, "model": self.model, "images": [*entries]}
         fallback = datetime.datetime.now(datetime.UTC)
         outcome = generate_srs(
             document,
@@ -642,7 +644,7 @@ class Watcher:
             output = _Output.read(path)
             for described in output.describes:
                 outputs.setdefault(described, []).append(output)
-        work: list[tuple[dict[str, Any], Instance, list[_Output]]] = []
+        work: list[tuple[ClassifiedEntry, Instance, list[_Output]]] = []
         for entry in entries:
             instance = by_path[entry["path"]]
             written = outputs.get(entry["sop_instance_uid"], [])
@@ -681,7 +683,7 @@ class Watcher:
 
     def _record_stored(
         self,
-        entry: dict[str, Any],
+        entry: ClassifiedEntry,
         instance: Instance,
         written: list[_Output],
         sent: dict[str, upload.Outcome],

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from cxrsr.errors import PipelineError
 from cxrsr.files import write_atomic
 from cxrsr.report.page import Report, render_report
+from cxrsr.results import ReadableResults
 
 REPORT_NAME = "report.html"
 
@@ -26,7 +26,7 @@ def report_path(results_path: Path) -> Path:
 
 
 def write_report(
-    document: dict[str, Any],
+    document: ReadableResults,
     results_path: Path,
     orthanc_url: str | None = None,
     jobs: int = 1,

@@ -13,19 +13,19 @@ import functools
 import math
 import multiprocessing
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path, PurePath
-from typing import Any
+from typing import TypeGuard
 
 import numpy as np
 from PIL import Image
 
 from cxrsr.report import images
 from cxrsr.report.links import explorer_study_url
-from cxrsr.results import rounded_score
+from cxrsr.results import ClassifiedEntry, ModelRecord, ReadableResults, rounded_score
 
 NOT_FOR_DIAGNOSIS = "AI RESULT - NOT FOR DIAGNOSTIC USE"
 ATTENTION_NOTE = "colour shows model attention, not a localisation"
@@ -90,8 +90,12 @@ class Report:
     problems: list[str] = field(default_factory=list)
 
 
-def _renderable(entry: dict[str, Any]) -> bool:
-    """A classified entry whose scores and findings a card can show."""
+def _renderable(entry: Mapping[str, object]) -> TypeGuard[ClassifiedEntry]:
+    """A classified entry whose scores and findings a card can show.
+
+    Only what a card cannot do without is checked: a card reads every other key with
+    ``get``, so an entry a hand edit left without one still gets its card.
+    """
     scores = entry.get("scores")
     return (
         entry.get("status") == "classified"
@@ -102,7 +106,7 @@ def _renderable(entry: dict[str, Any]) -> bool:
 
 
 def render_report(
-    document: dict[str, Any],
+    document: ReadableResults,
     results_dir: Path,
     orthanc_url: str | None = None,
     title: str = "results.json",
@@ -115,11 +119,12 @@ def render_report(
     (decoding and blending their pictures is most of the work) are made in worker
     processes; the page is the same byte for byte.
     """
-    model = document.get("model") or {}
+    model = document["model"]
     threshold = float(model.get("threshold", 0.5))
     # A results file anyone can edit (or a fuzzer mangle): entries generate_sr.py refused
     # are listed with the others, never allowed to stop the page.
-    entries = [e for e in document["images"] if isinstance(e, dict)]
+    images: list[object] = list(document["images"])
+    entries: list[Mapping[str, object]] = [e for e in images if isinstance(e, dict)]
     classified = [e for e in entries if _renderable(e)]
     others = [e for e in entries if not _renderable(e)]
     cards, problems = _cards(classified, results_dir, threshold, orthanc_url, jobs)
@@ -154,7 +159,7 @@ def render_report(
 
 
 def _counts(
-    entries: Sequence[dict[str, Any]], classified: Sequence[dict[str, Any]], threshold: float
+    entries: Sequence[Mapping[str, object]], classified: Sequence[ClassifiedEntry], threshold: float
 ) -> str:
     status = Counter(e.get("status") for e in entries)
     per_label = Counter(label for e in classified for label in _present(e, threshold))
@@ -178,7 +183,7 @@ def _counts(
     )
 
 
-def _provenance(model: dict[str, Any]) -> str:
+def _provenance(model: ModelRecord) -> str:
     facts = [
         ("weights", model.get("weights")),
         ("weights file", model.get("weights_file")),
@@ -199,12 +204,12 @@ def _provenance(model: dict[str, Any]) -> str:
     return f'<section id="model"><h2>Model</h2><dl class="facts">{items}</dl></section>'
 
 
-def _present(entry: dict[str, Any], threshold: float) -> list[str]:
+def _present(entry: ClassifiedEntry, threshold: float) -> list[str]:
     return [label for label, score in (entry.get("scores") or {}).items() if score >= threshold]
 
 
 def _cards(
-    entries: Sequence[dict[str, Any]],
+    entries: Sequence[ClassifiedEntry],
     results_dir: Path,
     threshold: float,
     orthanc_url: str | None,
@@ -226,14 +231,14 @@ def _cards(
 
 
 def _card_alone(
-    entry: dict[str, Any], results_dir: Path, threshold: float, orthanc_url: str | None
+    entry: ClassifiedEntry, results_dir: Path, threshold: float, orthanc_url: str | None
 ) -> tuple[str, list[str]]:
     problems: list[str] = []
     return _card(entry, results_dir, threshold, orthanc_url, problems), problems
 
 
 def _card(
-    entry: dict[str, Any],
+    entry: ClassifiedEntry,
     results_dir: Path,
     threshold: float,
     orthanc_url: str | None,
@@ -297,7 +302,7 @@ def _score_row(label: str, score: float, threshold: float) -> str:
 
 
 def _figures(
-    entry: dict[str, Any],
+    entry: ClassifiedEntry,
     results_dir: Path,
     ranked: Sequence[tuple[str, float]],
     problems: list[str],
@@ -413,7 +418,7 @@ def _thumbnail(
     )
 
 
-def _not_classified(entries: Sequence[dict[str, Any]]) -> str:
+def _not_classified(entries: Sequence[Mapping[str, object]]) -> str:
     if not entries:
         return '<section id="not-classified"><h2>Skipped and failed</h2><p>None.</p></section>'
     rows = "".join(

@@ -24,7 +24,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -32,7 +31,7 @@ from tqdm import tqdm
 
 from cxrsr.errors import PipelineError
 from cxrsr.files import StagedFile, fsync_folder
-from cxrsr.results import CLASSIFIED, FAILED, SKIPPED, STATUSES
+from cxrsr.results import CLASSIFIED, FAILED, SKIPPED, STATUSES, ReadableResults
 from cxrsr.sr.document import (
     SR_MANUFACTURER,
     Classification,
@@ -86,7 +85,7 @@ class Outcome:
         return line
 
 
-def check_entry(entry: Any, model: ModelInfo, index: int) -> Classification | str | None:
+def check_entry(entry: object, model: ModelInfo, index: int) -> Classification | str | None:
     """A ``classified`` entry checked, the reason a bad entry gets no SR, or ``None``.
 
     ``None`` for skipped and failed entries (no SR, no error). Anything else that cannot
@@ -104,7 +103,7 @@ def check_entry(entry: Any, model: ModelInfo, index: int) -> Classification | st
 
 
 def classifications(
-    document: Mapping[str, Any], model: ModelInfo
+    document: ReadableResults, model: ModelInfo
 ) -> list[tuple[int, Classification]]:
     """Every well-formed ``classified`` entry with its index (the others are passed over)."""
     checked = [check_entry(entry, model, i) for i, entry in enumerate(document["images"])]
@@ -290,7 +289,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 
 def generate_srs(
-    document: Mapping[str, Any],
+    document: ReadableResults,
     output_dir: Path,
     content_datetime: datetime.datetime,
     disable_progress: bool | None = True,
@@ -312,10 +311,11 @@ def generate_srs(
     """
     model = ModelInfo.from_results(document["model"])
     outcome = Outcome()
-    checked = [check_entry(entry, model, i) for i, entry in enumerate(document["images"])]
+    images: list[object] = list(document["images"])
+    checked = [check_entry(entry, model, i) for i, entry in enumerate(images)]
     if results_dir is not None:
         checked = [
-            with_key_image(check, document["images"][index], model, results_dir, outcome)
+            with_key_image(check, _fields(images[index]), model, results_dir, outcome)
             if isinstance(check, Classification)
             else check
             for index, check in enumerate(checked)
@@ -325,7 +325,7 @@ def generate_srs(
         log.info(
             "no key images: the results file names no previews (process_dicom.py --no-heatmaps?)"
         )
-    for entry, check in zip(document["images"], checked, strict=True):
+    for entry, check in zip(map(_fields, images), checked, strict=True):
         if check is None:
             outcome.skipped += entry["status"] == SKIPPED
             outcome.failed += entry["status"] == FAILED
@@ -392,9 +392,14 @@ def _prompt_thread_switches() -> Iterator[None]:
         sys.setswitchinterval(before)
 
 
+def _fields(entry: object) -> Mapping[str, object]:
+    """An entry's keys, once :func:`check_entry` has seen it is an object."""
+    return entry if isinstance(entry, Mapping) else {}
+
+
 def with_key_image(
     classification: Classification,
-    entry: Mapping[str, Any],
+    entry: Mapping[str, object],
     model: ModelInfo,
     results_dir: Path,
     outcome: Outcome,

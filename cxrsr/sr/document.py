@@ -39,7 +39,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import highdicom as hd
 import pydicom
@@ -54,6 +53,7 @@ from cxrsr.dicomio.discovery import open_source
 from cxrsr.dicomio.domain import view_code
 from cxrsr.errors import InputError, PipelineError
 from cxrsr.files import write_atomic
+from cxrsr.results import ModelRecord
 from cxrsr.sr import uids
 from cxrsr.sr.codes import (
     ABSENT,
@@ -141,7 +141,7 @@ class ModelInfo:
     score_kind: str
 
     @classmethod
-    def from_results(cls, model: Mapping[str, Any]) -> ModelInfo:
+    def from_results(cls, model: ModelRecord) -> ModelInfo:
         """Check the block; anything missing means the file cannot make an SR (exit 2)."""
         missing = [k for k in ("weights", "weights_sha256", "torchxrayvision") if not model.get(k)]
         if missing:
@@ -185,7 +185,7 @@ class ModelInfo:
         return uids.device_observer_uid(self.model_id, self.weights_sha256)
 
 
-def _parse_time(value: Any, where: str) -> datetime.datetime | None:
+def _parse_time(value: object, where: str) -> datetime.datetime | None:
     """An ISO 8601 ``classified_at`` as an aware datetime (UTC when no offset is given)."""
     if value is None:
         return None
@@ -224,7 +224,7 @@ class Classification:
     """The key image generate_sr.py writes beside this SR, which the SR references."""
 
     @classmethod
-    def from_entry(cls, entry: Any, model: ModelInfo, index: int) -> Classification:
+    def from_entry(cls, entry: object, model: ModelInfo, index: int) -> Classification:
         """Check one entry; a bad one raises :class:`EntryError` (that entry gets no SR).
 
         Entries come from a file anyone can edit and from sources a fuzzer may have
