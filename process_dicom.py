@@ -105,7 +105,7 @@ def process(args: argparse.Namespace) -> int:
             ", ".join(args.inputs),
         )
 
-    from cxrsr.model.classifier import Classifier, load_classifier
+    from cxrsr.model.classifier import Classifier, load_classifier, model_input_size
     from cxrsr.model.heatmaps import ALL_LABELS, FINDINGS, HeatmapWriter
     from cxrsr.resume import ResultsRun
 
@@ -174,6 +174,7 @@ def process(args: argparse.Namespace) -> int:
                         domain=DomainPolicy(args.domain),
                         heatmaps=heatmaps,
                         read_timeout=args.read_timeout,
+                        input_size=model_input_size(args.weights, args.cache_dir),
                     )
                 except ReaderPoolError as exc:
                     raise PipelineError(
