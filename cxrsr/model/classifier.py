@@ -44,6 +44,7 @@ import numpy as np
 
 from cxrsr.errors import PipelineError
 from cxrsr.files import write_json_atomic
+from cxrsr.model import int8
 from cxrsr.model.weights import (
     PICKLED_MODULE,
     STATE_DICT,
@@ -236,6 +237,9 @@ class Classifier:
     device: str
     backend: str
     _network: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] = field(repr=False)
+    precision: str = "fp32"
+    int8_sha256: str | None = None
+    """SHA-256 of the quantized ONNX model that runs, for ``precision == "int8"``."""
 
     @property
     def input_size(self) -> int:
@@ -271,7 +275,12 @@ class Classifier:
                 "bit depth, MONOCHROME1 inverted; center crop; anti-aliased resize to "
                 f"{card.input_size}x{card.input_size}"
             ),
-            "precision": "fp32",
+            "precision": self.precision,
+            **(
+                {"int8_onnx_sha256": self.int8_sha256, "quantization": int8.CALIBRATION_NOTE}
+                if self.precision == "int8"
+                else {}
+            ),
         }
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -601,13 +610,19 @@ def load_classifier(
     device: str = "auto",
     backend: str = "auto",
     weights_sha256: str | None = None,
+    precision: str = "fp32",
 ) -> Classifier:
     """The fastest backend that reproduces torchxrayvision's eager model on this device.
 
     ``weights_sha256``: the weights file must have this SHA-256 before anything in it is
     unpickled (and a cached ONNX export must have been made from such a file).
+    ``precision``: ``fp32``, or ``int8`` (:mod:`cxrsr.model.int8`: ONNX Runtime on the CPU).
     """
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if precision == "int8":
+        return _int8_classifier(weights, folder, device, backend, weights_sha256)
+    if precision != "fp32":
+        raise PipelineError(f"--precision {precision}: choose fp32 or int8", 2)
     want_onnx = backend in ("auto", "onnx") and device in ("auto", "cpu") and _has_onnxruntime()
     if want_onnx and (device == "cpu" or not _cuda_visible()):
         cached = _cached_onnx(weights, folder, weights_sha256)
@@ -631,3 +646,32 @@ def load_classifier(
 def _cuda_visible() -> bool:
     """Whether a CUDA GPU could be present, without importing PyTorch (for ``--device auto``)."""
     return os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")
+
+
+def _int8_classifier(
+    weights: str, folder: Path, device: str, backend: str, weights_sha256: str | None
+) -> Classifier:
+    """The int8 quantization of the fp32 ONNX export, made once and cached beside it."""
+    if backend == "eager" or device == "cuda":
+        raise PipelineError(
+            "--precision int8 runs through ONNX Runtime on the CPU: use it with "
+            "--backend auto or onnx, and --device cpu or auto",
+            2,
+        )
+    if not _has_onnxruntime():
+        raise PipelineError("--precision int8 needs the onnxruntime package", 3)
+    fp32 = load_classifier(weights, folder, "cpu", "onnx", weights_sha256)
+    cached = _cached_onnx(weights, folder, weights_sha256) if fp32.backend == "onnx" else None
+    if cached is None:
+        raise PipelineError(f"--precision int8: no ONNX export of {weights} could be made", 3)
+    card, fp32_bytes = cached
+    fp32_sha256 = hashlib.sha256(fp32_bytes).hexdigest()
+    found = int8.cached_int8(weights, folder, fp32_sha256)
+    if found is None:
+        log.info("quantizing %s to int8 (once)", weights)
+        int8.quantize(weights, folder, fp32_bytes, fp32_sha256, card.input_size)
+        found = int8.cached_int8(weights, folder, fp32_sha256)
+        if found is None:
+            raise PipelineError(f"--precision int8: the int8 model of {weights} was not kept", 3)
+    data, digest = found
+    return Classifier(card, "cpu", "onnx", _onnx_network(data), "int8", digest)

@@ -139,6 +139,8 @@ class ModelInfo:
     labels: tuple[str, ...]
     threshold: float
     score_kind: str
+    int8_sha256: str = ""
+    """SHA-256 of the int8 ONNX model that computed the scores ('' for fp32)."""
 
     @classmethod
     def from_results(cls, model: Mapping[str, Any]) -> ModelInfo:
@@ -154,13 +156,16 @@ class ModelInfo:
         threshold = model.get("threshold", 0.5)
         if not _is_finite_number(threshold):
             raise PipelineError("results file: model.threshold is not a number", exit_code=2)
+        # An int8 model computes other scores: another algorithm, with its own UIDs.
+        int8 = model.get("precision") == "int8" and model.get("int8_onnx_sha256")
         return cls(
-            model_id=str(model["weights"]),
+            model_id=f"{model['weights']} int8" if int8 else str(model["weights"]),
             weights_sha256=str(model["weights_sha256"]),
             torchxrayvision=str(model["torchxrayvision"]),
             labels=tuple(labels),
             threshold=float(threshold),
             score_kind=str(model.get("score_kind", "")),
+            int8_sha256=str(model["int8_onnx_sha256"]) if int8 else "",
         )
 
     @property
@@ -169,7 +174,8 @@ class ModelInfo:
 
     @property
     def algorithm_version(self) -> str:
-        return f"{self.torchxrayvision}; weights sha256:{self.weights_sha256}"
+        version = f"{self.torchxrayvision}; weights sha256:{self.weights_sha256}"
+        return f"{version}; int8 onnx sha256:{self.int8_sha256}" if self.int8_sha256 else version
 
     @property
     def algorithm_parameters(self) -> list[str]:
