@@ -201,7 +201,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
         default="auto",
         choices=["auto", "onnx", "eager"],
         help="auto: ONNX Runtime on the CPU (checked against PyTorch at start), "
-        "eager PyTorch on CUDA (default: %(default)s)",
+        "eager PyTorch on CUDA; onnx with --device cuda: ONNX Runtime's CUDA provider "
+        "(the onnxruntime-gpu package) (default: %(default)s)",
     )
     model.add_argument(
         "--batch-size",
