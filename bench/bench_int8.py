@@ -81,15 +81,19 @@ def main() -> int:
     fp32 = load_classifier(args.weights, cache, "cpu", "onnx")
     start = time.perf_counter()
     int8 = load_classifier(args.weights, cache, "cpu", precision="int8")
-    print(f"weights {args.weights} ({'random' if args.random else 'as published'}), "
-          f"input {fp32.input_size}, int8 ready in {time.perf_counter() - start:.1f} s")
+    print(
+        f"weights {args.weights} ({'random' if args.random else 'as published'}), "
+        f"input {fp32.input_size}, int8 ready in {time.perf_counter() - start:.1f} s"
+    )
 
     names, inputs = corpus_inputs(fp32.input_size)
     batch = np.concatenate([inputs] * (args.batch // len(inputs) + 1))[: args.batch]
     t32 = best_seconds(lambda: fp32.logits(batch), args.repeats)
     t8 = best_seconds(lambda: int8.logits(batch), args.repeats)
-    print(f"batch {args.batch}: fp32 {t32 * 1000:.0f} ms, int8 {t8 * 1000:.0f} ms, "
-          f"speed-up {t32 / t8:.2f}x ({args.batch / t32:.1f} and {args.batch / t8:.1f} images/s)")
+    print(
+        f"batch {args.batch}: fp32 {t32 * 1000:.0f} ms, int8 {t8 * 1000:.0f} ms, "
+        f"speed-up {t32 / t8:.2f}x ({args.batch / t32:.1f} and {args.batch / t8:.1f} images/s)"
+    )
 
     kept = fp32.card.kept
     a, b = fp32.logits(inputs)[:, kept], int8.logits(inputs)[:, kept]
@@ -99,9 +103,11 @@ def main() -> int:
         for x, y in zip(fp32.predict(inputs), int8.predict(inputs), strict=True)
         for label in x
     )
-    print(f"drift over {len(names)} corpus images x {len(kept)} labels: max "
-          f"{fraction.max():.3f}, p99 {np.percentile(fraction, 99):.3f} of each label's logit "
-          f"spread; {flipped} findings flipped at the threshold")
+    print(
+        f"drift over {len(names)} corpus images x {len(kept)} labels: max "
+        f"{fraction.max():.3f}, p99 {np.percentile(fraction, 99):.3f} of each label's logit "
+        f"spread; {flipped} findings flipped at the threshold"
+    )
     return 0
 
 

@@ -174,8 +174,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
         default="fp32",
         choices=PRECISIONS,
         help="fp32: the model's own precision; int8: ONNX Runtime static quantization on "
-        "the CPU, faster, scores drift slightly (see docs/performance.md) "
-        "(default: %(default)s)",
+        "the CPU, faster, scores drift (see docs/performance.md); fp16: eager PyTorch on a "
+        "CUDA GPU (default: %(default)s)",
     )
     model.add_argument(
         "--cache-dir",
@@ -229,7 +229,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
 
 
 #: ``--precision`` choices.
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "fp16")
 
 
 class _ListWeights(argparse.Action):

@@ -71,3 +71,37 @@ def test_device_cuda_on_this_host_exits_3_with_one_line(
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("E: --device cuda: "), proc.stderr
     assert "onnxruntime-gpu" in lines[0]
+
+
+def test_fp16_is_for_cuda_only(weights_cache_dir: Path) -> None:
+    import torch
+
+    from cxrsr.model.classifier import load_classifier
+
+    with pytest.raises(PipelineError, match="fp16 runs eager PyTorch on a CUDA GPU") as error:
+        load_classifier(cache_dir=weights_cache_dir, device="cpu", precision="fp16")
+    assert error.value.exit_code == 2
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: bench/bench_gpu.py measures fp16 there")
+    with pytest.raises(PipelineError, match="no CUDA device") as error:
+        load_classifier(cache_dir=weights_cache_dir, device="cuda", precision="fp16")
+    assert error.value.exit_code == 3
+
+
+def test_fp16_network_stays_near_fp32(tmp_path: Path) -> None:
+    """The fp16 path's arithmetic, run on the CPU (slowly) since no GPU is here: logits come
+    back as float32 and within 2 % of their spread of the fp32 ones (random weights with a
+    scaled classifier layer: the mechanism, not clinical drift)."""
+    import numpy as np
+    from test_models_all import rescaled_inputs, save_densenet
+
+    from cxrsr.model.classifier import _eager_network, load_torch_model
+
+    save_densenet(tmp_path, "densenet121-res224-all", seed=5)
+    model, _ = load_torch_model("densenet121-res224-all", tmp_path)
+    batch = rescaled_inputs(224)
+    full = _eager_network(model, "cpu")(batch)[0]
+    half_logits, half_cams = _eager_network(model, "cpu", half=True)(batch)
+    assert half_logits.dtype == half_cams.dtype == np.float32
+    spread = float(np.ptp(full))
+    assert float(np.abs(half_logits - full).max()) <= 0.02 * spread

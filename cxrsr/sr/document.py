@@ -156,10 +156,11 @@ class ModelInfo:
         threshold = model.get("threshold", 0.5)
         if not _is_finite_number(threshold):
             raise PipelineError("results file: model.threshold is not a number", exit_code=2)
-        # An int8 model computes other scores: another algorithm, with its own UIDs.
-        int8 = model.get("precision") == "int8" and model.get("int8_onnx_sha256")
+        # A reduced precision computes other scores: another algorithm, with its own UIDs.
+        precision = str(model.get("precision") or "fp32")
+        int8 = precision == "int8" and model.get("int8_onnx_sha256")
         return cls(
-            model_id=f"{model['weights']} int8" if int8 else str(model["weights"]),
+            model_id=str(model["weights"]) + ("" if precision == "fp32" else f" {precision}"),
             weights_sha256=str(model["weights_sha256"]),
             torchxrayvision=str(model["torchxrayvision"]),
             labels=tuple(labels),
