@@ -140,21 +140,40 @@ def test_int8_needs_onnx_runtime_on_the_cpu(cache: Path) -> None:
 def test_precision_option_end_to_end(
     cache: Path, corpus_dir: Path, tmp_path: Path, models: tuple[Classifier, Classifier]
 ) -> None:
-    out = tmp_path / "results.json"
-    proc = run_script(
-        "process_dicom.py",
-        corpus_dir / "cxr11_siim_cr_jpeg8.dcm",
-        "--precision",
-        "int8",
-        "--no-heatmaps",
-        "--workers",
-        "0",
-        "--cache-dir",
-        cache,
-        "-o",
-        out,
-    )
-    assert proc.returncode == 0, proc.stderr
-    model = json.loads(out.read_text())["model"]
-    assert model["precision"] == "int8" and model["int8_onnx_sha256"] == models[1].int8_sha256
+    """The same image classified in fp32 and int8 makes two SRs of different algorithms."""
+    import pydicom
+    from conftest import sr_files
+
+    srs = {}
+    for precision in ("fp32", "int8"):
+        out = tmp_path / precision / "results.json"
+        proc = run_script(
+            "process_dicom.py",
+            corpus_dir / "cxr11_siim_cr_jpeg8.dcm",
+            "--precision",
+            precision,
+            "--no-heatmaps",
+            "--workers",
+            "0",
+            "--cache-dir",
+            cache,
+            "-o",
+            out,
+        )
+        assert proc.returncode == 0, proc.stderr
+        model = json.loads(out.read_text())["model"]
+        assert model["precision"] == precision
+        sr_dir = tmp_path / precision / "sr"
+        proc = run_script(
+            "generate_sr.py", "--results", out, "--output-dir", sr_dir, "--no-key-images", "-q"
+        )
+        assert proc.returncode == 0, proc.stderr
+        (path,) = sr_files(sr_dir)
+        srs[precision] = (pydicom.dcmread(path), path.read_bytes())
+    assert model["int8_onnx_sha256"] == models[1].int8_sha256
     assert model["options"]["precision"] == "int8"
+    (fp32, fp32_bytes), (int8_sr, int8_bytes) = srs["fp32"], srs["int8"]
+    assert fp32.SeriesInstanceUID != int8_sr.SeriesInstanceUID
+    assert fp32.SOPInstanceUID != int8_sr.SOPInstanceUID
+    assert f"{WEIGHTS} int8".encode() in int8_bytes and b" int8" not in fp32_bytes
+    assert models[1].int8_sha256.encode() in int8_bytes
