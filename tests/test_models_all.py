@@ -151,7 +151,15 @@ def assert_matches_torchxrayvision(weights: str, folder: Path, size: int) -> Mod
     return classifier.card
 
 
-@pytest.mark.parametrize("weights", DENSENETS)
+#: The default weights and the one with the fewest labels run in the quick loop; the other
+#: five (the same network, other labels and thresholds) take 15-20 s each here.
+QUICK = {"densenet121-res224-all", "densenet121-res224-rsna"}
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [pytest.param(w, marks=() if w in QUICK else pytest.mark.slow) for w in DENSENETS],
+)
 def test_densenets_export_and_match_torchxrayvision(weights: str, all_weights: Path) -> None:
     card = assert_matches_torchxrayvision(weights, all_weights, 224)
     labels = [label for label in card.outputs if label]
