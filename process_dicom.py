@@ -105,7 +105,7 @@ def process(args: argparse.Namespace) -> int:
             ", ".join(args.inputs),
         )
 
-    from cxrsr.model.classifier import Classifier, load_classifier
+    from cxrsr.model.classifier import Classifier, load_classifier, model_input_size
     from cxrsr.model.heatmaps import ALL_LABELS, FINDINGS, HeatmapWriter
     from cxrsr.resume import ResultsRun
 
@@ -113,6 +113,8 @@ def process(args: argparse.Namespace) -> int:
     which = ALL_LABELS if args.all_heatmaps else FINDINGS
     # Settings that change what an entry says: results made with others are not reused.
     options: RunOptions = {"domain": args.domain, "heatmaps": "none" if args.no_heatmaps else which}
+    if args.precision != "fp32":
+        options["precision"] = args.precision
     results = ResultsRun(args.output, sources, args.weights, args.cache_dir, options)
     if args.weights_sha256 and results.digest and results.digest != args.weights_sha256:
         raise PipelineError(
@@ -130,7 +132,12 @@ def process(args: argparse.Namespace) -> int:
 
     def load() -> Classifier:
         classifier = load_classifier(
-            args.weights, args.cache_dir, args.device, args.backend, args.weights_sha256
+            args.weights,
+            args.cache_dir,
+            args.device,
+            args.backend,
+            args.weights_sha256,
+            args.precision,
         )
         cli.log.debug(
             "model %s on %s, %s backend", args.weights, classifier.device, classifier.backend
@@ -176,6 +183,7 @@ def process(args: argparse.Namespace) -> int:
                         domain=DomainPolicy(args.domain),
                         heatmaps=heatmaps,
                         read_timeout=args.read_timeout,
+                        input_size=model_input_size(args.weights, args.cache_dir),
                     )
                 except ReaderPoolError as exc:
                     raise PipelineError(

@@ -155,7 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.once:
             client.system()  # unreachable or wrong credentials: one line, exit 3
         classifier = load_classifier(
-            args.weights, args.cache_dir, args.device, args.backend, args.weights_sha256
+            args.weights,
+            args.cache_dir,
+            args.device,
+            args.backend,
+            args.weights_sha256,
+            args.precision,
         )
         try:
             state = WatchState.open(

@@ -89,14 +89,17 @@ def prepare(
     source: Source,
     domain: DomainPolicy = DomainPolicy.STRICT,
     results_dir: Path | None = None,
+    input_size: int = INPUT_SIZE,
 ) -> Prepared:
     """Read, check, decode and preprocess one file (runs in a worker process).
+
+    ``input_size``: the model's input size (pixels per side).
 
     With ``results_dir``, also writes the display preview from the pixels just decoded
     (no image is decoded twice across the pipeline).
     """
     try:
-        radiograph = read_radiograph(source, min_size=REDUCED_DECODE_MIN_SIZE, domain=domain)
+        radiograph = read_radiograph(source, min_size=2 * input_size, domain=domain)
         # A reduced decode keeps the stored geometry; a turned image is decoded in full, its
         # shape the turned one (a transpose swaps Rows and Columns).
         reduced = radiograph.decimation > 1
@@ -107,6 +110,7 @@ def prepare(
         )
         model_input = preprocess(
             radiograph.pixels,
+            size=input_size,
             decimation=radiograph.decimation,
             sample_origin=radiograph.sample_origin,
             original_shape=shape,
@@ -273,6 +277,7 @@ def classify(
     domain: DomainPolicy = DomainPolicy.STRICT,
     heatmaps: HeatmapWriter | None = None,
     read_timeout: float | None = None,
+    input_size: int = INPUT_SIZE,
 ) -> Run:
     """Classify ``sources``, in order.
 
@@ -288,13 +293,16 @@ def classify(
     the model has not even loaded yet. ``domain`` is the domain gates' policy
     (:mod:`cxrsr.dicomio.domain`); ``prepare_one`` replaces :func:`prepare` (tests pass one that
     crashes). ``read_timeout``: seconds a reader may spend on one file (see
-    :func:`prepared_in_order`).
+    :func:`prepared_in_order`). ``input_size``: the model's input size, known before it
+    loads (:func:`cxrsr.model.classifier.model_input_size`).
     """
     if not sources:
         return Run(None, [])
     # A module-level function and its arguments, so spawned readers can unpickle it.
     results_dir = heatmaps.results_dir if heatmaps is not None else None
-    reader = prepare_one or functools.partial(prepare, domain=domain, results_dir=results_dir)
+    reader = prepare_one or functools.partial(
+        prepare, domain=domain, results_dir=results_dir, input_size=input_size
+    )
     threshold = 0.5
     entries: list[ResultsEntry | None] = [None] * len(sources)
     batch: list[tuple[int, Prepared]] = []
@@ -336,6 +344,10 @@ def classify(
         if not batch:
             return
         classifier = loading.result()
+        if classifier.input_size != input_size:
+            raise PipelineError(
+                f"the model takes {classifier.input_size}-pixel inputs, not {input_size}", 4
+            )
         inputs = np.stack([item.model_input for _, item in batch])  # type: ignore[misc]
         all_scores, all_maps = classifier.predict_with_maps(inputs)
         publish()  # the previous batch: its pictures were written while the network ran
@@ -344,7 +356,9 @@ def classify(
             task = None
             if heatmaps is not None:
                 try:  # a full queue waits for an earlier image, whose write may have failed
-                    entry["heatmaps"], task = heatmaps.write(item.path, scores, maps)
+                    entry["heatmaps"], task = heatmaps.write(
+                        item.path, scores, maps, classifier.input_size
+                    )
                 except OSError as exc:
                     raise pictures_error(results_dir, exc) from exc
             unpublished.append((index, entry, task))

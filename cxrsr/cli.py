@@ -161,7 +161,21 @@ def add_model_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
     model.add_argument(
         "--weights",
         default="densenet121-res224-all",
-        help="torchxrayvision DenseNet weights name (default: %(default)s)",
+        help="torchxrayvision classifier weights name, a DenseNet-121 at 224 pixels or "
+        "resnet50-res512-all; --list-weights shows them all (default: %(default)s)",
+    )
+    model.add_argument(
+        "--list-weights",
+        action=_ListWeights,
+        help="print every weights name with its labels, input size and file name, and exit",
+    )
+    model.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="fp32: the model's own precision; int8: ONNX Runtime static quantization on "
+        "the CPU, faster, scores drift (see docs/performance.md); fp16: eager PyTorch on a "
+        "CUDA GPU (default: %(default)s)",
     )
     model.add_argument(
         "--cache-dir",
@@ -187,7 +201,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
         default="auto",
         choices=["auto", "onnx", "eager"],
         help="auto: ONNX Runtime on the CPU (checked against PyTorch at start), "
-        "eager PyTorch on CUDA (default: %(default)s)",
+        "eager PyTorch on CUDA; onnx with --device cuda: ONNX Runtime's CUDA provider "
+        "(the onnxruntime-gpu package) (default: %(default)s)",
     )
     model.add_argument(
         "--batch-size",
@@ -211,6 +226,28 @@ def add_model_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
         "file fails (default: %(default)g; not with --workers 0)",
     )
     return model
+
+
+#: ``--precision`` choices.
+PRECISIONS = ("fp32", "int8", "fp16")
+
+
+class _ListWeights(argparse.Action):
+    """``--list-weights``: print torchxrayvision's classifiers and exit, like ``--version``."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        from cxrsr.model.classifier import weights_table
+
+        lines = [
+            f"{row['weights']}  {row['architecture']}  {row['input_size']}x{row['input_size']}"
+            f"  {row['file']}\n    {len(row['labels'])} labels: " + ", ".join(row["labels"])
+            for row in weights_table()
+        ]
+        sys.stdout.write("\n".join(lines) + "\n")
+        parser.exit()
 
 
 def sha256_hex(text: str) -> str:

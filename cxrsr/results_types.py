@@ -38,6 +38,8 @@ class RunOptions(TypedDict):
 
     domain: NotRequired[str]
     heatmaps: NotRequired[str]
+    precision: NotRequired[str]
+    """Present only when not ``fp32`` (results files of fp32 runs stay as they were)."""
 
 
 class ModelRecord(TypedDict):
@@ -53,9 +55,16 @@ class ModelRecord(TypedDict):
     score_kind: NotRequired[str]
     weights_file: NotRequired[str]
     architecture: NotRequired[str]
+    input_size: NotRequired[int]
+    """The network's input side in pixels (224 for the DenseNets, 512 for the ResNet)."""
     excluded_labels: NotRequired[list[str]]
     preprocessing: NotRequired[str]
     precision: NotRequired[str]
+    """``fp32``, ``int8`` (quantized ONNX on the CPU) or ``fp16`` (CUDA)."""
+    int8_onnx_sha256: NotRequired[str]
+    """SHA-256 of the quantized model that ran, for ``int8``."""
+    quantization: NotRequired[str]
+    """How the int8 model was calibrated, for ``int8``."""
     options: NotRequired[RunOptions]
 
 

@@ -1,4 +1,9 @@
-"""Load a torchxrayvision DenseNet and run it in batches, through ONNX Runtime or PyTorch.
+"""Load a torchxrayvision classifier and run it in batches, through ONNX Runtime or PyTorch.
+
+Every classifier torchxrayvision ships is supported (:func:`weights_names`): the
+DenseNet-121 family at 224x224 and ResNet-50 at 512x512. The input size is the model's
+own (``input_resolution`` in torchxrayvision's table, kept on the :class:`ModelCard`):
+preprocessing, reduced-resolution decoding and heatmaps follow it.
 
 Weights are downloaded once by torchxrayvision's own downloader, from its GitHub release
 or ``CXRSR_WEIGHTS_BASE_URL`` (:func:`cxrsr.model.weights.weights_url`; when that fails,
@@ -39,7 +44,10 @@ import numpy as np
 
 from cxrsr.errors import PipelineError
 from cxrsr.files import write_json_atomic
+from cxrsr.model import int8
 from cxrsr.model.weights import (
+    PICKLED_MODULE,
+    STATE_DICT,
     WeightsRefused,
     download_weights,
     load_state_dict,
@@ -58,9 +66,69 @@ OPERATING_POINT_SCORE = (
 #: Largest score difference allowed between the ONNX export and eager PyTorch.
 ONNX_SCORE_TOLERANCE = 1e-4
 #: Version of what the cached ONNX export computes; a cache made by another version is
-#: exported again. 2: class activation maps as a second output.
-ONNX_EXPORT_VERSION = 2
-INPUT_SHAPE = (1, 224, 224)
+#: exported again. 2: class activation maps as a second output; 3: the card records the
+#: architecture and input size.
+ONNX_EXPORT_VERSION = 3
+
+#: torchxrayvision's architectures, by the prefix of their weights names: what the
+#: results call them, and how their weights files hold the tensors.
+ARCHITECTURES = {"densenet121": "DenseNet-121", "resnet50": "ResNet-50"}
+
+
+def _spec(weights: str) -> dict[str, Any]:
+    """torchxrayvision's entry for ``weights``, or a usage error listing the valid names."""
+    import torchxrayvision as xrv
+
+    names = weights_names()
+    if weights not in names:
+        raise PipelineError(f"unknown weights {weights!r}; choose one of: {', '.join(names)}", 2)
+    return dict(xrv.models.model_urls[weights])
+
+
+def weights_names() -> list[str]:
+    """Every classifier's weights name torchxrayvision ships (its short aliases left out)."""
+    import torchxrayvision as xrv
+
+    return sorted(
+        name
+        for name in xrv.models.model_urls
+        if any(name.startswith(f"{prefix}-") for prefix in ARCHITECTURES)
+    )
+
+
+def architecture_of(weights: str) -> str:
+    """``DenseNet-121`` or ``ResNet-50``: the network a weights name belongs to."""
+    return ARCHITECTURES[weights.split("-", 1)[0]]
+
+
+def weights_table() -> list[dict[str, Any]]:
+    """What ``--list-weights`` prints: each weights name, its labels, input size, file."""
+    rows = []
+    for name in weights_names():
+        spec = _spec(name)
+        rows.append(
+            {
+                "weights": name,
+                "architecture": architecture_of(name),
+                "input_size": int(spec["input_resolution"]),
+                "file": os.path.basename(spec["weights_url"]),
+                "labels": [label for label in spec["labels"] if label],
+            }
+        )
+    return rows
+
+
+def model_input_size(weights: str, cache_dir: str | os.PathLike[str] | None = None) -> int:
+    """The input size (pixels per side) of ``weights``, known before the model loads.
+
+    Read from a cached export's card when there is one (no PyTorch import), else from
+    torchxrayvision's table: readers start preprocessing while the model still loads.
+    """
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    card_path = _onnx_paths(weights, folder)[0]
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return int(json.loads(card_path.read_text(encoding="utf-8"))["input_size"])
+    return int(_spec(weights)["input_resolution"])
 
 
 def default_cache_dir() -> Path:
@@ -112,6 +180,14 @@ class ModelCard:
     """The model's output names in order (``model.pathologies``; '' marks an untrained output)."""
     op_threshs: list[float] | None
     torchxrayvision_version: str
+    architecture: str = "DenseNet-121"
+    input_size: int = 224
+    """Pixels per side of the model's square input (``input_resolution``)."""
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One image's input shape, ``(1, size, size)``."""
+        return (1, self.input_size, self.input_size)
 
     @property
     def kept(self) -> list[int]:
@@ -132,6 +208,8 @@ class ModelCard:
             if self.op_threshs is not None
             else None,
             "torchxrayvision": self.torchxrayvision_version,
+            "architecture": self.architecture,
+            "input_size": self.input_size,
         }
 
     @classmethod
@@ -146,6 +224,8 @@ class ModelCard:
             if thresholds is not None
             else None,
             torchxrayvision_version=data["torchxrayvision"],
+            architecture=str(data["architecture"]),
+            input_size=int(data["input_size"]),
         )
 
 
@@ -157,6 +237,14 @@ class Classifier:
     device: str
     backend: str
     _network: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] = field(repr=False)
+    precision: str = "fp32"
+    int8_sha256: str | None = None
+    """SHA-256 of the quantized ONNX model that runs, for ``precision == "int8"``."""
+
+    @property
+    def input_size(self) -> int:
+        """Pixels per side of the model's square input."""
+        return self.card.input_size
 
     @property
     def labels(self) -> list[str]:
@@ -174,7 +262,8 @@ class Classifier:
             "weights_file": card.weights_file.name,
             "weights_sha256": card.weights_sha256,
             "torchxrayvision": card.torchxrayvision_version,
-            "architecture": "DenseNet-121",
+            "architecture": card.architecture,
+            "input_size": card.input_size,
             "labels": self.labels,
             "excluded_labels": excluded,
             "threshold": 0.5,
@@ -183,13 +272,19 @@ class Classifier:
             else "sigmoid output (these weights define no operating thresholds)",
             "preprocessing": (
                 "stored values (after the Modality LUT) scaled to [-1024, 1024] by the declared "
-                "bit depth, MONOCHROME1 inverted; center crop; anti-aliased resize to 224x224"
+                "bit depth, MONOCHROME1 inverted; center crop; anti-aliased resize to "
+                f"{card.input_size}x{card.input_size}"
             ),
-            "precision": "fp32",
+            "precision": self.precision,
+            **(
+                {"int8_onnx_sha256": self.int8_sha256, "quantization": int8.CALIBRATION_NOTE}
+                if self.precision == "int8"
+                else {}
+            ),
         }
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Raw network outputs for a float32 batch ``(N, 1, 224, 224)``."""
+        """Raw network outputs for a float32 batch ``(N, 1, size, size)``."""
         return self._network(np.ascontiguousarray(batch, dtype=np.float32))[0]
 
     def predict(self, batch: np.ndarray) -> list[dict[str, float]]:
@@ -199,7 +294,8 @@ class Classifier:
     def predict_with_maps(
         self, batch: np.ndarray
     ) -> tuple[list[dict[str, float]], list[dict[str, np.ndarray]]]:
-        """Scores per image, and each label's class activation map (7x7, float32).
+        """Scores per image, and each label's class activation map (float32; 7x7 for the
+        224 DenseNets, 16x16 for the 512 ResNet: the input size over 32).
 
         The maps come out of the same forward pass (see :func:`_network_module`), so they
         cost almost nothing. Scores are the network's float32 values, unrounded: findings
@@ -221,49 +317,81 @@ class Classifier:
 def _network_module(model: Any) -> Any:
     """The network up to the classifier (no score post-processing), and its class activation maps.
 
-    torchxrayvision's ``DenseNet.features2`` is ``features -> relu -> global average
-    pool`` and ``classifier`` is one Linear layer, so each logit is the spatial mean of
-    ``sum_c w_kc * F_c`` plus a bias: that sum over the last feature map ``F`` is label
-    k's class activation map (Zhou et al., CVPR 2016), 7x7 for a 224 input. It is a 1x1
-    convolution with the classifier's weights, computed in the same pass.
+    Both architectures end ``last feature map -> global average pool -> one Linear``:
+    torchxrayvision's ``DenseNet`` as ``relu(features) -> pool -> classifier``, its
+    ``ResNet`` as torchvision's ``layer4 -> avgpool -> fc``. So each logit is the spatial
+    mean of ``sum_c w_kc * F_c`` plus a bias: that sum over the last feature map ``F`` is
+    label k's class activation map (Zhou et al., CVPR 2016), the input size over 32 on a
+    side. It is a 1x1 convolution with the classifier's weights, computed in the same pass.
+    The wrapper skips torchxrayvision's own resizing (``fix_resolution``): inputs are
+    already at the model's size.
     """
     import torch
     import torch.nn.functional as F
+
+    resnet = getattr(model, "model", None) if not hasattr(model, "classifier") else None
 
     class _Network(torch.nn.Module):
         def __init__(self, inner: Any) -> None:
             super().__init__()
             self.inner = inner
+            self.head = inner.fc if resnet is not None else inner.classifier
+
+        def features(self, x: torch.Tensor) -> torch.Tensor:
+            if resnet is None:
+                return F.relu(self.inner.features(x))
+            r = self.inner
+            x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+            return r.layer4(r.layer3(r.layer2(r.layer1(x))))
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            features = F.relu(self.inner.features(x))
+            features = self.features(x)
             pooled = F.adaptive_avg_pool2d(features, (1, 1)).flatten(1)
-            weight = self.inner.classifier.weight
+            weight = self.head.weight
             cams = F.conv2d(features, weight[:, :, None, None])
-            return self.inner.classifier(pooled), cams
+            return self.head(pooled), cams
 
     # eval() matters: exporters restore the wrapper's training flag on every submodule,
     # and a wrapper left in training mode would switch BatchNorm to batch statistics.
-    return _Network(model).eval()
+    return _Network(resnet if resnet is not None else model).eval()
+
+
+def _empty_resnet(weights: str, outputs: int) -> Any:
+    """``xrv.models.ResNet`` as its constructor builds it, without its ``torch.load``.
+
+    torchxrayvision's constructor always reads the weights file with
+    ``torch.load(weights_only=False)``; this builds the same modules (torchvision's
+    ResNet-50 with a one-channel ``conv1``) for tensors read as data to fill.
+    """
+    import torch
+    import torchvision
+    import torchxrayvision as xrv
+
+    model = xrv.models.ResNet.__new__(xrv.models.ResNet)
+    torch.nn.Module.__init__(model)
+    model.weights = weights
+    model.apply_sigmoid = False
+    model.model = torchvision.models.resnet50(num_classes=outputs, weights=None)
+    model.model.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
 
 
 def load_torch_model(
     weights: str, cache_dir: Path, expected_sha256: str | None = None
 ) -> tuple[Any, ModelCard]:
-    """torchxrayvision's DenseNet with its weights read as data (:mod:`cxrsr.model.weights`).
+    """torchxrayvision's classifier with its weights read as data (:mod:`cxrsr.model.weights`).
 
     The file is downloaded once (:func:`~cxrsr.model.weights.download_weights`); then its bytes
     are checked against ``expected_sha256`` (if given) before anything is unpickled, and
-    its tensors are loaded into a DenseNet built as ``xrv.models.DenseNet(weights=...)``
-    builds it, without torchxrayvision's ``torch.load(weights_only=False)``.
+    its tensors are loaded into a network built as ``xrv.models.DenseNet(weights=...)`` or
+    ``xrv.models.ResNet(weights=...)`` builds it, without torchxrayvision's
+    ``torch.load(weights_only=False)``.
     """
     import torch
     import torchxrayvision as xrv
 
-    names = sorted(name for name in xrv.models.model_urls if name.startswith("densenet"))
-    if weights not in names:
-        raise PipelineError(f"unknown weights {weights!r}; choose one of: {', '.join(names)}", 2)
-    spec = xrv.models.model_urls[weights]
+    spec = _spec(weights)
+    architecture = architecture_of(weights)
     url = weights_url(spec["weights_url"])
     path = cache_dir / os.path.basename(spec["weights_url"])
     fix = (
@@ -281,16 +409,21 @@ def load_torch_model(
                 f"cannot download weights {weights} ({type(exc).__name__}: {reason}); {fix}", 3
             ) from exc
     data, digest = read_weights_bytes(path, expected_sha256)
-    state = load_state_dict(data, path)
-    model = xrv.models.DenseNet(num_classes=len(spec["labels"]))
+    if architecture == "ResNet-50":
+        state = load_state_dict(data, path, STATE_DICT)
+        model = _empty_resnet(weights, len(spec["labels"]))
+        target = model.model  # torchxrayvision loads the file into the torchvision ResNet
+    else:
+        state = load_state_dict(data, path, PICKLED_MODULE)
+        model = target = xrv.models.DenseNet(num_classes=len(spec["labels"]))
     try:
-        model.load_state_dict(state, strict=True)
+        target.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         detail = str(exc).splitlines()[0]
         raise WeightsRefused(
             f"weights file {path} refused: its tensors do not fit {weights} ({detail})"
         ) from exc
-    # What DenseNet(weights=...) sets besides the tensors (torchxrayvision 1.5.7).
+    # What DenseNet(weights=...) / ResNet(weights=...) set besides the tensors (1.5.7).
     model.weights = weights
     model.targets = model.pathologies = list(spec["labels"])
     model.weights_filename_local = str(path)
@@ -306,21 +439,28 @@ def load_torch_model(
         outputs=list(model.pathologies),
         op_threshs=[float(t) for t in thresholds] if thresholds is not None else None,
         torchxrayvision_version=xrv.__version__,
+        architecture=architecture,
+        input_size=int(spec["input_resolution"]),
     )
     return model.eval(), card
 
 
 def _eager_network(
-    model: Any, device: str
+    model: Any, device: str, half: bool = False
 ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Eager PyTorch in channels-last memory format; ``half``: weights and activations in
+    fp16 (for tensor cores), outputs returned in float32."""
     import torch
 
-    module = _network_module(model.to(device).to(memory_format=torch.channels_last))
+    dtype = torch.float16 if half else torch.float32
+    module = _network_module(model.to(device, dtype).to(memory_format=torch.channels_last))
 
     def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
             tensor = (
-                torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
+                torch.from_numpy(batch)
+                .to(device, dtype)
+                .contiguous(memory_format=torch.channels_last)
             )
             logits, cams = module(tensor)
             return logits.float().cpu().numpy(), cams.float().cpu().numpy()
@@ -379,7 +519,7 @@ def _export_onnx(model: Any, card: ModelCard, cache_dir: Path) -> None:
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = onnx_path.with_name(f".{onnx_path.name}.{os.getpid()}.tmp")
     # A plausible image: torchxrayvision warns about inputs outside [-1024, 1024].
-    example = torch.linspace(-1024, 1024, 224 * 224).reshape(1, *INPUT_SHAPE)
+    example = torch.linspace(-1024, 1024, card.input_size**2).reshape(1, *card.input_shape)
     try:
         with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
             # The exporter's deprecation and tracer notes are about its own internals.
@@ -414,7 +554,7 @@ def _max_score_drift(
 ) -> float:
     """Largest score difference, or class activation map difference relative to its spread."""
     rng = np.random.default_rng(0)
-    batch = rng.uniform(-1024, 1024, size=(2, *INPUT_SHAPE)).astype(np.float32)
+    batch = rng.uniform(-1024, 1024, size=(2, *card.input_shape)).astype(np.float32)
     (fast_logits, fast_cams), (eager_logits, eager_cams) = fast(batch), eager(batch)
     a = scores_from_logits(fast_logits, card.op_threshs)
     b = scores_from_logits(eager_logits, card.op_threshs)
@@ -423,8 +563,43 @@ def _max_score_drift(
     return max(float(np.max(np.abs(a - b))), cam_drift)
 
 
+#: ONNX Runtime's execution providers for the CPU and for NVIDIA GPUs (onnxruntime-gpu).
+CPU_PROVIDER, CUDA_PROVIDER = "CPUExecutionProvider", "CUDAExecutionProvider"
+
+
+def onnx_providers(device: str, available: list[str]) -> list[str]:
+    """The execution providers a session on ``device`` (``cpu`` or ``cuda``) asks for.
+
+    ``available``: ``onnxruntime.get_available_providers()``. The CUDA provider ships only
+    in the onnxruntime-gpu package; without it ``cuda`` is an environment problem (exit 3).
+    """
+    if device == "cpu":
+        return [CPU_PROVIDER]
+    if CUDA_PROVIDER not in available:
+        raise PipelineError(
+            "--device cuda: the installed onnxruntime has no CUDA provider; install "
+            "onnxruntime-gpu in its place (pip install onnxruntime-gpu), or use --device cpu",
+            3,
+        )
+    return [CUDA_PROVIDER, CPU_PROVIDER]
+
+
+def check_session_device(device: str, active: list[str]) -> None:
+    """Refuse (exit 3) a CUDA session that ONNX Runtime quietly put on the CPU.
+
+    ``active``: ``session.get_providers()``. ONNX Runtime falls back to the CPU when the
+    CUDA provider cannot start (no GPU, no driver, a CUDA or cuDNN library missing).
+    """
+    if device == "cuda" and (not active or active[0] != CUDA_PROVIDER):
+        raise PipelineError(
+            "--device cuda: ONNX Runtime's CUDA provider found no usable GPU (no device, or "
+            "its driver, CUDA or cuDNN libraries missing); use --device cpu",
+            3,
+        )
+
+
 def _onnx_network(
-    model: Path | bytes,
+    model: Path | bytes, device: str = "cpu"
 ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     import onnxruntime
 
@@ -436,7 +611,9 @@ def _onnx_network(
     # the default heatmaps instead of 13.7-15.0, with less CPU (10.2 s against 12 s).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
-    session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    providers = onnx_providers(device, onnxruntime.get_available_providers())
+    session = onnxruntime.InferenceSession(source, options, providers=providers)
+    check_session_device(device, session.get_providers())
 
     def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, cams = session.run(None, {"input": batch})
@@ -465,7 +642,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if not torch.cuda.is_available():
-        raise PipelineError(f"--device {device}: no CUDA device is available", 2)
+        raise PipelineError(f"--device {device}: no CUDA device is available", 3)
     return device
 
 
@@ -475,13 +652,22 @@ def load_classifier(
     device: str = "auto",
     backend: str = "auto",
     weights_sha256: str | None = None,
+    precision: str = "fp32",
 ) -> Classifier:
     """The fastest backend that reproduces torchxrayvision's eager model on this device.
 
     ``weights_sha256``: the weights file must have this SHA-256 before anything in it is
     unpickled (and a cached ONNX export must have been made from such a file).
+    ``precision``: ``fp32``, ``int8`` (:mod:`cxrsr.model.int8`: ONNX Runtime on the CPU) or
+    ``fp16`` (eager PyTorch on a CUDA GPU).
     """
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if precision == "int8":
+        return _int8_classifier(weights, folder, device, backend, weights_sha256)
+    if precision == "fp16":
+        return _fp16_classifier(weights, folder, device, backend, weights_sha256)
+    if precision != "fp32":
+        raise PipelineError(f"--precision {precision}: choose fp32, int8 or fp16", 2)
     want_onnx = backend in ("auto", "onnx") and device in ("auto", "cpu") and _has_onnxruntime()
     if want_onnx and (device == "cpu" or not _cuda_visible()):
         cached = _cached_onnx(weights, folder, weights_sha256)
@@ -489,9 +675,9 @@ def load_classifier(
             return Classifier(cached[0], "cpu", "onnx", _onnx_network(cached[1]))
     if backend == "onnx" and not _has_onnxruntime():
         raise PipelineError("--backend onnx needs the onnxruntime package", 2)
+    if device == "cuda" and backend == "onnx":
+        return _onnx_cuda_classifier(weights, folder, weights_sha256)
     device = resolve_device(device)
-    if backend == "onnx" and device != "cpu":
-        raise PipelineError("--backend onnx runs on the CPU only; use --backend eager", 2)
     model, card = load_torch_model(weights, folder, weights_sha256)
     if device == "cpu" and want_onnx:
         try:
@@ -505,3 +691,63 @@ def load_classifier(
 def _cuda_visible() -> bool:
     """Whether a CUDA GPU could be present, without importing PyTorch (for ``--device auto``)."""
     return os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")
+
+
+def _int8_classifier(
+    weights: str, folder: Path, device: str, backend: str, weights_sha256: str | None
+) -> Classifier:
+    """The int8 quantization of the fp32 ONNX export, made once and cached beside it."""
+    if backend == "eager" or device == "cuda":
+        raise PipelineError(
+            "--precision int8 runs through ONNX Runtime on the CPU: use it with "
+            "--backend auto or onnx, and --device cpu or auto",
+            2,
+        )
+    if not _has_onnxruntime():
+        raise PipelineError("--precision int8 needs the onnxruntime package", 3)
+    fp32 = load_classifier(weights, folder, "cpu", "onnx", weights_sha256)
+    cached = _cached_onnx(weights, folder, weights_sha256) if fp32.backend == "onnx" else None
+    if cached is None:
+        raise PipelineError(f"--precision int8: no ONNX export of {weights} could be made", 3)
+    card, fp32_bytes = cached
+    fp32_sha256 = hashlib.sha256(fp32_bytes).hexdigest()
+    found = int8.cached_int8(weights, folder, fp32_sha256)
+    if found is None:
+        log.info("quantizing %s to int8 (once)", weights)
+        int8.quantize(weights, folder, fp32_bytes, fp32_sha256, card.input_size)
+        found = int8.cached_int8(weights, folder, fp32_sha256)
+        if found is None:
+            raise PipelineError(f"--precision int8: the int8 model of {weights} was not kept", 3)
+    data, digest = found
+    return Classifier(card, "cpu", "onnx", _onnx_network(data), "int8", digest)
+
+
+def _onnx_cuda_classifier(weights: str, folder: Path, weights_sha256: str | None) -> Classifier:
+    """The fp32 ONNX export (made and checked on the CPU) run by ONNX Runtime's CUDA provider."""
+    import onnxruntime
+
+    onnx_providers("cuda", onnxruntime.get_available_providers())  # exit 3 before any work
+    load_classifier(weights, folder, "cpu", "onnx", weights_sha256)  # makes the export
+    cached = _cached_onnx(weights, folder, weights_sha256)
+    if cached is None:
+        raise PipelineError(f"--device cuda: no ONNX export of {weights} could be made", 3)
+    card, data = cached
+    return Classifier(card, "cuda", "onnx", _onnx_network(data, "cuda"))
+
+
+def _fp16_classifier(
+    weights: str, folder: Path, device: str, backend: str, weights_sha256: str | None
+) -> Classifier:
+    """Eager PyTorch in fp16 on a CUDA GPU: half the memory traffic, tensor cores.
+
+    Not on the CPU, where PyTorch's fp16 convolutions are many times slower than fp32.
+    """
+    if device == "cpu" or backend == "onnx":
+        raise PipelineError(
+            "--precision fp16 runs eager PyTorch on a CUDA GPU: use --device cuda (or auto) "
+            "and --backend auto or eager",
+            2,
+        )
+    device = resolve_device("cuda")  # exit 3 without a GPU
+    model, card = load_torch_model(weights, folder, weights_sha256)
+    return Classifier(card, device, "eager", _eager_network(model, device, half=True), "fp16")

@@ -1,13 +1,14 @@
 """Heatmaps: where in the model's input its evidence for a label lies (class activation maps).
 
-For torchxrayvision's DenseNet (``features -> relu -> global average pool -> Linear``)
+For torchxrayvision's classifiers (``last feature map -> global average pool -> Linear``)
 the class activation map of label k (Zhou et al., CVPR 2016) is ``sum_c w_kc * F_c`` over
-the last feature map ``F`` (1024 x 7 x 7 for a 224 input); the network computes it in the
-same forward pass as the scores (``model._network_module``). Grad-CAM equals CAM for such
+the last feature map ``F`` (DenseNet-121: 1024 x 7 x 7 for its 224 input; ResNet-50:
+2048 x 16 x 16 for its 512 input); the network computes it in the same forward pass as the
+scores (``model._network_module``). Grad-CAM equals CAM for such
 a head. It shows model attention, not a localisation: Saporta et al. (Nature Machine
 Intelligence 2022) found every saliency method they tested short of radiologists.
 
-Each map is upsampled bilinearly to the 224x224 input (half-pixel centres, as
+Each map is upsampled bilinearly to the model's input size (224 or 512) (half-pixel centres, as
 ``torch.nn.functional.interpolate(..., mode="bilinear", align_corners=False)``), scaled to
 0..255 between its own minimum and maximum, and stored as an 8-bit grayscale PNG in the
 model's input geometry: the centre-cropped square the model saw, in the orientation it
@@ -119,9 +120,13 @@ class HeatmapWriter:
         self._pending: deque[Future[list[Path]]] = deque()
 
     def write(
-        self, path: str, scores: Mapping[str, float], cams: Mapping[str, np.ndarray]
+        self,
+        path: str,
+        scores: Mapping[str, float],
+        cams: Mapping[str, np.ndarray],
+        size: int = INPUT_SIZE,
     ) -> tuple[dict[str, str], Future[list[Path]]]:
-        """Queue one image's heatmaps.
+        """Queue one image's heatmaps, ``size`` x ``size`` (the model's input size).
 
         Returns ``{label: path relative to the results folder}`` at once, and the task,
         whose result is the list of files written (an ``OSError`` if one could not be).
@@ -131,7 +136,7 @@ class HeatmapWriter:
         written = {label: f"{HEATMAP_FOLDER}/{stem}-{label_slug(label)}.png" for label in labels}
         targets = [self.results_dir / relative for relative in written.values()]
         stack = np.stack([cams[label] for label in labels]) if labels else None
-        task = self._pool.submit(_write_pngs, targets, stack)
+        task = self._pool.submit(_write_pngs, targets, stack, size)
         self._pending.append(task)
         while len(self._pending) > self.MAX_PENDING:
             self._pending.popleft().result()
@@ -148,10 +153,10 @@ class HeatmapWriter:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _write_pngs(targets: list[Path], cams: np.ndarray | None) -> list[Path]:
+def _write_pngs(targets: list[Path], cams: np.ndarray | None, size: int) -> list[Path]:
     """Scale, encode and write one image's maps (a background task); the files written."""
     if cams is None:
         return []
-    for target, image in zip(targets, heatmap_images(cams), strict=True):
+    for target, image in zip(targets, heatmap_images(cams, size), strict=True):
         write_atomic(target, png_bytes(image), durable=False)
     return targets

@@ -24,6 +24,13 @@ callables are PyTorch's tensor rebuild functions and the containers; ``INST``/``
 tensors are read from the module tree's ``__dict__``, checked, and copied into a freshly
 built ``xrv.models.DenseNet`` (:mod:`cxrsr.model.classifier`).
 
+torchxrayvision's ResNet-50 weights are published differently: as a ``state_dict`` (an
+``OrderedDict`` of tensors, ``torch.save(model.state_dict())``), which torchxrayvision
+loads into a freshly built torchvision ResNet. Such a pickle needs no module class at
+all, so the allow-list grows by nothing for it: :func:`load_state_dict` with
+``form=STATE_DICT`` accepts a top-level mapping of names to tensors instead of a
+DenseNet module, under the same opcode rules (a module inside it is refused).
+
 Where the file comes from: torchxrayvision's GitHub release, unless the setting
 ``CXRSR_WEIGHTS_BASE_URL`` (environment, then ``.env``) names another base URL, such as a
 mirror inside a hospital network or the tests' local server; the published file name
@@ -71,8 +78,12 @@ CALLABLES = (
 )
 
 
+#: How a weights file holds its tensors: a pickled DenseNet module, or a ``state_dict``.
+PICKLED_MODULE, STATE_DICT = "module", "state_dict"
+
+
 class WeightsRefused(PipelineError):
-    """A weights file that is not plain torchxrayvision DenseNet weights (exit 3)."""
+    """A weights file that is not plain torchxrayvision weights (exit 3)."""
 
     exit_code = 3
 
@@ -229,13 +240,16 @@ def read_weights_bytes(path: Path, expected_sha256: str | None = None) -> tuple[
     return data, digest
 
 
-def load_state_dict(data: bytes, path: Path) -> dict[str, Any]:
-    """The tensors of a pickled torchxrayvision DenseNet, by ``state_dict`` name.
+def load_state_dict(data: bytes, path: Path, form: str = PICKLED_MODULE) -> dict[str, Any]:
+    """The tensors of a torchxrayvision weights file, by ``state_dict`` name.
 
-    Raises :class:`WeightsRefused` (one line, naming ``path``) for anything else.
+    ``form``: :data:`PICKLED_MODULE` (the DenseNets: a whole pickled DenseNet) or
+    :data:`STATE_DICT` (the ResNets: a mapping of names to tensors). Raises
+    :class:`WeightsRefused` (one line, naming ``path``) for anything else.
     """
     import torch
 
+    kind = "DenseNet" if form == PICKLED_MODULE else "ResNet state_dict"
     try:
         with warnings.catch_warnings():
             # Legacy files carry their classes' source; a changed source only warns.
@@ -249,9 +263,11 @@ def load_state_dict(data: bytes, path: Path) -> dict[str, Any]:
     except Exception as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WeightsRefused(
-            f"weights file {path} refused: {detail} (not a torchxrayvision DenseNet weights "
+            f"weights file {path} refused: {detail} (not a torchxrayvision {kind} weights "
             "file; delete it and rerun to download it again)"
         ) from exc
+    if form == STATE_DICT:
+        return _plain_tensors(loaded, path)
     densenet = _module_classes()["torchxrayvision.models.DenseNet"]
     if type(loaded) is not densenet:
         raise WeightsRefused(
@@ -260,6 +276,24 @@ def load_state_dict(data: bytes, path: Path) -> dict[str, Any]:
         )
     tensors: dict[str, Any] = {}
     _collect_tensors(loaded, "", tensors, path, depth=0)
+    return tensors
+
+
+def _plain_tensors(loaded: Any, path: Path) -> dict[str, Any]:
+    """A ``state_dict``'s tensors: a mapping of string names to tensors, nothing else."""
+    import torch
+
+    if type(loaded) is not collections.OrderedDict and type(loaded) is not dict:
+        raise WeightsRefused(
+            f"weights file {path} refused: it holds {_name_of(type(loaded))}, not a state_dict"
+        )
+    tensors: dict[str, Any] = {}
+    for name, value in loaded.items():
+        if not isinstance(name, str) or type(value) not in (torch.Tensor, torch.nn.Parameter):
+            raise WeightsRefused(
+                f"weights file {path} refused: it holds {_name_of(type(value))} as {name!r}"
+            )
+        tensors[name] = value.detach()
     return tensors
 
 

@@ -535,6 +535,7 @@ class Watcher:
                 domain=self.domain,
                 heatmaps=heatmaps,
                 read_timeout=self.read_timeout,
+                input_size=self.classifier.input_size,
             )
             if run.interrupted:
                 # Ctrl-C: classify() kept what it finished, but nothing of it is sent

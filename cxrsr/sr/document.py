@@ -139,6 +139,8 @@ class ModelInfo:
     labels: tuple[str, ...]
     threshold: float
     score_kind: str
+    int8_sha256: str = ""
+    """SHA-256 of the int8 ONNX model that computed the scores ('' for fp32)."""
 
     @classmethod
     def from_results(cls, model: ModelRecord) -> ModelInfo:
@@ -154,13 +156,17 @@ class ModelInfo:
         threshold = model.get("threshold", 0.5)
         if not _is_finite_number(threshold):
             raise PipelineError("results file: model.threshold is not a number", exit_code=2)
+        # A reduced precision computes other scores: another algorithm, with its own UIDs.
+        precision = str(model.get("precision") or "fp32")
+        int8 = precision == "int8" and model.get("int8_onnx_sha256")
         return cls(
-            model_id=str(model["weights"]),
+            model_id=str(model["weights"]) + ("" if precision == "fp32" else f" {precision}"),
             weights_sha256=str(model["weights_sha256"]),
             torchxrayvision=str(model["torchxrayvision"]),
             labels=tuple(labels),
             threshold=float(threshold),
             score_kind=str(model.get("score_kind", "")),
+            int8_sha256=str(model["int8_onnx_sha256"]) if int8 else "",
         )
 
     @property
@@ -169,7 +175,8 @@ class ModelInfo:
 
     @property
     def algorithm_version(self) -> str:
-        return f"{self.torchxrayvision}; weights sha256:{self.weights_sha256}"
+        version = f"{self.torchxrayvision}; weights sha256:{self.weights_sha256}"
+        return f"{version}; int8 onnx sha256:{self.int8_sha256}" if self.int8_sha256 else version
 
     @property
     def algorithm_parameters(self) -> list[str]:

@@ -206,7 +206,7 @@ def _jet_palette() -> list[int]:
 def overlay(
     preview: Image.Image, crop: tuple[float, float, float, float], heat: Image.Image
 ) -> Image.Image:
-    """RGB preview with ``heat`` (224x224, L) in jet colours over the crop square.
+    """RGB preview with ``heat`` (the model's input size, L) in jet colours over the crop square.
 
     The colour's weight grows with the heat, so where the model paid little attention
     the radiograph shows through unchanged. Pillow does the arithmetic (8-bit, in C):
