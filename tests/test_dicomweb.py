@@ -1,0 +1,147 @@
+"""upload_dicom.py --to dicomweb against a real DICOMweb server: Orthanc's DICOMweb plugin.
+
+STOW-RS stores, QIDO-RS proves, a rerun sends nothing the server holds, the server's own
+per-instance refusals (Failed SOP Sequence) are reported, and a file whose header would
+hurt the PACS never reaches it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from conftest import missing_prerequisite
+from test_upload import Run, file_meta_element, upload, write_copies
+
+from cxrsr.pacs.local_orthanc import DICOMWEB_PLUGIN, LocalOrthanc
+
+
+@pytest.fixture(scope="module")
+def small_dicom(corpus_dir: Path) -> Path:
+    return corpus_dir / "bad_cr_cspine_16x16.dcm"
+
+
+@pytest.fixture
+def dicomweb_orthanc(tmp_path: Path, orthanc_binary: str) -> Iterator[LocalOrthanc]:
+    if not DICOMWEB_PLUGIN.is_file():
+        missing_prerequisite("Debian's orthanc-dicomweb plugin is not installed")
+    with LocalOrthanc(
+        tmp_path / "orthanc-dicomweb",
+        "cxrsr-test",
+        secrets.token_urlsafe(16),
+        binary=orthanc_binary,
+        dicomweb=True,
+    ) as server:
+        yield server
+
+
+def to_dicomweb(server: LocalOrthanc, *args: str | Path, password: str | None = None) -> Run:
+    """upload_dicom.py --to dicomweb with the server's credentials in DICOMWEB_*."""
+    env = {
+        "DICOMWEB_USERNAME": server.username,
+        "DICOMWEB_PASSWORD": password if password is not None else server.password,
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        return upload(None, "--to", "dicomweb", f"{server.url}/dicom-web", *args)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def instance_uids(server: LocalOrthanc) -> list[str]:
+    """Every SOP Instance UID Orthanc holds, duplicates included (through its REST API)."""
+    auth = (server.username, server.password)
+    ids = requests.get(f"{server.url}/instances", auth=auth, timeout=10).json()
+    return [
+        requests.get(f"{server.url}/instances/{i}", auth=auth, timeout=10).json()["MainDicomTags"][
+            "SOPInstanceUID"
+        ]
+        for i in ids
+    ]
+
+
+def test_corpus_is_stowed_proved_by_qido_and_a_rerun_sends_nothing(
+    dicomweb_orthanc: LocalOrthanc, corpus_dir: Path
+) -> None:
+    dicom_files = sorted(corpus_dir.glob("*.dcm"))
+    expected = {
+        str(pydicom.dcmread(p, stop_before_pixels=True, force=True).SOPInstanceUID)
+        for p in dicom_files
+    }
+    first = to_dicomweb(dicomweb_orthanc, corpus_dir)
+    assert first.returncode == 0, first.stderr
+    assert first.counts["stored"] == len(dicom_files)
+    assert first.counts["verified"] == first.counts["acknowledged"] == len(dicom_files)
+    assert f"{len(dicom_files)} by QIDO-RS search" in first.stdout
+    assert set(instance_uids(dicomweb_orthanc)) == expected
+
+    again = to_dicomweb(dicomweb_orthanc, corpus_dir, "-v")
+    assert again.returncode == 0, again.stderr
+    assert again.counts["stored"] == 0
+    assert again.counts["already"] == again.counts["verified"] == len(dicom_files)
+    uids = instance_uids(dicomweb_orthanc)
+    assert len(uids) == len(set(uids)) == len(expected)  # no duplicate
+
+
+def test_the_servers_own_refusal_is_read_from_the_failed_sop_sequence(
+    dicomweb_orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
+) -> None:
+    """Orthanc cannot file an instance without a Study Instance UID: STOW-RS lists it in
+    the Failed SOP Sequence with a Failure Reason, and only that file is rejected."""
+    folder = tmp_path / "in"
+    valid, no_study = write_copies(small_dicom, folder, 2)
+    ds = pydicom.dcmread(no_study)
+    del ds.StudyInstanceUID
+    ds.save_as(no_study, enforce_file_format=True)
+    run = to_dicomweb(dicomweb_orthanc, folder, "--batch", "2")
+    assert run.returncode == 1
+    assert run.counts["stored"] == 1 and run.counts["rejected"] == 1
+    (error,) = run.lines("E: ")
+    assert error.startswith(f"E: {no_study}: rejected: the server refused it: Failure Reason 0x")
+    assert instance_uids(dicomweb_orthanc) == [str(pydicom.dcmread(valid).SOPInstanceUID)]
+
+
+def test_malformed_headers_never_reach_the_dicomweb_server(
+    dicomweb_orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    (valid,) = write_copies(small_dicom, folder, 1)
+    data = valid.read_bytes()
+    crasher = bytearray(data)  # (0002,0001) declares far more bytes than the file has
+    struct.pack_into("<I", crasher, file_meta_element(data, 0x0001) + 8, 0x7FFFFFF0)
+    (folder / "a_meta_beyond_end.dcm").write_bytes(crasher)
+    (folder / "c_truncated.dcm").write_bytes(data[:300])
+    ds = pydicom.dcmread(valid)
+    del ds.SOPInstanceUID
+    ds.save_as(folder / "d_no_sop_instance_uid.dcm")
+    run = to_dicomweb(dicomweb_orthanc, folder)
+    assert run.returncode == 1
+    assert run.counts["stored"] == 1 and run.counts["failed"] == 3
+    errors = run.lines("E: ")
+    assert len(errors) == 3 and all(": failed: not sent: malformed: " in e for e in errors)
+    assert dicomweb_orthanc.process is not None and dicomweb_orthanc.process.poll() is None
+    assert instance_uids(dicomweb_orthanc) == [str(pydicom.dcmread(valid).SOPInstanceUID)]
+
+
+def test_wrong_dicomweb_credentials_stop_the_run_with_one_line(
+    dicomweb_orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
+) -> None:
+    write_copies(small_dicom, tmp_path / "in", 2)
+    run = to_dicomweb(dicomweb_orthanc, tmp_path / "in", password="wrong")
+    assert run.returncode == 3
+    assert run.lines("E: ") == [
+        f"E: DICOMweb server at {dicomweb_orthanc.url}/dicom-web refused the credentials "
+        "(HTTP 401); check DICOMWEB_USERNAME/DICOMWEB_PASSWORD or DICOMWEB_TOKEN"
+    ]
+    assert instance_uids(dicomweb_orthanc) == []
