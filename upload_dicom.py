@@ -92,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         # the two cores suggest, and a worker busy parsing a header is not sending.
         "--workers",
         type=positive_int,
-        default=16,
-        help="parallel uploads (default: 16)",
+        help="parallel uploads (default: 16; 4 associations for --to dimse)",
     )
     net.add_argument(
         "--timeout",
@@ -163,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args)
     target = make_target(parser, args)
+    if args.workers is None:
+        args.workers = 4 if isinstance(target, dimse.DimseTarget) else 16
     inputs = [Path(p) for p in args.paths] or [p for p in DEFAULT_INPUTS if p.exists()]
     if not inputs:
         parser.error("no PATH given and neither data/ nor output/sr/ exists here")
@@ -256,6 +257,10 @@ def send_to(target: Target, inputs: Sequence[Path], args: argparse.Namespace) ->
             def done(outcome: upload.Outcome) -> None:
                 if outcome.status == upload.STORED and outcome.reason:
                     log.warning("%s: %s", outcome.name, outcome.reason)
+                elif outcome.sent:
+                    log.debug(
+                        "%s: %s as %s", outcome.name, outcome.status, outcome.sop_instance_uid
+                    )
                 else:
                     upload.log_outcome(outcome)
                 bar.update(1)
