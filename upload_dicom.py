@@ -10,6 +10,11 @@ passed over with a reason. Afterwards every acknowledged instance is checked: pr
 Orthanc, with the MD5 of the bytes sent (the MD5 Orthanc recorded, or, from an Orthanc
 that keeps none, that of the file read back), and each SR or key image in the same
 Orthanc study and patient as its image; the summary line says which way.
+
+Any other PACS: --to dicomweb URL stores with STOW-RS and proves each instance with a
+QIDO-RS search; --to dimse HOST:PORT stores with C-STORE and proves with Storage
+Commitment (else C-FIND). Both ask the PACS first what it holds and send only the rest,
+after the same header check.
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(
         "upload_dicom.py",
         __doc__,
-        "wrong credentials, Orthanc unreachable at the URL, or the URL is not Orthanc",
+        "wrong credentials, Orthanc (or the DICOMweb server, or the DICOM peer) unreachable, "
+        "the URL is not Orthanc (or not DICOMweb), or the DICOM peer rejected our AE titles",
     )
     params = parser.add_argument_group("parameters")
     params.add_argument(

@@ -145,3 +145,15 @@ def test_wrong_dicomweb_credentials_stop_the_run_with_one_line(
         "(HTTP 401); check DICOMWEB_USERNAME/DICOMWEB_PASSWORD or DICOMWEB_TOKEN"
     ]
     assert instance_uids(dicomweb_orthanc) == []
+
+
+def test_help_documents_every_target_and_a_wrong_target_is_a_usage_error(
+    small_dicom: Path,
+) -> None:
+    help_text = upload(None, "--help").stdout
+    for text in ("--to", "'dicomweb URL'", "'dimse HOST:PORT'", "--called-aet", "--listen-port"):
+        assert text in help_text
+    for wrong in (["--to", "ftp", "host:21"], ["--to", "dimse", "no-port"], ["--to", "dicomweb"]):
+        run = upload(None, *wrong, small_dicom)
+        assert run.returncode == 2, run.stderr
+        assert "Traceback" not in run.stderr
