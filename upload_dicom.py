@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
 
 # pydicom imports numpy, whose OpenBLAS starts a busy-waiting thread per core at import:
@@ -45,6 +46,7 @@ from cxrsr.cli import (
 )
 from cxrsr.config import orthanc_settings
 from cxrsr.dicomio.discovery import Source, check_inputs_exist, iter_sources
+from cxrsr.errors import PipelineError
 from cxrsr.pacs import dimse, orthanc, stow, targets, upload
 from cxrsr.pacs.targets import Target
 
@@ -239,8 +241,17 @@ def make_target(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Ta
         host, port = dimse.parse_address(rest[0])
     except ValueError as exc:
         parser.error(f"--to dimse: {exc}")
-    tls = dimse.tls_context(args.tls_ca, args.tls_cert, args.tls_key) if args.tls else None
-    peer = dimse.Peer(host, port, args.called_aet, args.aet, args.listen_port, args.timeout, tls)
+    tls = server = None
+    if args.tls:
+        try:
+            tls = dimse.tls_context(args.tls_ca, args.tls_cert, args.tls_key)
+            if args.tls_cert and args.listen_port:
+                server = dimse.tls_server_context(args.tls_ca, args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise PipelineError(f"DICOM TLS: {exc}", 3) from None
+    peer = dimse.Peer(
+        host, port, args.called_aet, args.aet, args.listen_port, args.timeout, tls, server
+    )
     return dimse.DimseTarget(peer)
 
 

@@ -256,3 +256,111 @@ def test_a_plain_storescp_leaves_only_the_c_store_status_as_proof(
     assert "3 by C-STORE status only" in run.stdout
     assert "and it answers no C-FIND: only its C-STORE status says the files landed" in run.stderr
     assert sorted(sop_uid(p) for p in received.iterdir()) == sorted(sop_uid(p) for p in files)
+
+
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A throwaway CA and two certificates it signs for 127.0.0.1: Orthanc's and ours."""
+    openssl = require_program("openssl")
+    folder.mkdir()
+    paths = {
+        name: folder / f"{name}.pem"
+        for name in ("ca", "ca-key", "pacs", "pacs-key", "us", "us-key")
+    }
+
+    def run(*args: str | Path) -> None:
+        subprocess.run([openssl, *map(str, args)], check=True, capture_output=True, timeout=60)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=cxrsr test CA",
+        "-keyout",
+        paths["ca-key"],
+        "-out",
+        paths["ca"],
+    )
+    for name in ("pacs", "us"):
+        request = folder / f"{name}.csr"
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            paths[f"{name}-key"],
+            "-out",
+            request,
+        )
+        extensions = folder / f"{name}.ext"
+        extensions.write_text("subjectAltName=IP:127.0.0.1\n")
+        run(
+            "x509",
+            "-req",
+            "-in",
+            request,
+            "-CA",
+            paths["ca"],
+            "-CAkey",
+            paths["ca-key"],
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            extensions,
+            "-out",
+            paths[name],
+        )
+    return paths
+
+
+def test_dicom_tls_stores_and_commits_over_tls_only(
+    tmp_path: Path, orthanc_binary: str, listen_port: int, small_dicom: Path
+) -> None:
+    """Orthanc's DICOM port speaks TLS only and requires our certificate; its storage
+    commitment report comes back over TLS too."""
+    certs = make_certificates(tmp_path / "certs")
+    server = LocalOrthanc(
+        tmp_path / "orthanc-tls",
+        "cxrsr-test",
+        secrets.token_urlsafe(16),
+        binary=orthanc_binary,
+        dicom_server=True,
+        overrides={
+            "DicomModalities": {
+                "cxrsr": {"AET": AET, "Host": "127.0.0.1", "Port": listen_port, "UseDicomTls": True}
+            },
+            "DicomCheckCalledAet": True,
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(certs["pacs"]),
+            "DicomTlsPrivateKey": str(certs["pacs-key"]),
+            "DicomTlsTrustedCertificates": str(certs["ca"]),
+            "DicomTlsRemoteCertificateRequired": True,
+        },
+    )
+    files = write_copies(small_dicom, tmp_path / "in", 3)
+    tls = [
+        "--tls",
+        "--tls-ca",
+        str(certs["ca"]),
+        "--tls-cert",
+        str(certs["us"]),
+        "--tls-key",
+        str(certs["us-key"]),
+    ]
+    with server:
+        plain = upload(None, *dimse_args(server, listen_port, "--timeout", "5"), tmp_path / "in")
+        assert plain.returncode == 3, plain.stderr
+        assert instance_uids(server) == []
+        run = upload(None, *dimse_args(server, listen_port), *tls, tmp_path / "in")
+        assert run.returncode == 0, run.stderr
+        assert run.counts["stored"] == 3
+        assert "3 by storage commitment" in run.stdout
+        assert sorted(instance_uids(server)) == sorted(sop_uid(p) for p in files)

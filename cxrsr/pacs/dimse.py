@@ -87,6 +87,9 @@ class Peer:
     """Where we accept the peer's N-EVENT-REPORT on an association of its own."""
     timeout: float = 30.0
     tls: ssl.SSLContext | None = None
+    """Client side of DICOM TLS for our associations."""
+    tls_server: ssl.SSLContext | None = None
+    """Server side of DICOM TLS for the association the peer opens to ``listen_port``."""
 
     @property
     def address(self) -> str:
@@ -107,6 +110,15 @@ def tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLCon
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
     if cert:
         context.load_cert_chain(cert, key)
+    return context
+
+
+def tls_server_context(ca: str | None, cert: str, key: str | None) -> ssl.SSLContext:
+    """A server TLS context for the peer's storage commitment report: our certificate,
+    and the peer's required and checked against ``ca``."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
+    context.load_cert_chain(cert, key)
+    context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 
@@ -363,6 +375,7 @@ class DimseTarget:
                 int(self.peer.listen_port or 0),
             ),
             block=False,
+            ssl_context=self.peer.tls_server,
             evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_event_report)],
         )
 
