@@ -170,8 +170,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args)
     target = make_target(parser, args)
-    if args.workers is None:
-        args.workers = 4 if isinstance(target, dimse.DimseTarget) else 16
     inputs = [Path(p) for p in args.paths] or [p for p in DEFAULT_INPUTS if p.exists()]
     if not inputs:
         parser.error("no PATH given and neither data/ nor output/sr/ exists here")
@@ -222,6 +220,8 @@ def make_target(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Ta
     """The DICOMweb or DIMSE target ``--to`` names (``None`` for Orthanc's REST API);
     a malformed ``--to`` is a usage error."""
     kind, *rest = args.to
+    if args.workers is None:  # associations are heavier than HTTP connections
+        args.workers = 4 if kind == "dimse" else 16
     # "--to" takes one or two values, and argparse hands it any PATH that follows too.
     taken = 1 if kind in ("dicomweb", "dimse") else 0
     args.paths[:0] = rest[taken:]

@@ -222,21 +222,40 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 
     raise AssertionError(f"nothing listens on port {port} after {timeout} s")
 
 
-def test_a_plain_storescp_leaves_only_the_c_store_status_as_proof(
-    small_dicom: Path, tmp_path: Path
-) -> None:
+def start_storescp(received: Path, *options: str) -> tuple[subprocess.Popen[bytes], int]:
+    """dcmtk's storescp on a free loopback port, writing what it receives to ``received``."""
     storescp = require_program("storescp")
     port = free_port()
-    received = tmp_path / "received"
     received.mkdir()
-    files = write_copies(small_dicom, tmp_path / "in", 3)
     process = subprocess.Popen(
-        [storescp, "--aetitle", "STORESCP", "--output-directory", str(received), str(port)],
+        [
+            storescp,
+            *options,
+            "--aetitle",
+            "STORESCP",
+            "--output-directory",
+            str(received),
+            str(port),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         wait_for_port(port, process)
+    except BaseException:
+        process.kill()
+        process.wait(timeout=30)
+        raise
+    return process, port
+
+
+def test_a_plain_storescp_leaves_only_the_c_store_status_as_proof(
+    small_dicom: Path, tmp_path: Path
+) -> None:
+    received = tmp_path / "received"
+    files = write_copies(small_dicom, tmp_path / "in", 3)
+    process, port = start_storescp(received)
+    try:
         run = upload(
             None,
             "--to",
@@ -364,3 +383,43 @@ def test_dicom_tls_stores_and_commits_over_tls_only(
         assert run.counts["stored"] == 3
         assert "3 by storage commitment" in run.stdout
         assert sorted(instance_uids(server)) == sorted(sop_uid(p) for p in files)
+
+
+def test_uncompressed_files_are_converted_losslessly_and_compressed_ones_never_transcoded(
+    small_dicom: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """A peer that accepts Implicit VR Little Endian only (storescp +xi): the Explicit VR
+    file goes as Implicit VR, the same data set; the JPEG file is refused by us, not
+    decompressed or recompressed, with the reason."""
+    (explicit,) = write_copies(small_dicom, tmp_path / "in", 1)
+    (jpeg,) = write_copies(corpus_dir / "cxr11_siim_cr_jpeg8.dcm", tmp_path / "in-jpeg", 1)
+    jpeg = jpeg.rename(tmp_path / "in" / "jpeg.dcm")
+    received = tmp_path / "received"
+    process, port = start_storescp(received, "+xi")
+    try:
+        run = upload(
+            None,
+            "--to",
+            "dimse",
+            f"127.0.0.1:{port}",
+            "--called-aet",
+            "STORESCP",
+            "--timeout",
+            "5",
+            tmp_path / "in",
+        )
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert run.returncode == 1
+    assert run.counts["stored"] == 1 and run.counts["rejected"] == 1
+    (error,) = run.lines("E: ")
+    assert error.startswith(
+        f"E: {jpeg}: rejected: the peer accepts no lossless way to receive it (1.2.840.10008.1.2.4.50)"
+    )
+    (stored,) = received.iterdir()
+    copy = pydicom.dcmread(stored)
+    assert copy.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    original = pydicom.dcmread(explicit)
+    assert copy.SOPInstanceUID == original.SOPInstanceUID
+    assert copy.PixelData == original.PixelData

@@ -380,6 +380,9 @@ class DimseTarget:
         )
 
     def prove(self, report: Report) -> None:
+        # The sending is over: a peer that serves one association at a time (storescp)
+        # would otherwise keep the next one waiting for as long as these stay open.
+        self._release_links()
         sent = [o for o in report.outcomes if o.sent]
         if not sent:
             return
@@ -479,10 +482,14 @@ class DimseTarget:
             else:
                 outcome.problems.append("the storage commitment report does not name it")
 
-    def close(self) -> None:
+    def _release_links(self) -> None:
         for link in self._links:
             if link.assoc is not None and link.assoc.is_established:
                 link.assoc.release()
+            link.assoc = None
+
+    def close(self) -> None:
+        self._release_links()
         if self._server is not None:
             self._server.shutdown()
 
