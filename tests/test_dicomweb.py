@@ -7,9 +7,11 @@ hurt the PACS never reaches it.
 
 from __future__ import annotations
 
+import http.server
 import os
 import secrets
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -157,3 +159,76 @@ def test_help_documents_every_target_and_a_wrong_target_is_a_usage_error(
         run = upload(None, *wrong, small_dicom)
         assert run.returncode == 2, run.stderr
         assert "Traceback" not in run.stderr
+
+
+class BearerGate(http.server.ThreadingHTTPServer):
+    """A DICOMweb front that accepts one bearer token and forwards to Orthanc's plugin
+    with Orthanc's own credentials, as an authenticating proxy before a PACS does."""
+
+    def __init__(self, server: LocalOrthanc, token: str) -> None:
+        self.orthanc = server
+        self.token = token
+        super().__init__(("127.0.0.1", 0), _GateHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/dicom-web"
+
+
+class _GateHandler(http.server.BaseHTTPRequestHandler):
+    server: BearerGate
+
+    def _forward(self) -> None:
+        if self.headers.get("Authorization") != f"Bearer {self.server.token}":
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        headers = {k: v for k, v in self.headers.items() if k in ("Content-Type", "Accept")}
+        answer = requests.request(
+            self.command,
+            self.server.orthanc.url + self.path,
+            data=self.rfile.read(length) if length else None,
+            headers=headers,
+            auth=(self.server.orthanc.username, self.server.orthanc.password),
+            timeout=60,
+        )
+        self.send_response(answer.status_code)
+        self.send_header("Content-Type", answer.headers.get("Content-Type", "text/plain"))
+        self.send_header("Content-Length", str(len(answer.content)))
+        self.end_headers()
+        self.wfile.write(answer.content)
+
+    do_GET = do_POST = _forward
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_bearer_token_from_the_environment_is_sent(
+    dicomweb_orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
+) -> None:
+    files = write_copies(small_dicom, tmp_path / "in", 2)
+    gate = BearerGate(dicomweb_orthanc, secrets.token_urlsafe(16))
+    thread = threading.Thread(target=gate.serve_forever, daemon=True)
+    thread.start()
+    saved = os.environ.get("DICOMWEB_TOKEN")
+    try:
+        os.environ["DICOMWEB_TOKEN"] = "not-" + gate.token
+        refused = upload(None, "--to", "dicomweb", gate.url, tmp_path / "in")
+        os.environ["DICOMWEB_TOKEN"] = gate.token
+        run = upload(None, "--to", "dicomweb", gate.url, tmp_path / "in")
+    finally:
+        if saved is None:
+            os.environ.pop("DICOMWEB_TOKEN", None)
+        else:
+            os.environ["DICOMWEB_TOKEN"] = saved
+        gate.shutdown()
+        gate.server_close()
+    assert refused.returncode == 3 and "refused the credentials (HTTP 401)" in refused.stderr
+    assert run.returncode == 0, run.stderr
+    assert run.counts["stored"] == run.counts["verified"] == 2
+    assert sorted(instance_uids(dicomweb_orthanc)) == sorted(
+        str(pydicom.dcmread(p).SOPInstanceUID) for p in files
+    )

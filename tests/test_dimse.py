@@ -197,6 +197,7 @@ def test_the_peer_killed_mid_association_loses_nothing_and_a_rerun_completes(
         assert process.returncode == 1, stderr
         cut = Run(process.returncode, stdout, stderr)
         assert cut.counts["failed"] > 0
+        assert cut.counts["stored"] + cut.counts["failed"] == len(files)  # each accounted for
         assert "Traceback" not in stderr
         server.start()
         held = set(instance_uids(server))
