@@ -11,7 +11,10 @@ import http.server
 import os
 import secrets
 import struct
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +22,11 @@ import pydicom
 import pytest
 import requests
 from conftest import missing_prerequisite
-from test_upload import Run, file_meta_element, upload, write_copies
+from pydicom.uid import generate_uid
+from test_upload import SCRIPT, Run, file_meta_element, upload, write_copies
 
+from cxrsr.config import PROJECT_ROOT
+from cxrsr.pacs import stow
 from cxrsr.pacs.local_orthanc import DICOMWEB_PLUGIN, LocalOrthanc
 
 
@@ -232,3 +238,73 @@ def test_a_bearer_token_from_the_environment_is_sent(
     assert sorted(instance_uids(dicomweb_orthanc)) == sorted(
         str(pydicom.dcmread(p).SOPInstanceUID) for p in files
     )
+
+
+def test_qido_reads_every_page_of_a_large_study(
+    dicomweb_orthanc: LocalOrthanc,
+    small_dicom: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Five instances of one study, asked for two at a time: all five come back."""
+    files = write_copies(small_dicom, tmp_path / "in", 5)
+    study = generate_uid()
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = study
+        ds.save_as(path, enforce_file_format=True)
+    assert to_dicomweb(dicomweb_orthanc, tmp_path / "in").returncode == 0
+    monkeypatch.setattr(stow, "QIDO_PAGE", 2)
+    settings = stow.DicomWebSettings(
+        f"{dicomweb_orthanc.url}/dicom-web", dicomweb_orthanc.username, dicomweb_orthanc.password
+    )
+    client = stow.DicomWebClient(settings)
+    try:
+        assert client.instances_of_study(study) == {
+            str(pydicom.dcmread(p).SOPInstanceUID) for p in files
+        }
+    finally:
+        client.close()
+
+
+def test_the_server_killed_mid_run_loses_nothing_and_a_rerun_completes(
+    dicomweb_orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
+) -> None:
+    files = write_copies(small_dicom, tmp_path / "in", 120)
+    env = dict(
+        os.environ,
+        DICOMWEB_USERNAME=dicomweb_orthanc.username,
+        DICOMWEB_PASSWORD=dicomweb_orthanc.password,
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--to", "dicomweb", f"{dicomweb_orthanc.url}/dicom-web",
+         "--workers", "1", "--batch", "2", "--timeout", "5", str(tmp_path / "in")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=PROJECT_ROOT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while count_instances(dicomweb_orthanc) < 10 and process.poll() is None:
+        assert time.monotonic() < deadline, "no instance arrived within 60 s"
+        time.sleep(0.01)
+    dicomweb_orthanc.kill()
+    stdout, stderr = process.communicate(timeout=120)
+    cut = Run(process.returncode, stdout, stderr)
+    assert cut.returncode == 1 and "Traceback" not in stderr
+    assert cut.counts["failed"] > 0
+    assert cut.counts["stored"] + cut.counts["failed"] == len(files)
+    dicomweb_orthanc.start()
+    held = len(instance_uids(dicomweb_orthanc))
+    again = to_dicomweb(dicomweb_orthanc, tmp_path / "in")
+    assert again.returncode == 0, again.stderr
+    assert again.counts["already"] == held
+    assert again.counts["stored"] == len(files) - held
+    uids = instance_uids(dicomweb_orthanc)
+    assert len(uids) == len(set(uids)) == len(files)
+
+
+def count_instances(server: LocalOrthanc) -> int:
+    auth = (server.username, server.password)
+    try:
+        answer = requests.get(f"{server.url}/statistics", auth=auth, timeout=5)
+    except requests.RequestException:
+        return 0
+    return int(answer.json()["CountInstances"])

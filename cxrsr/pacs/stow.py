@@ -22,6 +22,7 @@ import base64
 import json
 import logging
 import secrets
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,9 @@ FAILURE_REASONS = {
     0xA770: "transfer syntax not supported",
     0xC123: "instance UID mismatch",
 }
+
+#: Matches asked for per QIDO-RS request.
+QIDO_PAGE = 1000
 
 #: The proof method, as the summary names it.
 BY_QIDO = "QIDO-RS search"
@@ -116,6 +120,9 @@ class DicomWebClient:
         if settings.ca_bundle:
             options["ca_certs"] = settings.ca_bundle
         self.pool = urllib3.PoolManager(num_pools=2, **options)
+        self._lock = threading.Lock()
+        self.down_reason: str | None = None
+        """Set when a request got no answer after its retries: nothing more is sent."""
 
     def _request(self, method: str, path: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
         headers = dict(self.headers, **kwargs.pop("headers", {}))
@@ -145,24 +152,33 @@ class DicomWebClient:
             )
 
     def instances_of_study(self, study_uid: str) -> set[str]:
-        """The SOP Instance UIDs the server holds in one study (QIDO-RS, PS3.18 10.6)."""
-        answer = self._request(
-            "GET",
-            f"/studies/{quote(study_uid)}/instances?includefield={SOP_INSTANCE_UID}",
-            headers={"Accept": "application/dicom+json"},
-        )
-        if answer.status in (204, 404):
-            return set()
-        if answer.status != 200:
-            raise urllib3.exceptions.HTTPError(f"QIDO-RS answered HTTP {answer.status}")
+        """The SOP Instance UIDs the server holds in one study (QIDO-RS, PS3.18 10.6),
+        page by page (``limit``/``offset``): a server may cap the matches it returns."""
         found: set[str] = set()
-        for item in json.loads(answer.data or b"[]"):
-            values = item.get(SOP_INSTANCE_UID, {}).get("Value", [])
-            found.update(str(v) for v in values)
-        return found
+        offset = 0
+        while True:
+            answer = self._request(
+                "GET",
+                f"/studies/{quote(study_uid)}/instances?includefield={SOP_INSTANCE_UID}"
+                f"&limit={QIDO_PAGE}&offset={offset}",
+                headers={"Accept": "application/dicom+json"},
+            )
+            if answer.status in (204, 404):
+                return found
+            if answer.status != 200:
+                raise urllib3.exceptions.HTTPError(f"QIDO-RS answered HTTP {answer.status}")
+            page = json.loads(answer.data or b"[]")
+            for item in page:
+                values = item.get(SOP_INSTANCE_UID, {}).get("Value", [])
+                found.update(str(v) for v in values)
+            if len(page) < QIDO_PAGE:
+                return found
+            offset += len(page)
 
     def store(self, batch: Sequence[Checked]) -> list[Outcome]:
         """Send ``batch`` in one STOW-RS request; one outcome per file, in order."""
+        if self.down_reason is not None:
+            return [c.outcome(FAILED, f"not sent: {self.down_reason}") for c in batch]
         boundary = "cxrsr-" + secrets.token_hex(16)
         body = (
             b"".join(
@@ -182,8 +198,20 @@ class DicomWebClient:
             )
         except urllib3.exceptions.HTTPError as exc:
             reason = f"no answer to STOW-RS: {_reason(exc)}; run again to be sure"
+            self._went_down(_reason(exc))
             return [c.outcome(FAILED, reason) for c in batch]
         return _outcomes(batch, answer)
+
+    def _went_down(self, reason: str) -> None:
+        with self._lock:
+            if self.down_reason is not None:
+                return
+            self.down_reason = f"the DICOMweb server at {self.url} stopped answering"
+        log.error(
+            "%s (%s); files not yet sent are marked failed without further attempts",
+            self.down_reason,
+            reason,
+        )
 
     def close(self) -> None:
         self.pool.clear()
@@ -260,6 +288,8 @@ class DicomWebTarget:
         """One QIDO-RS search per study; a search that fails holds nothing back (the
         server then answers for each instance it already has)."""
         held: set[str] = set()
+        if self.client.down_reason is not None:
+            return held
         for study in sorted({c.study_uid for c in checked}):
             try:
                 held |= self.client.instances_of_study(study)
@@ -273,6 +303,9 @@ class DicomWebTarget:
     def prove(self, report: Report) -> None:
         """A QIDO-RS search per study must find every acknowledged instance in it."""
         sent = [o for o in report.outcomes if o.sent]
+        if sent and self.client.down_reason is not None:
+            report.verification_note = "the server stopped answering before verification"
+            return
         by_study: dict[str, list[Outcome]] = {}
         for outcome in sent:
             by_study.setdefault(outcome.study_uid, []).append(outcome)
