@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import os
 import secrets
+import ssl
 import struct
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 import requests
 from conftest import missing_prerequisite
 from pydicom.uid import generate_uid
+from test_dimse import make_certificates
 from test_upload import SCRIPT, Run, file_meta_element, upload, write_copies
 
 from cxrsr.config import PROJECT_ROOT
@@ -308,3 +310,36 @@ def count_instances(server: LocalOrthanc) -> int:
     except requests.RequestException:
         return 0
     return int(answer.json()["CountInstances"])
+
+
+def test_https_is_checked_against_the_ca_bundle(
+    dicomweb_orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
+) -> None:
+    """A DICOMweb front over HTTPS with a certificate from a private CA: refused (exit 3,
+    one line) until that CA is given with --ca-bundle."""
+    certs = make_certificates(tmp_path / "certs")
+    write_copies(small_dicom, tmp_path / "in", 2)
+    gate = BearerGate(dicomweb_orthanc, secrets.token_urlsafe(16))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs["pacs"], certs["pacs-key"])
+    gate.socket = context.wrap_socket(gate.socket, server_side=True)
+    url = gate.url.replace("http://", "https://")
+    thread = threading.Thread(target=gate.serve_forever, daemon=True)
+    thread.start()
+    saved = os.environ.get("DICOMWEB_TOKEN")
+    os.environ["DICOMWEB_TOKEN"] = gate.token
+    try:
+        untrusted = upload(None, "--to", "dicomweb", url, "--timeout", "5", tmp_path / "in")
+        trusted = upload(None, "--to", "dicomweb", url, "--ca-bundle", certs["ca"], tmp_path / "in")
+    finally:
+        if saved is None:
+            os.environ.pop("DICOMWEB_TOKEN", None)
+        else:
+            os.environ["DICOMWEB_TOKEN"] = saved
+        gate.shutdown()
+        gate.server_close()
+    assert untrusted.returncode == 3
+    (line,) = untrusted.lines("E: ")
+    assert line.startswith(f"E: DICOMweb server at {url} unreachable: ") and "CERTIFICATE" in line
+    assert trusted.returncode == 0, trusted.stderr
+    assert trusted.counts["stored"] == trusted.counts["verified"] == 2
