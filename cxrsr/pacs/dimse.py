@@ -67,6 +67,8 @@ WARNINGS = {
     0xB006: "elements discarded",
     0xB007: "data set does not match SOP class",
 }
+#: Series named in one C-FIND (a UI value list stays far below its 64 KiB limit).
+FIND_BATCH = 256
 #: Instances named in one N-ACTION request.
 COMMIT_BATCH = 500
 
@@ -311,6 +313,9 @@ class DimseTarget:
     def held(self, checked: Sequence[Checked]) -> set[str]:
         if self.down_reason is not None:
             return set()
+        # Between chunks no file is being sent: free the peer's association slots (Orthanc
+        # serves 4 at a time by default) so that the C-FIND is not left waiting for one.
+        self._release_links()
         series = {(c.study_uid, c.series_uid) for c in checked}
         found = self._find(series)
         return found if found is not None else set()
@@ -340,20 +345,46 @@ class DimseTarget:
                     "%s answers no C-FIND: nothing is checked before sending", self.description
                 )
                 return None
-            for study, serie in sorted(series):
-                query = Dataset()
-                query.QueryRetrieveLevel = "IMAGE"
-                query.StudyInstanceUID = study
-                query.SeriesInstanceUID = serie
-                query.SOPInstanceUID = ""
-                for status, identifier in assoc.send_c_find(
-                    query, StudyRootQueryRetrieveInformationModelFind
-                ):
-                    if status and status.Status in (0xFF00, 0xFF01) and identifier:
-                        found.add(str(identifier.get("SOPInstanceUID", "")))
+            found = self._find_listed(assoc, sorted(series))
+        except (RuntimeError, OSError) as exc:  # the association ended under the query
+            log.warning("%s: C-FIND cut short: %s", self.description, exc)
+            return None
         finally:
-            assoc.release()
+            if assoc.is_established:
+                assoc.release()
         return found
+
+    def _find_listed(self, assoc: Association, series: list[tuple[str, str]]) -> set[str]:
+        """One C-FIND at IMAGE level for up to :data:`FIND_BATCH` series at a time, their
+        Study and Series Instance UIDs given as lists (UID list matching, PS3.4
+        C.2.2.2.2.2); a peer that refuses a list query is asked series by series, the
+        strictly hierarchical query every Query/Retrieve SCP answers (PS3.4 C.4.1.2.1)."""
+        found: set[str] = set()
+        for start in range(0, len(series), FIND_BATCH):
+            part = series[start : start + FIND_BATCH]
+            answered = self._query(assoc, [s for s, _ in part], [s for _, s in part], found)
+            if not answered:
+                for study, serie in part:
+                    self._query(assoc, [study], [serie], found)
+        return found
+
+    @staticmethod
+    def _query(assoc: Association, studies: list[str], series: list[str], found: set[str]) -> bool:
+        """Add to ``found`` the SOP Instance UIDs in ``series`` of ``studies``; whether the
+        peer answered with success."""
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.StudyInstanceUID = sorted(set(studies)) if len(set(studies)) > 1 else studies[0]
+        query.SeriesInstanceUID = sorted(set(series)) if len(set(series)) > 1 else series[0]
+        query.SOPInstanceUID = ""
+        final = None
+        for status, identifier in assoc.send_c_find(
+            query, StudyRootQueryRetrieveInformationModelFind
+        ):
+            final = status.get("Status") if status else None
+            if final in (0xFF00, 0xFF01) and identifier:
+                found.add(str(identifier.get("SOPInstanceUID", "")))
+        return final == 0x0000
 
     # -- storage commitment ------------------------------------------------------------
 
@@ -405,6 +436,10 @@ class DimseTarget:
                         f"acknowledged ({outcome.status}) but a C-FIND does not find SOP "
                         f"Instance UID {outcome.sop_instance_uid}"
                     )
+            return
+        if not self._find_refused:
+            for outcome in sent:
+                outcome.problems.append(f"could not verify: {why_not}, and the C-FIND failed")
             return
         log.warning(
             "%s: %s, and it answers no C-FIND: only its C-STORE status says the files landed",
