@@ -47,7 +47,7 @@ from cxrsr.cli import (
 from cxrsr.config import orthanc_settings
 from cxrsr.dicomio.discovery import Source, check_inputs_exist, iter_sources
 from cxrsr.errors import PipelineError
-from cxrsr.pacs import dimse, orthanc, stow, targets, upload
+from cxrsr.pacs import orthanc, targets, upload
 from cxrsr.pacs.targets import Target
 
 #: Inputs when no PATH is given: the images, and generate_sr.py's output if it exists.
@@ -231,12 +231,17 @@ def make_target(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Ta
     if kind not in ("dicomweb", "dimse") or len(rest) != 1:
         parser.error("--to takes 'orthanc', 'dicomweb URL' or 'dimse HOST:PORT'")
     if kind == "dicomweb":
+        from cxrsr.pacs import stow
+
         problem = stow.url_problem(rest[0])
         if problem:
             parser.error(problem)
         settings = stow.DicomWebSettings.from_environment(rest[0], args.ca_bundle)
         client = stow.DicomWebClient(settings, args.timeout, connections=args.workers)
-        return stow.DicomWebTarget(client)
+        return stow.DicomWebTarget(client, args.workers)
+    # pynetdicom costs a second of start-up: imported only for --to dimse.
+    from cxrsr.pacs import dimse
+
     try:
         host, port = dimse.parse_address(rest[0])
     except ValueError as exc:

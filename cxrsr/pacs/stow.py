@@ -32,7 +32,7 @@ import urllib3
 
 from cxrsr.config import setting
 from cxrsr.errors import PipelineError
-from cxrsr.pacs.upload import FAILED, REJECTED, STORED, Checked, Outcome, Report
+from cxrsr.pacs.upload import FAILED, REJECTED, STORED, Checked, Outcome, Report, in_parallel
 
 log = logging.getLogger("cxrsr")
 
@@ -57,6 +57,9 @@ FAILURE_REASONS = {
     0xA770: "transfer syntax not supported",
     0xC123: "instance UID mismatch",
 }
+
+#: What a failed QIDO-RS search raises: no answer, an HTTP error status, a body not JSON.
+_QIDO_ERRORS = (urllib3.exceptions.HTTPError, ValueError)
 
 #: Matches asked for per QIDO-RS request.
 QIDO_PAGE = 1000
@@ -277,8 +280,10 @@ def _failure(code: Any) -> str:
 class DicomWebTarget:
     """A DICOMweb server as an upload target (:class:`cxrsr.pacs.targets.Target`)."""
 
-    def __init__(self, client: DicomWebClient) -> None:
+    def __init__(self, client: DicomWebClient, workers: int = 4) -> None:
         self.client = client
+        self.workers = workers
+        """QIDO-RS searches in parallel (one per study)."""
         self.description = f"DICOMweb server at {client.url}"
 
     def check(self) -> None:
@@ -290,11 +295,20 @@ class DicomWebTarget:
         held: set[str] = set()
         if self.client.down_reason is not None:
             return held
-        for study in sorted({c.study_uid for c in checked}):
-            try:
-                held |= self.client.instances_of_study(study)
-            except (urllib3.exceptions.HTTPError, ValueError) as exc:
-                log.warning("cannot ask %s what study %s holds: %s", self.description, study, exc)
+        studies = sorted({c.study_uid for c in checked})
+
+        def keep(index: int, result: set[str] | BaseException) -> None:
+            if isinstance(result, BaseException):
+                log.warning(
+                    "cannot ask %s what study %s holds: %s",
+                    self.description,
+                    studies[index],
+                    result,
+                )
+            else:
+                held.update(result)
+
+        in_parallel(self.client.instances_of_study, studies, self.workers, keep, _QIDO_ERRORS)
         return held
 
     def store(self, batch: Sequence[Checked]) -> list[Outcome]:
@@ -309,13 +323,14 @@ class DicomWebTarget:
         by_study: dict[str, list[Outcome]] = {}
         for outcome in sent:
             by_study.setdefault(outcome.study_uid, []).append(outcome)
-        for study, outcomes in sorted(by_study.items()):
-            try:
-                found = self.client.instances_of_study(study)
-            except (urllib3.exceptions.HTTPError, ValueError) as exc:
+        studies = sorted(by_study)
+
+        def judge(index: int, found: set[str] | BaseException) -> None:
+            outcomes = by_study[studies[index]]
+            if isinstance(found, BaseException):
                 for outcome in outcomes:
-                    outcome.problems.append(f"could not verify: QIDO-RS failed: {exc}")
-                continue
+                    outcome.problems.append(f"could not verify: QIDO-RS failed: {found}")
+                return
             for outcome in outcomes:
                 if outcome.sop_instance_uid in found:
                     outcome.verified = True
@@ -323,8 +338,11 @@ class DicomWebTarget:
                 else:
                     outcome.problems.append(
                         f"acknowledged ({outcome.status}) but a QIDO-RS search of study "
-                        f"{study} does not find SOP Instance UID {outcome.sop_instance_uid}"
+                        f"{studies[index]} does not find SOP Instance UID "
+                        f"{outcome.sop_instance_uid}"
                     )
+
+        in_parallel(self.client.instances_of_study, studies, self.workers, judge, _QIDO_ERRORS)
 
     def close(self) -> None:
         self.client.close()
