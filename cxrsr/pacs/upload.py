@@ -352,7 +352,8 @@ def inspect_source(source: Source) -> Outcome | None:
 @dataclass
 class Checked:
     """A file that passed the header check, whole in memory: what a DICOMweb or DIMSE
-    target sends (the bytes on disk, unchanged) and files it by."""
+    target sends (STOW-RS: these bytes unchanged; C-STORE: the data set they hold) and files
+    it by."""
 
     name: str
     data: bytes
