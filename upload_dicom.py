@@ -10,12 +10,18 @@ passed over with a reason. Afterwards every acknowledged instance is checked: pr
 Orthanc, with the MD5 of the bytes sent (the MD5 Orthanc recorded, or, from an Orthanc
 that keeps none, that of the file read back), and each SR or key image in the same
 Orthanc study and patient as its image; the summary line says which way.
+
+Any other PACS: --to dicomweb URL stores with STOW-RS and proves each instance with a
+QIDO-RS search; --to dimse HOST:PORT stores with C-STORE and proves with Storage
+Commitment (else C-FIND). Both ask the PACS first what it holds and send only the rest,
+after the same header check.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
 
 # pydicom imports numpy, whose OpenBLAS starts a busy-waiting thread per core at import:
@@ -40,7 +46,9 @@ from cxrsr.cli import (
 )
 from cxrsr.config import orthanc_settings
 from cxrsr.dicomio.discovery import Source, check_inputs_exist, iter_sources
-from cxrsr.pacs import orthanc, upload
+from cxrsr.errors import PipelineError
+from cxrsr.pacs import orthanc, targets, upload
+from cxrsr.pacs.targets import Target
 
 #: Inputs when no PATH is given: the images, and generate_sr.py's output if it exists.
 DEFAULT_INPUTS = (Path("data"), Path("output") / "sr")
@@ -50,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(
         "upload_dicom.py",
         __doc__,
-        "wrong credentials, Orthanc unreachable at the URL, or the URL is not Orthanc",
+        "wrong credentials, Orthanc (or the DICOMweb server, or the DICOM peer) unreachable, "
+        "the URL is not Orthanc (or not DICOMweb), or the DICOM peer rejected our AE titles",
     )
     params = parser.add_argument_group("parameters")
     params.add_argument(
@@ -64,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="list what would be sent; send nothing"
     )
     net = parser.add_argument_group("network options")
+    net.add_argument(
+        "--to",
+        nargs="+",
+        metavar=("TARGET", "ADDRESS"),
+        default=["orthanc"],
+        help="where to store: 'orthanc' (default: Orthanc's REST API at --url), "
+        "'dicomweb URL' (any DICOMweb server: STOW-RS, proved by QIDO-RS; credentials from "
+        "DICOMWEB_USERNAME/DICOMWEB_PASSWORD or DICOMWEB_TOKEN), or 'dimse HOST:PORT' (any "
+        "DICOM storage SCP: C-STORE, proved by Storage Commitment, else C-FIND)",
+    )
     net.add_argument(
         "--url",
         type=orthanc_url,
@@ -81,8 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         # the two cores suggest, and a worker busy parsing a header is not sending.
         "--workers",
         type=positive_int,
-        default=16,
-        help="parallel uploads (default: 16)",
+        help="parallel uploads (default: 16; 4 associations for --to dimse)",
     )
     net.add_argument(
         "--timeout",
@@ -98,6 +116,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="retries after a connection error, timeout or 5xx: the first at once, then "
         "after 0.5, 1, 2 s ... (at most 8 s) plus up to 0.25 s of jitter (default: 4, waiting "
         "at most 4.25 s in all); 4xx answers are never retried",
+    )
+    dimse_options = parser.add_argument_group(
+        "DIMSE and DICOMweb options (--to dimse, --to dicomweb)"
+    )
+    dimse_options.add_argument(
+        "--aet", default="CXRSR", help="our AE title, as the PACS knows us (default: CXRSR)"
+    )
+    dimse_options.add_argument(
+        "--called-aet", default="ANY-SCP", help="the PACS's AE title (default: ANY-SCP)"
+    )
+    dimse_options.add_argument(
+        "--listen-port",
+        type=positive_int,
+        help="port where we accept the PACS's storage commitment report on an association "
+        "of its own (Orthanc opens one to the modality registered for --aet); without it, "
+        "only a report on our own association is awaited",
+    )
+    dimse_options.add_argument(
+        "--tls", action="store_true", help="DICOM TLS (PS3.15 B.1) for --to dimse"
+    )
+    dimse_options.add_argument(
+        "--tls-ca", help="CA certificates (PEM) the PACS's certificate is checked against"
+    )
+    dimse_options.add_argument("--tls-cert", help="our certificate (PEM), if the PACS asks for one")
+    dimse_options.add_argument("--tls-key", help="the key of --tls-cert (PEM)")
+    dimse_options.add_argument(
+        "--ca-bundle",
+        help="CA certificates (PEM) for an https:// DICOMweb URL (default: DICOMWEB_CA_BUNDLE, "
+        "else the system's)",
+    )
+    dimse_options.add_argument(
+        "--batch",
+        type=positive_int,
+        default=16,
+        help="files per STOW-RS request, and per worker between checks of what the PACS "
+        "holds (default: 16)",
     )
     return parser
 
@@ -115,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args)
+    target = make_target(parser, args)
     inputs = [Path(p) for p in args.paths] or [p for p in DEFAULT_INPUTS if p.exists()]
     if not inputs:
         parser.error("no PATH given and neither data/ nor output/sr/ exists here")
@@ -123,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"no such file or folder: {', '.join(missing)}")
     if args.dry_run:
         return dry_run(list(iter_sources(inputs)))
+    if target is not None:
+        return send_to(target, inputs, args)
 
     client = orthanc.OrthancClient(
         orthanc_settings(args.url, args.username, args.password),
@@ -154,6 +211,87 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcomes = upload.upload(found(), client, workers=args.workers, on_done=done)
     report = upload.verify(outcomes, client, workers=args.workers)
     client.close()
+    report.log_problems()
+    summary(report.summary())
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def make_target(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Target | None:
+    """The DICOMweb or DIMSE target ``--to`` names (``None`` for Orthanc's REST API);
+    a malformed ``--to`` is a usage error."""
+    kind, *rest = args.to
+    if args.workers is None:  # associations are heavier than HTTP connections
+        args.workers = 4 if kind == "dimse" else 16
+    # "--to" takes one or two values, and argparse hands it any PATH that follows too.
+    taken = 1 if kind in ("dicomweb", "dimse") else 0
+    args.paths[:0] = rest[taken:]
+    rest = rest[:taken]
+    if kind == "orthanc":
+        return None
+    if kind not in ("dicomweb", "dimse") or len(rest) != 1:
+        parser.error("--to takes 'orthanc', 'dicomweb URL' or 'dimse HOST:PORT'")
+    if kind == "dicomweb":
+        from cxrsr.pacs import stow
+
+        problem = stow.url_problem(rest[0])
+        if problem:
+            parser.error(problem)
+        settings = stow.DicomWebSettings.from_environment(rest[0], args.ca_bundle)
+        client = stow.DicomWebClient(settings, args.timeout, connections=args.workers)
+        return stow.DicomWebTarget(client, args.workers)
+    # pynetdicom costs a second of start-up: imported only for --to dimse.
+    from cxrsr.pacs import dimse
+
+    try:
+        host, port = dimse.parse_address(rest[0])
+    except ValueError as exc:
+        parser.error(f"--to dimse: {exc}")
+    tls = server = None
+    if args.tls:
+        try:
+            tls = dimse.tls_context(args.tls_ca, args.tls_cert, args.tls_key)
+            if args.tls_cert and args.listen_port:
+                server = dimse.tls_server_context(args.tls_ca, args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise PipelineError(f"DICOM TLS: {exc}", 3) from None
+    peer = dimse.Peer(
+        host, port, args.called_aet, args.aet, args.listen_port, args.timeout, tls, server
+    )
+    return dimse.DimseTarget(peer)
+
+
+def send_to(target: Target, inputs: Sequence[Path], args: argparse.Namespace) -> int:
+    """Send to a DICOMweb or DIMSE target: the same discovery, header check, progress,
+    summary and exit codes as the Orthanc REST upload."""
+    target.check()  # unreachable, credentials or AE title refused: one line, exit 3
+    log.info("%s: uploading", target.description)
+    try:
+        with progress(args, total=None, unit="file") as bar:
+
+            def found() -> Iterator[Source]:
+                count = 0
+                for source in iter_sources(inputs):
+                    count += 1
+                    yield source
+                bar.total = count
+                bar.refresh()
+
+            def done(outcome: upload.Outcome) -> None:
+                if outcome.status == upload.STORED and outcome.reason:
+                    log.warning("%s: %s", outcome.name, outcome.reason)
+                elif outcome.sent:
+                    log.debug(
+                        "%s: %s as %s", outcome.name, outcome.status, outcome.sop_instance_uid
+                    )
+                else:
+                    upload.log_outcome(outcome)
+                bar.update(1)
+
+            outcomes = targets.send(found(), target, args.workers, args.batch, done)
+        report = upload.Report(outcomes)
+        target.prove(report)
+    finally:
+        target.close()
     report.log_problems()
     summary(report.summary())
     return EXIT_OK if report.ok else EXIT_FAILED

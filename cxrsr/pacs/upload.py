@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from cxrsr.dicomio.discovery import SNIFF_BYTES, Source, sniff_dicom
 from cxrsr.dicomio.header import MalformedDicom, is_dicomdir, read_header
@@ -87,6 +88,15 @@ class Outcome:
     """For a derived object: the SOP Instance UIDs of the images it references."""
     verified: bool = False
     problems: list[str] = field(default_factory=list)
+    sop_instance_uid: str = ""
+    """Its SOP Instance UID (0008,0018), where the target files instances by UID (DICOMweb,
+    DIMSE) rather than by Orthanc ID."""
+    study_uid: str = ""
+    """Its Study Instance UID (0020,000D), for the same targets."""
+    series_uid: str = ""
+    """Its Series Instance UID (0020,000E), for the same targets."""
+    sop_class_uid: str = ""
+    """Its SOP Class UID (0008,0016), for the same targets."""
 
     @property
     def sent(self) -> bool:
@@ -175,6 +185,9 @@ class Report:
             return f" by re-reading {read_back} {files} (Orthanc keeps no MD5)"
         if by_md5:
             return " by stored MD5"
+        others = [f"{n} by {how}" for how, n in self.checked_by.items() if n]
+        if others:
+            return ": " + ", ".join(others)
         return ""
 
 
@@ -334,6 +347,83 @@ def inspect_source(source: Source) -> Outcome | None:
     except (OSError, MemoryError) as exc:
         return Outcome(source.name, FAILED, _unreadable(exc))
     return found if isinstance(found, Outcome) else None
+
+
+@dataclass
+class Checked:
+    """A file that passed the header check, whole in memory: what a DICOMweb or DIMSE
+    target sends (STOW-RS: these bytes unchanged; C-STORE: the data set they hold) and files
+    it by."""
+
+    name: str
+    data: bytes
+    md5: str
+    header: Dataset
+    """The data set up to Pixel Data, with its File Meta Information."""
+    derived: str | None
+    references: tuple[str, ...]
+
+    @property
+    def sop_class_uid(self) -> str:
+        return str(self.header.get("SOPClassUID", ""))
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.header.get("SOPInstanceUID", ""))
+
+    @property
+    def study_uid(self) -> str:
+        return str(self.header.get("StudyInstanceUID", ""))
+
+    @property
+    def series_uid(self) -> str:
+        return str(self.header.get("SeriesInstanceUID", ""))
+
+    @property
+    def transfer_syntax(self) -> str:
+        """The file's Transfer Syntax UID; for a file without File Meta Information (or
+        with an unknown UID there), the encoding pydicom found its data set in."""
+        meta = getattr(self.header, "file_meta", None)
+        declared = UID(str(meta.get("TransferSyntaxUID", "")) if meta is not None else "")
+        if declared.is_valid and declared.is_transfer_syntax:
+            return str(declared)
+        implicit, little = self.header.original_encoding
+        if implicit:
+            return str(ImplicitVRLittleEndian)
+        return str(ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+    def outcome(self, status: str = FAILED, reason: str = "") -> Outcome:
+        return Outcome(
+            self.name,
+            status,
+            reason,
+            size=len(self.data),
+            md5=self.md5,
+            derived=self.derived,
+            references=self.references,
+            sop_instance_uid=self.sop_instance_uid,
+            study_uid=self.study_uid,
+            series_uid=self.series_uid,
+            sop_class_uid=self.sop_class_uid,
+        )
+
+
+def read_checked(source: Source) -> Checked | Outcome:
+    """``source`` read whole and through the same header check as :func:`upload` (a file
+    that would hurt the PACS is "not sent: malformed"), or its outcome when it is not
+    to be sent. For targets that send from memory (DICOMweb, DIMSE)."""
+    try:
+        head = source.head(SNIFF_BYTES)
+        # A large file that is not DICOM is passed over from its first bytes, never read whole.
+        data = source.read_bytes() if head and sniff_dicom(head) else head
+    except (OSError, MemoryError) as exc:
+        return Outcome(source.name, FAILED, _unreadable(exc))
+    found = _inspect(io.BytesIO(data), len(data), source.name)
+    if isinstance(found, Outcome):
+        return found
+    derived, references = derived_from(found)
+    md5 = hashlib.md5(data).hexdigest()
+    return Checked(source.name, data, md5, found, derived, references)
 
 
 def _open(source: Source, stack: contextlib.ExitStack) -> tuple[BinaryIO, int]:

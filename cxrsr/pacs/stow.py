@@ -1,0 +1,348 @@
+"""Store instances in any DICOMweb server with STOW-RS and prove them there with QIDO-RS.
+
+The files are sent as they are on disk (the bytes the header check passed), several to
+a request (``multipart/related; type="application/dicom"``, PS3.18 10.5), and each
+instance's outcome is read from the server's answer: listed in the Referenced SOP
+Sequence (0008,1199) it is stored; listed in the Failed SOP Sequence (0008,1198) it is
+rejected, with its Failure Reason (0008,1197).
+
+Before sending, one QIDO-RS search per study (``GET {root}/studies/{uid}/instances``)
+lists what the server already holds, so a rerun sends nothing twice; afterwards the same
+search proves that each instance sent is there, in the right study.
+
+HTTP goes through urllib3 directly rather than ``dicomweb-client``: that library's
+``store_instances`` takes pydicom data sets and writes them anew (the bytes stored are
+then not the bytes checked), and it raises on the 409 answer of a partly failed request,
+whose body is exactly where the per-instance failure reasons are.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import secrets
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import urllib3
+
+from cxrsr.config import setting
+from cxrsr.errors import PipelineError
+from cxrsr.pacs.upload import FAILED, REJECTED, STORED, Checked, Outcome, Report, in_parallel
+
+log = logging.getLogger("cxrsr")
+
+#: DICOM JSON keys (PS3.18 F.2) of the STOW-RS answer (PS3.18 10.5.3, Table 10.5.3-1).
+REFERENCED_SOP_SEQUENCE = "00081199"
+FAILED_SOP_SEQUENCE = "00081198"
+REFERENCED_SOP_INSTANCE_UID = "00081155"
+FAILURE_REASON = "00081197"
+WARNING_REASON = "00081196"
+SOP_INSTANCE_UID = "00080018"
+
+#: Failure Reason values (PS3.4 Annex GG.4-1, PS3.18 10.5.3.1) and what they mean.
+FAILURE_REASONS = {
+    0x0110: "processing failure",
+    0x0112: "no such object instance",
+    0x0122: "SOP class not supported",
+    0x0124: "not authorized",
+    0xA700: "out of resources",
+    0xA900: "data set does not match SOP class",
+    0xC000: "cannot understand",
+    0xC122: "referenced transfer syntax not supported",
+    0xA770: "transfer syntax not supported",
+    0xC123: "instance UID mismatch",
+}
+
+#: What a failed QIDO-RS search raises: no answer, an HTTP error status, a body not JSON.
+_QIDO_ERRORS = (urllib3.exceptions.HTTPError, ValueError)
+
+#: Matches asked for per QIDO-RS request.
+QIDO_PAGE = 1000
+
+#: The proof method, as the summary names it.
+BY_QIDO = "QIDO-RS search"
+
+EXIT_ENVIRONMENT = 3
+
+
+@dataclass(frozen=True)
+class DicomWebSettings:
+    """Where the DICOMweb service is and how to authenticate to it."""
+
+    url: str
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+    ca_bundle: str | None = None
+
+    @classmethod
+    def from_environment(cls, url: str, ca_bundle: str | None = None) -> DicomWebSettings:
+        """Credentials from ``DICOMWEB_TOKEN`` (a bearer token) or ``DICOMWEB_USERNAME`` and
+        ``DICOMWEB_PASSWORD`` (HTTP Basic), from the environment or ``.env``."""
+        return cls(
+            url.rstrip("/"),
+            setting("DICOMWEB_USERNAME"),
+            setting("DICOMWEB_PASSWORD"),
+            setting("DICOMWEB_TOKEN"),
+            ca_bundle or setting("DICOMWEB_CA_BUNDLE"),
+        )
+
+
+def url_problem(text: str) -> str | None:
+    """Why ``text`` is not a DICOMweb root URL, or ``None``."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "the DICOMweb URL must start with http:// or https:// and name a host"
+    if parts.username or parts.password:
+        return "put DICOMweb credentials in DICOMWEB_USERNAME/DICOMWEB_PASSWORD, not in the URL"
+    return None
+
+
+class DicomWebClient:
+    """STOW-RS and QIDO-RS against one DICOMweb root over pooled keep-alive connections."""
+
+    def __init__(self, settings: DicomWebSettings, timeout: float = 30.0, connections: int = 4):
+        self.url = settings.url
+        self.headers: dict[str, str] = {}
+        if settings.token:
+            self.headers["Authorization"] = f"Bearer {settings.token}"
+        elif settings.username is not None:
+            basic = f"{settings.username}:{settings.password or ''}".encode()
+            self.headers["Authorization"] = "Basic " + base64.b64encode(basic).decode()
+        options: dict[str, Any] = {
+            "maxsize": connections,
+            "block": True,
+            "timeout": urllib3.Timeout(connect=timeout, read=timeout),
+            "retries": urllib3.Retry(total=2, connect=2, read=0, status=0, backoff_factor=0.2),
+        }
+        if settings.ca_bundle:
+            options["ca_certs"] = settings.ca_bundle
+        self.pool = urllib3.PoolManager(num_pools=2, **options)
+        self._lock = threading.Lock()
+        self.down_reason: str | None = None
+        """Set when a request got no answer after its retries: nothing more is sent."""
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
+        headers = dict(self.headers, **kwargs.pop("headers", {}))
+        return self.pool.request(method, self.url + path, headers=headers, **kwargs)
+
+    def check(self) -> None:
+        """One QIDO-RS request: wrong credentials or no DICOMweb service end the run (exit 3)."""
+        try:
+            answer = self._request(
+                "GET", "/studies?limit=1", headers={"Accept": "application/dicom+json"}
+            )
+        except urllib3.exceptions.HTTPError as exc:
+            raise PipelineError(
+                f"DICOMweb server at {self.url} unreachable: {_reason(exc)}", EXIT_ENVIRONMENT
+            ) from None
+        if answer.status in (401, 403):
+            raise PipelineError(
+                f"DICOMweb server at {self.url} refused the credentials (HTTP {answer.status}); "
+                "check DICOMWEB_USERNAME/DICOMWEB_PASSWORD or DICOMWEB_TOKEN",
+                EXIT_ENVIRONMENT,
+            )
+        if answer.status not in (200, 204):
+            raise PipelineError(
+                f"{self.url} is not a DICOMweb root: QIDO-RS /studies answered HTTP "
+                f"{answer.status}",
+                EXIT_ENVIRONMENT,
+            )
+
+    def instances_of_study(self, study_uid: str) -> set[str]:
+        """The SOP Instance UIDs the server holds in one study (QIDO-RS, PS3.18 10.6),
+        page by page (``limit``/``offset``): a server may cap the matches it returns."""
+        found: set[str] = set()
+        offset = 0
+        while True:
+            answer = self._request(
+                "GET",
+                f"/studies/{quote(study_uid)}/instances?includefield={SOP_INSTANCE_UID}"
+                f"&limit={QIDO_PAGE}&offset={offset}",
+                headers={"Accept": "application/dicom+json"},
+            )
+            if answer.status in (204, 404):
+                return found
+            if answer.status != 200:
+                raise urllib3.exceptions.HTTPError(f"QIDO-RS answered HTTP {answer.status}")
+            page = json.loads(answer.data or b"[]")
+            for item in page:
+                values = item.get(SOP_INSTANCE_UID, {}).get("Value", [])
+                found.update(str(v) for v in values)
+            if len(page) < QIDO_PAGE:
+                return found
+            offset += len(page)
+
+    def store(self, batch: Sequence[Checked]) -> list[Outcome]:
+        """Send ``batch`` in one STOW-RS request; one outcome per file, in order."""
+        if self.down_reason is not None:
+            return [c.outcome(FAILED, f"not sent: {self.down_reason}") for c in batch]
+        boundary = "cxrsr-" + secrets.token_hex(16)
+        body = (
+            b"".join(
+                b"--%s\r\nContent-Type: application/dicom\r\n\r\n%s\r\n"
+                % (boundary.encode(), c.data)
+                for c in batch
+            )
+            + b"--%s--\r\n" % boundary.encode()
+        )
+        content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+        try:
+            answer = self._request(
+                "POST",
+                "/studies",
+                body=body,
+                headers={"Content-Type": content_type, "Accept": "application/dicom+json"},
+            )
+        except urllib3.exceptions.HTTPError as exc:
+            reason = f"no answer to STOW-RS: {_reason(exc)}; run again to be sure"
+            self._went_down(_reason(exc))
+            return [c.outcome(FAILED, reason) for c in batch]
+        return _outcomes(batch, answer)
+
+    def _went_down(self, reason: str) -> None:
+        with self._lock:
+            if self.down_reason is not None:
+                return
+            self.down_reason = f"the DICOMweb server at {self.url} stopped answering"
+        log.error(
+            "%s (%s); files not yet sent are marked failed without further attempts",
+            self.down_reason,
+            reason,
+        )
+
+    def close(self) -> None:
+        self.pool.clear()
+
+
+def _reason(exc: BaseException) -> str:
+    return str(getattr(exc, "reason", None) or exc)
+
+
+def _outcomes(batch: Sequence[Checked], answer: urllib3.BaseHTTPResponse) -> list[Outcome]:
+    """Each instance's outcome from the STOW-RS answer (PS3.18 10.5.3)."""
+    try:
+        document = json.loads(answer.data) if answer.data else {}
+    except ValueError:
+        document = {}
+    if isinstance(document, list):  # some servers wrap the one data set in an array
+        document = document[0] if document else {}
+    stored = {
+        _first(item, REFERENCED_SOP_INSTANCE_UID): item
+        for item in _items(document, REFERENCED_SOP_SEQUENCE)
+    }
+    failed = {
+        _first(item, REFERENCED_SOP_INSTANCE_UID): item
+        for item in _items(document, FAILED_SOP_SEQUENCE)
+    }
+    outcomes = []
+    for checked in batch:
+        uid = checked.sop_instance_uid
+        if uid in failed:
+            code = _first(failed[uid], FAILURE_REASON)
+            outcomes.append(checked.outcome(REJECTED, _failure(code)))
+        elif uid in stored:
+            outcomes.append(checked.outcome(STORED))
+        elif answer.status in (401, 403):
+            outcomes.append(checked.outcome(FAILED, f"not stored: HTTP {answer.status}"))
+        else:
+            outcomes.append(
+                checked.outcome(
+                    REJECTED if 400 <= answer.status < 500 else FAILED,
+                    f"HTTP {answer.status}: the STOW-RS answer does not list this instance",
+                )
+            )
+    return outcomes
+
+
+def _items(document: dict[str, Any], tag: str) -> list[dict[str, Any]]:
+    value = document.get(tag, {}).get("Value", []) if isinstance(document, dict) else []
+    return [item for item in value if isinstance(item, dict)]
+
+
+def _first(item: dict[str, Any], tag: str) -> Any:
+    values = item.get(tag, {}).get("Value", [])
+    return values[0] if values else None
+
+
+def _failure(code: Any) -> str:
+    if isinstance(code, int):
+        meaning = FAILURE_REASONS.get(code, "failure")
+        return f"the server refused it: Failure Reason 0x{code:04X} ({meaning})"
+    return "the server refused it (no Failure Reason given)"
+
+
+class DicomWebTarget:
+    """A DICOMweb server as an upload target (:class:`cxrsr.pacs.targets.Target`)."""
+
+    def __init__(self, client: DicomWebClient, workers: int = 4) -> None:
+        self.client = client
+        self.workers = workers
+        """QIDO-RS searches in parallel (one per study)."""
+        self.description = f"DICOMweb server at {client.url}"
+
+    def check(self) -> None:
+        self.client.check()
+
+    def held(self, checked: Sequence[Checked]) -> set[str]:
+        """One QIDO-RS search per study; a search that fails holds nothing back (the
+        server then answers for each instance it already has)."""
+        held: set[str] = set()
+        if self.client.down_reason is not None:
+            return held
+        studies = sorted({c.study_uid for c in checked})
+
+        def keep(index: int, result: set[str] | BaseException) -> None:
+            if isinstance(result, BaseException):
+                log.warning(
+                    "cannot ask %s what study %s holds: %s",
+                    self.description,
+                    studies[index],
+                    result,
+                )
+            else:
+                held.update(result)
+
+        in_parallel(self.client.instances_of_study, studies, self.workers, keep, _QIDO_ERRORS)
+        return held
+
+    def store(self, batch: Sequence[Checked]) -> list[Outcome]:
+        return self.client.store(batch)
+
+    def prove(self, report: Report) -> None:
+        """A QIDO-RS search per study must find every acknowledged instance in it."""
+        sent = [o for o in report.outcomes if o.sent]
+        if sent and self.client.down_reason is not None:
+            report.verification_note = "the server stopped answering before verification"
+            return
+        by_study: dict[str, list[Outcome]] = {}
+        for outcome in sent:
+            by_study.setdefault(outcome.study_uid, []).append(outcome)
+        studies = sorted(by_study)
+
+        def judge(index: int, found: set[str] | BaseException) -> None:
+            outcomes = by_study[studies[index]]
+            if isinstance(found, BaseException):
+                for outcome in outcomes:
+                    outcome.problems.append(f"could not verify: QIDO-RS failed: {found}")
+                return
+            for outcome in outcomes:
+                if outcome.sop_instance_uid in found:
+                    outcome.verified = True
+                    report.checked_by[BY_QIDO] = report.checked_by.get(BY_QIDO, 0) + 1
+                else:
+                    outcome.problems.append(
+                        f"acknowledged ({outcome.status}) but a QIDO-RS search of study "
+                        f"{studies[index]} does not find SOP Instance UID "
+                        f"{outcome.sop_instance_uid}"
+                    )
+
+        in_parallel(self.client.instances_of_study, studies, self.workers, judge, _QIDO_ERRORS)
+
+    def close(self) -> None:
+        self.client.close()
