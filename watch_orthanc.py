@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     params.add_argument(
+        "--check-health",
+        action="store_true",
+        help="do nothing but read the heartbeat that the running watcher with this "
+        "--state-dir rewrites at every turn of its loop: exit 0 if it is fresh, 1 (one "
+        "line saying why) if it is missing or older than max(60 s, 3 x --poll-interval) "
+        "of that watcher; for container healthchecks and monitoring",
+    )
+    params.add_argument(
         "--retry-failed",
         action="store_true",
         help="try the dead letters (images that failed before) again",
@@ -119,10 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_health(state_dir: Path) -> int:
+    """``--check-health``: whether the watcher using ``state_dir`` is alive and looping."""
+    from cxrsr.pacs.health import check
+
+    fresh, line = check(state_dir)
+    if fresh:
+        print(line)
+        return cli.EXIT_OK
+    cli.log.error("%s", line)
+    return cli.EXIT_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.setup_logging(args)
+    if args.check_health:
+        return check_health(args.state_dir)
     problem = orthanc.url_problem(args.url) if args.url else None
     if problem:
         parser.error(problem)
@@ -147,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from cxrsr.dicomio.domain import DomainPolicy
     from cxrsr.model.classifier import load_classifier
+    from cxrsr.pacs.health import Heartbeat
     from cxrsr.pacs.watch import Counts, OrthancError, Stopping, Watcher, run_forever
     from cxrsr.pacs.watch_state import WatchState
 
@@ -178,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             domain=DomainPolicy(args.domain),
             key_images=not args.no_key_images,
             max_attempts=args.max_attempts,
+            heartbeat=None if args.once else Heartbeat(args.state_dir, args.poll_interval),
         )
         cli.log.info(
             "watching Orthanc at %s with %s (state in %s)",

@@ -610,3 +610,42 @@ def test_ctrl_c_and_sigterm_during_classification_stop_within_10_s(
     last = run_once(watched, state, weights_cache_dir)
     assert last.returncode == 0, last.stderr
     one_result_each(watched, uids)
+
+
+# -- health ----------------------------------------------------------------------------
+
+
+def check_health(state: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "watch_orthanc.py"), "--check-health",
+         "--state-dir", str(state)],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60,
+    )  # fmt: skip
+
+
+def test_check_health_is_fresh_while_the_watcher_runs_and_fails_once_it_is_stale(
+    watched: LocalOrthanc, weights_cache_dir: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    missing = check_health(state)
+    assert missing.returncode == 1 and "no heartbeat" in missing.stderr, missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and missing.stderr.startswith("E:")
+
+    follower = Follower(watched, state, weights_cache_dir, tmp_path / "watch.log",
+                        ("--poll-interval", "5"))  # fmt: skip
+    heartbeat = state / "heartbeat.json"
+    wait_for(heartbeat.exists, "the first heartbeat")
+    first = json.loads(heartbeat.read_text())
+    assert first["pid"] == follower.process.pid and first["stale_after"] == 60
+    healthy = check_health(state)
+    assert healthy.returncode == 0, healthy.stderr
+    # It keeps beating at every turn of its loop (every 5 s here).
+    wait_for(lambda: json.loads(heartbeat.read_text())["time"] > first["time"], "a new heartbeat")
+
+    follower.kill()
+    stale = dict(json.loads(heartbeat.read_text()), time=time.time() - 61)
+    heartbeat.write_text(json.dumps(stale))
+    dead = check_health(state)
+    assert dead.returncode == 1, dead.stdout
+    assert dead.stderr.startswith("E:") and "61 s old" in dead.stderr, dead.stderr
+    assert len(dead.stderr.strip().splitlines()) == 1

@@ -82,6 +82,7 @@ from cxrsr.model.classifier import Classifier
 from cxrsr.model.heatmaps import HeatmapWriter
 from cxrsr.pacs import upload
 from cxrsr.pacs.claims import DONE, LEASE_SECONDS, Claims, Lease
+from cxrsr.pacs.health import Heartbeat
 from cxrsr.pacs.orthanc import (
     CredentialsRefused,
     OrthancClient,
@@ -325,6 +326,8 @@ class Watcher:
     """Attempts to store an image's results before it becomes a dead letter."""
     lease_seconds: float = LEASE_SECONDS
     on_progress: Callable[[int], None] = lambda n: None
+    heartbeat: Heartbeat | None = None
+    """Rewritten while the watcher works (``--check-health`` reads it); none with ``--once``."""
 
     def __post_init__(self) -> None:
         self.index = OrthancIndex(self.client)
@@ -352,8 +355,11 @@ class Watcher:
     # -- deciding what to do -----------------------------------------------------------
 
     def _check_stop(self) -> None:
+        """Stop here if asked; otherwise a safe point is also a sign of life."""
         if self.stop.is_set():
             raise Stopping()
+        if self.heartbeat is not None:
+            self.heartbeat.beat(force=False)
 
     def _radiograph_series(self, series_id: str) -> tuple[str, list[Instance]] | None:
         """The series' UID and instances when it is a CR/DX series not made by us."""
@@ -769,6 +775,11 @@ class Watcher:
         return (last if changes else cursor), done
 
 
+def beat(watcher: Watcher) -> None:
+    if watcher.heartbeat is not None:
+        watcher.heartbeat.beat()
+
+
 def sleep_unless_stopped(stop: threading.Event, seconds: float) -> None:
     if stop.wait(seconds):
         raise Stopping()
@@ -796,6 +807,7 @@ def run_forever(
     next_reconcile = 0.0
     outage: str | None = None
     delays = backoff_delays()
+    beat(watcher)
     while True:
         try:
             if outage is not None:
@@ -829,6 +841,7 @@ def run_forever(
             revisited = watcher.revisit()
             if revisited.classified or revisited.failed:
                 log.info("looked again at images left to another watcher: %s", revisited.summary())
+            beat(watcher)
             sleep_unless_stopped(stop, poll_interval)
         except CredentialsRefused:
             raise  # a configuration problem, not an outage: waiting would not fix it
@@ -842,4 +855,5 @@ def run_forever(
                     watcher.client.url,
                     exc,
                 )
+            beat(watcher)  # waiting an outage out is healthy: a restart would not help
             sleep_unless_stopped(stop, next(delays))
