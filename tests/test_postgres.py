@@ -15,6 +15,7 @@ import requests
 from cxrsr.config import PROJECT_ROOT
 from cxrsr.pacs.local_orthanc import LocalOrthanc
 from cxrsr.pacs.local_postgres import INDEX_PLUGIN, LocalPostgres, find_postgres_bin
+from tests.claim_race import race, store_tiny
 from tests.conftest import missing_prerequisite, orthanc_env, run_script
 
 HOSPITAL_CONFIG = PROJECT_ROOT / "deploy" / "hospital" / "orthanc-postgresql.json"
@@ -77,3 +78,44 @@ def test_two_orthancs_on_one_database_store_each_instance_once(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = 'resources'"
     )
     assert tables == "1", "Orthanc's index is not in PostgreSQL"
+
+
+@pytest.fixture
+def group(postgres: LocalPostgres, orthanc_binary: str, tmp_path: Path) -> Iterator[list[LocalOrthanc]]:
+    """Two Orthancs on one PostgreSQL index and one storage folder, with claims (the
+    project's orthanc.json: CheckRevisions and the cxrsr-claim metadata), as in the
+    hospital stack. The database is emptied first: each test has it to itself."""
+    postgres.execute(
+        "DO $$ DECLARE t text; BEGIN FOR t IN SELECT tablename FROM pg_tables "
+        "WHERE schemaname = 'public' LOOP EXECUTE 'DROP TABLE ' || quote_ident(t) || "
+        "' CASCADE'; END LOOP; END $$"
+    )
+    storage = tmp_path / "storage"
+    storage.mkdir(mode=0o700)
+    password = secrets.token_urlsafe(16)
+    settings = {**hospital_settings(postgres, storage), "StableAge": 2}
+    servers = [
+        LocalOrthanc(tmp_path / name, "cxrsr-test", password, binary=orthanc_binary,
+                     overrides=settings)
+        for name in ("a", "b")
+    ]  # fmt: skip
+    with servers[0], servers[1]:
+        yield servers
+
+
+def test_three_processes_racing_through_two_orthancs_on_postgresql_never_share_a_claim(
+    group: list[LocalOrthanc],
+) -> None:
+    """3 processes x 1,000 claims (50 instances x 20 rounds) alternately through both
+    Orthancs: each key has exactly one winner in every round (round 0 races the create
+    of a free claim, later rounds the compare and swap of a done one)."""
+    first = group[0]
+    keys = store_tiny(first.url, first.username, first.password, 50)
+    urls = [server.url for server in group]
+    result = race(urls, first.username, first.password, keys, processes=3, rounds=20)
+    assert result.errors == []
+    assert result.attempts == 3 * 1000
+    expected = {(round_, key) for round_ in range(20) for key in keys}
+    assert set(result.winners) == expected, "a key had no winner in some round"
+    shared = {k: v for k, v in result.winners.items() if len(v) != 1}
+    assert shared == {}, f"double claims: {list(shared.items())[:5]}"
