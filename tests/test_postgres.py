@@ -17,6 +17,18 @@ from cxrsr.pacs.local_orthanc import LocalOrthanc
 from cxrsr.pacs.local_postgres import INDEX_PLUGIN, LocalPostgres, find_postgres_bin
 from tests.claim_race import race, store_tiny
 from tests.conftest import missing_prerequisite, orthanc_env, run_script
+from tests.test_watch import (
+    audit,
+    get_claim,
+    instance_id_of,
+    make_copies,
+    one_result_each,
+    run_once,
+    start_once,
+    store,
+    uid_of,
+    wait_for,
+)
 
 HOSPITAL_CONFIG = PROJECT_ROOT / "deploy" / "hospital" / "orthanc-postgresql.json"
 
@@ -85,11 +97,8 @@ def group(postgres: LocalPostgres, orthanc_binary: str, tmp_path: Path) -> Itera
     """Two Orthancs on one PostgreSQL index and one storage folder, with claims (the
     project's orthanc.json: CheckRevisions and the cxrsr-claim metadata), as in the
     hospital stack. The database is emptied first: each test has it to itself."""
-    postgres.execute(
-        "DO $$ DECLARE t text; BEGIN FOR t IN SELECT tablename FROM pg_tables "
-        "WHERE schemaname = 'public' LOOP EXECUTE 'DROP TABLE ' || quote_ident(t) || "
-        "' CASCADE'; END LOOP; END $$"
-    )
+    postgres.execute(f'DROP DATABASE IF EXISTS "{postgres.database}"', database="postgres")
+    postgres.execute(f'CREATE DATABASE "{postgres.database}"', database="postgres")
     storage = tmp_path / "storage"
     storage.mkdir(mode=0o700)
     password = secrets.token_urlsafe(16)
@@ -119,3 +128,75 @@ def test_three_processes_racing_through_two_orthancs_on_postgresql_never_share_a
     assert set(result.winners) == expected, "a key had no winner in some round"
     shared = {k: v for k, v in result.winners.items() if len(v) != 1}
     assert shared == {}, f"double claims: {list(shared.items())[:5]}"
+
+
+def test_three_watchers_on_two_orthancs_sharing_postgresql_store_one_result_per_image(
+    group: list[LocalOrthanc], corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
+) -> None:
+    """Images sent alternately to both Orthancs; three watch_orthanc.py --once, one on the
+    first Orthanc and two on the second, each with its own state folder: one SR and one
+    key image per image, whoever classified it."""
+    images = make_copies(corpus_dir, tmp_path / "in", 24, per_study=4)
+    uids = [uid_of(p) for p in images]
+    for n, path in enumerate(images):
+        store(group[n % 2], [path])
+    watchers = [
+        start_once(group[min(n, 1)], tmp_path / f"state-{n}", weights_cache_dir,
+                   tmp_path / f"w{n}.log")
+        for n in range(3)
+    ]  # fmt: skip
+    try:
+        codes = [w.process.wait(600) for w in watchers]
+    finally:
+        for watcher in watchers:
+            if watcher.process.poll() is None:
+                watcher.kill()
+    logs = [w.text() for w in watchers]
+    assert codes == [0, 0, 0], logs
+    assert "Traceback" not in "".join(logs)
+    one_result_each(group[0], uids)
+    one_result_each(group[1], uids)
+    # The work was shared through the claims, and each image's claim says done.
+    stored = [sum(1 for r in audit(tmp_path / f"state-{n}") if r["event"] == "stored")
+              for n in range(3)]  # fmt: skip
+    assert sum(stored) == len(uids), stored
+    for uid in uids:
+        claim = get_claim(group[1], instance_id_of(group[1], uid))
+        assert claim["state"] == "done", claim
+
+
+def test_a_watcher_killed_with_claims_in_hand_leaves_them_to_the_others(
+    group: list[LocalOrthanc], corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
+) -> None:
+    """kill -9 of a watcher that holds claims: a watcher on the other Orthanc takes its
+    images over (its holder no longer runs on this host) and every image gets one result."""
+    images = make_copies(corpus_dir, tmp_path / "in", 8, per_study=4)
+    uids = [uid_of(p) for p in images]
+    for n, path in enumerate(images):
+        store(group[n % 2], [path])
+    ids = [instance_id_of(group[0], uid) for uid in uids]
+    victim = start_once(group[0], tmp_path / "state-victim", weights_cache_dir,
+                        tmp_path / "victim.log")  # fmt: skip
+
+    def victim_claims() -> list[dict]:
+        claims = []
+        for orthanc_id in ids:
+            try:
+                claim = get_claim(group[1], orthanc_id)
+            except requests.HTTPError:
+                continue  # not claimed yet
+            if f":{victim.process.pid}:" in claim["holder"] and claim["state"] == "working":
+                claims.append(claim)
+        return claims
+
+    try:
+        wait_for(lambda: victim_claims(), "the first watcher's claims in Orthanc")
+    finally:
+        victim.kill()
+    assert victim_claims(), "its claims are still held (working) after kill -9"
+    rest = run_once(group[1], tmp_path / "state-rest", weights_cache_dir)
+    assert rest.returncode == 0, rest.stderr
+    assert "taking its work over" in rest.stderr, rest.stderr
+    one_result_each(group[0], uids)
+    for orthanc_id in ids:
+        assert get_claim(group[0], orthanc_id)["state"] == "done"
