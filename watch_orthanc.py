@@ -98,10 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument(
         "--reconcile-interval",
         type=cli.positive_seconds,
-        default=600.0,
+        default=60.0,
         metavar="S",
-        help="seconds between two full comparisons of Orthanc with what is done, which "
-        "catch what the change log lost (default: %(default)s)",
+        help="seconds between two sweeps of Orthanc's CR/DX series, which catch what the "
+        "change log lost; a sweep is two requests plus a look at each series not found "
+        "complete before (default: %(default)s)",
+    )
+    params.add_argument(
+        "--full-reconcile-interval",
+        type=cli.positive_seconds,
+        default=3600.0,
+        metavar="S",
+        help="seconds between two full comparisons of every CR/DX series with its results "
+        "in Orthanc (also on start), which restore results deleted from Orthanc "
+        "(default: %(default)s)",
     )
     cli.add_domain_option(params)
     params.add_argument(
@@ -215,7 +225,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 counts: Counts = watcher.reconcile()
             cli.summary(counts.summary())
             return cli.EXIT_FAILED if counts.failed else cli.EXIT_OK
-        run_forever(watcher, connect, args.poll_interval, args.reconcile_interval)
+        run_forever(
+            watcher,
+            connect,
+            args.poll_interval,
+            args.reconcile_interval,
+            args.full_reconcile_interval,
+        )
         return cli.EXIT_OK
     except (orthanc.OrthancUnavailable, OrthancError) as exc:
         if stop.is_set():  # SIGTERM while a request was failing: a stop, not an outage

@@ -649,3 +649,57 @@ def test_check_health_is_fresh_while_the_watcher_runs_and_fails_once_it_is_stale
     assert dead.returncode == 1, dead.stdout
     assert dead.stderr.startswith("E:") and "61 s old" in dead.stderr, dead.stderr
     assert len(dead.stderr.strip().splitlines()) == 1
+
+
+# -- reconciliation ----------------------------------------------------------------------
+
+
+def test_the_cheap_sweep_asks_only_about_series_not_found_complete(
+    watched: LocalOrthanc, corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
+) -> None:
+    """After a full sweep, the cheap sweep costs two requests for complete series; a new
+    series is still found, a deleted result waits for the next full sweep."""
+    from cxrsr.config import OrthancSettings
+    from cxrsr.model.classifier import load_classifier
+    from cxrsr.pacs.orthanc import OrthancClient
+    from cxrsr.pacs.watch import Watcher
+    from cxrsr.pacs.watch_state import WatchState
+
+    images = make_copies(corpus_dir, tmp_path / "in", 3)
+    uids = [uid_of(p) for p in images]
+    store(watched, images[:2])
+    client = OrthancClient(OrthancSettings(watched.url, watched.username, watched.password))
+    classifier = load_classifier(cache_dir=weights_cache_dir, backend="eager", device="cpu")
+    state = WatchState.open(tmp_path / "state", classifier.card.weights_sha256)
+    watcher = Watcher(client, classifier, state)
+    requests_sent: list[str] = []
+    send = client.request
+
+    def counting(method: str, path: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+        requests_sent.append(f"{method} {path}")
+        return send(method, path, *args, **kwargs)
+
+    client.request = counting  # type: ignore[method-assign]
+    try:
+        assert watcher.reconcile().stored == 2
+        # Series are complete once a look finds them so (here the next sweep's).
+        assert watcher.reconcile(full=False).known == 2
+        requests_sent.clear()
+        cheap = watcher.reconcile(full=False)
+        assert (cheap.known, cheap.classified) == (0, 0)
+        assert requests_sent == ["POST /tools/find"] * 2, requests_sent
+
+        store(watched, images[2:])  # a series the change log would report: found anyway
+        assert watcher.reconcile(full=False).stored == 1
+        one_result_each(watched, uids)
+        watcher.reconcile(full=False)
+
+        # A result deleted from Orthanc (its SR and key image).
+        for found in (results_by_image(watched), key_images_by_image(watched)):
+            delete(watched, f"/instances/{instance_id_of(watched, found[uids[0]][0][0])}")
+        assert watcher.reconcile(full=False).stored == 0
+        full = watcher.reconcile()
+        assert (full.stored, full.known) == (1, 2)
+        one_result_each(watched, uids)
+    finally:
+        state.close()

@@ -337,6 +337,9 @@ class Watcher:
         self._evidence: dict[str, Evidence] = {}
         self._series_ids: dict[str, str] = {}
         """Series Instance UID -> Orthanc series ID, of the series looked at."""
+        self._complete: set[str] = set()
+        """Orthanc series IDs with every image settled or holding a complete result at
+        their last look (skipped by the cheap sweep, see :meth:`reconcile`)."""
         self._revisit: dict[str, float] = {}
         """Orthanc series ID -> when to look again at images left to another watcher
         (once its lease could have expired, in case it died)."""
@@ -417,8 +420,11 @@ class Watcher:
             self._series_ids[series_uid] = series_id
             open_ = [i for i in instances if not self.state.is_settled(i.sop_instance_uid)]
             counts.known += len(instances) - len(open_)
+            self._complete.discard(series_id)
             if not open_:
+                self._complete.add(series_id)
                 continue
+            waiting = len(todo)
             # Orthanc, not the watcher's own log, says what has a result: a study
             # deleted and sent again gets its results again.
             present = self._results_in_orthanc(series_uid)
@@ -443,6 +449,8 @@ class Watcher:
                         instance.orthanc_id,
                     )
                 todo.append(instance)
+            if len(todo) == waiting:
+                self._complete.add(series_id)
             while len(todo) >= self.chunk_size:
                 counts.add(self._process_chunk(todo[: self.chunk_size]))
                 del todo[: self.chunk_size]
@@ -460,10 +468,21 @@ class Watcher:
             del self._revisit[series]
         return self.process_series(due) if due else Counts()
 
-    def reconcile(self) -> Counts:
-        """The backfill: every CR/DX image in Orthanc without a result gets one."""
+    def reconcile(self, full: bool = True) -> Counts:
+        """The backfill: every CR/DX image in Orthanc without a result gets one.
+
+        ``full=False`` is the cheap sweep: the same two ``/tools/find`` requests (series
+        IDs only), but the series that this process found complete at its last look
+        (every image settled or with a complete result, and no image added since:
+        additions arrive through the change log, which looks again) are not asked
+        about. What it catches is a series the change log lost or never reported; a
+        result deleted from Orthanc in a complete series waits for the next full sweep.
+        """
         series = self.index.radiograph_series()
-        log.debug("reconciling %d CR/DX series", len(series))
+        self._complete.intersection_update(series)  # forget series deleted from Orthanc
+        if not full:
+            series = [s for s in series if s not in self._complete]
+        log.debug("reconciling %d CR/DX series (%s)", len(series), "full" if full else "cheap")
         return self.process_series(series)
 
     # -- doing it ------------------------------------------------------------------------
@@ -797,14 +816,20 @@ def run_forever(
     connect: Callable[[bool], OrthancClient],
     poll_interval: float,
     reconcile_interval: float,
+    full_reconcile_interval: float | None = None,
 ) -> None:
     """Follow Orthanc until :class:`Stopping`; an outage is waited out, never fatal.
 
-    ``connect(probe)`` makes a client; a probe's client does not retry.
+    ``connect(probe)`` makes a client; a probe's client does not retry. A full
+    reconciliation runs on start, after the change log restarted and every
+    ``full_reconcile_interval`` seconds (default: every ``reconcile_interval``); the
+    cheap sweep (:meth:`Watcher.reconcile` with ``full=False``) every
+    ``reconcile_interval`` seconds between them.
     """
     stop = watcher.stop
     cursor = watcher.state.load_cursor()
-    next_reconcile = 0.0
+    next_reconcile = next_full = 0.0
+    full_interval = full_reconcile_interval or reconcile_interval
     outage: str | None = None
     delays = backoff_delays()
     beat(watcher)
@@ -828,13 +853,16 @@ def run_forever(
                         cursor,
                     )
                 cursor = last  # what happens after this point arrives through /changes
-                next_reconcile = 0.0
+                next_reconcile = next_full = 0.0
             if time.monotonic() >= next_reconcile:
-                counts = watcher.reconcile()
+                full = time.monotonic() >= next_full
+                counts = watcher.reconcile(full)
                 if counts.classified or counts.failed or counts.skipped or counts.present:
                     log.info("reconciled: %s", counts.summary())
                 watcher.state.save_cursor(cursor)
                 next_reconcile = time.monotonic() + reconcile_interval
+                if full:
+                    next_full = time.monotonic() + full_interval
             done = False
             while not done:
                 cursor, done = watcher.follow_once(cursor)
