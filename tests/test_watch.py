@@ -323,22 +323,28 @@ def test_waits_out_an_orthanc_restart_and_stops_on_ctrl_c(
     assert sorted(len(v) for v in results.values()) == [1, 1, 1, 1]
 
 
-def test_systemd_unit_is_valid_and_runs_the_watcher_with_real_options(tmp_path: Path) -> None:
-    """The unit in deploy/ passes systemd's own checker, and its ExecStart parses."""
+def test_systemd_unit_template_is_valid_and_runs_each_watcher_with_its_own_state(
+    tmp_path: Path,
+) -> None:
+    """The template in deploy/ passes systemd's own checker for an instance, and each
+    instance's ExecStart parses with a state folder of its own."""
     import shlex
 
     from tests.conftest import require_program
 
     analyze = require_program("systemd-analyze")
-    text = (PROJECT_ROOT / "deploy" / "cxrsr-watch.service").read_text()
+    text = (PROJECT_ROOT / "deploy" / "cxrsr-watch@.service").read_text()
+    assert "StateDirectory=cxrsr-watch/%i\n" in text
     exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
-    argv = shlex.split(exec_start.removeprefix("ExecStart="))
-    assert argv[1] == "/opt/cxrsr/watch_orthanc.py"
     sys.path.insert(0, str(PROJECT_ROOT))
     import watch_orthanc
 
-    args = watch_orthanc.build_parser().parse_args(argv[2:])
-    assert not args.once and str(args.state_dir) == "/var/lib/cxrsr-watch"
+    for instance in ("1", "ward-b"):
+        argv = shlex.split(exec_start.removeprefix("ExecStart=").replace("%i", instance))
+        assert argv[1] == "/opt/cxrsr/watch_orthanc.py"
+        args = watch_orthanc.build_parser().parse_args(argv[2:])
+        assert not args.once and str(args.state_dir) == f"/var/lib/cxrsr-watch/{instance}"
+        assert str(args.cache_dir) == "/var/lib/cxrsr-watch/weights"
 
     # Checked where it would run: paths of this checkout, a user that exists here.
     local = (
@@ -348,10 +354,12 @@ def test_systemd_unit_is_valid_and_runs_the_watcher_with_real_options(tmp_path: 
         .replace("Group=cxrsr", "Group=root")
         .replace("EnvironmentFile=/etc", "EnvironmentFile=-/etc")
     )
-    unit = tmp_path / "cxrsr-watch.service"
-    unit.write_text(local)
+    (tmp_path / "cxrsr-watch@.service").write_text(local)
     checked = subprocess.run(
-        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
+        [analyze, "verify", str(tmp_path / "cxrsr-watch@ward-b.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr
 
