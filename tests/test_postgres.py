@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -200,3 +202,51 @@ def test_a_watcher_killed_with_claims_in_hand_leaves_them_to_the_others(
     one_result_each(group[0], uids)
     for orthanc_id in ids:
         assert get_claim(group[0], orthanc_id)["state"] == "done"
+
+
+def test_command_line_runs_a_kept_cluster_and_an_orthanc_indexed_in_it(
+    postgres: LocalPostgres, tmp_path: Path
+) -> None:
+    """local_postgres start/stop --dir and local_orthanc start --postgres: the documented
+    way to run the hospital layout without Docker. Started again, the cluster keeps its data."""
+    import os
+    import subprocess
+    import sys
+
+    from cxrsr.pacs.local_orthanc import free_port
+
+    env = dict(os.environ, CXRSR_DOTENV="/dev/null", ORTHANC_USERNAME="cxrsr-test",
+               ORTHANC_PASSWORD=secrets.token_urlsafe(12))  # fmt: skip
+    # As root the cluster runs as the postgres user, who must reach its folder: not
+    # under pytest's owner-only tmp_path.
+    outside = Path(tempfile.mkdtemp(prefix="cxrsr-test-pg-"))
+    outside.chmod(0o711)
+    cluster, orthanc_dir, port = outside / "pg", tmp_path / "orthanc", free_port()
+
+    def module(name: str, *argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", f"cxrsr.pacs.{name}", *argv],
+                              capture_output=True, text=True, env=env, timeout=120,
+                              cwd=PROJECT_ROOT)  # fmt: skip
+
+    started = module("local_postgres", "start", "--dir", str(cluster))
+    assert started.returncode == 0 and "PostgreSQL running" in started.stderr, started.stderr
+    try:
+        orthanc = module("local_orthanc", "start", "--dir", str(orthanc_dir),
+                         "--http-port", str(port), "--dicom-port", str(free_port()),
+                         "--postgres", str(cluster))  # fmt: skip
+        assert orthanc.returncode == 0, orthanc.stderr
+        try:
+            auth = (env["ORTHANC_USERNAME"], env["ORTHANC_PASSWORD"])
+            system = requests.get(f"http://127.0.0.1:{port}/system", auth=auth, timeout=10)
+            assert "PostgreSQLIndex" in system.json()["DatabaseBackendPlugin"]
+            assert system.json()["CheckRevisions"] is True
+        finally:
+            assert module("local_orthanc", "stop", "--dir", str(orthanc_dir)).returncode == 0
+        assert module("local_postgres", "stop", "--dir", str(cluster)).returncode == 0
+        again = module("local_postgres", "start", "--dir", str(cluster))
+        assert again.returncode == 0, again.stderr
+        connection = json.loads((cluster / "connection.json").read_text())
+        assert connection["Lock"] is False and connection["Host"] == "127.0.0.1"
+    finally:
+        module("local_postgres", "stop", "--dir", str(cluster))
+        shutil.rmtree(outside, ignore_errors=True)
