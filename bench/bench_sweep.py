@@ -88,8 +88,10 @@ def main() -> int:
             index.lookup_series(sr_series_uid(uid, "model", "0" * 64))
             per_series.append(time.perf_counter() - started)
         look = statistics.median(per_series)
-        print(f"full look per series without a result: {look * 1000:.2f} ms (3 requests); "
-              f"~{look * TARGET:.0f} s at {TARGET:,} series (about twice that with results)")
+        print(
+            f"full look per series without a result: {look * 1000:.2f} ms (3 requests); "
+            f"~{look * TARGET:.0f} s at {TARGET:,} series (about twice that with results)"
+        )
     return 0
 
 

@@ -38,7 +38,9 @@ HOSPITAL_CONFIG = PROJECT_ROOT / "deploy" / "hospital" / "orthanc-postgresql.jso
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[LocalPostgres]:
     if find_postgres_bin() is None:
-        missing_prerequisite("PostgreSQL (Debian 'postgresql') is not installed (test.sh installs it)")
+        missing_prerequisite(
+            "PostgreSQL (Debian 'postgresql') is not installed (test.sh installs it)"
+        )
     if not INDEX_PLUGIN.exists():
         missing_prerequisite("Debian 'orthanc-postgresql' is not installed (test.sh installs it)")
     with LocalPostgres() as cluster:
@@ -87,7 +89,9 @@ def test_two_orthancs_on_one_database_store_each_instance_once(
         again = run_script("upload_dicom.py", *files, env=orthanc_env(second))
         assert again.returncode == 0, again.stderr
         assert f"{len(files)} already" in again.stdout + again.stderr
-        assert len(requests.get(f"{second.url}/instances", auth=auth, timeout=10).json()) == len(files)
+        assert len(requests.get(f"{second.url}/instances", auth=auth, timeout=10).json()) == len(
+            files
+        )
     tables = postgres.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = 'resources'"
     )
@@ -95,7 +99,9 @@ def test_two_orthancs_on_one_database_store_each_instance_once(
 
 
 @pytest.fixture
-def group(postgres: LocalPostgres, orthanc_binary: str, tmp_path: Path) -> Iterator[list[LocalOrthanc]]:
+def group(
+    postgres: LocalPostgres, orthanc_binary: str, tmp_path: Path
+) -> Iterator[list[LocalOrthanc]]:
     """Two Orthancs on one PostgreSQL index and one storage folder, with claims (the
     project's orthanc.json: CheckRevisions and the cxrsr-claim metadata), as in the
     hospital stack. The database is emptied first: each test has it to itself."""

@@ -237,7 +237,11 @@ def _main(argv: list[str] | None = None) -> int:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump(cluster.orthanc_settings()["PostgreSQL"], fh, indent=2)
     except (RuntimeError, OSError, KeyError, ValueError) as exc:
-        hint = " (as root the cluster runs as 'postgres', who must reach it)" if cluster._as_user else ""
+        hint = (
+            " (as root the cluster runs as 'postgres', who must reach it)"
+            if cluster._as_user
+            else ""
+        )
         print(f"E: {folder}: {exc}{hint}", file=sys.stderr)
         return 3
     print(
