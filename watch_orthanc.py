@@ -7,15 +7,22 @@ builder as generate_sr.py, and stored and verified as upload_dicom.py does. Each
 gets exactly one result per model weights, however often the watcher is stopped,
 killed or restarted; see the README's "Watching Orthanc" section.
 
-Exactly once, also with several watchers on one Orthanc (on one host or many): before
+Exactly once, also with several watchers (each with its own --state-dir, on one host or
+many) on one Orthanc, or on several Orthancs sharing one PostgreSQL index: before
 classifying an image a watcher claims it in Orthanc (the instance's "cxrsr-claim"
 metadata, which needs "CheckRevisions": true and the metadata declared under
-"UserMetadata", as in the project's orthanc.json). An image another watcher holds is
-left to it; the claim of a watcher that died expires (a lease of 120 s, renewed while
-it works) and is taken over, its result rebuilt byte-identically. An image's key image
-is stored and verified before its SR, and it has a result only when its SR and key
-image are both in Orthanc. Without claims in Orthanc, a W: line says so and the watcher
-works alone.
+"UserMetadata", as in the project's orthanc.json, in every Orthanc of the group). An
+image another watcher holds is left to it; the claim of a watcher that died expires (a
+lease of 120 s, renewed while it works; at once if it was a process of this host) and is
+taken over, its result rebuilt byte-identically. A watcher that cannot reach Orthanc
+backs off and gives up a claim it could not renew before it expires. Hosts need
+synchronised clocks (NTP). An image's key image is stored and verified before its SR,
+and it has a result only when its SR and key image are both in Orthanc. Without claims
+in Orthanc, a W: line says so and the watcher works alone.
+
+Health: the running watcher rewrites DIR/heartbeat.json at every turn of its loop;
+--check-health --state-dir DIR exits 0 while it is fresh, 1 once it is older than
+max(60 s, 3 x --poll-interval).
 
 Stopping: SIGTERM stops at the next safe point, within 10 s, exit 0 (work in flight is
 given back and repeated by the next run); Ctrl-C stops at once, exit 130. Nothing

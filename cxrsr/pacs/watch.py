@@ -51,10 +51,16 @@ Exactly once, by construction. This module is the one place that decides "done":
   also during classification. Either way what was recorded stays recorded, what was in
   flight is given back (its claims released) and repeated.
 
-Nothing is missed: on start, and every ``reconcile_interval`` seconds, every CR/DX
+Nothing is missed: on start, and every ``full_reconcile_interval`` seconds, every CR/DX
 series in Orthanc is compared with what is known (the backfill of ``--once``), so
 changes that arrived while the watcher was down or that Orthanc dropped from its log
-(it keeps a bounded number) are still handled.
+(it keeps a bounded number) are still handled. Between two full comparisons a cheap
+sweep every ``reconcile_interval`` seconds lists the CR/DX series (two requests) and
+looks only at those not found complete before, so that it can run every minute on a
+PACS of 100,000 series.
+
+Alive: a running watcher rewrites a heartbeat (:mod:`cxrsr.pacs.health`) at every turn of
+its loop and at its safe points while it works.
 """
 
 from __future__ import annotations
