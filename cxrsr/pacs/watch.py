@@ -801,6 +801,7 @@ class Watcher:
 
 
 def beat(watcher: Watcher) -> None:
+    """Write the watcher's heartbeat, if it keeps one (``--check-health`` reads it)."""
     if watcher.heartbeat is not None:
         watcher.heartbeat.beat()
 
