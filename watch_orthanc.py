@@ -7,15 +7,22 @@ builder as generate_sr.py, and stored and verified as upload_dicom.py does. Each
 gets exactly one result per model weights, however often the watcher is stopped,
 killed or restarted; see the README's "Watching Orthanc" section.
 
-Exactly once, also with several watchers on one Orthanc (on one host or many): before
+Exactly once, also with several watchers (each with its own --state-dir, on one host or
+many) on one Orthanc, or on several Orthancs sharing one PostgreSQL index: before
 classifying an image a watcher claims it in Orthanc (the instance's "cxrsr-claim"
 metadata, which needs "CheckRevisions": true and the metadata declared under
-"UserMetadata", as in the project's orthanc.json). An image another watcher holds is
-left to it; the claim of a watcher that died expires (a lease of 120 s, renewed while
-it works) and is taken over, its result rebuilt byte-identically. An image's key image
-is stored and verified before its SR, and it has a result only when its SR and key
-image are both in Orthanc. Without claims in Orthanc, a W: line says so and the watcher
-works alone.
+"UserMetadata", as in the project's orthanc.json, in every Orthanc of the group). An
+image another watcher holds is left to it; the claim of a watcher that died expires (a
+lease of 120 s, renewed while it works; at once if it was a process of this host) and is
+taken over, its result rebuilt byte-identically. A watcher that cannot reach Orthanc
+backs off and gives up a claim it could not renew before it expires. Hosts need
+synchronised clocks (NTP). An image's key image is stored and verified before its SR,
+and it has a result only when its SR and key image are both in Orthanc. Without claims
+in Orthanc, a W: line says so and the watcher works alone.
+
+Health: the running watcher rewrites DIR/heartbeat.json at every turn of its loop;
+--check-health --state-dir DIR exits 0 while it is fresh, 1 once it is older than
+max(60 s, 3 x --poll-interval).
 
 Stopping: SIGTERM stops at the next safe point, within 10 s, exit 0 (work in flight is
 given back and repeated by the next run); Ctrl-C stops at once, exit 130. Nothing
@@ -67,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     params.add_argument(
+        "--check-health",
+        action="store_true",
+        help="do nothing but read the heartbeat that the running watcher with this "
+        "--state-dir rewrites at every turn of its loop: exit 0 if it is fresh, 1 (one "
+        "line saying why) if it is missing or older than max(60 s, 3 x --poll-interval) "
+        "of that watcher; for container healthchecks and monitoring",
+    )
+    params.add_argument(
         "--retry-failed",
         action="store_true",
         help="try the dead letters (images that failed before) again",
@@ -90,10 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument(
         "--reconcile-interval",
         type=cli.positive_seconds,
-        default=600.0,
+        default=60.0,
         metavar="S",
-        help="seconds between two full comparisons of Orthanc with what is done, which "
-        "catch what the change log lost (default: %(default)s)",
+        help="seconds between two sweeps of Orthanc's CR/DX series, which catch what the "
+        "change log lost; a sweep is two requests plus a look at each series not found "
+        "complete before (default: %(default)s)",
+    )
+    params.add_argument(
+        "--full-reconcile-interval",
+        type=cli.positive_seconds,
+        default=3600.0,
+        metavar="S",
+        help="seconds between two full comparisons of every CR/DX series with its results "
+        "in Orthanc (also on start), which restore results deleted from Orthanc "
+        "(default: %(default)s)",
     )
     cli.add_domain_option(params)
     params.add_argument(
@@ -119,10 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_health(state_dir: Path) -> int:
+    """``--check-health``: whether the watcher using ``state_dir`` is alive and looping."""
+    from cxrsr.pacs.health import check
+
+    fresh, line = check(state_dir)
+    if fresh:
+        print(line)
+        return cli.EXIT_OK
+    cli.log.error("%s", line)
+    return cli.EXIT_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.setup_logging(args)
+    if args.check_health:
+        return check_health(args.state_dir)
     problem = orthanc.url_problem(args.url) if args.url else None
     if problem:
         parser.error(problem)
@@ -147,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from cxrsr.dicomio.domain import DomainPolicy
     from cxrsr.model.classifier import load_classifier
+    from cxrsr.pacs.health import Heartbeat
     from cxrsr.pacs.watch import Counts, OrthancError, Stopping, Watcher, run_forever
     from cxrsr.pacs.watch_state import WatchState
 
@@ -183,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             domain=DomainPolicy(args.domain),
             key_images=not args.no_key_images,
             max_attempts=args.max_attempts,
+            heartbeat=None if args.once else Heartbeat(args.state_dir, args.poll_interval),
         )
         cli.log.info(
             "watching Orthanc at %s with %s (state in %s)",
@@ -196,7 +237,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 counts: Counts = watcher.reconcile()
             cli.summary(counts.summary())
             return cli.EXIT_FAILED if counts.failed else cli.EXIT_OK
-        run_forever(watcher, connect, args.poll_interval, args.reconcile_interval)
+        run_forever(
+            watcher,
+            connect,
+            args.poll_interval,
+            args.reconcile_interval,
+            args.full_reconcile_interval,
+        )
         return cli.EXIT_OK
     except (orthanc.OrthancUnavailable, OrthancError) as exc:
         if stop.is_set():  # SIGTERM while a request was failing: a stop, not an outage

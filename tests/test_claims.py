@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from cxrsr.config import OrthancSettings
-from cxrsr.pacs.claims import CLAIM_METADATA, DONE, RELEASED, WORKING, Claims
+from cxrsr.pacs.claims import CLAIM_METADATA, DONE, RELEASED, SAFETY_SECONDS, WORKING, Claims
 from cxrsr.pacs.local_orthanc import LocalOrthanc
 from cxrsr.pacs.orthanc import OrthancClient
 from tests.conftest import new_orthanc
@@ -136,3 +136,31 @@ def test_an_orthanc_without_claims_is_reported_once_and_every_image_is_ours(
             assert claims.enabled is False
             warnings = [r for r in caplog.records if "has no claims" in r.getMessage()]
             assert len(warnings) == 1, overrides
+
+
+def test_a_holder_that_cannot_reach_orthanc_stops_using_and_renewing_its_claim(
+    server: LocalOrthanc, corpus_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Unreachable Orthanc: the lease is kept while it has time left; once it is within
+    SAFETY_SECONDS of its expiry it is lost for good (nothing more is sent for the image,
+    and the claim is neither renewed nor given back when Orthanc answers again)."""
+    instance = stored_instance(server, corpus_dir)
+    claims = Claims(client_of(server), WEIGHTS)
+    lease = claims.acquire(instance, "2026-01-01T00:00:00+00:00")
+    assert lease is not None and lease.usable()
+    written = claim_of(server, instance)
+
+    server.stop()
+    claims.renew(lease)  # refused connection: the lease has 120 s left
+    assert not lease.lost and lease.usable()
+    lease.expires = time.time() + SAFETY_SECONDS - 1  # as if the outage had lasted
+    assert not lease.usable()  # no upload starts on a lease this close to its end
+    with caplog.at_level(logging.WARNING, logger="cxrsr"):
+        claims.renew(lease)
+    assert lease.lost and not lease.usable()
+    assert any("claim was lost" in r.getMessage() for r in caplog.records)
+
+    server.start()
+    claims.renew(lease)
+    claims.release([lease])
+    assert claim_of(server, instance) == written, "a lost claim was written to"

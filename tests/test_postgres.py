@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +17,20 @@ import requests
 from cxrsr.config import PROJECT_ROOT
 from cxrsr.pacs.local_orthanc import LocalOrthanc
 from cxrsr.pacs.local_postgres import INDEX_PLUGIN, LocalPostgres, find_postgres_bin
+from tests.claim_race import race, store_tiny
 from tests.conftest import missing_prerequisite, orthanc_env, run_script
+from tests.test_watch import (
+    audit,
+    get_claim,
+    instance_id_of,
+    make_copies,
+    one_result_each,
+    run_once,
+    start_once,
+    store,
+    uid_of,
+    wait_for,
+)
 
 HOSPITAL_CONFIG = PROJECT_ROOT / "deploy" / "hospital" / "orthanc-postgresql.json"
 
@@ -23,7 +38,9 @@ HOSPITAL_CONFIG = PROJECT_ROOT / "deploy" / "hospital" / "orthanc-postgresql.jso
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[LocalPostgres]:
     if find_postgres_bin() is None:
-        missing_prerequisite("PostgreSQL (Debian 'postgresql') is not installed (test.sh installs it)")
+        missing_prerequisite(
+            "PostgreSQL (Debian 'postgresql') is not installed (test.sh installs it)"
+        )
     if not INDEX_PLUGIN.exists():
         missing_prerequisite("Debian 'orthanc-postgresql' is not installed (test.sh installs it)")
     with LocalPostgres() as cluster:
@@ -72,8 +89,170 @@ def test_two_orthancs_on_one_database_store_each_instance_once(
         again = run_script("upload_dicom.py", *files, env=orthanc_env(second))
         assert again.returncode == 0, again.stderr
         assert f"{len(files)} already" in again.stdout + again.stderr
-        assert len(requests.get(f"{second.url}/instances", auth=auth, timeout=10).json()) == len(files)
+        assert len(requests.get(f"{second.url}/instances", auth=auth, timeout=10).json()) == len(
+            files
+        )
     tables = postgres.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = 'resources'"
     )
     assert tables == "1", "Orthanc's index is not in PostgreSQL"
+
+
+@pytest.fixture
+def group(
+    postgres: LocalPostgres, orthanc_binary: str, tmp_path: Path
+) -> Iterator[list[LocalOrthanc]]:
+    """Two Orthancs on one PostgreSQL index and one storage folder, with claims (the
+    project's orthanc.json: CheckRevisions and the cxrsr-claim metadata), as in the
+    hospital stack. The database is emptied first: each test has it to itself."""
+    postgres.execute(f'DROP DATABASE IF EXISTS "{postgres.database}"', database="postgres")
+    postgres.execute(f'CREATE DATABASE "{postgres.database}"', database="postgres")
+    storage = tmp_path / "storage"
+    storage.mkdir(mode=0o700)
+    password = secrets.token_urlsafe(16)
+    settings = {**hospital_settings(postgres, storage), "StableAge": 2}
+    servers = [
+        LocalOrthanc(tmp_path / name, "cxrsr-test", password, binary=orthanc_binary,
+                     overrides=settings)
+        for name in ("a", "b")
+    ]  # fmt: skip
+    with servers[0], servers[1]:
+        yield servers
+
+
+def test_three_processes_racing_through_two_orthancs_on_postgresql_never_share_a_claim(
+    group: list[LocalOrthanc],
+) -> None:
+    """3 processes x 1,000 claims (50 instances x 20 rounds) alternately through both
+    Orthancs: each key has exactly one winner in every round (round 0 races the create
+    of a free claim, later rounds the compare and swap of a done one)."""
+    first = group[0]
+    keys = store_tiny(first.url, first.username, first.password, 50)
+    urls = [server.url for server in group]
+    result = race(urls, first.username, first.password, keys, processes=3, rounds=20)
+    assert result.errors == []
+    assert result.attempts == 3 * 1000
+    expected = {(round_, key) for round_ in range(20) for key in keys}
+    assert set(result.winners) == expected, "a key had no winner in some round"
+    shared = {k: v for k, v in result.winners.items() if len(v) != 1}
+    assert shared == {}, f"double claims: {list(shared.items())[:5]}"
+
+
+def test_three_watchers_on_two_orthancs_sharing_postgresql_store_one_result_per_image(
+    group: list[LocalOrthanc], corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
+) -> None:
+    """Images sent alternately to both Orthancs; three watch_orthanc.py --once, one on the
+    first Orthanc and two on the second, each with its own state folder: one SR and one
+    key image per image, whoever classified it."""
+    images = make_copies(corpus_dir, tmp_path / "in", 24, per_study=4)
+    uids = [uid_of(p) for p in images]
+    for n, path in enumerate(images):
+        store(group[n % 2], [path])
+    watchers = [
+        start_once(group[min(n, 1)], tmp_path / f"state-{n}", weights_cache_dir,
+                   tmp_path / f"w{n}.log")
+        for n in range(3)
+    ]  # fmt: skip
+    try:
+        codes = [w.process.wait(600) for w in watchers]
+    finally:
+        for watcher in watchers:
+            if watcher.process.poll() is None:
+                watcher.kill()
+    logs = [w.text() for w in watchers]
+    assert codes == [0, 0, 0], logs
+    assert "Traceback" not in "".join(logs)
+    one_result_each(group[0], uids)
+    one_result_each(group[1], uids)
+    # The work was shared through the claims, and each image's claim says done.
+    stored = [sum(1 for r in audit(tmp_path / f"state-{n}") if r["event"] == "stored")
+              for n in range(3)]  # fmt: skip
+    assert sum(stored) == len(uids), stored
+    for uid in uids:
+        claim = get_claim(group[1], instance_id_of(group[1], uid))
+        assert claim["state"] == "done", claim
+
+
+def test_a_watcher_killed_with_claims_in_hand_leaves_them_to_the_others(
+    group: list[LocalOrthanc], corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
+) -> None:
+    """kill -9 of a watcher that holds claims: a watcher on the other Orthanc takes its
+    images over (its holder no longer runs on this host) and every image gets one result."""
+    images = make_copies(corpus_dir, tmp_path / "in", 8, per_study=4)
+    uids = [uid_of(p) for p in images]
+    for n, path in enumerate(images):
+        store(group[n % 2], [path])
+    ids = [instance_id_of(group[0], uid) for uid in uids]
+    victim = start_once(group[0], tmp_path / "state-victim", weights_cache_dir,
+                        tmp_path / "victim.log")  # fmt: skip
+
+    def victim_claims() -> list[dict]:
+        claims = []
+        for orthanc_id in ids:
+            try:
+                claim = get_claim(group[1], orthanc_id)
+            except requests.HTTPError:
+                continue  # not claimed yet
+            if f":{victim.process.pid}:" in claim["holder"] and claim["state"] == "working":
+                claims.append(claim)
+        return claims
+
+    try:
+        wait_for(lambda: victim_claims(), "the first watcher's claims in Orthanc")
+    finally:
+        victim.kill()
+    assert victim_claims(), "its claims are still held (working) after kill -9"
+    rest = run_once(group[1], tmp_path / "state-rest", weights_cache_dir)
+    assert rest.returncode == 0, rest.stderr
+    assert "taking its work over" in rest.stderr, rest.stderr
+    one_result_each(group[0], uids)
+    for orthanc_id in ids:
+        assert get_claim(group[0], orthanc_id)["state"] == "done"
+
+
+def test_command_line_runs_a_kept_cluster_and_an_orthanc_indexed_in_it(
+    postgres: LocalPostgres, tmp_path: Path
+) -> None:
+    """local_postgres start/stop --dir and local_orthanc start --postgres: the documented
+    way to run the hospital layout without Docker. Started again, the cluster keeps its data."""
+    import os
+    import subprocess
+    import sys
+
+    from cxrsr.pacs.local_orthanc import free_port
+
+    env = dict(os.environ, CXRSR_DOTENV="/dev/null", ORTHANC_USERNAME="cxrsr-test",
+               ORTHANC_PASSWORD=secrets.token_urlsafe(12))  # fmt: skip
+    # As root the cluster runs as the postgres user, who must reach its folder: not
+    # under pytest's owner-only tmp_path.
+    outside = Path(tempfile.mkdtemp(prefix="cxrsr-test-pg-"))
+    outside.chmod(0o711)
+    cluster, orthanc_dir, port = outside / "pg", tmp_path / "orthanc", free_port()
+
+    def module(name: str, *argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", f"cxrsr.pacs.{name}", *argv],
+                              capture_output=True, text=True, env=env, timeout=120,
+                              cwd=PROJECT_ROOT)  # fmt: skip
+
+    started = module("local_postgres", "start", "--dir", str(cluster))
+    assert started.returncode == 0 and "PostgreSQL running" in started.stderr, started.stderr
+    try:
+        orthanc = module("local_orthanc", "start", "--dir", str(orthanc_dir),
+                         "--http-port", str(port), "--dicom-port", str(free_port()),
+                         "--postgres", str(cluster))  # fmt: skip
+        assert orthanc.returncode == 0, orthanc.stderr
+        try:
+            auth = (env["ORTHANC_USERNAME"], env["ORTHANC_PASSWORD"])
+            system = requests.get(f"http://127.0.0.1:{port}/system", auth=auth, timeout=10)
+            assert "PostgreSQLIndex" in system.json()["DatabaseBackendPlugin"]
+            assert system.json()["CheckRevisions"] is True
+        finally:
+            assert module("local_orthanc", "stop", "--dir", str(orthanc_dir)).returncode == 0
+        assert module("local_postgres", "stop", "--dir", str(cluster)).returncode == 0
+        again = module("local_postgres", "start", "--dir", str(cluster))
+        assert again.returncode == 0, again.stderr
+        connection = json.loads((cluster / "connection.json").read_text())
+        assert connection["Lock"] is False and connection["Host"] == "127.0.0.1"
+    finally:
+        module("local_postgres", "stop", "--dir", str(cluster))
+        shutil.rmtree(outside, ignore_errors=True)

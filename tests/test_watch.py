@@ -323,22 +323,28 @@ def test_waits_out_an_orthanc_restart_and_stops_on_ctrl_c(
     assert sorted(len(v) for v in results.values()) == [1, 1, 1, 1]
 
 
-def test_systemd_unit_is_valid_and_runs_the_watcher_with_real_options(tmp_path: Path) -> None:
-    """The unit in deploy/ passes systemd's own checker, and its ExecStart parses."""
+def test_systemd_unit_template_is_valid_and_runs_each_watcher_with_its_own_state(
+    tmp_path: Path,
+) -> None:
+    """The template in deploy/ passes systemd's own checker for an instance, and each
+    instance's ExecStart parses with a state folder of its own."""
     import shlex
 
     from tests.conftest import require_program
 
     analyze = require_program("systemd-analyze")
-    text = (PROJECT_ROOT / "deploy" / "cxrsr-watch.service").read_text()
+    text = (PROJECT_ROOT / "deploy" / "cxrsr-watch@.service").read_text()
+    assert "StateDirectory=cxrsr-watch/%i\n" in text
     exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
-    argv = shlex.split(exec_start.removeprefix("ExecStart="))
-    assert argv[1] == "/opt/cxrsr/watch_orthanc.py"
     sys.path.insert(0, str(PROJECT_ROOT))
     import watch_orthanc
 
-    args = watch_orthanc.build_parser().parse_args(argv[2:])
-    assert not args.once and str(args.state_dir) == "/var/lib/cxrsr-watch"
+    for instance in ("1", "ward-b"):
+        argv = shlex.split(exec_start.removeprefix("ExecStart=").replace("%i", instance))
+        assert argv[1] == "/opt/cxrsr/watch_orthanc.py"
+        args = watch_orthanc.build_parser().parse_args(argv[2:])
+        assert not args.once and str(args.state_dir) == f"/var/lib/cxrsr-watch/{instance}"
+        assert str(args.cache_dir) == "/var/lib/cxrsr-watch/weights"
 
     # Checked where it would run: paths of this checkout, a user that exists here.
     local = (
@@ -348,10 +354,12 @@ def test_systemd_unit_is_valid_and_runs_the_watcher_with_real_options(tmp_path: 
         .replace("Group=cxrsr", "Group=root")
         .replace("EnvironmentFile=/etc", "EnvironmentFile=-/etc")
     )
-    unit = tmp_path / "cxrsr-watch.service"
-    unit.write_text(local)
+    (tmp_path / "cxrsr-watch@.service").write_text(local)
     checked = subprocess.run(
-        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
+        [analyze, "verify", str(tmp_path / "cxrsr-watch@ward-b.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr
 
@@ -610,3 +618,96 @@ def test_ctrl_c_and_sigterm_during_classification_stop_within_10_s(
     last = run_once(watched, state, weights_cache_dir)
     assert last.returncode == 0, last.stderr
     one_result_each(watched, uids)
+
+
+# -- health ----------------------------------------------------------------------------
+
+
+def check_health(state: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "watch_orthanc.py"), "--check-health",
+         "--state-dir", str(state)],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60,
+    )  # fmt: skip
+
+
+def test_check_health_is_fresh_while_the_watcher_runs_and_fails_once_it_is_stale(
+    watched: LocalOrthanc, weights_cache_dir: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    missing = check_health(state)
+    assert missing.returncode == 1 and "no heartbeat" in missing.stderr, missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and missing.stderr.startswith("E:")
+
+    follower = Follower(watched, state, weights_cache_dir, tmp_path / "watch.log",
+                        ("--poll-interval", "5"))  # fmt: skip
+    heartbeat = state / "heartbeat.json"
+    wait_for(heartbeat.exists, "the first heartbeat")
+    first = json.loads(heartbeat.read_text())
+    assert first["pid"] == follower.process.pid and first["stale_after"] == 60
+    healthy = check_health(state)
+    assert healthy.returncode == 0, healthy.stderr
+    # It keeps beating at every turn of its loop (every 5 s here).
+    wait_for(lambda: json.loads(heartbeat.read_text())["time"] > first["time"], "a new heartbeat")
+
+    follower.kill()
+    stale = dict(json.loads(heartbeat.read_text()), time=time.time() - 61)
+    heartbeat.write_text(json.dumps(stale))
+    dead = check_health(state)
+    assert dead.returncode == 1, dead.stdout
+    assert dead.stderr.startswith("E:") and "61 s old" in dead.stderr, dead.stderr
+    assert len(dead.stderr.strip().splitlines()) == 1
+
+
+# -- reconciliation ----------------------------------------------------------------------
+
+
+def test_the_cheap_sweep_asks_only_about_series_not_found_complete(
+    watched: LocalOrthanc, corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
+) -> None:
+    """After a full sweep, the cheap sweep costs two requests for complete series; a new
+    series is still found, a deleted result waits for the next full sweep."""
+    from cxrsr.config import OrthancSettings
+    from cxrsr.model.classifier import load_classifier
+    from cxrsr.pacs.orthanc import OrthancClient
+    from cxrsr.pacs.watch import Watcher
+    from cxrsr.pacs.watch_state import WatchState
+
+    images = make_copies(corpus_dir, tmp_path / "in", 3)
+    uids = [uid_of(p) for p in images]
+    store(watched, images[:2])
+    client = OrthancClient(OrthancSettings(watched.url, watched.username, watched.password))
+    classifier = load_classifier(cache_dir=weights_cache_dir, backend="eager", device="cpu")
+    state = WatchState.open(tmp_path / "state", classifier.card.weights_sha256)
+    watcher = Watcher(client, classifier, state)
+    requests_sent: list[str] = []
+    send = client.request
+
+    def counting(method: str, path: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+        requests_sent.append(f"{method} {path}")
+        return send(method, path, *args, **kwargs)
+
+    client.request = counting  # type: ignore[method-assign]
+    try:
+        assert watcher.reconcile().stored == 2
+        # Series are complete once a look finds them so (here the next sweep's).
+        assert watcher.reconcile(full=False).known == 2
+        requests_sent.clear()
+        cheap = watcher.reconcile(full=False)
+        assert (cheap.known, cheap.classified) == (0, 0)
+        assert requests_sent == ["POST /tools/find"] * 2, requests_sent
+
+        store(watched, images[2:])  # a series the change log would report: found anyway
+        assert watcher.reconcile(full=False).stored == 1
+        one_result_each(watched, uids)
+        watcher.reconcile(full=False)
+
+        # A result deleted from Orthanc (its SR and key image).
+        for found in (results_by_image(watched), key_images_by_image(watched)):
+            delete(watched, f"/instances/{instance_id_of(watched, found[uids[0]][0][0])}")
+        assert watcher.reconcile(full=False).stored == 0
+        full = watcher.reconcile()
+        assert (full.stored, full.known) == (1, 2)
+        one_result_each(watched, uids)
+    finally:
+        state.close()

@@ -12,6 +12,9 @@ Command line (for run.sh)::
 
     python -m cxrsr.pacs.local_orthanc start --dir .orthanc --http-port 8042 --dicom-port 4242
     python -m cxrsr.pacs.local_orthanc stop --dir .orthanc
+
+With ``--postgres DIR`` the index is in the PostgreSQL cluster that
+``python -m cxrsr.pacs.local_postgres start --dir DIR`` runs (see that module).
 """
 
 from __future__ import annotations
@@ -223,6 +226,17 @@ def _is_orthanc(pid: int) -> bool:
     return b"Orthanc" in command.split(b"\0")[0]
 
 
+def _postgres_overrides(folder: Path) -> dict[str, object]:
+    """Settings that put the index in the cluster of ``local_postgres start --dir folder``."""
+    from cxrsr.pacs.local_postgres import CONNECTION_FILE, INDEX_PLUGIN
+
+    section = json.loads((folder / CONNECTION_FILE).read_text(encoding="utf-8"))
+    if not INDEX_PLUGIN.is_file():
+        raise ValueError(f"{INDEX_PLUGIN} is missing: install Debian's 'orthanc-postgresql'")
+    plugins = [str(INDEX_PLUGIN)] + ([str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.is_file() else [])
+    return {"Plugins": plugins, "PostgreSQL": section}
+
+
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cxrsr.pacs.local_orthanc",
@@ -232,6 +246,14 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=PROJECT_ROOT / ".orthanc")
     parser.add_argument("--http-port", type=int, default=8042)
     parser.add_argument("--dicom-port", type=int, default=4242)
+    parser.add_argument(
+        "--postgres",
+        type=Path,
+        metavar="DIR",
+        help="keep Orthanc's index in the PostgreSQL cluster that "
+        "'python -m cxrsr.pacs.local_postgres start --dir DIR' runs (the hospital stack's "
+        "layout; another Orthanc started with the same DIR and --dir shares it)",
+    )
     args = parser.parse_args(argv)
     pid_file = args.dir / "orthanc.pid"
     if args.action == "stop":
@@ -253,6 +275,11 @@ def _main(argv: list[str] | None = None) -> int:
     if not username or not password:
         print("E: ORTHANC_USERNAME and ORTHANC_PASSWORD must be set (see .env)", file=sys.stderr)
         return 3
+    try:
+        overrides = _postgres_overrides(args.postgres) if args.postgres else {}
+    except (OSError, ValueError) as exc:
+        print(f"E: {args.postgres}: {exc}", file=sys.stderr)
+        return 3
     server = LocalOrthanc(
         args.dir,
         username,
@@ -260,6 +287,7 @@ def _main(argv: list[str] | None = None) -> int:
         args.http_port,
         args.dicom_port,
         dicomweb=DICOMWEB_PLUGIN.is_file(),  # for OHIF, when Debian's orthanc-dicomweb is installed
+        overrides=overrides,
     )
     try:
         server.start()

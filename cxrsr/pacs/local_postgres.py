@@ -67,6 +67,9 @@ class LocalPostgres:
         self.bin_dir = bin_dir or find_postgres_bin()
         self.folder: Path | None = None
         self._as_user: list[str] = []
+        if os.geteuid() == 0:
+            # initdb refuses to run as root: the cluster belongs to the postgres user.
+            self._as_user = ["runuser", "-u", "postgres", "--"]
 
     @property
     def data(self) -> Path:
@@ -85,18 +88,24 @@ class LocalPostgres:
         if done.returncode != 0:
             raise RuntimeError(f"{argv[0]} failed: {(done.stderr or done.stdout).strip()}")
 
-    def start(self) -> None:
-        """Create the cluster and its database, start it, and wait until it accepts connections."""
+    def start(self, folder: Path | None = None) -> None:
+        """Create the cluster and its database, start it, and wait until it accepts connections.
+
+        Without ``folder`` the cluster lives in a new temporary folder; with one, in that
+        (new or empty) folder, which :meth:`stop` then leaves in place (see :func:`_main`).
+        """
         if self.bin_dir is None:
             raise RuntimeError(
                 "PostgreSQL's initdb/pg_ctl not found: install Debian's 'postgresql' package"
             )
-        self.folder = Path(tempfile.mkdtemp(prefix="cxrsr-postgres-"))
+        if folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="cxrsr-postgres-"))
+        else:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.folder = folder.resolve()
         if os.geteuid() == 0:
-            # initdb refuses to run as root: the cluster belongs to the postgres user.
             owner = pwd.getpwnam("postgres")
             os.chown(self.folder, owner.pw_uid, owner.pw_gid)
-            self._as_user = ["runuser", "-u", "postgres", "--"]
         password_file = self.folder / "password"
         fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -113,6 +122,11 @@ class LocalPostgres:
             "--no-instructions",
         )  # fmt: skip
         password_file.unlink()
+        self.run_server()
+        self.execute(f'CREATE DATABASE "{self.database}"', database="postgres")
+
+    def run_server(self) -> None:
+        """Start the server of the (existing) cluster and wait until it accepts connections."""
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={self.port} "
             f"-c unix_socket_directories={self.folder} -c fsync=on"
@@ -121,7 +135,6 @@ class LocalPostgres:
             "pg_ctl", "--pgdata", str(self.data), "--log", str(self.log_path),
             "--options", options, "--wait", "--timeout", "60", "start",
         )  # fmt: skip
-        self.execute(f'CREATE DATABASE "{self.database}"', database="postgres")
 
     def execute(self, sql: str, database: str | None = None) -> str:
         """Run one SQL statement with psql over TCP as the cluster's role; its output."""
@@ -159,7 +172,7 @@ class LocalPostgres:
         }
 
     def stop(self) -> None:
-        """Stop the cluster at once and delete its files."""
+        """Stop the cluster at once and delete its files (a throwaway cluster's)."""
         if self.folder is None:
             return
         if self.data.exists():
@@ -178,3 +191,66 @@ class LocalPostgres:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+CONNECTION_FILE = "connection.json"
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m cxrsr.pacs.local_postgres start|stop --dir DIR``: a cluster kept in DIR,
+    for ``python -m cxrsr.pacs.local_orthanc start --postgres DIR`` (the hospital stack's
+    index on a host without Docker). ``start`` creates it the first time (its connection
+    settings, password included, in DIR/connection.json, owner-only) and starts it;
+    ``stop`` stops it and keeps its data."""
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m cxrsr.pacs.local_postgres",
+        description="Start or stop a PostgreSQL cluster on 127.0.0.1 for Orthanc's index.",
+    )
+    parser.add_argument("action", choices=["start", "stop"])
+    parser.add_argument("--dir", type=Path, default=Path(".postgres"))
+    parser.add_argument("--port", type=int, default=None, help="default: a free port")
+    args = parser.parse_args(argv)
+    folder = args.dir.resolve()
+    connection = folder / CONNECTION_FILE
+    cluster = LocalPostgres(port=args.port)
+    cluster.folder = folder
+    try:
+        if args.action == "stop":
+            if not (folder / "data" / "postmaster.pid").exists():
+                print(f"I: no PostgreSQL is running in {folder}", file=sys.stderr)
+                return 0
+            cluster._run("pg_ctl", "--pgdata", str(cluster.data), "--mode", "fast", "stop")
+            print(f"I: stopped PostgreSQL (data kept in {folder})", file=sys.stderr)
+            return 0
+        if connection.exists():
+            saved = json.loads(connection.read_text(encoding="utf-8"))
+            cluster.port, cluster.password = int(saved["Port"]), str(saved["Password"])
+            if not (folder / "data" / "postmaster.pid").exists():
+                cluster.run_server()
+        else:
+            cluster.start(folder)
+            fd = os.open(connection, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(cluster.orthanc_settings()["PostgreSQL"], fh, indent=2)
+    except (RuntimeError, OSError, KeyError, ValueError) as exc:
+        hint = (
+            " (as root the cluster runs as 'postgres', who must reach it)"
+            if cluster._as_user
+            else ""
+        )
+        print(f"E: {folder}: {exc}{hint}", file=sys.stderr)
+        return 3
+    print(
+        f"I: PostgreSQL running on 127.0.0.1:{cluster.port} (data in {folder}; "
+        f"connection settings in {connection})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

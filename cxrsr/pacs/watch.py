@@ -51,10 +51,16 @@ Exactly once, by construction. This module is the one place that decides "done":
   also during classification. Either way what was recorded stays recorded, what was in
   flight is given back (its claims released) and repeated.
 
-Nothing is missed: on start, and every ``reconcile_interval`` seconds, every CR/DX
+Nothing is missed: on start, and every ``full_reconcile_interval`` seconds, every CR/DX
 series in Orthanc is compared with what is known (the backfill of ``--once``), so
 changes that arrived while the watcher was down or that Orthanc dropped from its log
-(it keeps a bounded number) are still handled.
+(it keeps a bounded number) are still handled. Between two full comparisons a cheap
+sweep every ``reconcile_interval`` seconds lists the CR/DX series (two requests) and
+looks only at those not found complete before, so that it can run every minute on a
+PACS of 100,000 series.
+
+Alive: a running watcher rewrites a heartbeat (:mod:`cxrsr.pacs.health`) at every turn of
+its loop and at its safe points while it works.
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ from cxrsr.model.classifier import Classifier
 from cxrsr.model.heatmaps import HeatmapWriter
 from cxrsr.pacs import upload
 from cxrsr.pacs.claims import DONE, LEASE_SECONDS, Claims, Lease
+from cxrsr.pacs.health import Heartbeat
 from cxrsr.pacs.orthanc import (
     CredentialsRefused,
     OrthancClient,
@@ -325,6 +332,8 @@ class Watcher:
     """Attempts to store an image's results before it becomes a dead letter."""
     lease_seconds: float = LEASE_SECONDS
     on_progress: Callable[[int], None] = lambda n: None
+    heartbeat: Heartbeat | None = None
+    """Rewritten while the watcher works (``--check-health`` reads it); none with ``--once``."""
 
     def __post_init__(self) -> None:
         self.index = OrthancIndex(self.client)
@@ -334,6 +343,9 @@ class Watcher:
         self._evidence: dict[str, Evidence] = {}
         self._series_ids: dict[str, str] = {}
         """Series Instance UID -> Orthanc series ID, of the series looked at."""
+        self._complete: set[str] = set()
+        """Orthanc series IDs with every image settled or holding a complete result at
+        their last look (skipped by the cheap sweep, see :meth:`reconcile`)."""
         self._revisit: dict[str, float] = {}
         """Orthanc series ID -> when to look again at images left to another watcher
         (once its lease could have expired, in case it died)."""
@@ -352,8 +364,11 @@ class Watcher:
     # -- deciding what to do -----------------------------------------------------------
 
     def _check_stop(self) -> None:
+        """Stop here if asked; otherwise a safe point is also a sign of life."""
         if self.stop.is_set():
             raise Stopping()
+        if self.heartbeat is not None:
+            self.heartbeat.beat(force=False)
 
     def _radiograph_series(self, series_id: str) -> tuple[str, list[Instance]] | None:
         """The series' UID and instances when it is a CR/DX series not made by us."""
@@ -411,8 +426,11 @@ class Watcher:
             self._series_ids[series_uid] = series_id
             open_ = [i for i in instances if not self.state.is_settled(i.sop_instance_uid)]
             counts.known += len(instances) - len(open_)
+            self._complete.discard(series_id)
             if not open_:
+                self._complete.add(series_id)
                 continue
+            waiting = len(todo)
             # Orthanc, not the watcher's own log, says what has a result: a study
             # deleted and sent again gets its results again.
             present = self._results_in_orthanc(series_uid)
@@ -437,6 +455,8 @@ class Watcher:
                         instance.orthanc_id,
                     )
                 todo.append(instance)
+            if len(todo) == waiting:
+                self._complete.add(series_id)
             while len(todo) >= self.chunk_size:
                 counts.add(self._process_chunk(todo[: self.chunk_size]))
                 del todo[: self.chunk_size]
@@ -454,10 +474,21 @@ class Watcher:
             del self._revisit[series]
         return self.process_series(due) if due else Counts()
 
-    def reconcile(self) -> Counts:
-        """The backfill: every CR/DX image in Orthanc without a result gets one."""
+    def reconcile(self, full: bool = True) -> Counts:
+        """The backfill: every CR/DX image in Orthanc without a result gets one.
+
+        ``full=False`` is the cheap sweep: the same two ``/tools/find`` requests (series
+        IDs only), but the series that this process found complete at its last look
+        (every image settled or with a complete result, and no image added since:
+        additions arrive through the change log, which looks again) are not asked
+        about. What it catches is a series the change log lost or never reported; a
+        result deleted from Orthanc in a complete series waits for the next full sweep.
+        """
         series = self.index.radiograph_series()
-        log.debug("reconciling %d CR/DX series", len(series))
+        self._complete.intersection_update(series)  # forget series deleted from Orthanc
+        if not full:
+            series = [s for s in series if s not in self._complete]
+        log.debug("reconciling %d CR/DX series (%s)", len(series), "full" if full else "cheap")
         return self.process_series(series)
 
     # -- doing it ------------------------------------------------------------------------
@@ -772,6 +803,12 @@ class Watcher:
         return (last if changes else cursor), done
 
 
+def beat(watcher: Watcher) -> None:
+    """Write the watcher's heartbeat, if it keeps one (``--check-health`` reads it)."""
+    if watcher.heartbeat is not None:
+        watcher.heartbeat.beat()
+
+
 def sleep_unless_stopped(stop: threading.Event, seconds: float) -> None:
     if stop.wait(seconds):
         raise Stopping()
@@ -789,16 +826,23 @@ def run_forever(
     connect: Callable[[bool], OrthancClient],
     poll_interval: float,
     reconcile_interval: float,
+    full_reconcile_interval: float | None = None,
 ) -> None:
     """Follow Orthanc until :class:`Stopping`; an outage is waited out, never fatal.
 
-    ``connect(probe)`` makes a client; a probe's client does not retry.
+    ``connect(probe)`` makes a client; a probe's client does not retry. A full
+    reconciliation runs on start, after the change log restarted and every
+    ``full_reconcile_interval`` seconds (default: every ``reconcile_interval``); the
+    cheap sweep (:meth:`Watcher.reconcile` with ``full=False``) every
+    ``reconcile_interval`` seconds between them.
     """
     stop = watcher.stop
     cursor = watcher.state.load_cursor()
-    next_reconcile = 0.0
+    next_reconcile = next_full = 0.0
+    full_interval = full_reconcile_interval or reconcile_interval
     outage: str | None = None
     delays = backoff_delays()
+    beat(watcher)
     while True:
         try:
             if outage is not None:
@@ -819,19 +863,23 @@ def run_forever(
                         cursor,
                     )
                 cursor = last  # what happens after this point arrives through /changes
-                next_reconcile = 0.0
+                next_reconcile = next_full = 0.0
             if time.monotonic() >= next_reconcile:
-                counts = watcher.reconcile()
+                full = time.monotonic() >= next_full
+                counts = watcher.reconcile(full)
                 if counts.classified or counts.failed or counts.skipped or counts.present:
                     log.info("reconciled: %s", counts.summary())
                 watcher.state.save_cursor(cursor)
                 next_reconcile = time.monotonic() + reconcile_interval
+                if full:
+                    next_full = time.monotonic() + full_interval
             done = False
             while not done:
                 cursor, done = watcher.follow_once(cursor)
             revisited = watcher.revisit()
             if revisited.classified or revisited.failed:
                 log.info("looked again at images left to another watcher: %s", revisited.summary())
+            beat(watcher)
             sleep_unless_stopped(stop, poll_interval)
         except CredentialsRefused:
             raise  # a configuration problem, not an outage: waiting would not fix it
@@ -845,4 +893,5 @@ def run_forever(
                     watcher.client.url,
                     exc,
                 )
+            beat(watcher)  # waiting an outage out is healthy: a restart would not help
             sleep_unless_stopped(stop, next(delays))
