@@ -237,13 +237,16 @@ def empty_orthanc(tmp_path: Path, orthanc_binary: str) -> Iterator[LocalOrthanc]
 @pytest.fixture
 def md5less_orthanc(tmp_path: Path, orthanc_binary: str) -> Iterator[LocalOrthanc]:
     """An empty Orthanc of the test's own that keeps no MD5 of stored files: the project's
-    orthanc.json with ``"StoreMD5ForAttachments": false``, a documented Orthanc setting."""
+    orthanc.json with ``"StoreMD5ForAttachments": false``, a documented Orthanc setting.
+
+    Orthanc 1.10 refuses to start with that and ``"CheckRevisions": true`` (revisions are
+    MD5s), so such an Orthanc has no revisions: watchers there work alone (no claims)."""
     with LocalOrthanc(
         tmp_path / "orthanc-md5less",
         "cxrsr-test",
         secrets.token_urlsafe(16),
         binary=orthanc_binary,
-        overrides={"StoreMD5ForAttachments": False},
+        overrides={"StoreMD5ForAttachments": False, "CheckRevisions": False},
     ) as server:
         yield server
 
