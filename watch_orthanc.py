@@ -203,9 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.precision,
         )
         try:
+            # The state's records belong to one model: these weights at this precision.
+            model_key = classifier.card.weights_sha256
+            if classifier.precision != "fp32":
+                model_key += f"/{classifier.precision}"
             state = WatchState.open(
                 args.state_dir,
-                classifier.card.weights_sha256,
+                model_key,
                 retry_failed=args.retry_failed,
                 domain=args.domain,
             )
