@@ -25,7 +25,7 @@ from cxrsr.errors import PipelineError
 from cxrsr.model import int8
 from cxrsr.model.classifier import Classifier, load_classifier
 from cxrsr.sr import uids
-from cxrsr.sr.document import ModelInfo
+from cxrsr.sr.entries import ModelInfo
 
 WEIGHTS = "densenet121-res224-all"
 #: Bounds on the random test weights (see the module docstring): the largest and the

@@ -207,7 +207,7 @@ def test_resnet_classifies_corpus_images_at_512(
     """Two corpus images through process_dicom.py with the ResNet; then their SR's model."""
     from PIL import Image
 
-    from cxrsr.sr.document import ModelInfo
+    from cxrsr.sr.entries import ModelInfo
 
     out = tmp_path / "results.json"
     proc = run_script(

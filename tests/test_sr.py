@@ -1,4 +1,4 @@
-"""generate_sr.py and cxrsr.sr.document: one valid, well-placed TID 1500 SR per classified image.
+"""generate_sr.py and cxrsr.sr.tid1500: one valid, well-placed TID 1500 SR per classified image.
 
 The SRs are written from the shared corpus by the real script (a subprocess), then checked
 by two independent validators run as real programs (dicom3tools' dciodvfy, DCMTK's
@@ -35,7 +35,11 @@ from cxrsr.dicomio.reading import identity_of
 from cxrsr.files import write_json_atomic
 from cxrsr.pacs.local_orthanc import LocalOrthanc
 from cxrsr.sr import batch as sr_batch
-from cxrsr.sr import document as sr_module
+from cxrsr.sr import document as sr_file
+from cxrsr.sr import entries as sr_entries
+from cxrsr.sr import evidence as sr_evidence
+from cxrsr.sr import fast as sr_fast
+from cxrsr.sr import tid1500 as sr_tid1500
 from cxrsr.sr.codes import (
     ABSENT,
     CERTAINTY_OF_FINDING,
@@ -273,7 +277,7 @@ def test_identity_and_placement(
             "PRELIMINARY",
         )
         assert "NOT FOR DIAGNOSTIC USE" in sr.SeriesDescription
-        assert sr.SeriesNumber == sr_module.SR_SERIES_NUMBER
+        assert sr.SeriesNumber == sr_tid1500.SR_SERIES_NUMBER
         # The private scheme is declared; the model is contributing equipment.
         (scheme,) = sr.CodingSchemeIdentificationSequence
         assert scheme.CodingSchemeDesignator == PRIVATE_SCHEME
@@ -334,10 +338,10 @@ def test_same_results_give_the_same_files(
 
 
 def _build(entry: dict[str, Any], model: dict[str, Any]) -> pydicom.Dataset:
-    info = sr_module.ModelInfo.from_results(model)
-    classification = sr_module.Classification.from_entry(entry, info, 0)
-    header = sr_module.read_source_header(classification)
-    return sr_module.build_sr_reference(header, classification, info, WHEN)
+    info = sr_entries.ModelInfo.from_results(model)
+    classification = sr_entries.Classification.from_entry(entry, info, 0)
+    header = sr_evidence.read_source_header(classification)
+    return sr_tid1500.build_sr_reference(header, classification, info, WHEN)
 
 
 def test_changed_scores_make_a_new_instance_in_the_same_series(
@@ -370,7 +374,7 @@ def test_unknown_label_gets_a_private_code_and_still_validates(
         str(corpus_dir / "cxr10_nih_dx_8bit.dcm"), labels, np.random.default_rng(2)
     )
     sr = _build(entry, model_block(labels))
-    path = sr_module.write_sr(sr, tmp_path)
+    path = sr_file.write_sr(sr, tmp_path)
     report = hd.sr.srread(path).content
     codes_found = [g.finding_type for g in report.get_image_measurement_groups()]
     assert codes_found[0] == finding_for_label("Pneumothorax").code
@@ -389,7 +393,7 @@ def test_non_ascii_patient_name_keeps_its_character_set(
     copy = tmp_path / "latin1.dcm"
     source.save_as(copy)
     entry = classified_entry(str(copy), labels, np.random.default_rng(3))
-    path = sr_module.write_sr(_build(entry, model_block(labels)), tmp_path / "sr")
+    path = sr_file.write_sr(_build(entry, model_block(labels)), tmp_path / "sr")
     assert "Müller^Jürgen".encode("latin-1") in path.read_bytes()
     sr = pydicom.dcmread(path)
     assert sr.SpecificCharacterSet == "ISO_IR 100"
@@ -400,14 +404,14 @@ def test_non_ascii_patient_name_keeps_its_character_set(
 
 
 def _both_paths(
-    builder: sr_module.SRBuilder, entry: dict[str, Any], model: dict[str, Any]
+    builder: sr_fast.SRBuilder, entry: dict[str, Any], model: dict[str, Any]
 ) -> tuple[bytes, bytes]:
     """(fast, reference) file bytes of one entry; ``builder`` keeps its templates across calls."""
-    info = sr_module.ModelInfo.from_results(model)
-    classification = sr_module.Classification.from_entry(entry, info, 0)
-    header = sr_module.read_source_header(classification)
-    reference = sr_module.encode_reference(
-        sr_module.build_sr_reference(header, classification, info, WHEN)
+    info = sr_entries.ModelInfo.from_results(model)
+    classification = sr_entries.Classification.from_entry(entry, info, 0)
+    header = sr_evidence.read_source_header(classification)
+    reference = sr_file.encode_reference(
+        sr_tid1500.build_sr_reference(header, classification, info, WHEN)
     )
     fast = builder.encode(header, classification)
     assert (
@@ -430,19 +434,19 @@ def _assert_identical(fast: bytes, reference: bytes, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def fast_builder(labels: list[str]) -> sr_module.SRBuilder:
+def fast_builder(labels: list[str]) -> sr_fast.SRBuilder:
     """One builder for the whole module, without its run-time check (which would hide a
     difference by falling back to the reference): every document below is compared, and
     most use a template compiled from another source than their own."""
-    info = sr_module.ModelInfo.from_results(model_block(labels))
-    return sr_module.SRBuilder(info, WHEN, check_first=False)
+    info = sr_entries.ModelInfo.from_results(model_block(labels))
+    return sr_fast.SRBuilder(info, WHEN, check_first=False)
 
 
 def test_fast_path_is_byte_identical_on_every_classifiable_corpus_file(
     corpus_dir: Path,
     manifest: list[dict[str, str]],
     labels: list[str],
-    fast_builder: sr_module.SRBuilder,
+    fast_builder: sr_fast.SRBuilder,
 ) -> None:
     rng = np.random.default_rng(7)
     names = [row["filename"] for row in manifest if row["expected"].startswith("classify")]
@@ -463,7 +467,7 @@ def test_fast_path_is_byte_identical_on_every_classifiable_corpus_file(
     ],
 )
 def test_fast_path_is_byte_identical_for_any_scores(
-    corpus_dir: Path, labels: list[str], fast_builder: sr_module.SRBuilder, scores: str
+    corpus_dir: Path, labels: list[str], fast_builder: sr_fast.SRBuilder, scores: str
 ) -> None:
     """DS is at most 16 characters (PS3.5 6.2): values that need rounding, exponents, 0, 1."""
     awkward = [
@@ -493,8 +497,8 @@ def test_fast_path_is_byte_identical_for_changed_scores_and_unknown_labels(
     unknown = [*labels[:3], "Tension_Pneumothorax_Or_Other_Very_Long_Label", "Épanchement"]
     for these_labels in (labels, unknown):
         model = model_block(these_labels)
-        builder = sr_module.SRBuilder(
-            sr_module.ModelInfo.from_results(model), WHEN, check_first=False
+        builder = sr_fast.SRBuilder(
+            sr_entries.ModelInfo.from_results(model), WHEN, check_first=False
         )
         for seed in range(3):
             entry = classified_entry(source, these_labels, np.random.default_rng(seed))
@@ -536,7 +540,7 @@ def test_fast_path_is_byte_identical_for_synthetic_sources(
     corpus_dir: Path,
     tmp_path: Path,
     labels: list[str],
-    fast_builder: sr_module.SRBuilder,
+    fast_builder: sr_fast.SRBuilder,
     name: str,
     change: str,
 ) -> None:
@@ -545,8 +549,8 @@ def test_fast_path_is_byte_identical_for_synthetic_sources(
     _assert_identical(*_both_paths(fast_builder, entry, model_block(labels)), change)
     # A label outside the table, with a non-ASCII meaning, in the source's character set.
     odd_labels = [*labels[:2], "Épanchement_pleural"]
-    builder = sr_module.SRBuilder(
-        sr_module.ModelInfo.from_results(model_block(odd_labels)), WHEN, check_first=False
+    builder = sr_fast.SRBuilder(
+        sr_entries.ModelInfo.from_results(model_block(odd_labels)), WHEN, check_first=False
     )
     entry = classified_entry(str(path), odd_labels, np.random.default_rng(10))
     _assert_identical(*_both_paths(builder, entry, model_block(odd_labels)), f"{change}, odd")
@@ -556,19 +560,19 @@ def test_fast_path_is_byte_identical_for_synthetic_sources(
 def test_fast_path_falls_back_to_the_reference_if_it_ever_differs(
     corpus_dir: Path, labels: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    info = sr_module.ModelInfo.from_results(model_block(labels))
+    info = sr_entries.ModelInfo.from_results(model_block(labels))
     entry = classified_entry(
         str(corpus_dir / "cxr10_nih_dx_8bit.dcm"), labels, np.random.default_rng(11)
     )
-    classification = sr_module.Classification.from_entry(entry, info, 0)
-    header = sr_module.read_source_header(classification)
-    real = sr_module.encode_document
-    monkeypatch.setattr(sr_module, "encode_document", lambda sr, content: real(sr, content)[:-2])
-    builder = sr_module.SRBuilder(info, WHEN)
+    classification = sr_entries.Classification.from_entry(entry, info, 0)
+    header = sr_evidence.read_source_header(classification)
+    real = sr_fast.encode_document
+    monkeypatch.setattr(sr_fast, "encode_document", lambda sr, content: real(sr, content)[:-2])
+    builder = sr_fast.SRBuilder(info, WHEN)
     encoded = builder.encode(header, classification)
     assert builder.use_reference
-    assert encoded.data == sr_module.encode_reference(
-        sr_module.build_sr_reference(header, classification, info, WHEN)
+    assert encoded.data == sr_file.encode_reference(
+        sr_tid1500.build_sr_reference(header, classification, info, WHEN)
     )
     assert any("differs from the highdicom reference" in note for _level, note in encoded.notes)
 
@@ -1039,10 +1043,10 @@ def test_any_change_that_reaches_the_bytes_changes_the_uid(
     entry = classified_entry(str(source), labels, np.random.default_rng(17))
     entry["classified_at"] = "2031-02-03T04:05:06+00:00"
     model = model_block(labels)
-    info = sr_module.ModelInfo.from_results(model)
-    classification = sr_module.Classification.from_entry(entry, info, 0)
-    header = sr_module.read_source_header(classification)
-    builder = sr_module.SRBuilder(info, WHEN, check_first=False)
+    info = sr_entries.ModelInfo.from_results(model)
+    classification = sr_entries.Classification.from_entry(entry, info, 0)
+    header = sr_evidence.read_source_header(classification)
+    builder = sr_fast.SRBuilder(info, WHEN, check_first=False)
     base = builder.encode(header, classification)
     assert pydicom.dcmread(pydicom.filebase.DicomBytesIO(base.data)).SOPInstanceUID == (
         base.sop_instance_uid
@@ -1050,7 +1054,7 @@ def test_any_change_that_reaches_the_bytes_changes_the_uid(
 
     outcomes: list[tuple[str, bool]] = []  # (what changed, whether the bytes changed)
 
-    def check(what: str, encoded: sr_module.EncodedSR) -> None:
+    def check(what: str, encoded: sr_file.EncodedSR) -> None:
         changed = encoded.data != base.data
         assert (encoded.sop_instance_uid != base.sop_instance_uid) == changed, what
         outcomes.append((what, changed))
@@ -1076,8 +1080,8 @@ def test_any_change_that_reaches_the_bytes_changes_the_uid(
         ("threshold", 0.6),
         ("weights", "densenet121-res224-nih"),
     ):
-        other = sr_module.ModelInfo.from_results({**model, key: value})
-        other_builder = sr_module.SRBuilder(other, WHEN, check_first=False)
+        other = sr_entries.ModelInfo.from_results({**model, key: value})
+        other_builder = sr_fast.SRBuilder(other, WHEN, check_first=False)
         check(f"model {key}", other_builder.encode(header, classification))
 
     for element in list(header):
@@ -1246,8 +1250,8 @@ def test_evidence_leaves_the_source_header_as_read(corpus_dir: Path) -> None:
     header["PatientID"] = pydicom.DataElement(0x00100020, "UN", b"123456")  # placement
     # Iterating converts every element: all of them are shared with the evidence.
     before = {element.tag: (element.VR, element.value) for element in header}
-    first, first_emptied = sr_module.evidence_dataset(header)
-    _second, second_emptied = sr_module.evidence_dataset(header)
+    first, first_emptied = sr_evidence.evidence_dataset(header)
+    _second, second_emptied = sr_evidence.evidence_dataset(header)
     assert set(first_emptied) == {"PatientAge", "AccessionNumber", "PatientName"}
     assert second_emptied == first_emptied
     assert {element.tag: (element.VR, element.value) for element in header} == before

@@ -98,7 +98,8 @@ from cxrsr.pacs.orthanc import (
 from cxrsr.pacs.watch_state import WatchState
 from cxrsr.results import FAILED, FORMAT, SKIPPED, ClassifiedEntry, ResultsDocument, model_record
 from cxrsr.sr.batch import generate_srs
-from cxrsr.sr.document import SR_MANUFACTURER, ModelInfo
+from cxrsr.sr.entries import ModelInfo
+from cxrsr.sr.tid1500 import SR_MANUFACTURER
 from cxrsr.sr.uids import sr_series_uid
 
 log = logging.getLogger("cxrsr")

@@ -1,6 +1,6 @@
 """Running the SR builder over a whole results file: what ``generate_sr.py`` does.
 
-:mod:`cxrsr.sr.document` builds one document; this module turns a loaded results file into a
+:mod:`cxrsr.sr.fast` builds one document; this module turns a loaded results file into a
 folder of them. It checks every entry (a malformed one, or one whose source has gone or
 changed, is an error for that entry only: one ``E:`` line, and the rest go on), builds
 in a process pool when there is enough work, yet writes the same files and logs the same
@@ -32,21 +32,11 @@ from tqdm import tqdm
 from cxrsr.errors import PipelineError
 from cxrsr.files import StagedFile, fsync_folder
 from cxrsr.results import CLASSIFIED, FAILED, SKIPPED, STATUSES, ReadableResults
-from cxrsr.sr.document import (
-    SR_MANUFACTURER,
-    Classification,
-    EncodedSR,
-    EntryError,
-    ModelInfo,
-    SourceError,
-    SRBuilder,
-    encoded_path,
-    evidence_dataset,
-    instance_number,
-    read_source_header,
-    uids,
-    write_encoded,
-)
+from cxrsr.sr import uids
+from cxrsr.sr.document import EncodedSR, encoded_path, write_encoded
+from cxrsr.sr.entries import Classification, EntryError, ModelInfo
+from cxrsr.sr.evidence import SourceError, evidence_dataset, read_source_header
+from cxrsr.sr.fast import SRBuilder
 from cxrsr.sr.keyimage import (
     KEY_IMAGE_MODALITY,
     KeyImageError,
@@ -54,6 +44,7 @@ from cxrsr.sr.keyimage import (
     build_key_image,
     render,
 )
+from cxrsr.sr.tid1500 import SR_MANUFACTURER, instance_number
 
 log = logging.getLogger("cxrsr")
 

@@ -14,7 +14,7 @@ does, burned into pixels every viewer shows:
 
 It is a Secondary Capture Image (PS3.3 A.8.1, built by ``highdicom.sc.SCImage``) with
 Burned In Annotation YES, in its own series of the source's study, with Patient and Study
-copied exactly as for the SR (:func:`cxrsr.sr.document.evidence_dataset`). Its SOP Instance UID names
+copied exactly as for the SR (:func:`cxrsr.sr.evidence.evidence_dataset`). Its SOP Instance UID names
 one byte stream: generate_sr.py derives it from the file's complete bytes
 (:func:`cxrsr.sr.uids.encode_with_content_uid`), before the SR that names it is built.
 Everything it needs comes from the files process_dicom.py wrote beside the results (the

@@ -15,9 +15,9 @@ Open per image (everything else is constant for a model and its labels):
   CODE item (both variants pre-encoded) and the IMAGE (121112) item;
 - at the root: the TID 1600 Image Library item (a whole item, built per image by highdicom).
 
-The byte-identity of this path with the highdicom reference (``cxrsr.sr.document.build_sr_reference``)
+The byte-identity of this path with the highdicom reference (``cxrsr.sr.tid1500.build_sr_reference``)
 is tested on every classifiable corpus file and synthetic variants (tests/test_sr.py), and
-checked at run time on the first document of every template (``cxrsr.sr.document.SRBuilder``).
+checked at run time on the first document of every template (``cxrsr.sr.fast.SRBuilder``).
 """
 
 from __future__ import annotations
