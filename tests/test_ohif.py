@@ -1,7 +1,7 @@
 """OHIF v3 shows what the pipeline stored, in a real headless Chromium.
 
 The viewer is npm's prebuilt ``@ohif/app``, served by
-``cxrsr.pacs.ohif`` in front of a real Orthanc with Debian's DICOMweb plugin; playwright
+``tools.ohif`` in front of a real Orthanc with Debian's DICOMweb plugin; playwright
 drives the system Chromium. What the viewport shows is judged from screenshots: an RGB
 Secondary Capture built here proves the plumbing, and the key image generate_sr.py
 writes must show its overlay colours.
@@ -35,7 +35,7 @@ from test_report import copy_with_new_uids
 from cxrsr.config import PROJECT_ROOT
 from cxrsr.errors import PipelineError
 from cxrsr.pacs.local_orthanc import DICOMWEB_PLUGIN, LocalOrthanc
-from cxrsr.pacs.ohif import OhifServer, ensure_ohif_dist
+from tools.ohif import OhifServer, ensure_ohif_dist
 
 #: The unpacked viewer and npm's cache, inside the project (git-ignored): see above.
 CACHE = PROJECT_ROOT / ".cache" / "cxrsr-test"

@@ -3,7 +3,7 @@
 OHIF is a static web app that reads studies over DICOMweb. This module serves the app
 from npm's prebuilt ``@ohif/app`` package and forwards ``/dicom-web`` to Orthanc's
 DICOMweb plugin on the same origin, so the browser needs no CORS and Orthanc needs no
-extra configuration. Facts this rests on (see the README's "Viewing in OHIF"):
+extra configuration. Facts this rests on (see "Viewing in OHIF" in docs/deployment.md):
 
 - the app routes on the client (``/viewer``, ``/``): unknown paths get ``index.html``;
 - WebAssembly decoders must be served as ``application/wasm``;
@@ -17,7 +17,7 @@ this machine cannot read studies through it. It listens on loopback only.
 
 Command line::
 
-    python -m cxrsr.pacs.ohif [--port 3000] [--dist DIR]     # fetches the viewer with npm if needed
+    python -m tools.ohif [--port 3000] [--dist DIR]     # fetches the viewer with npm if needed
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = cli.make_parser(
-        "python -m cxrsr.pacs.ohif",
+        "python -m tools.ohif",
         description="Serve the OHIF viewer on 127.0.0.1, reading studies from Orthanc's "
         "DICOMweb plugin at ORTHANC_URL (from the environment or .env). Log in with the "
         "Orthanc user and password.",
