@@ -66,7 +66,7 @@ class PreviewKeys(TypedDict, total=False):
 
 
 @dataclass
-class Prepared:
+class PreparedImage:
     """What a worker sends back for one file: a model input, or why there is none."""
 
     path: str
@@ -90,7 +90,7 @@ def prepare(
     domain: DomainPolicy = DomainPolicy.STRICT,
     results_dir: Path | None = None,
     input_size: int = INPUT_SIZE,
-) -> Prepared:
+) -> PreparedImage:
     """Read, check, decode and preprocess one file (runs in a worker process).
 
     ``input_size``: the model's input size (pixels per side).
@@ -121,13 +121,13 @@ def prepare(
             else PreviewKeys()
         )
     except NotARadiographError as exc:
-        return Prepared(source.name, SKIPPED, reason=str(exc))
+        return PreparedImage(source.name, SKIPPED, reason=str(exc))
     except InputError as exc:
-        return Prepared(source.name, FAILED, reason=str(exc))
+        return PreparedImage(source.name, FAILED, reason=str(exc))
     except (OSError, MemoryError) as exc:
-        return Prepared(source.name, FAILED, reason=f"cannot read: {exc}")
+        return PreparedImage(source.name, FAILED, reason=f"cannot read: {exc}")
     except Exception as exc:  # a bug or a decoder crash on hostile data: one file, not the batch
-        return Prepared(
+        return PreparedImage(
             source.name, FAILED, reason=f"unexpected error: {type(exc).__name__}: {exc}"
         )
     except BaseException as exc:
@@ -136,8 +136,10 @@ def prepare(
         # it cannot even be pickled back to the main process, so it would end the batch.
         if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
             raise
-        return Prepared(source.name, FAILED, reason=f"decoder crashed: {type(exc).__name__}: {exc}")
-    return Prepared(
+        return PreparedImage(
+            source.name, FAILED, reason=f"decoder crashed: {type(exc).__name__}: {exc}"
+        )
+    return PreparedImage(
         source.name,
         "ready",
         identity=radiograph.identity,
@@ -168,17 +170,17 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _reader_died(source: Source, reason: str) -> Prepared:
-    return Prepared(source.name, FAILED, reason=reason)
+def _reader_died(source: Source, reason: str) -> PreparedImage:
+    return PreparedImage(source.name, FAILED, reason=reason)
 
 
 def prepared_in_order(
     sources: Iterable[Source],
     workers: int,
     window: int,
-    prepare_one: Callable[[Source], Prepared] = prepare,
+    prepare_one: Callable[[Source], PreparedImage] = prepare,
     timeout: float | None = None,
-) -> Generator[Prepared, None, None]:
+) -> Generator[PreparedImage, None, None]:
     """``prepare_one`` over ``sources`` with ``workers`` processes, in order, ``window`` in flight.
 
     A reader process that dies (the OOM killer, a decoder that segfaults) fails only the
@@ -189,11 +191,11 @@ def prepared_in_order(
     if workers <= 0:
         yield from map(prepare_one, sources)
         return
-    pool: ReaderPool[Source, Prepared] = ReaderPool(
+    pool: ReaderPool[Source, PreparedImage] = ReaderPool(
         prepare_one, workers, _reader_died, initializer=_ignore_sigint, timeout=timeout
     )
     with pool:  # on an error or Ctrl-C, queued files are dropped, not decoded first
-        pending: deque[Future[Prepared]] = deque()
+        pending: deque[Future[PreparedImage]] = deque()
         for source in sources:
             pending.append(pool.submit(source))
             if len(pending) >= window:
@@ -202,7 +204,9 @@ def prepared_in_order(
             yield pending.popleft().result()
 
 
-def classified_entry(item: Prepared, scores: dict[str, float], threshold: float) -> ClassifiedEntry:
+def classified_entry(
+    item: PreparedImage, scores: dict[str, float], threshold: float
+) -> ClassifiedEntry:
     """A ``classified`` entry of the results file.
 
     ``scores`` are the model's, unrounded: findings are decided on them, and the entry
@@ -234,7 +238,7 @@ def classified_entry(item: Prepared, scores: dict[str, float], threshold: float)
     return entry
 
 
-def not_classified_entry(item: Prepared) -> SkippedEntry | FailedEntry:
+def not_classified_entry(item: PreparedImage) -> SkippedEntry | FailedEntry:
     """The ``skipped`` or ``failed`` entry of a file the model never saw."""
     if item.status == SKIPPED:
         return {"path": item.path, "status": SKIPPED, "reason": item.reason}
@@ -273,7 +277,7 @@ def classify(
     workers: int,
     on_entry: Callable[[ResultsEntry], None] = lambda entry: None,
     on_batch: Callable[[], None] = lambda: None,
-    prepare_one: Callable[[Source], Prepared] | None = None,
+    prepare_one: Callable[[Source], PreparedImage] | None = None,
     domain: DomainPolicy = DomainPolicy.STRICT,
     heatmaps: HeatmapWriter | None = None,
     read_timeout: float | None = None,
@@ -305,7 +309,7 @@ def classify(
     )
     threshold = 0.5
     entries: list[ResultsEntry | None] = [None] * len(sources)
-    batch: list[tuple[int, Prepared]] = []
+    batch: list[tuple[int, PreparedImage]] = []
     # The last batch classified, waiting for its pictures: (index, entry, pictures task).
     unpublished: list[tuple[int, ClassifiedEntry, Future[list[Path]] | None]] = []
     loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")

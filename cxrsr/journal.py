@@ -60,7 +60,7 @@ def _line(record: ModelLine | EntryLine) -> bytes:
 
 ModelBlock = dict[str, object]
 """A model block as read back, not yet checked: whoever uses one as a results file's
-``model`` checks it (:func:`cxrsr.resume.Earlier.model_for`)."""
+``model`` checks it (:func:`cxrsr.resume.EarlierResults.model_for`)."""
 
 
 def read_journal(path: Path) -> Iterator[tuple[ModelBlock, ResultsEntry]]:

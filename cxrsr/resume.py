@@ -96,7 +96,7 @@ def _result_key(entry: ResultsEntry) -> tuple[object, ...]:
 
 
 @dataclass
-class Earlier:
+class EarlierResults:
     """What earlier runs left for the results file at one path: its entries and its journal's."""
 
     models: list[ModelBlock] = field(default_factory=list)
@@ -105,7 +105,7 @@ class Earlier:
     """``(model, entry)`` by path, oldest first (the journal is newer than the results file)."""
 
     @classmethod
-    def load(cls, results_path: Path, journal: Path) -> Earlier:
+    def load(cls, results_path: Path, journal: Path) -> EarlierResults:
         """Read the results file (if it is one) and the journal; damaged parts are passed over.
 
         An entry that is not what the types of :mod:`cxrsr.results_types` say is never
@@ -202,7 +202,7 @@ class Earlier:
 
 
 @dataclass
-class Plan:
+class ReusePlan:
     """Which sources an earlier result stands for, and which must be classified."""
 
     sources: Sequence[Source]
@@ -246,12 +246,12 @@ def pictures_present(entry: ResultsEntry, results_dir: Path) -> bool:
 
 def make_plan(
     sources: Sequence[Source],
-    earlier: Earlier,
+    earlier: EarlierResults,
     digest: str | None,
     torchxrayvision: str,
     options: RunOptions | None = None,
     results_dir: Path | None = None,
-) -> Plan:
+) -> ReusePlan:
     """Fingerprint every source and pick the earlier entries that still hold."""
     marks = [fingerprint(source) for source in sources]
     reused: dict[int, ResultsEntry] = {}
@@ -264,10 +264,10 @@ def make_plan(
             )
             if entry is not None:
                 reused[index] = entry
-    return Plan(sources, marks, reused, model)
+    return ReusePlan(sources, marks, reused, model)
 
 
-class Recorder:
+class JournalRecorder:
     """Completes each new entry (fingerprint, ``classified_at``) and appends it to the journal.
 
     :meth:`begin` runs once the model is loaded (in the loader's thread); entries
@@ -275,7 +275,11 @@ class Recorder:
     """
 
     def __init__(
-        self, plan: Plan, earlier: Earlier, journal: Journal, clock: Callable[[], str] = utc_now
+        self,
+        plan: ReusePlan,
+        earlier: EarlierResults,
+        journal: Journal,
+        clock: Callable[[], str] = utc_now,
     ) -> None:
         self._marks = {s.name: m for s, m in zip(plan.sources, plan.marks, strict=True)}
         self._earlier = earlier
@@ -320,11 +324,11 @@ class ResultsRun:
         ``options``, and earlier entries made with other options are not reused."""
         self.output = Path(output)
         self.journal = Journal(journal_path(self.output))
-        earlier = Earlier.load(self.output, self.journal.path)
+        earlier = EarlierResults.load(self.output, self.journal.path)
         xrv = torchxrayvision_version()
         self.digest = earlier.weights_digest(weights, cache_dir or default_cache_dir(), xrv)
         self.plan = make_plan(sources, earlier, self.digest, xrv, options, self.output.parent)
-        self.recorder = Recorder(self.plan, earlier, self.journal)
+        self.recorder = JournalRecorder(self.plan, earlier, self.journal)
 
     @property
     def todo(self) -> list[Source]:

@@ -999,7 +999,7 @@ def find_orthanc_killers(
 
 
 @dataclass
-class Outcome:
+class FuzzRun:
     """Everything one pipeline run over a folder of cases found."""
 
     cases: int
@@ -1021,7 +1021,7 @@ class Outcome:
         return [f"[{kind}] {p}" for kind, items in self.problems.items() for p in items]
 
 
-def summary_lines(outcome: Outcome) -> list[str]:
+def summary_lines(outcome: FuzzRun) -> list[str]:
     """What a run found, for people: statuses, SRs, Orthanc, time and peak memory per script."""
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(outcome.statuses.items()))
     lines = [f"{outcome.cases} cases -> {statuses}; {outcome.sr_count} SRs"]
@@ -1063,10 +1063,10 @@ def run_pipeline(
     timeout: float,
     dciodvfy: str | None = None,
     dciodvfy_sample: int = 10,
-) -> Outcome:
+) -> FuzzRun:
     """process_dicom.py, generate_sr.py and upload_dicom.py once each over ``folder``, then
     every check. ``server`` is a started LocalOrthanc of the caller's own."""
-    outcome = Outcome(len(cases))
+    outcome = FuzzRun(len(cases))
     results, sr_dir = workdir / "results.json", workdir / "sr"
     env = dict(
         os.environ,

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import pytest
 from conftest import run_script
 
-from cxrsr.classify import Prepared, classify, prepare, prepared_in_order
+from cxrsr.classify import PreparedImage, classify, prepare, prepared_in_order
 from cxrsr.config import PROJECT_ROOT
 from cxrsr.dicomio.discovery import Source
 from cxrsr.files import make_folders, write_atomic
@@ -48,7 +48,7 @@ CLASSIFIABLE = [
 CRASH_MARK = "segfault-here"
 
 
-def prepare_or_segfault(source: Source) -> Prepared:
+def prepare_or_segfault(source: Source) -> PreparedImage:
     """:func:`cxrsr.classify.prepare`, but a file named with :data:`CRASH_MARK` crashes the
     process the way a faulty C decoder does: a read through a null pointer (SIGSEGV)."""
     if CRASH_MARK in source.name:
@@ -59,7 +59,7 @@ def prepare_or_segfault(source: Source) -> Prepared:
 HANG_MARK = "hang-here"
 
 
-def prepare_or_hang(source: Source) -> Prepared:
+def prepare_or_hang(source: Source) -> PreparedImage:
     """:func:`cxrsr.classify.prepare`, but a file named with :data:`HANG_MARK` never
     finishes, as a decoder caught in a loop by hostile data would not."""
     if HANG_MARK in source.name:

@@ -56,7 +56,7 @@ def fuzz_run(
     corpus: fuzzing.Corpus,
     weights_cache_dir: Path,
     orthanc_binary: str,
-) -> fuzzing.Outcome:
+) -> fuzzing.FuzzRun:
     """The pipeline once over CASES fuzzed files, into an Orthanc of this module's own:
     a file that crashes Orthanc must not take the session's server down with it."""
     dciodvfy = require_program("dciodvfy")
@@ -72,7 +72,7 @@ def fuzz_run(
     return outcome
 
 
-def problems(outcome: fuzzing.Outcome, *kinds: str) -> str:
+def problems(outcome: fuzzing.FuzzRun, *kinds: str) -> str:
     found = [p for kind in kinds for p in outcome.problems.get(kind, [])]
     if not found:
         return ""
@@ -153,24 +153,24 @@ def test_set_element_changes_only_that_element(corpus: fuzzing.Corpus) -> None:
 
 
 @uses_the_fuzz_run
-def test_process_dicom_ends_with_0_or_1_no_traceback_no_hang(fuzz_run: fuzzing.Outcome) -> None:
+def test_process_dicom_ends_with_0_or_1_no_traceback_no_hang(fuzz_run: fuzzing.FuzzRun) -> None:
     assert not problems(fuzz_run, "process_dicom"), problems(fuzz_run, "process_dicom")
 
 
 @uses_the_fuzz_run
-def test_every_input_has_one_result_with_a_status_and_reason(fuzz_run: fuzzing.Outcome) -> None:
+def test_every_input_has_one_result_with_a_status_and_reason(fuzz_run: fuzzing.FuzzRun) -> None:
     assert not problems(fuzz_run, "accounting"), problems(fuzz_run, "accounting")
     assert sum(fuzz_run.statuses.values()) >= fuzz_run.cases
 
 
 @uses_the_fuzz_run
-def test_every_failed_or_skipped_file_is_named_on_its_own_line(fuzz_run: fuzzing.Outcome) -> None:
+def test_every_failed_or_skipped_file_is_named_on_its_own_line(fuzz_run: fuzzing.FuzzRun) -> None:
     assert not problems(fuzz_run, "messages"), problems(fuzz_run, "messages")
 
 
 @uses_the_fuzz_run
 def test_generate_sr_writes_an_sr_or_an_error_line_for_each_classified_entry(
-    fuzz_run: fuzzing.Outcome,
+    fuzz_run: fuzzing.FuzzRun,
 ) -> None:
     assert "generate_sr" in fuzz_run.runs, problems(fuzz_run, "accounting")
     assert not problems(fuzz_run, "generate_sr"), problems(fuzz_run, "generate_sr")
@@ -179,14 +179,14 @@ def test_generate_sr_writes_an_sr_or_an_error_line_for_each_classified_entry(
 
 @uses_the_fuzz_run
 def test_the_srs_written_from_fuzzed_sources_pass_dciodvfy_and_dsrdump(
-    fuzz_run: fuzzing.Outcome,
+    fuzz_run: fuzzing.FuzzRun,
 ) -> None:
     assert fuzz_run.sr_count > 0
     assert not problems(fuzz_run, "dciodvfy", "dsrdump"), problems(fuzz_run, "dciodvfy", "dsrdump")
 
 
 @uses_the_fuzz_run
-def test_upload_ends_with_0_or_1_and_orthanc_still_answers(fuzz_run: fuzzing.Outcome) -> None:
+def test_upload_ends_with_0_or_1_and_orthanc_still_answers(fuzz_run: fuzzing.FuzzRun) -> None:
     assert "upload_dicom" in fuzz_run.runs, problems(fuzz_run, "accounting")
     assert not problems(fuzz_run, "orthanc", "upload_dicom"), problems(
         fuzz_run, "orthanc", "upload_dicom"

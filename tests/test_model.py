@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cxrsr.classify import Prepared, classified_entry
+from cxrsr.classify import PreparedImage, classified_entry
 from cxrsr.config import PROJECT_ROOT
 from cxrsr.model.classifier import (
     Classifier,
@@ -151,7 +151,7 @@ def _entry(scores: dict[str, float]) -> dict[str, Any]:
         columns=1,
         transfer_syntax_uid="1.2.840.10008.1.2.1",
     )
-    return classified_entry(Prepared("x.dcm", "ready", identity=identity), scores, 0.5)
+    return classified_entry(PreparedImage("x.dcm", "ready", identity=identity), scores, 0.5)
 
 
 @pytest.mark.parametrize("source", ["crafted logits", "python floats"])

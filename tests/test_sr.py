@@ -27,7 +27,7 @@ from conftest import missing_prerequisite, orthanc_env, require_program, run_scr
 from pydicom.sr.codedict import codes
 from test_pipeline import copy_with_new_uids
 
-from cxrsr.classify import Prepared
+from cxrsr.classify import PreparedImage
 from cxrsr.classify import classified_entry as production_entry
 from cxrsr.config import PROJECT_ROOT
 from cxrsr.dicomio.discovery import open_source
@@ -83,7 +83,7 @@ def classified_entry(path: str, labels: list[str], rng: np.random.Generator) -> 
     with source.open() as stream:
         ds = pydicom.dcmread(stream, stop_before_pixels=True, force=True)
     scores = {label: float(rng.random()) for label in labels}
-    return production_entry(Prepared(path, "ready", identity=identity_of(ds)), scores, 0.5)
+    return production_entry(PreparedImage(path, "ready", identity=identity_of(ds)), scores, 0.5)
 
 
 def results_document(images: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:

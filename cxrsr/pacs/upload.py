@@ -49,7 +49,9 @@ ALREADY_STORED = "already stored"
 REJECTED = "rejected"
 #: Not sent because its header is malformed, or no usable answer after the retries
 #: (connection errors, timeouts, 5xx), or unreadable.
-FAILED = "failed"
+SEND_FAILED = "failed"
+#: :data:`SEND_FAILED` under the name the DICOMweb and DIMSE targets import.
+FAILED = SEND_FAILED
 #: Not DICOM (or empty, or a DICOMDIR): not sent at all, and not a failure.
 PASSED_OVER = "passed over"
 
@@ -142,7 +144,7 @@ class Report:
         in place."""
         return (
             self.count(REJECTED) == 0
-            and self.count(FAILED) == 0
+            and self.count(SEND_FAILED) == 0
             and self.verified == self.acknowledged
             and all(p.misplaced == 0 for p in self.placements.values())
         )
@@ -156,7 +158,7 @@ class Report:
     def summary(self) -> str:
         line = (
             f"{self.count(STORED)} stored, {self.count(ALREADY_STORED)} already stored, "
-            f"{self.count(REJECTED)} rejected, {self.count(FAILED)} failed, "
+            f"{self.count(REJECTED)} rejected, {self.count(SEND_FAILED)} failed, "
             f"{self.count(PASSED_OVER)} passed over, "
             f"verified {self.verified}/{self.acknowledged}"
         )
@@ -329,7 +331,7 @@ def _inspect(fh: BinaryIO, size: int, name: str) -> Dataset | Outcome:
     try:
         ds = read_header(fh, size)
     except MalformedDicom as exc:
-        return Outcome(name, FAILED, f"not sent: malformed: {exc}", size=size)
+        return Outcome(name, SEND_FAILED, f"not sent: malformed: {exc}", size=size)
     if is_dicomdir(ds):
         # Orthanc cannot store it ("Inexistent tag": it has no patient or study), and it
         # holds no image, so it is passed over rather than rejected.
@@ -345,7 +347,7 @@ def inspect_source(source: Source) -> Outcome | None:
             fh, size = _open(source, stack)
             found = _inspect(fh, size, source.name)
     except (OSError, MemoryError) as exc:
-        return Outcome(source.name, FAILED, _unreadable(exc))
+        return Outcome(source.name, SEND_FAILED, _unreadable(exc))
     return found if isinstance(found, Outcome) else None
 
 
@@ -392,7 +394,7 @@ class Checked:
             return str(ImplicitVRLittleEndian)
         return str(ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
-    def outcome(self, status: str = FAILED, reason: str = "") -> Outcome:
+    def outcome(self, status: str = SEND_FAILED, reason: str = "") -> Outcome:
         return Outcome(
             self.name,
             status,
@@ -417,7 +419,7 @@ def read_checked(source: Source) -> Checked | Outcome:
         # A large file that is not DICOM is passed over from its first bytes, never read whole.
         data = source.read_bytes() if head and sniff_dicom(head) else head
     except (OSError, MemoryError) as exc:
-        return Outcome(source.name, FAILED, _unreadable(exc))
+        return Outcome(source.name, SEND_FAILED, _unreadable(exc))
     found = _inspect(io.BytesIO(data), len(data), source.name)
     if isinstance(found, Outcome):
         return found
@@ -481,14 +483,14 @@ def read_and_store(source: Source, client: OrthancClient) -> Outcome:
         try:
             prepared = _prepare(source, stack)
         except (OSError, MemoryError) as exc:  # SourceReadError: damaged zip, hostile member
-            return Outcome(source.name, FAILED, _unreadable(exc))
+            return Outcome(source.name, SEND_FAILED, _unreadable(exc))
         except FileChanged as exc:
-            return Outcome(source.name, FAILED, str(exc))
+            return Outcome(source.name, SEND_FAILED, str(exc))
         if isinstance(prepared, Outcome):
             return prepared
         outcome = Outcome(
             source.name,
-            FAILED,
+            SEND_FAILED,
             size=prepared.size,
             md5=prepared.md5,
             derived=prepared.derived,
@@ -519,7 +521,7 @@ def log_outcome(outcome: Outcome) -> None:
     """The per-file line: ``W:`` when passed over, ``E:`` when rejected or failed."""
     if outcome.status == PASSED_OVER:
         log.warning("%s: %s", outcome.name, outcome.reason)
-    elif outcome.status in (REJECTED, FAILED):
+    elif outcome.status in (REJECTED, SEND_FAILED):
         log.error("%s: %s: %s", outcome.name, outcome.status, outcome.reason)
     else:
         log.debug("%s: %s as %s", outcome.name, outcome.status, outcome.instance_id)

@@ -50,7 +50,7 @@ log = logging.getLogger("cxrsr")
 
 
 @dataclass
-class Outcome:
+class BatchTally:
     """What a run did, for the summary line and the exit code."""
 
     written: list[Path] = field(default_factory=list)
@@ -287,7 +287,7 @@ def generate_srs(
     jobs: int = 1,
     clean: bool = False,
     results_dir: Path | None = None,
-) -> Outcome:
+) -> BatchTally:
     """Write one SR per classified entry of a loaded results ``document`` into ``output_dir``.
 
     Skipped and failed entries are counted, not written. A malformed entry, or one whose
@@ -301,7 +301,7 @@ def generate_srs(
     (:mod:`cxrsr.sr.keyimage`) in the same folder, and references it.
     """
     model = ModelInfo.from_results(document["model"])
-    outcome = Outcome()
+    outcome = BatchTally()
     images: list[object] = list(document["images"])
     checked = [check_entry(entry, model, i) for i, entry in enumerate(images)]
     if results_dir is not None:
@@ -393,7 +393,7 @@ def with_key_image(
     entry: Mapping[str, object],
     model: ModelInfo,
     results_dir: Path,
-    outcome: Outcome,
+    outcome: BatchTally,
 ) -> Classification:
     """``classification`` with its key image, when the entry has a preview and heatmaps."""
     try:
@@ -411,7 +411,7 @@ def with_key_image(
 def _record(
     classification: Classification,
     result: EntryResult,
-    outcome: Outcome,
+    outcome: BatchTally,
     output_dir: Path,
     written_by: dict[str, str],
 ) -> None:
