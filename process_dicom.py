@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cxrsr import cli
 from cxrsr.dicomio.discovery import check_inputs_exist, iter_sources
@@ -17,6 +19,12 @@ from cxrsr.errors import PipelineError
 from cxrsr.files import make_folders
 from cxrsr.results import FAILED, SKIPPED, ResultsEntry, RunOptions, model_record
 from cxrsr.runlock import hold, lock_path
+
+if TYPE_CHECKING:  # the model's imports wait until a file needs classifying
+    from cxrsr.classify import Run
+    from cxrsr.dicomio.discovery import Source
+    from cxrsr.model.classifier import Classifier
+    from cxrsr.resume import ResultsRun
 
 DESCRIPTION = """\
 Classify chest radiographs (CR/DX) with a TorchXRayVision DenseNet and write one JSON
@@ -104,12 +112,30 @@ def process(args: argparse.Namespace) -> int:
             "no files found in %s; put chest X-ray DICOM files there (see data/README.md)",
             ", ".join(args.inputs),
         )
+    results = open_results(args, sources)
+    with cli.progress(args, total=len(sources), unit="img") as bar:
+        bar.update(len(results.reused))
+        tally = Tally(results, bar)
+        try:
+            run = classify_new(args, results, tally)
+        finally:
+            results.close()  # what is finished stays journaled, whatever happened
+    if run is not None and run.classifier is not None:
+        model_block = model_record(run.classifier.describe())
+    else:  # nothing classified: the model is needed only for its description
+        model_block = results.earlier_model or model_record(load(args).describe())
+    interrupted = run is not None and run.interrupted
+    entries, notes = results.save(model_block, run.entries if run else [], interrupted)
+    for note in notes:
+        cli.log.warning("%s", note)
+    return tally.summarise(args, entries, len(sources), interrupted)
 
-    from cxrsr.model.classifier import Classifier, load_classifier, model_input_size
-    from cxrsr.model.heatmaps import ALL_LABELS, FINDINGS, HeatmapWriter
+
+def open_results(args: argparse.Namespace, sources: list[Source]) -> ResultsRun:
+    """The results file's run: earlier results of unchanged files, and this run's journal."""
+    from cxrsr.model.heatmaps import ALL_LABELS, FINDINGS
     from cxrsr.resume import ResultsRun
 
-    # Earlier results of unchanged files, from the results file and a killed run's journal.
     which = ALL_LABELS if args.all_heatmaps else FINDINGS
     # Settings that change what an entry says: results made with others are not reused.
     options: RunOptions = {"domain": args.domain, "heatmaps": "none" if args.no_heatmaps else which}
@@ -129,93 +155,106 @@ def process(args: argparse.Namespace) -> int:
             len(sources),
             len(results.todo),
         )
+    return results
 
-    def load() -> Classifier:
-        classifier = load_classifier(
-            args.weights,
-            args.cache_dir,
-            args.device,
-            args.backend,
-            args.weights_sha256,
-            args.precision,
-        )
-        cli.log.debug(
-            "model %s on %s, %s backend", args.weights, classifier.device, classifier.backend
-        )
-        results.begin(model_record(classifier.describe()))
-        return classifier
 
-    counts: Counter[str] = Counter(entry["status"] for entry in results.reused)
-    with cli.progress(args, total=len(sources), unit="img") as bar:
-        bar.update(len(results.reused))
+def load(args: argparse.Namespace) -> Classifier:
+    """The model ``args`` name (run on the loader thread while the readers start)."""
+    from cxrsr.model.classifier import load_classifier
 
-        def report(entry: ResultsEntry) -> None:
-            results.record(entry)
-            counts[entry["status"]] += 1
-            if entry["status"] == SKIPPED:
-                cli.log.warning("%s: skipped: %s", entry["path"], entry["reason"])
-            elif entry["status"] == FAILED:
-                cli.log.error("%s: %s", entry["path"], entry["reason"])
-            else:
-                cli.log.debug("%s: classified", entry["path"])
-                for note in entry.get("warnings", []):
-                    cli.log.warning("%s: %s", entry["path"], note)
-            bar.update(1)
-
-        classifier: Classifier | None = None
-        finished: list[ResultsEntry] = []
-        interrupted = False
-        try:
-            if results.todo:  # else no model, no reader processes, not even their imports
-                from cxrsr.classify import classify
-                from cxrsr.reader_pool import ReaderPoolError
-
-                heatmaps = None if args.no_heatmaps else HeatmapWriter(args.output.parent, which)
-
-                try:
-                    run = classify(
-                        results.todo,
-                        load,
-                        args.batch_size,
-                        args.workers,
-                        report,
-                        results.sync,
-                        domain=DomainPolicy(args.domain),
-                        heatmaps=heatmaps,
-                        read_timeout=args.read_timeout,
-                        input_size=model_input_size(args.weights, args.cache_dir),
-                    )
-                except ReaderPoolError as exc:
-                    raise PipelineError(
-                        f"{exc}; the {sum(counts.values()) - len(results.reused)} results "
-                        f"finished are kept in {results.journal.path}: run again once it is fixed",
-                        exc.exit_code,
-                    ) from exc
-                classifier, finished, interrupted = run.classifier, run.entries, run.interrupted
-        finally:
-            results.close()  # what is finished stays journaled, whatever happened
-
-    if classifier is not None:
-        model_block = model_record(classifier.describe())
-    else:  # nothing classified: the model is needed only for its description
-        model_block = results.earlier_model or model_record(load().describe())
-    entries, notes = results.save(model_block, finished, interrupted)
-    for note in notes:
-        cli.log.warning("%s", note)
-    kept = f" ({len(results.reused)} kept from an earlier run)" if results.reused else ""
-    cli.summary(
-        f"{counts['classified']} classified, {counts['skipped']} skipped, {counts['failed']} failed"
-        f"{kept} -> {args.output}"
+    classifier = load_classifier(
+        args.weights,
+        args.cache_dir,
+        args.device,
+        args.backend,
+        args.weights_sha256,
+        args.precision,
     )
-    if interrupted:
-        cli.log.error(
-            "interrupted after %d of %d files; their results are in %s (marked incomplete)",
-            len(entries),
-            len(sources),
-            args.output,
+    cli.log.debug("model %s on %s, %s backend", args.weights, classifier.device, classifier.backend)
+    return classifier
+
+
+class Tally:
+    """Each finished entry: journaled, counted, shown; then the summary line and exit code."""
+
+    def __init__(self, results: ResultsRun, bar: Any) -> None:
+        self.results = results
+        self.counts: Counter[str] = Counter(entry["status"] for entry in results.reused)
+        self.bar = bar
+
+    @property
+    def new(self) -> int:
+        """How many entries this run has finished."""
+        return sum(self.counts.values()) - len(self.results.reused)
+
+    def report(self, entry: ResultsEntry) -> None:
+        self.results.record(entry)
+        self.counts[entry["status"]] += 1
+        if entry["status"] == SKIPPED:
+            cli.log.warning("%s: skipped: %s", entry["path"], entry["reason"])
+        elif entry["status"] == FAILED:
+            cli.log.error("%s: %s", entry["path"], entry["reason"])
+        else:
+            cli.log.debug("%s: classified", entry["path"])
+            for note in entry.get("warnings", []):
+                cli.log.warning("%s: %s", entry["path"], note)
+        self.bar.update(1)
+
+    def summarise(
+        self, args: argparse.Namespace, entries: list[ResultsEntry], total: int, interrupted: bool
+    ) -> int:
+        """The summary line, and the exit code."""
+        counts = self.counts
+        kept = (
+            f" ({len(self.results.reused)} kept from an earlier run)" if self.results.reused else ""
         )
-        return cli.EXIT_INTERRUPTED
-    return cli.EXIT_FAILED if counts["failed"] else cli.EXIT_OK
+        cli.summary(
+            f"{counts['classified']} classified, {counts['skipped']} skipped, {counts['failed']} failed"
+            f"{kept} -> {args.output}"
+        )
+        if interrupted:
+            cli.log.error(
+                "interrupted after %d of %d files; their results are in %s (marked incomplete)",
+                len(entries),
+                total,
+                args.output,
+            )
+            return cli.EXIT_INTERRUPTED
+        return cli.EXIT_FAILED if counts["failed"] else cli.EXIT_OK
+
+
+def classify_new(args: argparse.Namespace, results: ResultsRun, tally: Tally) -> Run | None:
+    """Classify the files no earlier result stands for; ``None`` when there are none (then no
+    model, no reader processes, not even their imports)."""
+    if not results.todo:
+        return None
+    from cxrsr.classify import classify
+    from cxrsr.model.classifier import model_input_size
+    from cxrsr.model.heatmaps import ALL_LABELS, FINDINGS, HeatmapWriter
+    from cxrsr.reader_pool import ReaderPoolError
+
+    which = ALL_LABELS if args.all_heatmaps else FINDINGS
+    heatmaps = None if args.no_heatmaps else HeatmapWriter(args.output.parent, which)
+    try:
+        return classify(
+            results.todo,
+            functools.partial(load, args),
+            args.batch_size,
+            args.workers,
+            tally.report,
+            results.sync,
+            domain=DomainPolicy(args.domain),
+            heatmaps=heatmaps,
+            read_timeout=args.read_timeout,
+            input_size=model_input_size(args.weights, args.cache_dir),
+            on_model=lambda classifier: results.begin(model_record(classifier.describe())),
+        )
+    except ReaderPoolError as exc:
+        raise PipelineError(
+            f"{exc}; the {tally.new} results finished are kept in {results.journal.path}: "
+            "run again once it is fixed",
+            exc.exit_code,
+        ) from exc
 
 
 def check_writable(output: Path) -> None:

@@ -282,6 +282,7 @@ def classify(
     heatmaps: HeatmapWriter | None = None,
     read_timeout: float | None = None,
     input_size: int = INPUT_SIZE,
+    on_model: Callable[[Classifier], None] = lambda classifier: None,
 ) -> Run:
     """Classify ``sources``, in order.
 
@@ -290,7 +291,9 @@ def classify(
 
     The model loads in a background thread while the worker processes start and decode
     the first files, so start-up costs the longer of the two, not their sum; with no
-    sources, neither the model nor any worker is started at all.
+    sources, neither the model nor any worker is started at all. ``on_model`` is called
+    once, on the calling thread, as soon as the model is seen loaded and before any
+    classified entry is reported (the journal starts under its description there).
     ``on_entry`` is called once per finished file (progress, messages, the journal), and
     ``on_batch`` after each network batch's entries (a good moment to fsync a journal).
     Ctrl-C ends the run early but keeps what is finished (``Run.interrupted``), unless
@@ -307,67 +310,11 @@ def classify(
     reader = prepare_one or functools.partial(
         prepare, domain=domain, results_dir=results_dir, input_size=input_size
     )
-    threshold = 0.5
-    entries: list[ResultsEntry | None] = [None] * len(sources)
-    batch: list[tuple[int, PreparedImage]] = []
-    # The last batch classified, waiting for its pictures: (index, entry, pictures task).
-    unpublished: list[tuple[int, ClassifiedEntry, Future[list[Path]] | None]] = []
     loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
     loading = loader.submit(load_classifier)
     loader.shutdown(wait=False)
-
-    def publish() -> None:
-        """Report the waiting batch once the pictures its entries name are on disk.
-
-        Its heatmaps were written while the network ran the next batch, so this rarely
-        waits. Then one :func:`sync_files` makes the batch's pictures (heatmaps and
-        previews) durable before any entry naming them is reported and journaled: a run
-        killed, or a machine that loses power, at any moment leaves no entry naming a
-        missing file.
-        """
-        if not unpublished:
-            return
-        if results_dir is not None:
-            try:
-                pictures: list[Path] = []
-                for _index, entry, task in unpublished:
-                    if task is not None:
-                        pictures.extend(task.result())
-                    if "preview" in entry:
-                        pictures.append(results_dir / entry["preview"])
-                sync_files(pictures)
-            except OSError as exc:
-                raise pictures_error(results_dir, exc) from exc
-        for index, entry, _task in unpublished:
-            entries[index] = entry
-            on_entry(entry)
-        unpublished.clear()
-        on_batch()
-
-    def flush() -> None:
-        if not batch:
-            return
-        classifier = loading.result()
-        if classifier.input_size != input_size:
-            raise PipelineError(
-                f"the model takes {classifier.input_size}-pixel inputs, not {input_size}", 4
-            )
-        inputs = np.stack([item.model_input for _, item in batch])  # type: ignore[misc]
-        all_scores, all_maps = classifier.predict_with_maps(inputs)
-        publish()  # the previous batch: its pictures were written while the network ran
-        for (index, item), scores, maps in zip(batch, all_scores, all_maps, strict=True):
-            entry = classified_entry(item, scores, threshold)
-            task = None
-            if heatmaps is not None:
-                try:  # a full queue waits for an earlier image, whose write may have failed
-                    entry["heatmaps"], task = heatmaps.write(
-                        item.path, scores, maps, classifier.input_size
-                    )
-                except OSError as exc:
-                    raise pictures_error(results_dir, exc) from exc
-            unpublished.append((index, entry, task))
-        batch.clear()
-
+    batches = _Batches(loading, len(sources), batch_size, input_size, heatmaps)
+    batches.on_entry, batches.on_batch, batches.on_model = on_entry, on_batch, on_model
     window = batch_size * 2 + max(workers, 1) * 2
     interrupted = False
     try:
@@ -376,23 +323,145 @@ def classify(
         )
         with prepared as items:
             for index, item in enumerate(items):
-                if loading.done() and loading.exception() is not None:
+                if not batches.model_may_load():
                     break  # the model cannot load: stop reading, report that error below
-                if item.status == "ready":
-                    batch.append((index, item))
-                    if len(batch) >= batch_size:
-                        flush()
-                else:
-                    entry = not_classified_entry(item)
-                    entries[index] = entry
-                    on_entry(entry)
-        flush()
-        publish()
+                batches.take(index, item)
+        batches.finish()
     except KeyboardInterrupt:
         if not loading.done() or loading.exception() is not None:
             raise
         interrupted = True
     finally:
+        batches.model_may_load()  # a model that has loaded names the journal, whatever happened
         if heatmaps is not None:
             close_heatmaps(heatmaps)
-    return Run(loading.result(), [e for e in entries if e is not None], interrupted)
+    return Run(batches.classifier(), batches.finished(), interrupted)
+
+
+class _Batches:
+    """The prepared files of one :func:`classify` run, gathered into network batches.
+
+    A file that is not ready becomes its entry at once; ready files wait for a full batch.
+    A classified batch is reported one batch later (:meth:`_publish`), once the pictures
+    its entries name are on disk: they are written while the network runs the next batch.
+    """
+
+    THRESHOLD = 0.5
+    """The score at and above which a label is a finding (operating-point normalised)."""
+
+    def __init__(
+        self,
+        loading: Future[Classifier],
+        count: int,
+        batch_size: int,
+        input_size: int,
+        heatmaps: HeatmapWriter | None,
+    ) -> None:
+        self.loading = loading
+        self.batch_size = batch_size
+        self.input_size = input_size
+        self.heatmaps = heatmaps
+        self.results_dir = heatmaps.results_dir if heatmaps is not None else None
+        self.on_entry: Callable[[ResultsEntry], None] = lambda entry: None
+        self.on_batch: Callable[[], None] = lambda: None
+        self.on_model: Callable[[Classifier], None] = lambda classifier: None
+        self._model_told = False
+        self.entries: list[ResultsEntry | None] = [None] * count
+        self.batch: list[tuple[int, PreparedImage]] = []
+        # The last batch classified, waiting for its pictures: (index, entry, pictures task).
+        self.unpublished: list[tuple[int, ClassifiedEntry, Future[list[Path]] | None]] = []
+
+    def model_may_load(self) -> bool:
+        """False once the model has failed to load; tells ``on_model`` once it has loaded."""
+        if not self.loading.done():
+            return True
+        if self.loading.exception() is not None:
+            return False
+        self.classifier()
+        return True
+
+    def classifier(self) -> Classifier:
+        """The loaded model (waiting for it); the first call tells ``on_model``."""
+        classifier = self.loading.result()
+        if not self._model_told:
+            self._model_told = True
+            self.on_model(classifier)
+        return classifier
+
+    def take(self, index: int, item: PreparedImage) -> None:
+        """One prepared file, in input order."""
+        if item.status == "ready":
+            self.batch.append((index, item))
+            if len(self.batch) >= self.batch_size:
+                self._flush()
+        else:
+            self._report(index, not_classified_entry(item))
+
+    def finish(self) -> None:
+        """The last, partial batch, and the report of the batch before it."""
+        self._flush()
+        self._publish()
+
+    def finished(self) -> list[ResultsEntry]:
+        """The entries reported so far, in input order."""
+        return [entry for entry in self.entries if entry is not None]
+
+    def _report(self, index: int, entry: ResultsEntry) -> None:
+        self.entries[index] = entry
+        self.on_entry(entry)
+
+    def _flush(self) -> None:
+        """Run the network on the gathered batch and start writing its pictures."""
+        if not self.batch:
+            return
+        classifier = self.classifier()
+        if classifier.input_size != self.input_size:
+            raise PipelineError(
+                f"the model takes {classifier.input_size}-pixel inputs, not {self.input_size}", 4
+            )
+        inputs = np.stack([item.model_input for _, item in self.batch])  # type: ignore[misc]
+        all_scores, all_maps = classifier.predict_with_maps(inputs)
+        self._publish()  # the previous batch: its pictures were written while the network ran
+        for (index, item), scores, maps in zip(self.batch, all_scores, all_maps, strict=True):
+            entry = classified_entry(item, scores, self.THRESHOLD)
+            task = None
+            if self.heatmaps is not None:
+                try:  # a full queue waits for an earlier image, whose write may have failed
+                    entry["heatmaps"], task = self.heatmaps.write(
+                        item.path, scores, maps, classifier.input_size
+                    )
+                except OSError as exc:
+                    raise pictures_error(self.results_dir, exc) from exc
+            self.unpublished.append((index, entry, task))
+        self.batch.clear()
+
+    def _publish(self) -> None:
+        """Report the waiting batch once the pictures its entries name are on disk.
+
+        Its heatmaps were written while the network ran the next batch, so this rarely
+        waits. Then one :func:`sync_files` makes the batch's pictures (heatmaps and
+        previews) durable before any entry naming them is reported and journaled: a run
+        killed, or a machine that loses power, at any moment leaves no entry naming a
+        missing file.
+        """
+        if not self.unpublished:
+            return
+        if self.results_dir is not None:
+            try:
+                sync_files(self._pictures(self.results_dir))
+            except OSError as exc:
+                raise pictures_error(self.results_dir, exc) from exc
+        for index, entry, _task in self.unpublished:
+            self._report(index, entry)
+        self.unpublished.clear()
+        self.on_batch()
+
+    def _pictures(self, results_dir: Path) -> list[Path]:
+        """The waiting batch's heatmaps (once written) and previews."""
+        pictures: list[Path] = []
+        for _index, entry, task in self.unpublished:
+            if task is not None:
+                pictures.extend(task.result())
+            if "preview" in entry:
+                pictures.append(results_dir / entry["preview"])
+        return pictures
