@@ -47,7 +47,7 @@ from cxrsr.cli import (
 from cxrsr.config import orthanc_settings
 from cxrsr.dicomio.discovery import Source, check_inputs_exist, iter_sources
 from cxrsr.errors import PipelineError
-from cxrsr.pacs import orthanc, targets, upload
+from cxrsr.pacs import orthanc, targets, upload, verify
 from cxrsr.pacs.targets import Target
 
 #: Inputs when no PATH is given: the images, and generate_sr.py's output if it exists.
@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # Uploads start with the first file found, not after a walk of every folder.
         outcomes = upload.upload(found(), client, workers=args.workers, on_done=done)
-    report = upload.verify(outcomes, client, workers=args.workers)
+    report = verify.verify(outcomes, client, workers=args.workers)
     client.close()
     report.log_problems()
     summary(report.summary())

@@ -31,6 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from cxrsr.config import PROJECT_ROOT, OrthancSettings
 from cxrsr.dicomio.discovery import Source
 from cxrsr.pacs import upload as upload_module
+from cxrsr.pacs import verify as verify_module
 from cxrsr.pacs.local_orthanc import LocalOrthanc, free_port
 from cxrsr.pacs.orthanc import OrthancClient
 
@@ -787,7 +788,7 @@ def test_missing_md5_is_detected_once_and_a_deleted_instance_is_still_missing(
     outcomes = upload_module.upload([Source(str(p)) for p in files], client, workers=2)
     assert [o.status for o in outcomes] == [upload_module.STORED] * 4
 
-    report = upload_module.verify(outcomes, client, workers=1)
+    report = verify_module.verify(outcomes, client, workers=1)
     assert report.ok and report.verified == 4
     assert (client.md5_requests, client.files_read) == (1, 4)
     assert client.keeps_md5 is False
@@ -801,7 +802,7 @@ def test_missing_md5_is_detected_once_and_a_deleted_instance_is_still_missing(
     )
     assert deleted.status_code == 200
     fresh = [replace(o, verified=False, problems=[]) for o in outcomes]
-    again = upload_module.verify(fresh, client, workers=2)
+    again = verify_module.verify(fresh, client, workers=2)
     assert client.md5_requests == 1  # not asked again: this Orthanc keeps none
     assert not again.ok and again.verified == 3
     assert fresh[0].problems == [
@@ -817,7 +818,7 @@ def test_orthanc_with_md5_is_never_read_back(
     files = write_copies(small_dicom, tmp_path / "in", 3)
     client = CountingClient(orthanc)
     outcomes = upload_module.upload([Source(str(p)) for p in files], client, workers=2)
-    report = upload_module.verify(outcomes, client, workers=2)
+    report = verify_module.verify(outcomes, client, workers=2)
     assert report.ok and report.verified == 3
     assert (client.md5_requests, client.files_read) == (3, 0)
     assert client.keeps_md5 is True
@@ -852,7 +853,7 @@ def test_files_stored_before_md5_was_turned_on_are_read_back(
     md5less_orthanc.start()
     client = CountingClient(md5less_orthanc)
     (new_outcome,) = upload_module.upload([Source(str(new))], client, workers=1)
-    report = upload_module.verify([new_outcome, old_outcome], client, workers=1)
+    report = verify_module.verify([new_outcome, old_outcome], client, workers=1)
     assert report.ok and report.verified == 2
     assert (client.md5_requests, client.files_read) == (2, 1)
     assert "verified 2/2: 1 by stored MD5, 1 by re-reading the file" in report.summary()

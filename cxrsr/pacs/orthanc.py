@@ -12,6 +12,9 @@ reach on our behalf. Sending files and checking that they arrived is
 
 Library code: it raises, and the scripts decide what to print (it never imports
 :mod:`cxrsr.cli`).
+
+One module of about 650 lines on purpose: most of it is :class:`OrthancClient`, whose
+retries, streamed bodies and error mapping share one connection pool and one policy.
 """
 
 from __future__ import annotations
@@ -296,7 +299,7 @@ class OrthancClient:
         self.keeps_md5: bool | None = None
         """Whether this Orthanc keeps an MD5 of each stored file (its
         ``StoreMD5ForAttachments``): ``None`` until a verification finds out
-        (:func:`cxrsr.pacs.upload.verify`), which then checks every later file the way
+        (:func:`cxrsr.pacs.verify.verify`), which then checks every later file the way
         that works."""
 
     @property
