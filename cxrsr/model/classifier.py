@@ -22,6 +22,11 @@ Backends, all fp32 (the model's own precision):
 Scores follow torchxrayvision's definition, ``op_norm(sigmoid(logits))`` for weights with
 operating thresholds (0.5 = each label's threshold). :func:`scores_from_logits` computes
 it in NumPy; ``tests/test_model.py`` checks it against ``xrv.models.op_norm``.
+
+One module of about 750 lines on purpose: the model card, the PyTorch and ONNX backends
+and the loader that picks one are bound together (each backend builds from the card, the
+ONNX export is checked against the eager PyTorch model, the loader falls back from one to
+the other), so split apart they would import each other. The sections are marked.
 """
 
 from __future__ import annotations

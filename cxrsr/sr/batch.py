@@ -7,6 +7,10 @@ in a process pool when there is enough work, yet writes the same files and logs 
 lines in the same order for every ``--jobs``, counts an entry whose SR another entry
 already wrote as a duplicate, and warns about (or with ``--clean`` removes) SRs of
 earlier results left in the output folder.
+
+About 500 lines in one module on purpose: the process pool, the writer that keeps the
+order of files and log lines, and the tidying of the output folder share one guarantee,
+the same folder for every ``--jobs``.
 """
 
 from __future__ import annotations
