@@ -1,19 +1,29 @@
 """cxrsr: chest X-ray DICOM -> TorchXRayVision classification -> DICOM SR -> Orthanc.
 
-The three top-level scripts (process_dicom.py, generate_sr.py, upload_dicom.py) are thin
-command-line front ends; this package holds the logic, one module per concern:
+The four top-level scripts (``process_dicom.py``, ``generate_sr.py``, ``upload_dicom.py``,
+``watch_orthanc.py``) are thin command-line front ends; the logic is here:
 
-- ``discovery``: find DICOM files in folders and .zip archives, recognised by content
-- ``reading``: read and decode a radiograph, decide whether it is one at all
-- ``preprocess``: torchxrayvision's input definition ([-1024, 1024], center crop, 224)
-- ``model``: load weights, run the network in batches
-- ``results``: the JSON results file shared by the scripts
-- ``sr``: the TID 1500 Comprehensive 3D SR builder
-- ``uids``: deterministic, PS3.5-valid UIDs
-- ``orthanc``: the Orthanc REST client on urllib3
-- ``header``, ``upload``: the header check before sending, upload and verification
-- ``config``: settings from the environment and the project's ``.env``
-- ``cli``: what the three scripts share (options, logging, exit codes)
+- :mod:`cxrsr.dicomio`: files in, pixels and identity out (discovery of files and .zip
+  archives, the header check before sending, reading and decoding, the pixel values' mapping
+  to the model's range, the domain gates, the display preview);
+- :mod:`cxrsr.model`: pixels in, scores and maps out (preprocessing, weights read as data,
+  the ONNX Runtime and PyTorch backends, int8, heatmaps);
+- :mod:`cxrsr.classify`, :mod:`cxrsr.reader_pool`: the classification run behind
+  ``process_dicom.py`` (reader processes, batches);
+- :mod:`cxrsr.results`, :mod:`cxrsr.results_types`, :mod:`cxrsr.journal`,
+  :mod:`cxrsr.resume`: the results file, its types and JSON Schema, the journal of a run,
+  and reusing unchanged files' results;
+- :mod:`cxrsr.sr`: results in, DICOM objects out (the checked entries, the source header,
+  the TID 1500 content, its fast builder, the file, key images, the batch behind
+  ``generate_sr.py``);
+- :mod:`cxrsr.report`: the HTML report beside the results file;
+- :mod:`cxrsr.pacs`: the PACS side (the Orthanc REST client, upload and verification,
+  DICOMweb and DIMSE targets, claims, the watcher, local Orthanc and PostgreSQL);
+- :mod:`cxrsr.cli`, :mod:`cxrsr.config`, :mod:`cxrsr.errors`, :mod:`cxrsr.files`,
+  :mod:`cxrsr.runlock`, :mod:`cxrsr.demo`: what every script shares (options, logging and
+  exit codes; settings; error types; atomic writes; one run per output; the demo files).
+
+Tooling the package never imports (the OHIF viewer server) is in ``tools/``.
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Domain gates: only human, frontal, upright chest radiographs reach the model (issue 13).
+"""Domain gates: only human, frontal, upright chest radiographs reach the model.
 
 The DenseNet learned from adult human frontal (PA/AP) chest X-rays shown the standard
 way. Four gates read the header (never the pixels) and say what the file is:

@@ -1,7 +1,7 @@
 """Read a DICOM file's header with pydicom and decide whether it is safe to send to a PACS.
 
 A PACS that parses a file is exposed to it: Orthanc 1.10.1 segfaults on a file whose
-File Meta Information element declares a value longer than the file (issue 9, item 7),
+File Meta Information element declares a value longer than the file,
 which takes the server down for every user. So a file is sent only when pydicom can read
 its header and every length in it is true:
 

@@ -3,7 +3,7 @@
 torchxrayvision publishes each DenseNet as a whole pickled module (its training script
 calls ``torch.save(model, ...)``) and loads it with ``torch.load(weights_only=False)``: a
 pickle saved under the weights' file name in the cache folder would run any command as
-the user (issue 9, item 5). This module unpickles such files through a restricted
+the user. This module unpickles such files through a restricted
 unpickler instead, and hands back only the tensors, by their ``state_dict`` names.
 
 Why not PyTorch's own weights-only unpickler (``torch.serialization.safe_globals``):

@@ -1,2 +1,2 @@
-"""The PACS side: the Orthanc REST client, the uploader and its verification, a local Orthanc
-for tests and demos, OHIF, and the watcher."""
+"""The PACS side: the Orthanc REST client, the uploader and its verification, the DICOMweb and
+DIMSE targets, claims, the watcher, and a local Orthanc and PostgreSQL for tests and demos."""

@@ -1,5 +1,5 @@
-"""Results in, DICOM objects out: UIDs, codes, the SR document and its template, key images, and
-the batch that writes them."""
+"""Results in, DICOM objects out: the checked entries, the source header, the TID 1500 content and
+its fast builder, the file, UIDs, codes, key images, and the batch that writes them."""
 
 from cxrsr.sr.highdicom_memo import memoise_pixel_data_check
 
