@@ -23,10 +23,11 @@ Scores follow torchxrayvision's definition, ``op_norm(sigmoid(logits))`` for wei
 operating thresholds (0.5 = each label's threshold). :func:`scores_from_logits` computes
 it in NumPy; ``tests/test_model.py`` checks it against ``xrv.models.op_norm``.
 
-One module of about 750 lines on purpose: the model card, the PyTorch and ONNX backends
-and the loader that picks one are bound together (each backend builds from the card, the
-ONNX export is checked against the eager PyTorch model, the loader falls back from one to
-the other), so split apart they would import each other. The sections are marked.
+One module of about 750 lines on purpose: the model card, the PyTorch backend, the ONNX
+backend and the loader that picks one (its sections, marked below) share the card and its
+private helpers, the ONNX export is made from and checked against the eager PyTorch model,
+and the loader falls back from one backend to the other. Apart, each backend would import
+the card's module and the loader both backends, for no reader's gain.
 """
 
 from __future__ import annotations
