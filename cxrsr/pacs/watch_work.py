@@ -36,12 +36,14 @@ from cxrsr.pacs.watch_done import ResultsInOrthanc
 from cxrsr.pacs.watch_index import Instance, OrthancIndex
 from cxrsr.pacs.watch_state import WatchState
 from cxrsr.results import (
-    FAILED,
+    CLASSIFIED,
     FORMAT,
     SKIPPED,
     ClassifiedEntry,
+    FailedEntry,
     ModelRecord,
     ResultsDocument,
+    SkippedEntry,
 )
 from cxrsr.sr.batch import generate_srs
 from cxrsr.sr.entries import ModelInfo
@@ -181,22 +183,12 @@ class ClaimedWork:
         return counts
 
     def _work_on(self, chunk: list[Instance], leases: dict[str, Lease], counts: Counts) -> None:
+        """Fetch, classify and store the claimed images of a chunk, in a work folder."""
         if not chunk:
             return
         with tempfile.TemporaryDirectory(dir=self.work_root) as tmp:
             folder = Path(tmp)
-            by_path: dict[str, Instance] = {}
-            for instance in chunk:
-                self._check_stop()
-                data = self.index.download(instance.orthanc_id)
-                if data is None:
-                    log.info("%s: deleted from Orthanc before it was read", instance.orthanc_id)
-                    continue
-                path = folder / f"{instance.orthanc_id}.dcm"
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                by_path[str(path)] = instance
+            by_path = self._download(chunk, folder)
             if not by_path:
                 return
             sources = [Source(p) for p in by_path]
@@ -225,28 +217,50 @@ class ClaimedWork:
             for entry in run.entries:
                 instance = by_path[entry["path"]]
                 lease = leases[instance.orthanc_id]
-                name = f"Orthanc instance {instance.orthanc_id} ({instance.sop_instance_uid})"
-                uid = instance.sop_instance_uid
-                if entry["status"] == SKIPPED:
-                    log.info("%s: skipped: %s", name, entry["reason"])
-                    self.state.record(
-                        "skipped", uid, orthanc_instance=instance.orthanc_id, reason=entry["reason"]
-                    )
-                    self.claims.finish(lease)
-                    counts.skipped += 1
-                elif entry["status"] == FAILED:
-                    log.error("%s: %s (dead letter)", name, entry["reason"])
-                    self.state.record(
-                        "failed", uid, orthanc_instance=instance.orthanc_id, reason=entry["reason"]
-                    )
-                    self.claims.finish(lease)
-                    counts.failed += 1
-                else:
+                if entry["status"] == CLASSIFIED:
                     entries.append(self._fix_time(entry, instance, lease))
                     counts.classified += 1
+                else:
+                    self._not_classified(entry, instance, lease, counts)
             self.on_progress(len(by_path))
             if entries:
                 self._store_results(entries, by_path, leases, folder / "out", counts)
+
+    def _download(self, chunk: list[Instance], folder: Path) -> dict[str, Instance]:
+        """Each image's file in ``folder`` (owner-only), by path; an image deleted meanwhile
+        is left out."""
+        by_path: dict[str, Instance] = {}
+        for instance in chunk:
+            self._check_stop()
+            data = self.index.download(instance.orthanc_id)
+            if data is None:
+                log.info("%s: deleted from Orthanc before it was read", instance.orthanc_id)
+                continue
+            path = folder / f"{instance.orthanc_id}.dcm"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            by_path[str(path)] = instance
+        return by_path
+
+    def _not_classified(
+        self, entry: SkippedEntry | FailedEntry, instance: Instance, lease: Lease, counts: Counts
+    ) -> None:
+        """A skipped image, or a failed one (a dead letter): recorded, its claim finished."""
+        name = f"Orthanc instance {instance.orthanc_id} ({instance.sop_instance_uid})"
+        if entry["status"] == SKIPPED:
+            log.info("%s: skipped: %s", name, entry["reason"])
+            counts.skipped += 1
+        else:
+            log.error("%s: %s (dead letter)", name, entry["reason"])
+            counts.failed += 1
+        self.state.record(
+            entry["status"],
+            instance.sop_instance_uid,
+            orthanc_instance=instance.orthanc_id,
+            reason=entry["reason"],
+        )
+        self.claims.finish(lease)
 
     def _fix_time(
         self, entry: ClassifiedEntry, instance: Instance, lease: Lease
@@ -410,10 +424,10 @@ class ClaimedWork:
         attempt = self.state.attempts.get(instance.sop_instance_uid, 0) + 1
         name = f"Orthanc instance {instance.orthanc_id} ({instance.sop_instance_uid})"
         counts.failed += 1
-        if attempt >= self.max_attempts:
-            log.error(
-                "%s: %s (attempt %d of %d; dead letter)", name, reason, attempt, self.max_attempts
-            )
+        dead = attempt >= self.max_attempts
+        then = "dead letter" if dead else "will retry"
+        log.error("%s: %s (attempt %d of %d; %s)", name, reason, attempt, self.max_attempts, then)
+        if dead:
             self.state.record(
                 "failed",
                 instance.sop_instance_uid,
@@ -421,9 +435,6 @@ class ClaimedWork:
                 reason=f"{reason} ({attempt} attempts)",
             )
         else:
-            log.error(
-                "%s: %s (attempt %d of %d; will retry)", name, reason, attempt, self.max_attempts
-            )
             self.state.record(
                 "incomplete",
                 instance.sop_instance_uid,
