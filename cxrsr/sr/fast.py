@@ -6,6 +6,12 @@ UIDs. :class:`SRBuilder` compiles those groups once per character set into a
 :class:`~cxrsr.sr.template.ContentTemplate` and binds each document's values into it. The
 first document of each template is also built by the reference and must match byte for
 byte; the byte-identity tests (tests/test_sr.py, "fast path") compare every document.
+
+The other speed-ups of the SR path, each byte-identical and tested: the key image's UID is
+spliced into its placeholder file instead of encoding it again
+(:func:`cxrsr.sr.uids.respliced`); one slow, pure highdicom check is memoised
+(:mod:`cxrsr.sr.highdicom_memo`); and the batch lowers the interpreter's thread switch
+interval while it builds (``SWITCH_INTERVAL`` in :mod:`cxrsr.sr.batch`).
 """
 
 from __future__ import annotations
