@@ -1,16 +1,21 @@
 """Store instances in a PACS over the DICOM network protocol (DIMSE) and prove them there.
 
-* C-STORE (PS3.4 Annex B) through pynetdicom: each worker thread keeps one association
-  and sends file after file on it; the presentation contexts proposed are those of the
-  files themselves (SOP Class, Transfer Syntax), plus Explicit and Implicit VR Little
-  Endian for uncompressed files only, which pynetdicom converts between without loss.
-  A compressed file is never transcoded: if the peer accepts none of its own transfer
-  syntax, it is rejected with that reason.
+* C-STORE (PS3.4 Annex B) through pynetdicom on at most ``associations`` associations,
+  each kept open for the whole run and used by one worker at a time, file after file;
+  the presentation contexts proposed are those of the files themselves (SOP Class,
+  Transfer Syntax), plus Explicit and Implicit VR Little Endian for uncompressed files
+  only, which pynetdicom converts between without loss. A compressed file is never
+  transcoded: if the peer accepts none of its own transfer syntax, it is rejected with
+  that reason. The file's own data set bytes are sent as they are whenever the peer
+  accepted its transfer syntax (:mod:`cxrsr.pacs.dimse_send`).
 * Each C-STORE status is mapped to an outcome: 0x0000 stored; the warnings 0xB000,
   0xB006, 0xB007 stored with the warning named; anything else rejected (with its status);
   no answer (association lost) failed, to be sent again by a rerun.
 * Before sending, a C-FIND at IMAGE level per series (Study Root) lists the instances the
-  peer holds already; those are not sent again.
+  peer holds already; those are not sent again. It goes over one of the same
+  associations (each proposes the C-FIND context too): a peer such as Orthanc serves a
+  fixed number of associations at a time (4 by default), so an association of its own
+  would wait for a sending one to end.
 * Proof: Storage Commitment Push Model (PS3.4 Annex J): an N-ACTION names every instance
   acknowledged, and the peer's N-EVENT-REPORT, on this association or on a new one to
   ``listen_port`` (Orthanc opens a new one to the modality registered for our AE title),
@@ -28,13 +33,10 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from io import BytesIO
 from typing import Any
 
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import (
-    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -50,6 +52,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from cxrsr.errors import PipelineError
+from cxrsr.pacs.dimse_send import send_c_store
 from cxrsr.pacs.upload import FAILED, REJECTED, STORED, Checked, Outcome, Report
 
 log = logging.getLogger("cxrsr")
@@ -125,8 +128,9 @@ def tls_server_context(ca: str | None, cert: str, key: str | None) -> ssl.SSLCon
 
 
 def _contexts_for(keys: set[tuple[str, str]]) -> list[PresentationContext]:
-    """One presentation context per (SOP class, transfer syntax) of the files."""
-    contexts = []
+    """One presentation context per (SOP class, transfer syntax) of the files, and the
+    C-FIND context that asks what the peer holds."""
+    contexts = [build_context(StudyRootQueryRetrieveInformationModelFind)]
     for sop_class, syntax in sorted(keys):
         if syntax in UNCOMPRESSED:
             syntaxes = list(dict.fromkeys([syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
@@ -138,16 +142,46 @@ def _contexts_for(keys: set[tuple[str, str]]) -> list[PresentationContext]:
 
 @dataclass
 class _Link:
-    """One worker's association and the contexts it proposed."""
+    """One association and the (SOP class, transfer syntax) pairs it proposed."""
 
     assoc: Association | None = None
     keys: set[tuple[str, str]] = field(default_factory=set)
 
 
+class _Links:
+    """At most ``limit`` associations, each lent to one thread at a time and kept open
+    between uses: one association per file batch cost an A-ASSOCIATE and an A-RELEASE
+    round trip each (and a new one for every C-FIND), which over a 5 ms each-way delay
+    came to about 0.1 s for every 64 files (``bench/bench_targets.py``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.every: list[_Link] = []
+        self.idle: list[_Link] = []
+        self._changed = threading.Condition()
+
+    def take(self) -> _Link:
+        """An idle link, a new one while fewer than ``limit`` exist, else the next one
+        given back."""
+        with self._changed:
+            while not self.idle and len(self.every) >= self.limit:
+                self._changed.wait()
+            if self.idle:
+                return self.idle.pop()
+            link = _Link()
+            self.every.append(link)
+            return link
+
+    def give(self, link: _Link) -> None:
+        with self._changed:
+            self.idle.append(link)
+            self._changed.notify()
+
+
 class DimseTarget:
     """A DICOM storage SCP as an upload target (:class:`cxrsr.pacs.targets.Target`)."""
 
-    def __init__(self, peer: Peer) -> None:
+    def __init__(self, peer: Peer, associations: int = 4) -> None:
         self.peer = peer
         self.description = f"DICOM peer {peer.called_aet} at {peer.address}"
         self.ae = AE(ae_title=peer.calling_aet)
@@ -155,8 +189,9 @@ class DimseTarget:
         self.ae.dimse_timeout = peer.timeout
         self.ae.network_timeout = peer.timeout
         self.ae.maximum_pdu_size = 0  # no limit from our side
-        self._links: list[_Link] = []
-        self._local = threading.local()
+        self._links = _Links(associations)
+        self._keys: set[tuple[str, str]] = set()
+        """Every (SOP class, transfer syntax) seen: a renewed association proposes them all."""
         self._lock = threading.Lock()
         self._find_refused = False
         self._reports: dict[str, Dataset] = {}
@@ -220,16 +255,9 @@ class DimseTarget:
         if self.peer.listen_port:
             self._serve_reports()
 
-    def _link(self) -> _Link:
-        link: _Link | None = getattr(self._local, "link", None)
-        if link is None:
-            link = self._local.link = _Link()
-            with self._lock:
-                self._links.append(link)
-        return link
-
     def _ready(self, link: _Link, needed: set[tuple[str, str]]) -> Association:
-        """``link``'s association, renewed when it lacks a context ``needed`` or was lost."""
+        """``link``'s association, renewed when it lacks a context ``needed`` or was lost;
+        a new one proposes every pair seen so far, so that it is seldom renewed again."""
         alive = link.assoc is not None and link.assoc.is_established
         if alive and needed <= link.keys:
             assert link.assoc is not None
@@ -237,8 +265,10 @@ class DimseTarget:
         if alive:
             assert link.assoc is not None
             link.assoc.release()
-        keys = link.keys | needed if alive else set(needed)
-        if len(keys) > MAX_CONTEXTS:
+        with self._lock:
+            self._keys |= needed
+            keys = set(self._keys)
+        if len(keys) >= MAX_CONTEXTS:  # one context is the C-FIND's
             keys = set(needed)
         link.keys = keys
         link.assoc = self._associate(_contexts_for(keys))
@@ -247,23 +277,26 @@ class DimseTarget:
     # -- C-STORE ---------------------------------------------------------------------
 
     def store(self, batch: Sequence[Checked]) -> list[Outcome]:
-        """Send ``batch`` on this thread's association. A lost association is renewed
+        """Send ``batch`` on an association of the pool. A lost association is renewed
         once; when the peer then accepts none, it is taken as down: this file and every
         later one fail at once, not sent, for a rerun to send."""
-        link = self._link()
         needed = {(c.sop_class_uid, c.transfer_syntax) for c in batch}
         outcomes = []
-        for checked in batch:
-            if self.down_reason is not None:
-                outcomes.append(checked.outcome(FAILED, f"not sent: {self.down_reason}"))
-                continue
-            try:
-                assoc = self._ready(link, needed)
-            except ConnectionError as exc:
-                self._went_down(str(exc))
-                outcomes.append(checked.outcome(FAILED, f"not sent: {exc}"))
-                continue
-            outcomes.append(self._store_one(assoc, checked))
+        link = self._links.take()
+        try:
+            for checked in batch:
+                if self.down_reason is not None:
+                    outcomes.append(checked.outcome(FAILED, f"not sent: {self.down_reason}"))
+                    continue
+                try:
+                    assoc = self._ready(link, needed)
+                except ConnectionError as exc:
+                    self._went_down(str(exc))
+                    outcomes.append(checked.outcome(FAILED, f"not sent: {exc}"))
+                    continue
+                outcomes.append(self._store_one(assoc, checked))
+        finally:
+            self._links.give(link)
         return outcomes
 
     def _went_down(self, reason: str) -> None:
@@ -279,12 +312,8 @@ class DimseTarget:
         )
 
     def _store_one(self, assoc: Association, checked: Checked) -> Outcome:
-        dataset = pydicom.dcmread(BytesIO(checked.data), force=True)
-        # A file without File Meta Information: pynetdicom needs its encoding named.
-        dataset.file_meta.TransferSyntaxUID = UID(checked.transfer_syntax)
-        _pad_odd_values(dataset)
         try:
-            status = assoc.send_c_store(dataset)
+            status = send_c_store(assoc, checked)
         except ValueError as exc:  # no accepted presentation context for it
             return checked.outcome(
                 REJECTED,
@@ -311,14 +340,33 @@ class DimseTarget:
     # -- C-FIND ----------------------------------------------------------------------
 
     def held(self, checked: Sequence[Checked]) -> set[str]:
-        if self.down_reason is not None:
+        """A C-FIND on an association of the pool, which is then ready to send these
+        files too (it proposes their contexts)."""
+        if self.down_reason is not None or self._find_refused:
             return set()
-        # Between chunks no file is being sent: free the peer's association slots (Orthanc
-        # serves 4 at a time by default) so that the C-FIND is not left waiting for one.
-        self._release_links()
-        series = {(c.study_uid, c.series_uid) for c in checked}
-        found = self._find(series)
-        return found if found is not None else set()
+        needed = {(c.sop_class_uid, c.transfer_syntax) for c in checked}
+        series = sorted({(c.study_uid, c.series_uid) for c in checked})
+        link = self._links.take()
+        try:
+            assoc = self._ready(link, needed)
+            if not any(
+                c.abstract_syntax == StudyRootQueryRetrieveInformationModelFind
+                for c in assoc.accepted_contexts
+            ):
+                self._find_refused = True
+                log.info(
+                    "%s answers no C-FIND: nothing is checked before sending", self.description
+                )
+                return set()
+            return self._find_listed(assoc, series)
+        except ConnectionError as exc:
+            self._went_down(str(exc))
+            return set()
+        except (RuntimeError, OSError) as exc:  # the association ended under the query
+            log.warning("%s: C-FIND cut short: %s", self.description, exc)
+            return set()
+        finally:
+            self._links.give(link)
 
     def _find(self, series: set[tuple[str, str]]) -> set[str] | None:
         """The SOP Instance UIDs the peer holds in each (study, series); ``None`` when it
@@ -518,7 +566,7 @@ class DimseTarget:
                 outcome.problems.append("the storage commitment report does not name it")
 
     def _release_links(self) -> None:
-        for link in self._links:
+        for link in self._links.every:
             if link.assoc is not None and link.assoc.is_established:
                 link.assoc.release()
             link.assoc = None
@@ -537,23 +585,6 @@ def _no_delay(event: Any) -> None:
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-#: VRs whose odd-length values pydicom writes unpadded, and their padding (PS3.5 6.2).
-_BYTE_VRS = ("OB", "UN")
-
-
-def _pad_odd_values(dataset: Dataset) -> None:
-    """Pad each odd-length OB or UN value with one NUL byte, as PS3.5 6.2 requires.
-
-    A file may carry, say, 8-bit Pixel Data of odd length (169 x 211 pixels): Orthanc's
-    REST API stores it as it is, but over DIMSE the data set is then of odd length, and
-    a DCMTK-based peer (Orthanc) aborts the association ("Odd Fragment Length"). The
-    padding byte follows the last pixel; no value changes.
-    """
-    for element in dataset:
-        if element.VR in _BYTE_VRS and isinstance(element.value, bytes) and len(element.value) % 2:
-            element.value = element.value + b"\0"
 
 
 def _reference(outcome: Outcome) -> Dataset:
