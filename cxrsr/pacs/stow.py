@@ -285,6 +285,8 @@ class DicomWebTarget:
         self.workers = workers
         """QIDO-RS searches in parallel (one per study)."""
         self.description = f"DICOMweb server at {client.url}"
+        self.send_batch: int | None = None
+        """None: each STOW-RS request carries ``--batch`` files."""
 
     def check(self) -> None:
         self.client.check()

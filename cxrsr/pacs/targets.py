@@ -39,6 +39,9 @@ class Target(Protocol):
 
     description: str
     """How log lines name it (``DICOMweb server at https://...``)."""
+    send_batch: int | None
+    """Files per :meth:`store` call when fewer than ``batch_size`` suit the protocol
+    better (DIMSE sends file by file anyway); ``None`` for ``batch_size``."""
 
     def check(self) -> None:
         """Reach the peer once: raise :class:`~cxrsr.errors.PipelineError` (exit 3) when it
@@ -88,8 +91,9 @@ def send(
         numbered = enumerate(sources)
         while chunk := list(itertools.islice(numbered, CHUNK_BATCHES * batch_size)):
             to_send = _filtered(chunk, target, workers, record)
-            for start in range(0, len(to_send), batch_size):
-                batches.append(to_send[start : start + batch_size])
+            size = min(batch_size, target.send_batch or batch_size)
+            for start in range(0, len(to_send), size):
+                batches.append(to_send[start : start + size])
                 yield batches[-1]
 
     def stored(index: int, result: list[Outcome] | BaseException) -> None:
