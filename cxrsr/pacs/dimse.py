@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import ssl
 import threading
 import time
@@ -590,7 +591,10 @@ class DimseTarget:
     def close(self) -> None:
         self._release_links()
         if self._server is not None:
-            self._server.shutdown()
+            # socketserver's own shutdown: pynetdicom's also unlists the server from the
+            # AE's start_server list, which this one (made by make_server) is not on.
+            socketserver.BaseServer.shutdown(self._server)
+            self._server.server_close()
 
 
 def _no_delay(event: Any) -> None:
