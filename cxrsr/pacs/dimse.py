@@ -16,22 +16,21 @@
   associations (each proposes the C-FIND context too): a peer such as Orthanc serves a
   fixed number of associations at a time (4 by default), so an association of its own
   would wait for a sending one to end.
-* Proof: Storage Commitment Push Model (PS3.4 Annex J): an N-ACTION names every instance
-  acknowledged, and the peer's N-EVENT-REPORT, on this association or on a new one to
-  ``listen_port`` (Orthanc opens a new one to the modality registered for our AE title),
-  says which it has committed to keep. A peer that refuses storage commitment is asked
+* Proof: Storage Commitment Push Model (PS3.4 Annex J, :mod:`cxrsr.pacs.commitment`):
+  an N-ACTION names every instance acknowledged, and the peer's N-EVENT-REPORT, on this
+  association or on a new one to ``listen_port`` (Orthanc opens a new one to the
+  modality registered for our AE title), says which it has committed to keep. A peer that refuses storage commitment is asked
   with C-FIND instead; a peer that offers neither (a plain storage SCP such as dcmtk's
   ``storescp``) leaves only its C-STORE status, and the summary says so.
+
+Where the peer is and DICOM TLS are in :mod:`cxrsr.pacs.dimse_peer`.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import socketserver
-import ssl
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +40,6 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    generate_uid,
 )
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
@@ -51,17 +49,25 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 
 from cxrsr.errors import PipelineError
-from cxrsr.pacs.dimse_send import send_c_store
+from cxrsr.pacs import commitment
+from cxrsr.pacs.dimse_peer import Peer, parse_address, tls_context, tls_server_context
+from cxrsr.pacs.dimse_send import keep_responses, send_c_store
 from cxrsr.pacs.upload import FAILED, REJECTED, STORED, Checked, Outcome, Report
 
 log = logging.getLogger("cxrsr")
 
+#: What upload_dicom.py takes from here.
+__all__ = [
+    "DimseTarget",
+    "Peer",
+    "parse_address",
+    "tls_context",
+    "tls_server_context",
+]
+
 EXIT_ENVIRONMENT = 3
-#: The well-known SOP Instance of the Storage Commitment Push Model (PS3.4 J.3.5).
-STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 #: At most this many presentation contexts in one association (PS3.8 9.3.2.2: odd IDs 1-255).
 MAX_CONTEXTS = 128
 #: Uncompressed transfer syntaxes pynetdicom converts between losslessly.
@@ -74,64 +80,12 @@ WARNINGS = {
 }
 #: Series named in one C-FIND (a UI value list stays far below its 64 KiB limit).
 FIND_BATCH = 256
-#: Instances named in one N-ACTION request.
-COMMIT_BATCH = 500
-#: Seconds between the report server's checks for shutdown.
-SERVER_POLL = 0.02
 #: Files one worker sends before it takes the next batch: a whole --batch per worker left
 #: the other associations idle at the end of the run while one worker sent its last 16.
 SEND_BATCH = 4
 
-BY_COMMITMENT = "storage commitment"
 BY_CFIND = "C-FIND"
 BY_STATUS = "C-STORE status only"
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Where the PACS listens and who we are to it."""
-
-    host: str
-    port: int
-    called_aet: str = "ANY-SCP"
-    calling_aet: str = "CXRSR"
-    listen_port: int | None = None
-    """Where we accept the peer's N-EVENT-REPORT on an association of its own."""
-    timeout: float = 30.0
-    tls: ssl.SSLContext | None = None
-    """Client side of DICOM TLS for our associations."""
-    tls_server: ssl.SSLContext | None = None
-    """Server side of DICOM TLS for the association the peer opens to ``listen_port``."""
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` as (host, port); ValueError with the reason."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
-
-
-def tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext:
-    """A client TLS context for DICOM TLS (PS3.15 B.1): the peer checked against ``ca``
-    (else the system's), our certificate and key presented when given."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
-    if cert:
-        context.load_cert_chain(cert, key)
-    return context
-
-
-def tls_server_context(ca: str | None, cert: str, key: str | None) -> ssl.SSLContext:
-    """A server TLS context for the peer's storage commitment report: our certificate,
-    and the peer's required and checked against ``ca``."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
-    context.load_cert_chain(cert, key)
-    context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 def _contexts_for(keys: set[tuple[str, str]]) -> list[PresentationContext]:
@@ -202,9 +156,7 @@ class DimseTarget:
         """Every (SOP class, transfer syntax) seen: a renewed association proposes them all."""
         self._lock = threading.Lock()
         self._find_refused = False
-        self._reports: dict[str, Dataset] = {}
-        self._reported = threading.Condition()
-        self._server: Any = None
+        self._reports = commitment.Reports()
         self.down_reason: str | None = None
         """Set when the peer accepts no association any more: nothing more is tried."""
 
@@ -231,10 +183,11 @@ class DimseTarget:
             evt_handlers=[
                 (evt.EVT_CONN_OPEN, _no_delay),
                 (evt.EVT_ACSE_RECV, on_acse),
-                (evt.EVT_N_EVENT_REPORT, self._on_event_report),
+                (evt.EVT_N_EVENT_REPORT, self._reports.on_event_report),
             ],
         )
         if assoc.is_established:
+            keep_responses(assoc)
             return assoc
         if assoc.is_rejected:
             reason = rejection[0] if rejection else "no reason given"
@@ -444,36 +397,10 @@ class DimseTarget:
 
     # -- storage commitment ------------------------------------------------------------
 
-    def _on_event_report(self, event: Any) -> tuple[int, None]:
-        info = event.event_information
-        with self._reported:
-            self._reports[str(info.get("TransactionUID", ""))] = info
-            self._reported.notify_all()
-        return 0x0000, None
-
     def _serve_reports(self) -> None:
-        """Accept the peer's N-EVENT-REPORT on an association it opens to us."""
-        ae = AE(ae_title=self.peer.calling_aet)
-        ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
-        ae.network_timeout = self.peer.timeout
-        self._server = ae.make_server(
-            (
-                "127.0.0.1" if self.peer.host in ("127.0.0.1", "localhost") else "0.0.0.0",
-                int(self.peer.listen_port or 0),
-            ),
-            ssl_context=self.peer.tls_server,
-            evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_event_report)],
-            server_class=ThreadedAssociationServer,
-        )
-        # Our own thread rather than start_server's: its poll interval, socketserver's
-        # default 0.5 s, is what shutting the server down waits for (measured: close()
-        # took 0.4 s of every run's 5 to 9 s with it).
-        threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": SERVER_POLL},
-            name="cxrsr-commitment-server",
-            daemon=True,
-        ).start()
+        local = self.peer.host in ("127.0.0.1", "localhost")
+        address = ("127.0.0.1" if local else "0.0.0.0", int(self.peer.listen_port or 0))
+        self._reports.serve(self.peer.calling_aet, address, self.peer.timeout, self.peer.tls_server)
 
     def prove(self, report: Report) -> None:
         # The sending is over: a peer that serves one association at a time (storescp)
@@ -522,65 +449,21 @@ class DimseTarget:
             assoc = self._associate([build_context(StorageCommitmentPushModel)], fatal=False)
         except ConnectionError as exc:
             return f"it accepts no association for storage commitment ({exc})"
-        transactions: dict[str, Sequence[Outcome]] = {}
         try:
             if not assoc.accepted_contexts:
                 return "it refuses storage commitment"
-            for start in range(0, len(sent), COMMIT_BATCH):
-                part = sent[start : start + COMMIT_BATCH]
-                request = Dataset()
-                request.TransactionUID = generate_uid()
-                request.ReferencedSOPSequence = [_reference(o) for o in part]
-                status, _reply = assoc.send_n_action(
-                    request, 1, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE
-                )
-                if not status or status.Status != 0x0000:
-                    code = f"0x{status.Status:04X}" if status else "no answer"
-                    return f"it refused the storage commitment request ({code})"
-                transactions[request.TransactionUID] = part
-            missing = self._wait_reports(set(transactions))
+            transactions, refused = commitment.request(assoc, sent)
+            if refused is not None:
+                return refused
+            missing = self._reports.wait(set(transactions), self.peer.timeout)
         finally:
             if assoc.is_established:
                 assoc.release()
         if missing:
             return f"no N-EVENT-REPORT within {self.peer.timeout:.0f} s"
         for uid, part in transactions.items():
-            self._judge_commitment(self._reports[uid], part, report)
+            commitment.judge(self._reports.get(uid), part, report)
         return None
-
-    def _wait_reports(self, transactions: set[str]) -> set[str]:
-        deadline = time.monotonic() + self.peer.timeout
-        with self._reported:
-            while not transactions <= set(self._reports):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._reported.wait(left)
-            return transactions - set(self._reports)
-
-    @staticmethod
-    def _judge_commitment(info: Dataset, part: Sequence[Outcome], report: Report) -> None:
-        committed = {
-            str(item.get("ReferencedSOPInstanceUID", ""))
-            for item in info.get("ReferencedSOPSequence", [])
-        }
-        failed = {
-            str(item.get("ReferencedSOPInstanceUID", "")): item.get("FailureReason")
-            for item in info.get("FailedSOPSequence", [])
-        }
-        for outcome in part:
-            uid = outcome.sop_instance_uid
-            if uid in committed:
-                outcome.verified = True
-                report.checked_by[BY_COMMITMENT] = report.checked_by.get(BY_COMMITMENT, 0) + 1
-            elif uid in failed:
-                code = failed[uid]
-                reason = f"0x{code:04X}" if isinstance(code, int) else "no reason given"
-                outcome.problems.append(
-                    f"the PACS refused to commit to storing it (Failure Reason {reason})"
-                )
-            else:
-                outcome.problems.append("the storage commitment report does not name it")
 
     def _release_links(self) -> None:
         for link in self._links.every:
@@ -590,11 +473,7 @@ class DimseTarget:
 
     def close(self) -> None:
         self._release_links()
-        if self._server is not None:
-            # socketserver's own shutdown: pynetdicom's also unlists the server from the
-            # AE's start_server list, which this one (made by make_server) is not on.
-            socketserver.BaseServer.shutdown(self._server)
-            self._server.server_close()
+        self._reports.close()
 
 
 def _no_delay(event: Any) -> None:
@@ -605,10 +484,3 @@ def _no_delay(event: Any) -> None:
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _reference(outcome: Outcome) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = outcome.sop_class_uid
-    item.ReferencedSOPInstanceUID = outcome.sop_instance_uid
-    return item

@@ -151,6 +151,32 @@ def _send_raw(
     return status
 
 
+def keep_responses(assoc: Association) -> None:
+    """Give a response the association's reactor thread takes off the DIMSE queue back
+    to the queue, for the request that waits for it.
+
+    pynetdicom pauses that thread around each request (``_reactor_checkpoint``), but the
+    flag it waits on (``_is_paused``) can still read True from the thread's previous
+    pause while it is already running again: it then takes the response, drops it as
+    "unexpected", and the request waits out the whole DIMSE timeout ("no C-STORE
+    answer"). Seen once in the first run of ``bench/bench_targets.py``, a 35 s run for
+    150 files, and in a two-association test, where back-to-back C-STOREs hit it.
+    """
+    internals: Any = assoc
+    serve = getattr(internals, "_serve_request", None)
+    queue = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
+    if serve is None or queue is None:
+        return
+
+    def serve_or_give_back(message: Any, context_id: int) -> None:
+        if getattr(message, "is_valid_response", False):
+            queue.put((context_id, message))
+        else:
+            serve(message, context_id)
+
+    internals._serve_request = serve_or_give_back
+
+
 def decoded(checked: Checked) -> Dataset:
     """The file's data set read by pydicom, for pynetdicom to encode in the transfer
     syntax the peer accepted; odd-length byte values padded."""
