@@ -517,3 +517,23 @@ def test_parallel_associations_are_each_reused_and_carry_the_files_own_bytes(
     received = {uid: data for _assoc, uid, data in scp.stores}
     assert sorted(received) == sorted([*map(sop_uid, files), sop_uid(radiograph)])
     assert received[sop_uid(radiograph)] == data_set_bytes(radiograph)
+
+
+def test_storage_commitment_is_asked_while_files_are_still_being_sent(
+    pacs: LocalOrthanc, listen_port: int, small_dicom: Path, tmp_path: Path
+) -> None:
+    """With a report port, the instances stored so far are named in an N-ACTION at each
+    chunk of files, on a sending association, not all in one request at the end: Orthanc
+    runs one storage commitment job per request, and every instance is still committed."""
+    write_copies(small_dicom, tmp_path / "in", 12)
+    run = upload(
+        None, *dimse_args(pacs, listen_port, "--workers", "2", "--batch", "2"), tmp_path / "in"
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.counts["stored"] == run.counts["verified"] == 12
+    assert "12 by storage commitment" in run.stdout
+    jobs = requests.get(
+        f"{pacs.url}/jobs?expand", auth=(pacs.username, pacs.password), timeout=10
+    ).json()
+    commitments = [job for job in jobs if job.get("Type") == "StorageCommitmentScp"]
+    assert len(commitments) >= 2, jobs

@@ -35,7 +35,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -52,6 +51,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from cxrsr.errors import PipelineError
 from cxrsr.pacs import commitment
+from cxrsr.pacs.dimse_find import find_instances
 from cxrsr.pacs.dimse_peer import Peer, parse_address, tls_context, tls_server_context
 from cxrsr.pacs.dimse_send import keep_responses, send_c_store
 from cxrsr.pacs.upload import FAILED, REJECTED, STORED, Checked, Outcome, Report
@@ -78,8 +78,6 @@ WARNINGS = {
     0xB006: "elements discarded",
     0xB007: "data set does not match SOP class",
 }
-#: Series named in one C-FIND (a UI value list stays far below its 64 KiB limit).
-FIND_BATCH = 256
 #: Files one worker sends before it takes the next batch: a whole --batch per worker left
 #: the other associations idle at the end of the run while one worker sent its last 16.
 SEND_BATCH = 4
@@ -89,9 +87,12 @@ BY_STATUS = "C-STORE status only"
 
 
 def _contexts_for(keys: set[tuple[str, str]]) -> list[PresentationContext]:
-    """One presentation context per (SOP class, transfer syntax) of the files, and the
-    C-FIND context that asks what the peer holds."""
-    contexts = [build_context(StudyRootQueryRetrieveInformationModelFind)]
+    """One presentation context per (SOP class, transfer syntax) of the files, the C-FIND
+    context that asks what the peer holds, and storage commitment's."""
+    contexts = [
+        build_context(StudyRootQueryRetrieveInformationModelFind),
+        build_context(StorageCommitmentPushModel),
+    ]
     for sop_class, syntax in sorted(keys):
         if syntax in UNCOMPRESSED:
             syntaxes = list(dict.fromkeys([syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
@@ -157,6 +158,11 @@ class DimseTarget:
         self._lock = threading.Lock()
         self._find_refused = False
         self._reports = commitment.Reports()
+        self._unrequested: list[Outcome] = []
+        """Stored, and not yet named in a storage commitment request."""
+        self._requested: dict[str, Sequence[Outcome]] | None = {}
+        """Early storage commitment requests by Transaction UID; ``None`` once one failed
+        (the proof then asks for every instance again, as if none had been made)."""
         self.down_reason: str | None = None
         """Set when the peer accepts no association any more: nothing more is tried."""
 
@@ -229,7 +235,7 @@ class DimseTarget:
         with self._lock:
             self._keys |= needed
             keys = set(self._keys)
-        if len(keys) >= MAX_CONTEXTS:  # one context is the C-FIND's
+        if len(keys) > MAX_CONTEXTS - 2:  # two are C-FIND's and storage commitment's
             keys = set(needed)
         link.keys = keys
         link.assoc = self._associate(_contexts_for(keys))
@@ -258,6 +264,8 @@ class DimseTarget:
                 outcomes.append(self._store_one(assoc, checked))
         finally:
             self._links.give(link)
+        with self._lock:
+            self._unrequested.extend(o for o in outcomes if o.status == STORED)
         return outcomes
 
     def _went_down(self, reason: str) -> None:
@@ -310,16 +318,14 @@ class DimseTarget:
         link = self._links.take()
         try:
             assoc = self._ready(link, needed)
-            if not any(
-                c.abstract_syntax == StudyRootQueryRetrieveInformationModelFind
-                for c in assoc.accepted_contexts
-            ):
+            self._commit_early(assoc)
+            if not _accepts(assoc, StudyRootQueryRetrieveInformationModelFind):
                 self._find_refused = True
                 log.info(
                     "%s answers no C-FIND: nothing is checked before sending", self.description
                 )
                 return set()
-            return self._find_listed(assoc, series)
+            return find_instances(assoc, series)
         except ConnectionError as exc:
             self._went_down(str(exc))
             return set()
@@ -354,7 +360,7 @@ class DimseTarget:
                     "%s answers no C-FIND: nothing is checked before sending", self.description
                 )
                 return None
-            found = self._find_listed(assoc, sorted(series))
+            found = find_instances(assoc, sorted(series))
         except (RuntimeError, OSError) as exc:  # the association ended under the query
             log.warning("%s: C-FIND cut short: %s", self.description, exc)
             return None
@@ -362,38 +368,6 @@ class DimseTarget:
             if assoc.is_established:
                 assoc.release()
         return found
-
-    def _find_listed(self, assoc: Association, series: list[tuple[str, str]]) -> set[str]:
-        """One C-FIND at IMAGE level for up to :data:`FIND_BATCH` series at a time, their
-        Study and Series Instance UIDs given as lists (UID list matching, PS3.4
-        C.2.2.2.2.2); a peer that refuses a list query is asked series by series, the
-        strictly hierarchical query every Query/Retrieve SCP answers (PS3.4 C.4.1.2.1)."""
-        found: set[str] = set()
-        for start in range(0, len(series), FIND_BATCH):
-            part = series[start : start + FIND_BATCH]
-            answered = self._query(assoc, [s for s, _ in part], [s for _, s in part], found)
-            if not answered:
-                for study, serie in part:
-                    self._query(assoc, [study], [serie], found)
-        return found
-
-    @staticmethod
-    def _query(assoc: Association, studies: list[str], series: list[str], found: set[str]) -> bool:
-        """Add to ``found`` the SOP Instance UIDs in ``series`` of ``studies``; whether the
-        peer answered with success."""
-        query = Dataset()
-        query.QueryRetrieveLevel = "IMAGE"
-        query.StudyInstanceUID = sorted(set(studies)) if len(set(studies)) > 1 else studies[0]
-        query.SeriesInstanceUID = sorted(set(series)) if len(set(series)) > 1 else series[0]
-        query.SOPInstanceUID = ""
-        final = None
-        for status, identifier in assoc.send_c_find(
-            query, StudyRootQueryRetrieveInformationModelFind
-        ):
-            final = status.get("Status") if status else None
-            if final in (0xFF00, 0xFF01) and identifier:
-                found.add(str(identifier.get("SOPInstanceUID", "")))
-        return final == 0x0000
 
     # -- storage commitment ------------------------------------------------------------
 
@@ -442,23 +416,50 @@ class DimseTarget:
             outcome.verified = True
         report.checked_by[BY_STATUS] = len(sent)
 
+    def _commit_early(self, assoc: Association) -> None:
+        """Ask for storage commitment of the instances stored since the last request, on an
+        association of the pool, while the rest is being sent: the peer's reports then
+        come in during the sending rather than after it (Orthanc answers an N-ACTION after
+        0.5 to 0.9 s, measured with ``bench/bench_targets.py``: that much off every run).
+        Only with ``listen_port``, where a report comes on an association of the peer's
+        own: one meant for this association could come after it is released."""
+        if not self.peer.listen_port or self._requested is None:
+            return
+        with self._lock:
+            part, self._unrequested = self._unrequested, []
+        if not part:
+            return
+        if not _accepts(assoc, StorageCommitmentPushModel):
+            self._requested = None
+            return
+        transactions, refused = commitment.request(assoc, part)
+        if refused is not None:
+            self._requested = None
+            return
+        self._requested.update(transactions)
+
     def _commit(self, sent: Sequence[Outcome], report: Report) -> str | None:
-        """Ask the peer to commit to every instance in ``sent``; ``None`` when it answered,
-        else why not."""
-        try:
-            assoc = self._associate([build_context(StorageCommitmentPushModel)], fatal=False)
-        except ConnectionError as exc:
-            return f"it accepts no association for storage commitment ({exc})"
-        try:
-            if not assoc.accepted_contexts:
-                return "it refuses storage commitment"
-            transactions, refused = commitment.request(assoc, sent)
-            if refused is not None:
-                return refused
-            missing = self._reports.wait(set(transactions), self.peer.timeout)
-        finally:
-            if assoc.is_established:
-                assoc.release()
+        """Ask the peer to commit to every instance in ``sent`` not yet asked about (all of
+        them when an early request failed); ``None`` when it answered, else why not."""
+        transactions: dict[str, Sequence[Outcome]] = dict(self._requested or {})
+        asked = {id(o) for part in transactions.values() for o in part}
+        rest = [o for o in sent if id(o) not in asked]
+        if rest:
+            try:
+                assoc = self._associate([build_context(StorageCommitmentPushModel)], fatal=False)
+            except ConnectionError as exc:
+                return f"it accepts no association for storage commitment ({exc})"
+            try:
+                if not assoc.accepted_contexts:
+                    return "it refuses storage commitment"
+                more, refused = commitment.request(assoc, rest)
+                if refused is not None:
+                    return refused
+                transactions.update(more)
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+        missing = self._reports.wait(set(transactions), self.peer.timeout)
         if missing:
             return f"no N-EVENT-REPORT within {self.peer.timeout:.0f} s"
         for uid, part in transactions.items():
@@ -474,6 +475,11 @@ class DimseTarget:
     def close(self) -> None:
         self._release_links()
         self._reports.close()
+
+
+def _accepts(assoc: Association, abstract_syntax: str) -> bool:
+    """Whether the peer accepted a presentation context for ``abstract_syntax``."""
+    return any(c.abstract_syntax == abstract_syntax for c in assoc.accepted_contexts)
 
 
 def _no_delay(event: Any) -> None:
