@@ -342,6 +342,9 @@ class DicomWebTarget:
         self.description = f"DICOMweb server at {client.url}"
         self.send_batch: int | None = None
         """None: each STOW-RS request carries ``--batch`` files."""
+        self._seen: dict[str, set[str]] = {}
+        """What searches right after each STOW-RS request found, by study."""
+        self._lock = threading.Lock()
 
     def check(self) -> None:
         self.client.check()
@@ -359,9 +362,8 @@ class DicomWebTarget:
                 if isinstance(found, dict):
                     results.update(found)
                     return
-                if found is None and self._lists:
-                    self._lists = False
-                    log.info("%s matches no UID lists: one search per study", self.description)
+                if found is None:
+                    self._lists_ignored()
                 alone.extend(groups[index])
 
             in_parallel(
@@ -389,12 +391,39 @@ class DicomWebTarget:
         return held
 
     def store(self, batch: Sequence[Checked]) -> list[Outcome]:
-        return self.client.store(batch)
+        """One STOW-RS request, then one list search of the studies it stored in, by the
+        same worker while the others send: the proof is then mostly done when the last
+        answer comes (the searches after it cost 0.3 to 0.45 s of a 2.5 to 3.2 s run for
+        150 files through a 5 ms delay, bench/bench_targets.py)."""
+        outcomes = self.client.store(batch)
+        studies = sorted({o.study_uid for o in outcomes if o.status == STORED})
+        if not studies or not self._lists or self.client.down_reason is not None:
+            return outcomes
+        try:
+            found = self.client.instances_of_studies(studies)
+        except _QIDO_ERRORS:
+            return outcomes  # prove() searches again
+        if found is None:
+            self._lists_ignored()
+            return outcomes
+        with self._lock:
+            for study, uids in found.items():
+                self._seen.setdefault(study, set()).update(uids)
+        return outcomes
+
+    def _lists_ignored(self) -> None:
+        with self._lock:
+            if not self._lists:
+                return
+            self._lists = False
+        log.info("%s matches no UID lists: one search per study", self.description)
 
     def prove(self, report: Report) -> None:
-        """A QIDO-RS search must find every acknowledged instance in its study. A study
-        where a list search misses one is searched again on its own, so a server that
-        does not match UID lists (and finds nothing for one) is judged by that answer."""
+        """A QIDO-RS search must find every acknowledged instance in its study: those the
+        searches after each request found are done; the rest are searched by list, and a
+        study where a list search misses one is searched again on its own, so a server
+        that does not match UID lists (and finds nothing for one) is judged by that
+        answer."""
         sent = [o for o in report.outcomes if o.sent]
         if sent and self.client.down_reason is not None:
             report.verification_note = "the server stopped answering before verification"
@@ -402,10 +431,13 @@ class DicomWebTarget:
         by_study: dict[str, list[Outcome]] = {}
         for outcome in sent:
             by_study.setdefault(outcome.study_uid, []).append(outcome)
-        found = self._search(sorted(by_study), lists=True)
-        again = [study for study, outcomes in by_study.items() if _missed(found, study, outcomes)]
-        if again:
-            found.update(self._search(sorted(again), lists=False))
+        found: dict[str, set[str] | BaseException] = {
+            study: set(self._seen.get(study, ())) for study in by_study
+        }
+        for lists in (True, False):  # a list search first, then each study on its own
+            again = [s for s, outcomes in by_study.items() if _missed(found, s, outcomes)]
+            if again:
+                found.update(self._search(sorted(again), lists=lists))
         for study, outcomes in by_study.items():
             self._judge(study, found.get(study, set()), outcomes, report)
 
