@@ -73,11 +73,12 @@ def send(
     One pipeline, no barrier between chunks: while the workers send the batches already
     made, the next chunk of :data:`CHUNK_BATCHES` batches is read, checked and asked
     about (:meth:`Target.held`) in this thread, so sending never waits for a whole chunk
-    to be read, and a worker never waits for the slowest batch of its chunk. (Measured
-    with ``bench/bench_targets.py`` through a 5 ms each-way delay: each chunk read,
-    asked about, then sent, left the peer idle between chunks and the workers idle at
-    each chunk's end.) At most ``2 * workers`` batches wait or are sent at a time, and
-    one chunk is being read: memory stays bounded.
+    to be read, and a worker never waits for the slowest batch of its chunk. At most
+    ``2 * workers`` batches wait or are sent at a time, and one chunk is being read:
+    memory stays bounded. (Measured with ``bench/bench_targets.py``, 150 files through a
+    5 ms each-way delay: chunk after chunk, ``--to dicomweb`` read all 150 files before
+    its first request and sent 10 requests at once; with this pipeline and the other
+    changes that came with it, 74 instances/s against 53, ``--to dimse`` 45 against 32.)
     """
     outcomes: dict[int, Outcome] = {}
     batches: list[list[tuple[int, Checked]]] = []
