@@ -102,15 +102,21 @@ def _has_odd_length(data: bytes, offset: int, syntax: UID) -> bool:
     skipped, not read: ``defer_size=0``)."""
     stream = BytesIO(data)
     stream.seek(offset)
-    for element in data_element_generator(
+    elements = data_element_generator(
         stream, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=0
-    ):
-        # A sequence comes as a DataElement, read whole; its items are not padded either
-        # way. Every other element is a RawDataElement with its declared length.
-        length = getattr(element, "length", UNDEFINED_LENGTH)
-        if length != UNDEFINED_LENGTH and length % 2:
-            return True
-    return False
+    )
+    try:
+        return any(_odd(element) for element in elements)
+    except Exception:  # whatever pydicom raises on a damaged tail: decoded, as it was
+        return True
+
+
+def _odd(element: Any) -> bool:
+    """Whether a top-level element declares an odd length. A sequence comes as a
+    DataElement, read whole; its items are not padded either way. Every other element
+    is a RawDataElement with its declared length."""
+    length = getattr(element, "length", UNDEFINED_LENGTH)
+    return bool(length != UNDEFINED_LENGTH and length % 2)
 
 
 def _raw_sending_available(assoc: Association) -> bool:
