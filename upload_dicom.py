@@ -257,7 +257,7 @@ def make_target(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Ta
     peer = dimse.Peer(
         host, port, args.called_aet, args.aet, args.listen_port, args.timeout, tls, server
     )
-    return dimse.DimseTarget(peer)
+    return dimse.DimseTarget(peer, args.workers)
 
 
 def send_to(target: Target, inputs: Sequence[Path], args: argparse.Namespace) -> int:

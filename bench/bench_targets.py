@@ -16,9 +16,14 @@ Settings: ``loopback``, and ``5 ms`` each way through ``delay_proxy.py``. Orthan
 storescu run with ``TCP_NODELAY=1`` (see ``bench_upload.py``). Each run is checked:
 Orthanc must hold every instance afterwards.
 
+``--baseline CHECKOUT`` adds ``--to dimse`` and ``--to dicomweb`` as another checkout
+of the project runs them (say the last release, in a ``git worktree``), interleaved with
+this one's runs, so that a change is measured under the same load as what it changes.
+
 Run from the project root::
 
     .venv/bin/python bench/bench_targets.py --files 150 --repeats 2
+    .venv/bin/python bench/bench_targets.py --files 150 --repeats 2 --baseline /tmp/before
 """
 
 from __future__ import annotations
@@ -84,14 +89,18 @@ def to_orthanc(bench: BenchSet, url: str, dicom_port: int, listen: int) -> list[
     return [sys.executable, SCRIPT, "-q", str(bench.folder)]
 
 
-def to_dimse(bench: BenchSet, url: str, dicom_port: int, listen: int) -> list[str]:
+def to_dimse(
+    bench: BenchSet, url: str, dicom_port: int, listen: int, script: str = SCRIPT
+) -> list[str]:
     address = f"127.0.0.1:{dicom_port}"
-    return [sys.executable, SCRIPT, "-q", "--to", "dimse", address, "--aet", AET,
+    return [sys.executable, script, "-q", "--to", "dimse", address, "--aet", AET,
             "--called-aet", "ORTHANC", "--listen-port", str(listen), str(bench.folder)]  # fmt: skip
 
 
-def to_dicomweb(bench: BenchSet, url: str, dicom_port: int, listen: int) -> list[str]:
-    return [sys.executable, SCRIPT, "-q", "--to", "dicomweb", f"{url}/dicom-web", str(bench.folder)]
+def to_dicomweb(
+    bench: BenchSet, url: str, dicom_port: int, listen: int, script: str = SCRIPT
+) -> list[str]:
+    return [sys.executable, script, "-q", "--to", "dicomweb", f"{url}/dicom-web", str(bench.folder)]
 
 
 def naive_stow(bench: BenchSet, url: str, dicom_port: int, listen: int) -> list[str]:
@@ -169,13 +178,24 @@ def time_one(bench: BenchSet, method: str, delay: float, workdir: Path) -> tuple
 REFERENCE = {
     "--to dimse": "storescu",
     "--to dicomweb": "naive STOW loop",
+    "--to dimse @baseline": "storescu",
+    "--to dicomweb @baseline": "naive STOW loop",
 }
+
+
+def add_baseline(checkout: Path) -> None:
+    """``--to dimse @baseline`` and ``--to dicomweb @baseline``: ``checkout``'s uploader."""
+    script = str(checkout.resolve() / "upload_dicom.py")
+    if not Path(script).is_file():
+        raise SystemExit(f"--baseline: no upload_dicom.py in {checkout}")
+    METHODS["--to dimse @baseline"] = lambda b, u, d, n: to_dimse(b, u, d, n, script)
+    METHODS["--to dicomweb @baseline"] = lambda b, u, d, n: to_dicomweb(b, u, d, n, script)
 
 
 def print_table(results: dict[str, Result], bench: BenchSet) -> None:
     print()
     print(
-        f"{'setting':<16}  {'method':<16} {'inst/s':>7} {'vs reference':>22} {'vs --to orthanc':>16}"
+        f"{'setting':<16}  {'method':<24} {'inst/s':>7} {'vs reference':>22} {'vs --to orthanc':>16}"
     )
     medians = {key: statistics.median(r.seconds) for key, r in results.items()}
     for key, row in results.items():
@@ -189,7 +209,7 @@ def print_table(results: dict[str, Result], bench: BenchSet) -> None:
         base_text = f"{base / median:.2f}x" if base else ""
         flag = "  FAILED" if row.failures else ""
         print(
-            f"{setting:<16}  {method:<16} {bench.count / median:7.0f} {ref_text:>22} "
+            f"{setting:<16}  {method:<24} {bench.count / median:7.0f} {ref_text:>22} "
             f"{base_text:>16}{flag}"
         )
 
@@ -200,10 +220,15 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="runs per method (default: 2)")
     parser.add_argument("--delay-ms", type=float, default=5.0, help="one-way delay (default: 5)")
     parser.add_argument("--settings", default="loopback,network", help="loopback, network")
-    parser.add_argument("--methods", default=",".join(METHODS), help="subset of the methods")
+    parser.add_argument("--methods", help="subset of the methods (default: all)")
+    parser.add_argument(
+        "--baseline", type=Path, help="another checkout whose uploader runs as '... @baseline'"
+    )
     args = parser.parse_args()
+    if args.baseline is not None:
+        add_baseline(args.baseline)
     os.environ["TCP_NODELAY"] = "1"
-    methods = [m.strip() for m in args.methods.split(",")]
+    methods = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",")]
     settings = {"loopback": 0.0, "network": args.delay_ms / 1000}
     chosen = [s.strip() for s in args.settings.split(",")]
     results: dict[str, Result] = {}
@@ -224,7 +249,7 @@ def main() -> int:
                     row.seconds.append(seconds)
                     if failure:
                         row.failures.append(failure)
-                    print(f"  {label:>16}  {method:<16} {seconds:7.2f} s {failure}", flush=True)
+                    print(f"  {label:>16}  {method:<24} {seconds:7.2f} s {failure}", flush=True)
         print_table(results, bench)
     return 1 if any(r.failures for r in results.values()) else 0
 

@@ -343,3 +343,78 @@ def test_https_is_checked_against_the_ca_bundle(
     assert line.startswith(f"E: DICOMweb server at {url} unreachable: ") and "CERTIFICATE" in line
     assert trusted.returncode == 0, trusted.stderr
     assert trusted.counts["stored"] == trusted.counts["verified"] == 2
+
+
+class RecordingGate(BearerGate):
+    """The bearer gate, recording each request; ``blind`` drops a Study Instance UID
+    list from a search, as a server that does not match UID lists ignores it."""
+
+    def __init__(self, server: LocalOrthanc, token: str, blind: bool = False) -> None:
+        self.requests: list[tuple[str, str]] = []
+        self.blind = blind
+        super().__init__(server, token)
+        self.RequestHandlerClass = _RecordingHandler
+
+
+class _RecordingHandler(_GateHandler):
+    server: RecordingGate
+
+    def _record(self) -> None:
+        self.server.requests.append((self.command, self.path))
+        if self.server.blind and "StudyInstanceUID=" in self.path:
+            path, _, query = self.path.partition("?")
+            kept = [p for p in query.split("&") if not p.startswith("StudyInstanceUID=")]
+            self.path = f"{path}?{'&'.join(kept)}"
+        self._forward()
+
+    do_GET = do_POST = _record
+
+
+def through_gate(gate: RecordingGate, *args: str | Path) -> Run:
+    thread = threading.Thread(target=gate.serve_forever, daemon=True)
+    thread.start()
+    saved = os.environ.get("DICOMWEB_TOKEN")
+    os.environ["DICOMWEB_TOKEN"] = gate.token
+    try:
+        return upload(None, "--to", "dicomweb", gate.url, *args)
+    finally:
+        if saved is None:
+            os.environ.pop("DICOMWEB_TOKEN", None)
+        else:
+            os.environ["DICOMWEB_TOKEN"] = saved
+        gate.shutdown()
+        gate.server_close()
+
+
+def test_stow_batches_in_flight_are_all_proved_by_a_few_list_searches(
+    dicomweb_orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
+) -> None:
+    """Twelve one-instance studies in six STOW-RS requests from four workers: every
+    instance proved, and the searches before sending and after each request name all
+    their studies at once (UID list matching), not one request per study. A rerun through a server that
+    ignores UID lists finds out, asks study by study, and sends nothing."""
+    files = write_copies(small_dicom, tmp_path / "in", 12)
+    options = ("--workers", "4", "--batch", "2", tmp_path / "in")
+    gate = RecordingGate(dicomweb_orthanc, secrets.token_urlsafe(16))
+    run = through_gate(gate, *options)
+    assert run.returncode == 0, run.stderr
+    assert run.counts["stored"] == run.counts["verified"] == 12
+    assert "12 by QIDO-RS search" in run.stdout
+    posts = [path for method, path in gate.requests if method == "POST"]
+    searches = [path for method, path in gate.requests if "/instances?" in path]
+    assert len(posts) == 6
+    # One list search per chunk of four files (what the server holds) and one after each
+    # request (the proof, mostly done before the last answer): none study by study.
+    assert not [path for path in searches if "/studies/" in path], searches
+    assert len(searches) <= 3 + 6, searches
+    assert sorted(instance_uids(dicomweb_orthanc)) == sorted(
+        str(pydicom.dcmread(p).SOPInstanceUID) for p in files
+    )
+
+    blind = RecordingGate(dicomweb_orthanc, secrets.token_urlsafe(16), blind=True)
+    again = through_gate(blind, *options)
+    assert again.returncode == 0, again.stderr
+    assert again.counts["stored"] == 0
+    assert again.counts["already"] == again.counts["verified"] == 12
+    assert "matches no UID lists: one search per study" in again.stderr
+    assert sum("/studies/" in path for _method, path in blind.requests) >= 12

@@ -12,14 +12,19 @@ import secrets
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 import requests
 from conftest import require_program
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from test_upload import Run, file_meta_element, start_upload, upload, write_copies
 
 from cxrsr.pacs.local_orthanc import LocalOrthanc, free_port
@@ -424,3 +429,111 @@ def test_uncompressed_files_are_converted_losslessly_and_compressed_ones_never_t
     original = pydicom.dcmread(explicit)
     assert copy.SOPInstanceUID == original.SOPInstanceUID
     assert copy.PixelData == original.PixelData
+
+
+class RecordingScp:
+    """A pynetdicom storage SCP on loopback (no C-FIND, no storage commitment) that
+    records each C-STORE: the association it came on and the data set bytes received."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.stores: list[tuple[object, str, bytes]] = []
+        self._lock = threading.Lock()
+        self.ae = AE(ae_title="RECORDER")
+        for sop_class, syntax in sorted(
+            {
+                (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+                for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in files)
+            }
+        ):
+            self.ae.add_supported_context(
+                sop_class, list(dict.fromkeys([syntax, ExplicitVRLittleEndian]))
+            )
+        self.ae.add_supported_context(Verification)
+        self.ae.maximum_associations = 8
+        self.server = self.ae.start_server(
+            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+        self.port = int(self.server.server_address[1])
+
+    def _on_store(self, event: Any) -> int:
+        with self._lock:
+            self.stores.append(
+                (
+                    event.assoc,
+                    str(event.request.AffectedSOPInstanceUID),
+                    event.request.DataSet.getvalue(),
+                )
+            )
+        return 0x0000
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def data_set_bytes(path: Path) -> bytes:
+    """The file's data set as encoded: what follows its File Meta Information."""
+    data = path.read_bytes()
+    (group_length,) = struct.unpack_from("<I", data, 140)
+    return data[144 + group_length :]
+
+
+def test_parallel_associations_are_each_reused_and_carry_the_files_own_bytes(
+    small_dicom: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """Two workers send 24 files over at most two associations, kept open from batch to
+    batch (not one per chunk of files); a JPEG 2000 radiograph arrives byte for byte as
+    its file holds it (pydicom would write that data set 24 bytes shorter)."""
+    files = write_copies(small_dicom, tmp_path / "in", 24)
+    # First in discovery order: the first associations propose its context already (one
+    # that meets a new (SOP class, transfer syntax) pair later is renewed, by design).
+    radiograph = tmp_path / "in" / "A_radiograph.dcm"
+    radiograph.write_bytes((corpus_dir / "cxr05_dx_canon_966_fixed_j2kr.dcm").read_bytes())
+    scp = RecordingScp([*files, radiograph])
+    try:
+        run = upload(
+            None,
+            "--to",
+            "dimse",
+            f"127.0.0.1:{scp.port}",
+            "--called-aet",
+            "RECORDER",
+            "--workers",
+            "2",
+            "--batch",
+            "4",
+            "--timeout",
+            "20",
+            tmp_path / "in",
+        )
+    finally:
+        scp.close()
+    assert run.returncode == 0, run.stderr
+    assert run.counts["stored"] == run.counts["verified"] == 25
+    per_association: dict[int, int] = {}
+    for assoc, _uid, _data in scp.stores:
+        per_association[id(assoc)] = per_association.get(id(assoc), 0) + 1
+    assert len(per_association) <= 2, per_association
+    assert max(per_association.values()) >= 2
+    received = {uid: data for _assoc, uid, data in scp.stores}
+    assert sorted(received) == sorted([*map(sop_uid, files), sop_uid(radiograph)])
+    assert received[sop_uid(radiograph)] == data_set_bytes(radiograph)
+
+
+def test_storage_commitment_is_asked_while_files_are_still_being_sent(
+    pacs: LocalOrthanc, listen_port: int, small_dicom: Path, tmp_path: Path
+) -> None:
+    """With a report port, the instances stored so far are named in an N-ACTION at each
+    chunk of files, on a sending association, not all in one request at the end: Orthanc
+    runs one storage commitment job per request, and every instance is still committed."""
+    write_copies(small_dicom, tmp_path / "in", 12)
+    run = upload(
+        None, *dimse_args(pacs, listen_port, "--workers", "2", "--batch", "2"), tmp_path / "in"
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.counts["stored"] == run.counts["verified"] == 12
+    assert "12 by storage commitment" in run.stdout
+    jobs = requests.get(
+        f"{pacs.url}/jobs?expand", auth=(pacs.username, pacs.password), timeout=10
+    ).json()
+    commitments = [job for job in jobs if job.get("Type") == "StorageCommitmentScp"]
+    assert len(commitments) >= 2, jobs
