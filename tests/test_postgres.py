@@ -8,6 +8,7 @@ import json
 import secrets
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,11 +21,14 @@ from cxrsr.pacs.local_postgres import INDEX_PLUGIN, LocalPostgres, find_postgres
 from tests.claim_race import race, store_tiny
 from tests.conftest import missing_prerequisite, orthanc_env, run_script
 from tests.test_watch import (
+    Follower,
     audit,
+    get,
     get_claim,
     instance_id_of,
     make_copies,
     one_result_each,
+    results_by_image,
     run_once,
     start_once,
     store,
@@ -96,6 +100,35 @@ def test_two_orthancs_on_one_database_store_each_instance_once(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = 'resources'"
     )
     assert tables == "1", "Orthanc's index is not in PostgreSQL"
+
+
+def stored_in_index(server: LocalOrthanc, uids: list[str]) -> set[str]:
+    """The SOP Instance UIDs among ``uids`` that the (shared) index holds."""
+    found = set()
+    for uid in uids:
+        answer = requests.post(f"{server.url}/tools/lookup", data=uid, timeout=30,
+                               auth=(server.username, server.password))  # fmt: skip
+        answer.raise_for_status()
+        if any(item["Type"] == "Instance" for item in answer.json()):
+            found.add(uid)
+    return found
+
+
+def stable_series(server: LocalOrthanc) -> set[str]:
+    """The Orthanc series that have a StableSeries in the (shared) change log."""
+    changes = get(server, "/changes?since=0&limit=10000")["Changes"]  # type: ignore[index]
+    return {c["ID"] for c in changes if c["ChangeType"] == "StableSeries"}
+
+
+def all_claims_done(server: LocalOrthanc, uids: list[str]) -> bool:
+    """Whether every image's claim says ``done`` (nobody is still working on one)."""
+    for uid in uids:
+        try:
+            if get_claim(server, instance_id_of(server, uid))["state"] != "done":
+                return False
+        except requests.HTTPError:
+            return False  # not claimed yet
+    return True
 
 
 @pytest.fixture
@@ -208,6 +241,78 @@ def test_a_watcher_killed_with_claims_in_hand_leaves_them_to_the_others(
     one_result_each(group[0], uids)
     for orthanc_id in ids:
         assert get_claim(group[0], orthanc_id)["state"] == "done"
+
+
+def send_alternately_and_kill_one(
+    group: list[LocalOrthanc], images: list[Path], after: int
+) -> list[Path]:
+    """Send ``images`` alternately to both Orthancs (a modality's thread) and ``kill -9``
+    the first once ``after`` have been sent, while the sending goes on; the images whose
+    sending failed (the dying Orthanc's, connection reset or refused)."""
+    sent = threading.Semaphore(0)
+    refused: list[Path] = []
+
+    def modality() -> None:
+        for n, path in enumerate(images):
+            try:
+                store(group[n % 2], [path])
+            except requests.RequestException:
+                refused.append(path)
+            sent.release()
+
+    sender = threading.Thread(target=modality, daemon=True)
+    sender.start()
+    for _ in range(after):
+        assert sent.acquire(timeout=60), "the images are not being stored"
+    group[0].kill()
+    sender.join(120)
+    assert not sender.is_alive(), "the sending did not end"
+    return refused
+
+
+def test_an_orthanc_killed_while_receiving_leaves_no_image_without_its_result(
+    group: list[LocalOrthanc], corpus_dir: Path, weights_cache_dir: Path, tmp_path: Path
+) -> None:
+    """Two watchers follow the surviving Orthanc while images (one series each) are sent
+    alternately to both; the other is ``kill -9``ed halfway through. The series it
+    committed in its last StableAge never get a StableSeries (it died holding the timer):
+    only the sweep finds them. The images it never committed are sent again to the
+    survivor, as a modality would. Then every image has exactly one SR and one key image,
+    and every claim says done."""
+    survivor = group[1]
+    images = make_copies(corpus_dir, tmp_path / "in", 12)
+    uids = [uid_of(p) for p in images]
+    options = ("--poll-interval", "0.2", "--reconcile-interval", "1", "--batch-size", "4",
+               "--backend", "eager")  # fmt: skip
+    watchers = [Follower(survivor, tmp_path / f"state-{n}", weights_cache_dir,
+                         tmp_path / f"w{n}.log", options)
+                for n in range(2)]  # fmt: skip
+    try:
+        # Their first full look (on start) is over once they saved a cursor: from then
+        # on only StableSeries events and the sweep bring them images.
+        wait_for(lambda: all((tmp_path / f"state-{n}" / "cursor.json").exists()
+                             for n in range(2)), "both watchers past their first full look")  # fmt: skip
+        refused = send_alternately_and_kill_one(group, images, after=len(images) // 2)
+        assert len(refused) >= len(images) // 4, "the Orthanc was not killed while receiving"
+        committed = stored_in_index(survivor, uids)
+        from_dying = committed - set(uids[1::2])
+        assert from_dying, "the dying Orthanc committed nothing"
+        announced = stable_series(survivor)
+        unannounced = [uid for uid in from_dying if get(survivor, f"/instances/"
+                       f"{instance_id_of(survivor, uid)}")["ParentSeries"] not in announced]  # type: ignore[index]  # fmt: skip
+        assert unannounced, "every series the dying Orthanc committed was announced"
+        store(survivor, [p for p, u in zip(images, uids, strict=True) if u not in committed])
+        wait_for(lambda: set(uids) <= set(results_by_image(survivor)), "an SR for every image")
+        wait_for(lambda: all_claims_done(survivor, uids), "every claim done")
+        for watcher in watchers:
+            code, _ = watcher.terminate()
+            assert code == 0, watcher.text()
+    finally:
+        for watcher in watchers:
+            if watcher.process.poll() is None:
+                watcher.kill()
+    one_result_each(survivor, uids)
+    assert "Traceback" not in "".join(w.text() for w in watchers)
 
 
 def test_command_line_runs_a_kept_cluster_and_an_orthanc_indexed_in_it(
