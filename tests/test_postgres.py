@@ -4,9 +4,13 @@ Orthancs sharing one database and one storage folder."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import secrets
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -16,7 +20,7 @@ import pytest
 import requests
 
 from cxrsr.config import PROJECT_ROOT
-from cxrsr.pacs.local_orthanc import LocalOrthanc
+from cxrsr.pacs.local_orthanc import LocalOrthanc, free_port
 from cxrsr.pacs.local_postgres import INDEX_PLUGIN, LocalPostgres, find_postgres_bin
 from tests.claim_race import race, store_tiny
 from tests.conftest import missing_prerequisite, orthanc_env, run_script
@@ -320,12 +324,6 @@ def test_command_line_runs_a_kept_cluster_and_an_orthanc_indexed_in_it(
 ) -> None:
     """local_postgres start/stop --dir and local_orthanc start --postgres: the documented
     way to run the hospital layout without Docker. Started again, the cluster keeps its data."""
-    import os
-    import subprocess
-    import sys
-
-    from cxrsr.pacs.local_orthanc import free_port
-
     env = dict(os.environ, CXRSR_DOTENV="/dev/null", ORTHANC_USERNAME="cxrsr-test",
                ORTHANC_PASSWORD=secrets.token_urlsafe(12))  # fmt: skip
     # As root the cluster runs as the postgres user, who must reach its folder: not
@@ -361,3 +359,104 @@ def test_command_line_runs_a_kept_cluster_and_an_orthanc_indexed_in_it(
     finally:
         module("local_postgres", "stop", "--dir", str(cluster))
         shutil.rmtree(outside, ignore_errors=True)
+
+
+#: What a user's checkout holds that a throwaway copy of the project must not share.
+OWN_STATE = {
+    ".git",
+    ".venv",
+    ".env",
+    "data",
+    "output",
+    ".orthanc",
+    ".postgres",
+    ".orthanc-postgres",
+}
+
+
+@pytest.fixture
+def project(corpus_dir: Path, weights_cache_dir: Path) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A checkout of the project to run ``run.sh`` in (links to this one's files, with its
+    own data/ holding one radiograph, .env, state folders and home with the weights), and
+    the environment to run it with: this test run's Python as its virtual environment
+    (installed, by its stamp), an Orthanc URL on a free port. Outside pytest's owner-only
+    folders: as root the cluster runs as the postgres user, who must reach it."""
+    root = Path(tempfile.mkdtemp(prefix="cxrsr-test-run-"))
+    root.chmod(0o711)
+    checkout = root / "cxrsr"
+    checkout.mkdir()
+    for entry in PROJECT_ROOT.iterdir():
+        if entry.name not in OWN_STATE:
+            (checkout / entry.name).symlink_to(entry)
+    (checkout / "data").mkdir()
+    make_copies(corpus_dir, root / "copies", 1)[0].rename(checkout / "data" / "IM1")
+    venv = root / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (venv / "bin" / "python").chmod(0o755)
+    requirements = (PROJECT_ROOT / "requirements.txt").read_bytes()
+    stamp = hashlib.sha256(requirements * 2).hexdigest()  # scripts/common.sh's ensure_venv
+    (venv / ".installed-requirements.txt").write_text(stamp + "\n")
+    weights = root / "home" / ".torchxrayvision" / "models_data"
+    weights.mkdir(parents=True)
+    for path in weights_cache_dir.iterdir():
+        shutil.copy(path, weights / path.name)
+    env = dict(os.environ, VENV=str(venv), HOME=str(root / "home"),
+               CXRSR_DOTENV=str(checkout / ".env"),
+               ORTHANC_URL=f"http://127.0.0.1:{free_port()}", ORTHANC_USERNAME="cxrsr-test",
+               ORTHANC_PASSWORD=secrets.token_urlsafe(12))  # fmt: skip
+    try:
+        yield checkout, env
+    finally:
+        for module, folder in (
+            ("local_orthanc", ".orthanc-postgres"),
+            ("local_postgres", ".postgres"),
+        ):
+            if (checkout / folder).exists():
+                subprocess.run([sys.executable, "-m", f"cxrsr.pacs.{module}", "stop", "--dir",
+                                str(checkout / folder)], capture_output=True, timeout=120,
+                               cwd=PROJECT_ROOT, env=env)  # fmt: skip
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_sh(checkout: Path, env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(checkout / "run.sh"), *argv], capture_output=True,
+                          text=True, env=env, cwd=checkout, timeout=600)  # fmt: skip
+
+
+def test_run_sh_postgres_runs_the_pipeline_into_an_orthanc_indexed_in_postgresql(
+    postgres: LocalPostgres, project: tuple[Path, dict[str, str]]
+) -> None:
+    """./run.sh --postgres starts a cluster of its own (.postgres/) and the local Orthanc
+    on it (.orthanc-postgres/), and stores the image, its SR and its key image there."""
+    checkout, env = project
+    done = run_sh(checkout, env, "--postgres")
+    assert done.returncode == 0, done.stderr
+    assert "starting PostgreSQL" in done.stderr
+    auth = (env["ORTHANC_USERNAME"], env["ORTHANC_PASSWORD"])
+    system = requests.get(f"{env['ORTHANC_URL']}/system", auth=auth, timeout=10).json()
+    assert "PostgreSQLIndex" in system["DatabaseBackendPlugin"]
+    statistics = requests.get(f"{env['ORTHANC_URL']}/statistics", auth=auth, timeout=10).json()
+    assert statistics["CountInstances"] == 3, statistics  # the image, its SR, its key image
+    connection = json.loads((checkout / ".postgres" / "connection.json").read_text())
+    assert connection["Host"] == "127.0.0.1" and connection["Lock"] is False
+
+
+def test_run_sh_postgres_refuses_an_orthanc_on_sqlite(
+    postgres: LocalPostgres,
+    project: tuple[Path, dict[str, str]],
+    orthanc_binary: str,
+    tmp_path: Path,
+) -> None:
+    """An Orthanc already answering at ORTHANC_URL on its built-in SQLite is not what
+    --postgres asked for: one E: line, exit 3, nothing classified."""
+    checkout, env = project
+    port = int(env["ORTHANC_URL"].rsplit(":", 1)[1])
+    sqlite = LocalOrthanc(tmp_path / "sqlite", env["ORTHANC_USERNAME"], env["ORTHANC_PASSWORD"],
+                          http_port=port, binary=orthanc_binary)  # fmt: skip
+    with sqlite:
+        refused = run_sh(checkout, env, "--postgres")
+    assert refused.returncode == 3, refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("E:")]
+    assert len(errors) == 1 and "SQLite" in errors[0], refused.stderr
+    assert not (checkout / "output").exists()
