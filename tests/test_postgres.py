@@ -400,7 +400,8 @@ def project(corpus_dir: Path, weights_cache_dir: Path) -> Iterator[tuple[Path, d
     weights = root / "home" / ".torchxrayvision" / "models_data"
     weights.mkdir(parents=True)
     for path in weights_cache_dir.iterdir():
-        shutil.copy(path, weights / path.name)
+        if path.is_file():  # the weights; not the ONNX exports other tests left beside them
+            shutil.copy(path, weights / path.name)
     env = dict(os.environ, VENV=str(venv), HOME=str(root / "home"),
                CXRSR_DOTENV=str(checkout / ".env"),
                ORTHANC_URL=f"http://127.0.0.1:{free_port()}", ORTHANC_USERNAME="cxrsr-test",
