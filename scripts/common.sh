@@ -77,10 +77,9 @@ ensure_packages() {
 # index without Docker. Both are started only if not running; their data is kept.
 start_orthanc_on_postgres() {
   local py=$1 port=$2
-  ensure_packages Orthanc:orthanc /usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so:orthanc-postgresql || return 1
-  if ! "$py" -c 'import sys; from cxrsr.pacs.local_postgres import find_postgres_bin; sys.exit(find_postgres_bin() is None)'; then
-    ensure_packages /usr/lib/postgresql:postgresql || return 1
-  fi
+  ensure_packages Orthanc:orthanc pg_ctlcluster:postgresql \
+    /usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so:orthanc-postgresql \
+    || { say "E: --postgres needs Debian's orthanc, postgresql and orthanc-postgresql packages"; return 1; }
   say "I: starting PostgreSQL (data in .postgres) and the local Orthanc on it (data in .orthanc-postgres)"
   "$py" -m cxrsr.pacs.local_postgres start --dir .postgres || return 1
   "$py" -m cxrsr.pacs.local_orthanc start --dir .orthanc-postgres --http-port "$port" \
