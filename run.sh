@@ -4,6 +4,10 @@
 # Safe to run again: nothing is stored twice.
 # ./run.sh --demo first downloads a few public chest X-rays into data/demo/ (checked against
 # pinned SHA-256 digests, licences printed) and runs on those alone, into output/demo/.
+# ./run.sh --postgres keeps Orthanc's index in PostgreSQL instead of SQLite, as the hospital
+# stack does, without Docker: a PostgreSQL cluster of its own on 127.0.0.1 (data in .postgres/,
+# Debian 'postgresql') and the local Orthanc on it (data in .orthanc-postgres/, Debian
+# 'orthanc-postgresql'). Both keep running afterwards, as the SQLite Orthanc does.
 set -uo pipefail
 cd "$(dirname "$0")" || exit 1
 . scripts/common.sh
@@ -13,15 +17,19 @@ PY="$VENV/bin/python"
 ensure_dotenv "$PY" || exit 3  # one E: line per value the readers of .env would disagree on
 load_orthanc_settings "$PY" || exit 3
 
-INPUT=data OUTPUT=output
-if [ "${1:-}" = --demo ]; then
+INPUT=data OUTPUT=output DEMO=0 POSTGRES=0
+for arg in "$@"; do
+  case $arg in
+    --demo) DEMO=1 ;;
+    --postgres) POSTGRES=1 ;;
+    *) say "E: unknown argument '$arg'; usage: ./run.sh [--demo] [--postgres]"; exit 2 ;;
+  esac
+done
+if [ $DEMO = 1 ]; then
   INPUT=data/demo OUTPUT=output/demo
   "$PY" -m cxrsr.demo --dir "$INPUT"
   rc=$?
   [ $rc -ge 2 ] && { say "E: no demo file could be downloaded (see above)"; exit 3; }
-elif [ $# -gt 0 ]; then
-  say "E: unknown argument '$1'; usage: ./run.sh [--demo]"
-  exit 2
 fi
 
 # Is there anything to do?
@@ -53,6 +61,18 @@ except (requests.RequestException, ValueError):
     print("down")
 PY
 }
+orthanc_index() {  # Orthanc's database backend plugin; empty for its built-in SQLite
+  "$PY" - <<'PY'
+import requests
+from cxrsr.config import orthanc_settings
+s = orthanc_settings()
+try:
+    r = requests.get(f"{s.url}/system", auth=(s.username, s.password), timeout=3)
+    print(r.json().get("DatabaseBackendPlugin") or "")
+except (requests.RequestException, ValueError):
+    print("")
+PY
+}
 wait_for_orthanc() {
   for _ in $(seq 1 90); do
     [ "$(orthanc_status | cut -d' ' -f1)" = 200 ] && return 0
@@ -66,9 +86,22 @@ name=${answer#* }
 if [ "$status" = 200 ] && [ "$name" != cxrsr ]; then
   say "W: the Orthanc at $ORTHANC_URL is named '$name', not this project's 'cxrsr' (orthanc.json); using it"
 fi
+if [ "$status" = 200 ] && [ $POSTGRES = 1 ]; then
+  # Asked for PostgreSQL: an Orthanc already answering must have its index there.
+  backend=$(orthanc_index)
+  case $backend in
+    *PostgreSQL*) ;;
+    *) say "E: --postgres, but the Orthanc at $ORTHANC_URL keeps its index in ${backend:-SQLite}; stop it first (python -m cxrsr.pacs.local_orthanc stop --dir .orthanc) or point ORTHANC_URL elsewhere"
+       exit 3 ;;
+  esac
+fi
 if [ "$status" = 401 ] || [ "$status" = 403 ]; then
   say "E: an Orthanc answers at $ORTHANC_URL but refuses the credentials in .env; fix ORTHANC_USERNAME/ORTHANC_PASSWORD there (or stop that Orthanc)"
   exit 3
+elif [ "$status" != 200 ] && [ $POSTGRES = 1 ]; then
+  port=${ORTHANC_URL##*:}; port=${port%%/*}
+  start_orthanc_on_postgres "$PY" "$port" || exit 3
+  wait_for_orthanc || { say "E: Orthanc did not come up at $ORTHANC_URL"; exit 3; }
 elif [ "$status" != 200 ]; then
   port=${ORTHANC_URL##*:}; port=${port%%/*}
   if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then

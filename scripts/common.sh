@@ -71,3 +71,17 @@ ensure_packages() {
     return 1
   fi
 }
+
+# A PostgreSQL cluster of the project's own (.postgres/, on 127.0.0.1) and the local Orthanc
+# with its index in it (.orthanc-postgres/), for ./run.sh --postgres: the hospital stack's
+# index without Docker. Both are started only if not running; their data is kept.
+start_orthanc_on_postgres() {
+  local py=$1 port=$2
+  ensure_packages Orthanc:orthanc pg_ctlcluster:postgresql \
+    /usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so:orthanc-postgresql \
+    || { say "E: --postgres needs Debian's orthanc, postgresql and orthanc-postgresql packages"; return 1; }
+  say "I: starting PostgreSQL (data in .postgres) and the local Orthanc on it (data in .orthanc-postgres)"
+  "$py" -m cxrsr.pacs.local_postgres start --dir .postgres || return 1
+  "$py" -m cxrsr.pacs.local_orthanc start --dir .orthanc-postgres --http-port "$port" \
+    --postgres .postgres
+}
