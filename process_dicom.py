@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from cxrsr import cli
+from cxrsr import cli, engines
 from cxrsr.dicomio.discovery import check_inputs_exist, iter_sources
 from cxrsr.dicomio.domain import DomainPolicy
 from cxrsr.errors import PipelineError
@@ -84,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="a heatmap for every label, not only the findings (research; benchmarks)",
     )
+    engines.add_engine_options(parser)
     args = parser.parse_args(argv)
     cli.setup_logging(args)
     missing = check_inputs_exist(args.inputs)
@@ -93,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One run per results file: a second one would append to this run's journal, which
     # the first to finish folds into its results file and deletes.
     with hold(lock_path(args.output), str(args.output)):
-        return process(args)
+        return process(args) if args.engine == "local" else engines.run_engine(args)
 
 
 def process(args: argparse.Namespace) -> int:
