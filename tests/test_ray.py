@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from cxrsr.config import PROJECT_ROOT
-from tests.conftest import assert_valid_results, missing_prerequisite, run_script, sr_files
+from conftest import assert_valid_results, missing_prerequisite, run_script, sr_files
 
 #: Seconds any one run may take on a loaded 2-core machine.
 RUN_TIMEOUT = 300

@@ -151,8 +151,22 @@ def make_plan(sources: Iterator[Source], shard_size: int, model: ModelRecord, fo
 # --------------------------------------------------------------------------- Ray stages
 
 
+#: Inputs per decoding task: few, so that small runs spread over every core too, and a
+#: worker that dies takes few inputs with it.
+DECODE_BLOCK = 4
+
+
+def split_shards(todo: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The shards to do as pieces of :data:`DECODE_BLOCK` inputs: one decoding task each."""
+    for shard in todo:
+        items = json.loads(shard["items"])
+        for first in range(0, len(items), DECODE_BLOCK):
+            piece = json.dumps(items[first : first + DECODE_BLOCK])
+            yield {"shard": shard["shard"], "items": piece}
+
+
 def expand_shard(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per input of a shard to do."""
+    """One row per input of a piece of a shard to do."""
     return [
         {
             "shard": int(row["shard"]),
@@ -508,7 +522,8 @@ class ShardRun:
         results_dir = None if args.no_heatmaps else str(Path(args.output).parent.resolve())
         which = ALL_LABELS if args.all_heatmaps else FINDINGS
         gpu = self.spec.device.startswith("cuda")
-        dataset = ray.data.from_items(self.plan.todo, override_num_blocks=len(self.plan.todo))
+        pieces = list(split_shards(self.plan.todo))
+        dataset = ray.data.from_items(pieces, override_num_blocks=len(pieces))
         dataset = dataset.flat_map(expand_shard)
         dataset = dataset.map(
             decode_row,
@@ -525,7 +540,9 @@ class ShardRun:
             batch_size=args.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=args.ray_actors),
-            num_cpus=0 if gpu else 1,
+            # No CPU reserved: the model runs beside the decoding tasks, as the local
+            # engine's runs beside its readers (ONNX Runtime's threads share the cores).
+            num_cpus=0,
             num_gpus=1 if gpu else 0,
             # A dead actor restarts, and the batch it held runs again, twice.
             max_restarts=-1,
