@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import assert_valid_results, missing_prerequisite, run_script, sr_files
 
 from cxrsr.config import PROJECT_ROOT
-from conftest import assert_valid_results, missing_prerequisite, run_script, sr_files
 
 #: Seconds any one run may take on a loaded 2-core machine.
 RUN_TIMEOUT = 300
