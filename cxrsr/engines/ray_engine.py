@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import pickle
+import socket
 import time
 import warnings
 from collections import Counter
@@ -309,7 +310,21 @@ def _placeholder(item: Prepared) -> Any:
 # --------------------------------------------------------------------------- the driver
 
 
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Exit 3 at once when a ``HOST:PORT`` cluster address does not answer (Ray itself
+    would retry for minutes); ``auto`` and ``ray://`` addresses are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise PipelineError(f"cannot reach the Ray cluster at {address}: {exc}", 3) from exc
+
+
 def _join_ray(address: str | None) -> Any:
+    if address:
+        check_reachable(address)
     try:
         import ray
     except ImportError:
