@@ -238,3 +238,17 @@ def test_killed_driver_then_killed_actor_cost_only_their_work(
     # gained a shared-UID note when the other file's shard was finished.
     assert len(kept) + len(redo) >= len(finished) - 2, (finished, now)
     assert not list(folder.glob(".*.tmp"))
+
+
+def test_a_cluster_that_does_not_answer_exits_3(corpus_dir, weights_cache_dir, tmp_path) -> None:
+    import socket
+
+    with socket.socket() as unused:  # a loopback port where nothing listens
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"
+    out = tmp_path / "results.json"
+    args = ray_args(address, out, weights_cache_dir)
+    proc = run_script("process_dicom.py", corpus_dir / "cxr11_siim_cr_jpeg8.dcm", *args, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.startswith(f"E: cannot reach the Ray cluster at {address}: ")
+    assert "Traceback" not in proc.stderr and not out.exists()

@@ -323,8 +323,6 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
 
 
 def _join_ray(address: str | None) -> Any:
-    if address:
-        check_reachable(address)
     try:
         import ray
     except ImportError:
@@ -371,6 +369,8 @@ def process_ray(args: argparse.Namespace) -> int:
     """process_dicom.py --engine ray: classify ``args.inputs`` into sharded results."""
     from cxrsr.model.classifier import load_classifier
 
+    if args.ray_address:
+        check_reachable(args.ray_address)  # before minutes of work, not after
     started = time.monotonic()
     output = Path(args.output)
     folder = shards.shard_folder(output)
