@@ -333,9 +333,11 @@ def _join_ray(address: str | None) -> Any:
 
     # Workers import cxrsr as the driver does: from this checkout, or the installed package.
     path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
+    # A Ray started for this run listens on loopback only: its servers take no password.
     try:
         ray.init(
             address=address,
+            _node_ip_address=None if address else "127.0.0.1",
             include_dashboard=False,
             log_to_driver=False,
             logging_level=logging.ERROR,
