@@ -254,9 +254,9 @@ class ClassifyBatches:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         items: list[Prepared] = [pickle.loads(data) for data in batch["prepared"]]
-        entries: list[ResultsEntry] = [
-            not_classified_entry(item) if item.status != "ready" else _placeholder(item)
-            for item in items
+        # Skipped and failed inputs now; the ready ones' places are filled by _classify.
+        entries: list[Any] = [
+            None if item.status == "ready" else not_classified_entry(item) for item in items
         ]
         ready = [i for i, item in enumerate(items) if item.status == "ready"]
         if ready:
@@ -303,10 +303,6 @@ def configured_actor(settings: ActorSettings) -> type[ClassifyBatches]:
     return type("ClassifyBatches", (ClassifyBatches,), {"settings": settings})
 
 
-def _placeholder(item: Prepared) -> Any:
-    return None
-
-
 # --------------------------------------------------------------------------- the driver
 
 
@@ -333,7 +329,7 @@ def _join_ray(address: str | None) -> Any:
 
     # Workers import cxrsr as the driver does: from this checkout, or the installed package.
     path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
-    # A Ray started for this run listens on loopback only: its servers take no password.
+    # A Ray started for this run uses the loopback address: its servers take no password.
     try:
         ray.init(
             address=address,
