@@ -252,3 +252,24 @@ def test_a_cluster_that_does_not_answer_exits_3(corpus_dir, weights_cache_dir, t
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.startswith(f"E: cannot reach the Ray cluster at {address}: ")
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_the_local_engine_resumes_from_sharded_results(
+    ray_run, corpus_dir, weights_cache_dir, local_results, tmp_path
+) -> None:
+    """A local run over the Ray engine's results keeps their unchanged entries (read from
+    the shards), and writes one results file."""
+    import shutil
+
+    _, out = ray_run
+    shutil.copytree(out.parent, tmp_path / "out")
+    results = tmp_path / "out" / "results.json"
+    proc = run_script(
+        "process_dicom.py", corpus_dir, "-o", results, "--cache-dir", weights_cache_dir
+    )
+    assert proc.returncode == 1, proc.stderr
+    kept = sum(e["status"] != "failed" for e in local_results)
+    assert f"({kept} kept from an earlier run)" in proc.stdout
+    document = json.loads(results.read_text())
+    assert document["format"] == "cxrsr-results/1"
+    assert_same_results(local_results, document["images"])
