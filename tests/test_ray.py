@@ -273,3 +273,30 @@ def test_the_local_engine_resumes_from_sharded_results(
     document = json.loads(results.read_text())
     assert document["format"] == "cxrsr-results/1"
     assert_same_results(local_results, document["images"])
+
+
+@pytest.mark.parametrize(
+    ("shard", "reason"),
+    [
+        ("results.d/part-00000.jsonl", "shard results.d/part-00000.jsonl is missing"),
+        ("../elsewhere.jsonl", "not a valid results manifest: shards: a shard outside"),
+    ],
+)
+def test_a_broken_manifest_is_one_usage_error(tmp_path, shard: str, reason: str) -> None:
+    """A manifest naming a missing shard, or one outside its folder, is refused with one
+    line (exit 2) by every reader: dump here, generate_sr.py through the same loader."""
+    manifest = tmp_path / "results.json"
+    model = {"weights": "w", "weights_sha256": "0" * 64, "torchxrayvision": "1.5.7", "labels": []}
+    manifest.write_text(
+        json.dumps({"format": "cxrsr-results-sharded/1", "model": model, "shards": [shard]})
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxrsr.results", "dump", str(manifest)],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"E: {manifest}: {reason}")
+    assert proc.stderr.count("\n") == 1 and not proc.stdout
