@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cxrsr import cli
+from cxrsr import cli, engines
 from cxrsr.dicomio.discovery import check_inputs_exist, iter_sources
 from cxrsr.dicomio.domain import DomainPolicy
 from cxrsr.errors import PipelineError
@@ -92,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="a heatmap for every label, not only the findings (research; benchmarks)",
     )
+    engines.add_engine_options(parser)
     args = parser.parse_args(argv)
     cli.setup_logging(args)
     missing = check_inputs_exist(args.inputs)
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One run per results file: a second one would append to this run's journal, which
     # the first to finish folds into its results file and deletes.
     with hold(lock_path(args.output), str(args.output)):
-        return process(args)
+        return process(args) if args.engine == "local" else engines.run_engine(args)
 
 
 def process(args: argparse.Namespace) -> int:

@@ -20,6 +20,8 @@ ensure_packages pg_ctlcluster:postgresql \
   /usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so:orthanc-postgresql \
   || say "W: the PostgreSQL tests will be skipped (or fail under CI) without postgresql and orthanc-postgresql"
 ensure_venv requirements-dev.txt
+# The Ray engine (--engine ray) and its tests; run.sh does not need it.
+ensure_venv requirements-ray.txt
 "$VENV/bin/ruff" check .
 "$VENV/bin/mypy"
 "$VENV/bin/python" -m pytest "$@"

@@ -38,12 +38,16 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cxrsr.classify import Prepared, classified_entry
+from cxrsr.classify import PreparedImage, classified_entry
 from cxrsr.config import PROJECT_ROOT
 from cxrsr.dicomio.reading import identity_of
 from cxrsr.sr import batch as sr_batch
 from cxrsr.sr import document as sr
+from cxrsr.sr import entries as sr_entries
+from cxrsr.sr import evidence as sr_evidence
+from cxrsr.sr import fast as sr_fast
 from cxrsr.sr import template as sr_template
+from cxrsr.sr import tid1500 as sr_tid1500
 from cxrsr.sr import uids
 
 CORPUS = PROJECT_ROOT.parent / "shared" / "cxr-corpus"
@@ -106,7 +110,7 @@ def synthetic_results(count: int, folder: Path, pictures: list[dict] | None = No
         path = folder / f"src{index:05d}.dcm"
         pydicom.dcmwrite(path, header, enforce_file_format=False)
         scores = {label: float(rng.random()) for label in LABELS}
-        prepared = Prepared(str(path), "ready", identity=identity_of(header))
+        prepared = PreparedImage(str(path), "ready", identity=identity_of(header))
         entry = classified_entry(prepared, scores, 0.5)
         if pictures is not None:
             picture = pictures[index % len(pictures)]
@@ -150,8 +154,8 @@ def fast_stages(document: dict, output_dir: Path, when: datetime.datetime) -> di
     The two encodings stand apart: the placeholder pass (whose digest gives the UID,
     ``cxrsr.sr.uids.content_uid``) is what deriving the UID from the content costs.
     """
-    model = sr.ModelInfo.from_results(document["model"])
-    builder = sr.SRBuilder(model, when)
+    model = sr_entries.ModelInfo.from_results(document["model"])
+    builder = sr_fast.SRBuilder(model, when)
     stages = dict.fromkeys(
         (
             "read+check source header",
@@ -168,12 +172,12 @@ def fast_stages(document: dict, output_dir: Path, when: datetime.datetime) -> di
     names = list(stages)
     for _index, classification in sr_batch.classifications(document, model):
         ticks = [time.perf_counter()]
-        header = sr.read_source_header(classification)
+        header = sr_evidence.read_source_header(classification)
         ticks.append(time.perf_counter())
-        evidence, _emptied = sr.evidence_dataset(header)
+        evidence, _emptied = sr_evidence.evidence_dataset(header)
         template = builder.template(evidence, classification)
         ticks.append(time.perf_counter())
-        document_sr = sr.sr_document(
+        document_sr = sr_tid1500.sr_document(
             evidence,
             copy.deepcopy(template.root_stub),
             header,
@@ -184,7 +188,7 @@ def fast_stages(document: dict, output_dir: Path, when: datetime.datetime) -> di
         )
         ticks.append(time.perf_counter())
         source_image = hd.sr.SourceImageForMeasurementGroup.from_source_image(evidence)
-        library = sr.image_library(evidence)
+        library = sr_tid1500.image_library(evidence)
         ticks.append(time.perf_counter())
 
         content = template.bind(
@@ -212,12 +216,12 @@ def fast_stages(document: dict, output_dir: Path, when: datetime.datetime) -> di
 
 def reference_stages(document: dict, count: int, when: datetime.datetime) -> dict[str, float]:
     """Seconds per stage of the highdicom reference path on the first ``count`` entries."""
-    model = sr.ModelInfo.from_results(document["model"])
+    model = sr_entries.ModelInfo.from_results(document["model"])
     stages = {"highdicom build": 0.0, "pydicom serialise": 0.0}
     for _index, classification in sr_batch.classifications(document, model)[:count]:
-        header = sr.read_source_header(classification)
+        header = sr_evidence.read_source_header(classification)
         t0 = time.perf_counter()
-        document_sr = sr.build_sr_reference(header, classification, model, when)
+        document_sr = sr_tid1500.build_sr_reference(header, classification, model, when)
         t1 = time.perf_counter()
         sr.encode_reference(document_sr)
         t2 = time.perf_counter()

@@ -37,9 +37,11 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Final, Literal, NotRequired, TypedDict, cast
+from typing import Any, Final, Literal, NotRequired, TypedDict, cast
 
+from cxrsr import shards
 from cxrsr.errors import PipelineError
 from cxrsr.files import write_json_atomic
 from cxrsr.results_types import (
@@ -72,6 +74,7 @@ __all__ = [
     "ResultsEntry",
     "RunOptions",
     "SkippedEntry",
+    "iter_entries",
     "json_schema",
     "load_results",
     "model_record",
@@ -97,7 +100,8 @@ class LoadedResults(TypedDict):
 
     format: Literal["cxrsr-results/1"]
     model: ModelRecord
-    images: list[object]
+    images: Sequence[object]
+    """A list, or for a sharded run the shards' entries read as they are iterated."""
     complete: NotRequired[bool]
 
 
@@ -185,7 +189,11 @@ def save_results(
 
 
 def load_results(path: Path) -> LoadedResults:
-    """Read and check a results file; a missing or malformed one is a :class:`PipelineError`."""
+    """Read and check a results file; a missing or malformed one is a :class:`PipelineError`.
+
+    A sharded run's manifest (:mod:`cxrsr.shards`) reads as the same document: its
+    ``images`` are the shards' entries, read one shard at a time as they are iterated.
+    """
     path = Path(path)
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
@@ -195,6 +203,8 @@ def load_results(path: Path) -> LoadedResults:
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PipelineError(f"{path}: not a readable results file: {exc}", exit_code=2) from exc
+    if shards.is_manifest(document):
+        return _load_manifest(path, document)
     if not isinstance(document, dict) or not isinstance(document.get("images"), list):
         raise PipelineError(f"{path}: not a results file (no 'images' list)", exit_code=2)
     found = document.get("format", FORMAT)
@@ -215,6 +225,44 @@ def load_results(path: Path) -> LoadedResults:
     return cast(LoadedResults, document)
 
 
+def _load_manifest(path: Path, manifest: dict[str, Any]) -> LoadedResults:
+    """A sharded run's manifest as a results document whose entries stream from its shards."""
+    found = shards.manifest_problem(manifest)
+    if found is not None:
+        raise PipelineError(f"{path}: not a valid results manifest: {found}", exit_code=2)
+    missing = [name for name in manifest["shards"] if not (path.parent / name).is_file()]
+    if missing:
+        raise PipelineError(f"{path}: shard {missing[0]} is missing", exit_code=2)
+    count = manifest.get("count")
+    images = shards.ShardedEntries(
+        path.parent, manifest["shards"], count if isinstance(count, int) else 0
+    )
+    document: dict[str, Any] = {"format": FORMAT, "model": manifest["model"], "images": images}
+    if manifest.get("complete") is False:
+        document["complete"] = False
+    return cast(LoadedResults, document)
+
+
+def iter_entries(path: Path) -> Iterator[object]:
+    """Every entry of a results file of any layout, streaming where the layout allows.
+
+    A ``results.json``, a sharded run's manifest (its shards in order), one shard file, or
+    a journal (its entry lines). Entries are as stored, unchecked.
+    """
+    path = Path(path)
+    header = shards.read_header(path)
+    if header is not None:
+        yield from shards.iter_shard(path)
+        return
+    if path.name.endswith(".journal"):
+        from cxrsr.journal import read_journal
+
+        for _model, entry in read_journal(path):
+            yield entry
+        return
+    yield from load_results(path)["images"]
+
+
 def model_record(block: object) -> ModelRecord:
     """A ``model`` block made in this process (the classifier's description), checked."""
     found = problem(block, ModelRecord, "model")
@@ -228,13 +276,35 @@ def schema_text() -> str:
     return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
 
 
-def main(argv: list[str]) -> int:
-    """``python -m cxrsr.results schema``: print the JSON Schema of the results file."""
-    if argv != ["schema"]:
-        print("usage: python -m cxrsr.results schema", file=sys.stderr)
+USAGE = "usage: python -m cxrsr.results schema | dump PATH"
+
+
+def dump(path: Path) -> int:
+    """Print every entry of the results at ``path`` as JSON Lines (one entry a line)."""
+    try:
+        for entry in iter_entries(path):
+            sys.stdout.write(json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n")
+    except PipelineError as exc:
+        print(f"E: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:  # `dump ... | head`: the reader has all it wants
+        return 0
+    except (OSError, ValueError) as exc:
+        print(f"E: {path}: cannot read: {exc}", file=sys.stderr)
         return 2
-    sys.stdout.write(schema_text())
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """``python -m cxrsr.results schema``: print the JSON Schema of the results file;
+    ``dump PATH``: print every entry of a results file of any layout as JSON Lines."""
+    if argv == ["schema"]:
+        sys.stdout.write(schema_text())
+        return 0
+    if len(argv) == 2 and argv[0] == "dump":
+        return dump(Path(argv[1]))
+    print(USAGE, file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

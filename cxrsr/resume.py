@@ -36,9 +36,11 @@ from cxrsr.results import (
     ModelRecord,
     ResultsEntry,
     RunOptions,
+    iter_entries,
     problem,
     save_results,
 )
+from cxrsr.shards import is_manifest
 
 if TYPE_CHECKING:
     import zipfile
@@ -114,11 +116,13 @@ class EarlierResults:
         earlier = cls()
         try:
             document = json.loads(Path(results_path).read_text(encoding="utf-8"))
-            model, images = document["model"], document["images"]
+            model, images = document["model"], document.get("images")
+            if is_manifest(document):  # a sharded run's results: its shards' entries
+                images = list(iter_entries(results_path))
             if isinstance(model, dict) and isinstance(images, list):
                 entries = [e for e in images if problem(e, ResultsEntry) is None]
                 earlier._add(model, cast(list[ResultsEntry], entries))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, PipelineError):
             pass  # no usable results file: nothing to reuse from it
         for model, entry in read_journal(journal):
             earlier._add(model, [entry])

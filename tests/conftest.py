@@ -129,6 +129,9 @@ def assert_valid_results(path: Path) -> dict[str, Any]:
     from jsonschema.exceptions import best_match
 
     document = json.loads(Path(path).read_text(encoding="utf-8"))
+    if document.get("format") == "cxrsr-results-sharded/1":  # a sharded run's manifest
+        assert_valid_shards(path, document)
+        return document
     error = best_match(results_validator().iter_errors(document))
     if error is not None:
         # For an entry (oneOf), what each variant found wrong; the entry itself is long.
@@ -138,6 +141,24 @@ def assert_valid_results(path: Path) -> dict[str, Any]:
             f"{path} does not match {RESULTS_SCHEMA.name}: {where}: {'; '.join(reasons)}"
         )
     return document
+
+
+def assert_valid_shards(path: Path, manifest: dict[str, Any]) -> None:
+    """Check a sharded run's manifest: its model block, and each shard's header model and
+    entries, against the published schema (the entries are those of a results file)."""
+    models, entries = results_validator("ModelRecord"), results_validator("ResultsEntry")
+    errors = [e.message for e in models.iter_errors(manifest.get("model"))]
+    assert not errors, f"{path}: model does not match the schema: {errors[:3]}"
+    for name in manifest["shards"]:
+        shard = Path(path).parent / name
+        lines = shard.read_bytes().splitlines()
+        header = json.loads(lines[0])
+        assert header["format"] == "cxrsr-shard/1" and header["count"] == len(lines) - 1, shard
+        errors = [e.message for e in models.iter_errors(header["model"])]
+        assert not errors, f"{shard}: header model does not match the schema: {errors[:3]}"
+        for number, raw in enumerate(lines[1:], start=2):
+            errors = [e.message for e in entries.iter_errors(json.loads(raw))]
+            assert not errors, f"{shard}: line {number} does not match the schema: {errors[:3]}"
 
 
 def _results_outputs(
