@@ -549,7 +549,9 @@ def mutate_zip(rng: random.Random, corpus: Corpus) -> Mutation:
     method = rng.choice([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
     with zipfile.ZipFile(buffer, "w", method, compresslevel=1) as archive:
         for member, data, _ in members:
-            archive.writestr(member, data)
+            # A ZipInfo with a fixed date: writestr(str) stamps the current time, and a case
+            # made across a two-second boundary would be other bytes.
+            archive.writestr(zipfile.ZipInfo(member, date_time=(2026, 1, 1, 0, 0, 0)), data, method)
     out = bytearray(buffer.getvalue())
     damage = rng.choice(
         ["intact", "truncate", "flip", "central-sizes", "local-sizes", "encrypted", "method", "crc"]
