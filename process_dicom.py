@@ -17,7 +17,7 @@ from cxrsr.dicomio.discovery import check_inputs_exist, iter_sources
 from cxrsr.dicomio.domain import DomainPolicy
 from cxrsr.errors import PipelineError
 from cxrsr.files import make_folders
-from cxrsr.results import FAILED, SKIPPED, ResultsEntry, RunOptions, model_record
+from cxrsr.results import ResultsEntry, RunOptions, model_record
 from cxrsr.runlock import hold, lock_path
 
 if TYPE_CHECKING:  # the model's imports wait until a file needs classifying
@@ -189,16 +189,11 @@ class Tally:
         return sum(self.counts.values()) - len(self.results.reused)
 
     def report(self, entry: ResultsEntry) -> None:
+        from cxrsr.classify import log_outcome  # numpy and the model stack: not for --help
+
         self.results.record(entry)
         self.counts[entry["status"]] += 1
-        if entry["status"] == SKIPPED:
-            cli.log.warning("%s: skipped: %s", entry["path"], entry["reason"])
-        elif entry["status"] == FAILED:
-            cli.log.error("%s: %s", entry["path"], entry["reason"])
-        else:
-            cli.log.debug("%s: classified", entry["path"])
-            for note in entry.get("warnings", []):
-                cli.log.warning("%s: %s", entry["path"], note)
+        log_outcome(entry)
         self.bar.update(1)
 
     def summarise(

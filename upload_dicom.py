@@ -30,6 +30,7 @@ import sys
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from cxrsr.cli import (
     EXIT_FAILED,
@@ -194,21 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("Orthanc %s at %s: uploading", system.get("Version"), client.url)
     with progress(args, total=None, unit="file") as bar:
 
-        def found() -> Iterator[Source]:
-            """The files, as discovery finds them; the bar learns the total at the end."""
-            count = 0
-            for source in iter_sources(inputs):
-                count += 1
-                yield source
-            bar.total = count
-            bar.refresh()
-
         def done(outcome: upload.Outcome) -> None:
             upload.log_outcome(outcome)
             bar.update(1)
 
         # Uploads start with the first file found, not after a walk of every folder.
-        outcomes = upload.upload(found(), client, workers=args.workers, on_done=done)
+        outcomes = upload.upload(found(inputs, bar), client, workers=args.workers, on_done=done)
     report = verify.verify(outcomes, client, workers=args.workers)
     client.close()
     report.log_problems()
@@ -260,6 +252,17 @@ def make_target(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Ta
     return dimse.DimseTarget(peer, args.workers)
 
 
+def found(inputs: Sequence[Path], bar: Any) -> Iterator[Source]:
+    """The files, as discovery finds them; the progress bar learns the total at the end
+    (uploads start with the first file found, not after a walk of every folder)."""
+    count = 0
+    for source in iter_sources(inputs):
+        count += 1
+        yield source
+    bar.total = count
+    bar.refresh()
+
+
 def send_to(target: Target, inputs: Sequence[Path], args: argparse.Namespace) -> int:
     """Send to a DICOMweb or DIMSE target: the same discovery, header check, progress,
     summary and exit codes as the Orthanc REST upload."""
@@ -267,14 +270,6 @@ def send_to(target: Target, inputs: Sequence[Path], args: argparse.Namespace) ->
     log.info("%s: uploading", target.description)
     try:
         with progress(args, total=None, unit="file") as bar:
-
-            def found() -> Iterator[Source]:
-                count = 0
-                for source in iter_sources(inputs):
-                    count += 1
-                    yield source
-                bar.total = count
-                bar.refresh()
 
             def done(outcome: upload.Outcome) -> None:
                 if outcome.status == upload.STORED and outcome.reason:
@@ -287,7 +282,7 @@ def send_to(target: Target, inputs: Sequence[Path], args: argparse.Namespace) ->
                     upload.log_outcome(outcome)
                 bar.update(1)
 
-            outcomes = targets.send(found(), target, args.workers, args.batch, done)
+            outcomes = targets.send(found(inputs, bar), target, args.workers, args.batch, done)
         report = upload.Report(outcomes)
         target.prove(report)
     finally:

@@ -245,6 +245,19 @@ def not_classified_entry(item: PreparedImage) -> SkippedEntry | FailedEntry:
     return {"path": item.path, "status": FAILED, "reason": item.reason}
 
 
+def log_outcome(entry: ResultsEntry) -> None:
+    """One line per skipped or failed image (and each warning of a classified one), the same
+    from every engine."""
+    if entry["status"] == SKIPPED:
+        log.warning("%s: skipped: %s", entry["path"], entry["reason"])
+    elif entry["status"] == FAILED:
+        log.error("%s: %s", entry["path"], entry["reason"])
+    else:
+        log.debug("%s: classified", entry["path"])
+        for note in entry.get("warnings", []):
+            log.warning("%s: %s", entry["path"], note)
+
+
 def pictures_error(results_dir: Path | None, exc: OSError) -> PipelineError:
     """A disk that cannot take the pictures ends the run (exit 3), naming the folder."""
     return PipelineError(f"{results_dir}: cannot write heatmaps: {exc}", 3)

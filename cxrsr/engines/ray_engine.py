@@ -43,7 +43,13 @@ from typing import Any, cast
 import numpy as np
 
 from cxrsr import cli, shards
-from cxrsr.classify import PreparedImage, classified_entry, not_classified_entry, prepare
+from cxrsr.classify import (
+    PreparedImage,
+    classified_entry,
+    log_outcome,
+    not_classified_entry,
+    prepare,
+)
 from cxrsr.dicomio.discovery import Source, iter_sources
 from cxrsr.dicomio.domain import DomainPolicy
 from cxrsr.errors import PipelineError
@@ -106,7 +112,9 @@ def model_key(model: ModelRecord) -> list[object]:
     return [model.get("weights_sha256"), model.get("torchxrayvision"), model.get("options")]
 
 
-def make_plan(sources: Iterator[Source], shard_size: int, model: ModelRecord, folder: Path) -> ShardPlan:
+def make_plan(
+    sources: Iterator[Source], shard_size: int, model: ModelRecord, folder: Path
+) -> ShardPlan:
     """Fingerprint the inputs shard by shard and keep the finished shards that still hold.
 
     Reads only the headers of earlier shards; the inputs stream through, so the plan
@@ -576,14 +584,7 @@ class ShardRun:
 
     def _report(self, entry: ResultsEntry) -> None:
         self.statuses[entry["status"]] += 1
-        if entry["status"] == SKIPPED:
-            cli.log.warning("%s: skipped: %s", entry["path"], entry["reason"])
-        elif entry["status"] == FAILED:
-            cli.log.error("%s: %s", entry["path"], entry["reason"])
-        else:
-            cli.log.debug("%s: classified", entry["path"])
-            for note in entry.get("warnings", []):
-                cli.log.warning("%s: %s", entry["path"], note)
+        log_outcome(entry)
 
     def _arrived(self, number: int, index: int, entry: ResultsEntry) -> None:
         got = self.waiting.setdefault(number, {})
