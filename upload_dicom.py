@@ -151,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch",
         type=positive_int,
         default=16,
-        help="files per STOW-RS request, and per worker between checks of what the PACS "
-        "holds (default: 16)",
+        help="files per STOW-RS request; files are read, checked and asked about (what "
+        "the PACS holds already) 2 x --batch at a time (default: 16)",
     )
     return parser
 

@@ -7,6 +7,7 @@ server start their own empty ``LocalOrthanc``; the rest share the session ``orth
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -823,6 +824,27 @@ def test_orthanc_with_md5_is_never_read_back(
     assert (client.md5_requests, client.files_read) == (3, 0)
     assert client.keeps_md5 is True
     assert report.summary().endswith("verified 3/3 by stored MD5")
+    client.close()
+
+
+def test_only_the_orthanc_upload_hashes_what_it_sends(
+    orthanc: LocalOrthanc, small_dicom: Path, tmp_path: Path
+) -> None:
+    """The REST upload still sends each file's MD5 for verification to compare with the
+    one Orthanc stored; the read for DICOMweb and DIMSE, which prove by SOP Instance
+    UID, passes the same header check but spends no CPU on a digest nobody reads."""
+    files = write_copies(small_dicom, tmp_path / "in", 2)
+    checked = upload_module.read_checked(Source(str(files[0])))
+    assert isinstance(checked, upload_module.Checked)
+    assert checked.data == files[0].read_bytes()
+    assert not hasattr(checked, "md5")
+    assert checked.outcome(upload_module.STORED).md5 is None
+
+    client = OrthancClient(OrthancSettings(orthanc.url, orthanc.username, orthanc.password))
+    outcomes = upload_module.upload([Source(str(p)) for p in files], client, workers=2)
+    assert [o.md5 for o in outcomes] == [hashlib.md5(p.read_bytes()).hexdigest() for p in files]
+    report = verify_module.verify(outcomes, client, workers=2)
+    assert report.checked_by == {upload_module.BY_STORED_MD5: 2}
     client.close()
 
 
