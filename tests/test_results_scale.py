@@ -6,18 +6,24 @@ published schema, as process_dicom.py's are; the page is read back with an HTML 
 
 from __future__ import annotations
 
+import logging
 import re
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import assert_valid_results
 from scale_fixtures import LABELS, THRESHOLD, make_sharded_results
 
+from cxrsr import shards
 from cxrsr.report import render_report, write_report
 from cxrsr.report.summary import HISTOGRAM_BINS, SUMMARY_ABOVE, TOP_PER_FINDING
 from cxrsr.results import load_results
+from cxrsr.sr import batch as sr_batch
+from cxrsr.sr.entries import ModelInfo
 
 #: A summary page's ceiling: counts, histograms and len(LABELS) x TOP_PER_FINDING thumbnails.
 PAGE_LIMIT = 1_500_000
@@ -96,3 +102,49 @@ def test_up_to_the_threshold_every_image_keeps_its_card(tmp_path: Path) -> None:
     summary = render_report(load_results(results), results.parent, summary_above=39).html
     assert 'id="summary"' in summary and "<article" not in summary
     assert SUMMARY_ABOVE == 500
+
+
+def test_planning_the_srs_holds_no_entries(tmp_path: Path) -> None:
+    """generate_sr.py's first pass over 20,000 streamed entries holds a tenth of them at most."""
+    results, _ = make_sharded_results(tmp_path, 20_000)
+    document = load_results(results)
+    model = ModelInfo.from_results(document["model"])
+    tracemalloc.start()
+    try:
+        planned = sr_batch.plan(document, model, results.parent, sr_batch.BatchTally())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert planned.work == planned.key_images == 18_000 and planned.repeated == set()
+    # Holding the entries takes about 3.5 kB each (bench/bench_results_scale.py, "list");
+    # what is left is 16 bytes each and the garbage not yet collected (it varies by run).
+    assert peak < 300 * 20_000, peak
+
+
+def test_srs_from_a_sharded_run_flag_shared_uids_and_duplicates(
+    corpus_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """cxr07 and cxr08 are one image (one SOP Instance UID): listed with other scores it is
+    a warning, listed again with the same scores a duplicate, read from shards."""
+    import torchxrayvision as xrv
+    from test_sr import WHEN, classified_entry, model_block
+
+    labels = list(xrv.models.model_urls["densenet121-res224-all"]["labels"])
+    rng = np.random.default_rng(6)
+    first = classified_entry(
+        str(corpus_dir / "cxr07_barre_CR-MONO1-10-chest_nometa.dcm"), labels, rng
+    )
+    other = classified_entry(
+        str(corpus_dir / "cxr08_panimg_CR-MONO1-10-chest_withmeta.dcm"), labels, rng
+    )
+    again = dict(other, scores=first["scores"], findings=first["findings"])
+    results = tmp_path / "results.json"
+    model = model_block(labels)
+    for number, batch in enumerate([[first], [other, again]]):
+        shards.write_shard(shards.shard_folder(results), number, f"{number:064x}", model, batch)
+    shards.write_manifest(results, model, [0, 1], {"classified": 3}, None, complete=True)
+    with caplog.at_level(logging.WARNING, logger="cxrsr"):
+        outcome = sr_batch.generate_srs(load_results(results), tmp_path / "sr", WHEN)
+    assert len(outcome.written) == 2 and outcome.duplicates == 1 and not outcome.errors
+    shared = [r.getMessage() for r in caplog.records if "different scores share" in r.getMessage()]
+    assert len(shared) == 1 and shared[0].startswith("2 entries"), shared
