@@ -80,6 +80,7 @@ table.tally{width:auto;min-width:320px}
 .hist{display:flex;align-items:flex-end;gap:1px;height:40px}
 .hist i{display:inline-block;width:12px;background:#7d8aa3}
 .nopicture.small{width:150px;height:150px}
+#top figure{margin:0}
 h3{font-size:15px;margin:10px 0 4px}
 a{color:#1f5fbf}
 footer{color:#5a6375;font-size:12px;padding-bottom:24px}
