@@ -23,7 +23,7 @@ from typing import TypeGuard
 import numpy as np
 from PIL import Image
 
-from cxrsr.report import images
+from cxrsr.report import images, summary
 from cxrsr.report.links import explorer_study_url
 from cxrsr.results import ClassifiedEntry, ModelRecord, ReadableResults, rounded_score
 
@@ -77,6 +77,11 @@ ul.warnings{margin:8px 0 0;padding-left:18px;color:#8a5300;font-size:13px}
 table.others td,table.others th{border-top:1px solid #e1e4ea;padding:4px 6px;text-align:left;
  vertical-align:top;font-size:13px;overflow-wrap:anywhere}
 table.tally{width:auto;min-width:320px}
+.hist{display:flex;align-items:flex-end;gap:1px;height:40px}
+.hist i{display:inline-block;width:12px;background:#7d8aa3}
+.nopicture.small{width:150px;height:150px}
+#top figure{margin:0}
+h3{font-size:15px;margin:10px 0 4px}
 a{color:#1f5fbf}
 footer{color:#5a6375;font-size:12px;padding-bottom:24px}
 """
@@ -111,23 +116,60 @@ def render_report(
     orthanc_url: str | None = None,
     title: str = "results.json",
     jobs: int = 1,
+    summary_above: int = summary.SUMMARY_ABOVE,
 ) -> Report:
     """The report for a loaded results file (see :func:`cxrsr.results.load_results`).
 
     ``results_dir`` is where the relative picture paths start; ``orthanc_url`` (credentials
     are dropped) adds a link per study into Orthanc Explorer. With ``jobs`` > 1 the cards
     (decoding and blending their pictures is most of the work) are made in worker
-    processes; the page is the same byte for byte.
+    processes; the page is the same byte for byte. Above ``summary_above`` entries the
+    page summarises instead (:mod:`cxrsr.report.summary`): the entries are read once, as
+    they stream, and at most ``summary_above`` of them are held at a time.
     """
     model = document["model"]
     threshold = float(model.get("threshold", 0.5))
+    tally = summary.Summary(threshold)
     # A results file anyone can edit (or a fuzzer mangle): entries generate_sr.py refused
     # are listed with the others, never allowed to stop the page.
-    images: list[object] = list(document["images"])
-    entries: list[Mapping[str, object]] = [e for e in images if isinstance(e, dict)]
+    entries: list[Mapping[str, object]] = []
+    for item in document["images"]:
+        if not isinstance(item, dict):
+            continue
+        tally.add(item, item if _renderable(item) else None)
+        if tally.files <= summary_above:
+            entries.append(item)
+        elif entries:
+            entries = []
+    if tally.files > summary_above:
+        problems: list[str] = []
+        body = [
+            _counts_html(tally.files, tally.statuses, tally.findings, threshold),
+            _provenance(model),
+            summary.histograms_html(tally),
+            summary.top_html(tally, results_dir, problems),
+            summary.reasons_html(tally, title),
+        ]
+        note = (
+            f'<p><span class="banner incomplete" id="summary">{tally.files} files: a summary '
+            f"(counts, score histograms, the {tally.top_n} highest scores per finding), not a "
+            f"card per image (above {summary_above} files)</span></p>"
+        )
+        return Report(_page(document, title, body, note), problems)
     classified = [e for e in entries if _renderable(e)]
     others = [e for e in entries if not _renderable(e)]
     cards, problems = _cards(classified, results_dir, threshold, orthanc_url, jobs)
+    body = [
+        _counts(entries, classified, threshold),
+        _provenance(model),
+        *cards,
+        _not_classified(others),
+    ]
+    return Report(_page(document, title, body, ""), problems)
+
+
+def _page(document: ReadableResults, title: str, body: Sequence[str], note: str) -> str:
+    """The whole page around ``body`` (its sections, in order)."""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -144,25 +186,30 @@ def render_report(
             '<p><span class="banner incomplete">process_dicom.py was interrupted: '
             "these are the files it finished</span></p>"
         )
+    if note:
+        parts.append(note)
     parts += [
         "</header><main>",
-        _counts(entries, classified, threshold),
-        _provenance(model),
-        *cards,
-        _not_classified(others),
+        *body,
         "</main>",
         "<footer>Written by cxrsr's generate_sr.py from the results file of process_dicom.py. "
         "Scores come from the model named above; they are research output, not a diagnosis."
         "</footer></body></html>",
     ]
-    return Report("\n".join(parts) + "\n", problems)
+    return "\n".join(parts) + "\n"
 
 
 def _counts(
     entries: Sequence[Mapping[str, object]], classified: Sequence[ClassifiedEntry], threshold: float
 ) -> str:
-    status = Counter(e.get("status") for e in entries)
+    status = Counter(str(e.get("status")) for e in entries)
     per_label = Counter(label for e in classified for label in _present(e, threshold))
+    return _counts_html(len(entries), status, per_label, threshold)
+
+
+def _counts_html(
+    files: int, status: Mapping[str, int], per_label: Mapping[str, int], threshold: float
+) -> str:
     rows = "".join(
         f'<tr data-label="{escape(label)}"><th>{escape(label)}</th><td>{n}</td></tr>'
         for label, n in sorted(per_label.items(), key=lambda item: (-item[1], item[0]))
@@ -175,10 +222,10 @@ def _counts(
     )
     return (
         '<section id="counts"><h2>Counts</h2><p class="counts">'
-        f'<span><b data-count="images">{len(entries)}</b> files</span>'
-        f'<span><b data-count="classified">{status["classified"]}</b> classified</span>'
-        f'<span><b data-count="skipped">{status["skipped"]}</b> skipped</span>'
-        f'<span><b data-count="failed">{status["failed"]}</b> failed</span></p>'
+        f'<span><b data-count="images">{files}</b> files</span>'
+        f'<span><b data-count="classified">{status.get("classified", 0)}</b> classified</span>'
+        f'<span><b data-count="skipped">{status.get("skipped", 0)}</b> skipped</span>'
+        f'<span><b data-count="failed">{status.get("failed", 0)}</b> failed</span></p>'
         f"{tally}</section>"
     )
 

@@ -15,9 +15,12 @@ the same folder for every ``--jobs``.
 
 from __future__ import annotations
 
+import array
+import collections
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import itertools
 import logging
 import multiprocessing
@@ -283,6 +286,124 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork" if "fork" in methods else None)
 
 
+@dataclass
+class Plan:
+    """What the first pass over the entries found, before any SR is written.
+
+    Per entry it keeps 16 bytes (64-bit hashes of its SOP Instance UID and of its
+    results), so planning a large run does not hold its entries.
+    """
+
+    to_report: int = 0
+    work: int = 0
+    key_images: int = 0
+    repeated: set[int] = field(default_factory=set)
+    """Hashes of the SOP Instance UIDs that more than one classified entry carries."""
+
+
+def _uid_key(uid: str) -> int:
+    """A 64-bit hash of a UID: collisions are negligible for any archive (2**32 entries)."""
+    return int.from_bytes(hashlib.blake2b(uid.encode(), digest_size=8).digest(), "big")
+
+
+def plan(
+    document: ReadableResults, model: ModelInfo, results_dir: Path | None, outcome: BatchTally
+) -> Plan:
+    """The first, streaming pass over the entries: count them, log what gets no SR.
+
+    Logs the entries without a key image (an error each, added to ``outcome``), the
+    skipped and failed ones (debug), and SOP Instance UIDs that entries with different
+    results share (a warning each).
+    """
+    found = Plan()
+    keys, digests = array.array("Q"), array.array("Q")  # 16 bytes per classified entry
+    for index, entry in enumerate(document["images"]):
+        check = check_entry(entry, model, index)
+        fields = _fields(entry)
+        if check is None:
+            outcome.skipped += fields["status"] == SKIPPED
+            outcome.failed += fields["status"] == FAILED
+            log.debug(
+                "%s: %s (%s), no SR", fields.get("path"), fields["status"], fields.get("reason")
+            )
+            continue
+        found.to_report += 1
+        if not isinstance(check, Classification):
+            continue
+        found.work += 1
+        if results_dir is not None:
+            check = with_key_image(check, fields, model, results_dir, outcome)
+            found.key_images += check.key_image is not None
+        keys.append(_uid_key(check.sop_instance_uid))
+        digests.append(_uid_key(check.result_digest(model)))
+    found.repeated, differing = _shared(keys, digests)
+    for sop_instance_uid, results in _differing_uids(document, model, differing).items():
+        log.warning(
+            "%d entries with different scores share SOPInstanceUID %s; each gets its own SR, "
+            "all referencing the same instance",
+            len(results),
+            sop_instance_uid,
+        )
+    return found
+
+
+def _shared(keys: array.array[int], digests: array.array[int]) -> tuple[set[int], set[int]]:
+    """The UID hashes that several entries carry, and those of them with different results."""
+    uid = np.frombuffer(keys, dtype=np.uint64)
+    result = np.frombuffer(digests, dtype=np.uint64)
+    order = np.lexsort((result, uid))
+    uid, result = uid[order], result[order]
+    again = uid[1:] == uid[:-1]
+    differ = again & (result[1:] != result[:-1])
+    return set(uid[1:][again].tolist()), set(uid[1:][differ].tolist())
+
+
+def _differing_uids(
+    document: ReadableResults, model: ModelInfo, differing: set[int]
+) -> dict[str, set[str]]:
+    """The UIDs (hashed in ``differing``) with their distinct results, in the entries' order:
+    a further pass over the entries, only when there are any (rare: a broken export)."""
+    found: dict[str, set[str]] = {}
+    if not differing:
+        return found
+    for index, entry in enumerate(document["images"]):
+        check = check_entry(entry, model, index)
+        if isinstance(check, Classification) and _uid_key(check.sop_instance_uid) in differing:
+            found.setdefault(check.sop_instance_uid, set()).add(check.result_digest(model))
+    return found
+
+
+def _checks(
+    document: ReadableResults, model: ModelInfo, results_dir: Path | None
+) -> Iterator[Classification | str | None]:
+    """The second pass: each entry checked again, with its key image (errors were logged)."""
+    for index, entry in enumerate(document["images"]):
+        check = check_entry(entry, model, index)
+        if isinstance(check, Classification) and results_dir is not None:
+            check = with_key_image(check, _fields(entry), model, results_dir, None)
+        yield check
+
+
+def _batched(work: Iterable[Classification], size: int) -> Iterator[list[Classification]]:
+    it = iter(work)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def _in_order(
+    pool: ProcessPoolExecutor, chunks: Iterable[list[Classification]], ahead: int
+) -> Iterator[EntryResult]:
+    """Results of the chunks in order, with at most ``ahead`` chunks submitted at a time
+    (``Executor.map`` would submit them all, holding every entry)."""
+    pending: collections.deque[Future[list[EntryResult]]] = collections.deque()
+    for chunk in chunks:
+        pending.append(pool.submit(_run_in_worker, chunk))
+        if len(pending) >= ahead:
+            yield from pending.popleft().result()
+    while pending:
+        yield from pending.popleft().result()
+
+
 def generate_srs(
     document: ReadableResults,
     output_dir: Path,
@@ -303,30 +424,21 @@ def generate_srs(
     With ``results_dir`` (the results file's folder, which holds the previews and
     heatmaps process_dicom.py wrote), each SR comes with a key image
     (:mod:`cxrsr.sr.keyimage`) in the same folder, and references it.
+
+    The entries are read twice, as they stream (:func:`plan`, then the writing pass), and
+    only the entries being built are held: memory does not grow with the entries beyond
+    the names of the files written.
     """
     model = ModelInfo.from_results(document["model"])
     outcome = BatchTally()
-    images: list[object] = list(document["images"])
-    checked = [check_entry(entry, model, i) for i, entry in enumerate(images)]
-    if results_dir is not None:
-        checked = [
-            with_key_image(check, _fields(images[index]), model, results_dir, outcome)
-            if isinstance(check, Classification)
-            else check
-            for index, check in enumerate(checked)
-        ]
-    work = [c for c in checked if isinstance(c, Classification)]
-    if results_dir is not None and work and all(c.key_image is None for c in work):
+    planned = plan(document, model, results_dir, outcome)
+    if results_dir is not None and planned.work and not planned.key_images:
         log.info(
             "no key images: the results file names no previews (process_dicom.py --no-heatmaps?)"
         )
-    for entry, check in zip(map(_fields, images), checked, strict=True):
-        if check is None:
-            outcome.skipped += entry["status"] == SKIPPED
-            outcome.failed += entry["status"] == FAILED
-            log.debug("%s: %s (%s), no SR", entry.get("path"), entry["status"], entry.get("reason"))
-    _warn_shared_sop_instance_uids(work, model)
-    workers = min(jobs, len(work) // MIN_SRS_PER_WORKER)
+    workers = min(jobs, planned.work // MIN_SRS_PER_WORKER)
+    reported, feeding = itertools.tee(_checks(document, model, results_dir))
+    work = (c for c in feeding if isinstance(c, Classification))
     built: Iterator[EntryResult]
     with contextlib.ExitStack() as stack:
         stack.enter_context(_prompt_thread_switches())
@@ -341,21 +453,22 @@ def generate_srs(
             )
             # On an error or Ctrl-C, drop the documents not yet started (what is written stays).
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)
-            chunks = [work[i : i + POOL_CHUNK_SIZE] for i in range(len(work))[::POOL_CHUNK_SIZE]]
-            built = itertools.chain.from_iterable(pool.map(_run_in_worker, chunks))
+            built = _in_order(pool, _batched(work, POOL_CHUNK_SIZE), 4 * workers)
         else:
             local = _Writer(model, content_datetime, output_dir)
             stack.callback(local.close)
             built = local.run(work)
         # The log follows the results file's order: entry errors in their place.
-        written_by: dict[str, str] = {}
-        to_report = [check for check in checked if check is not None]
-        for check in tqdm(to_report, desc="SRs", unit="SR", disable=disable_progress):
+        written_by: dict[int, str] = {}
+        to_report = (check for check in reported if check is not None)
+        for check in tqdm(
+            to_report, total=planned.to_report, desc="SRs", unit="SR", disable=disable_progress
+        ):
             if isinstance(check, str):
                 log.error("%s; no SR written", check)
                 outcome.errors.append(check)
             elif isinstance(check, Classification):
-                _record(check, next(built), outcome, output_dir, written_by)
+                _record(check, next(built), outcome, output_dir, written_by, planned.repeated)
     _tidy_other_files(output_dir, [*outcome.written, *outcome.key_images], clean)
     # Every SR and key image was flushed as it was written; their names, once, here.
     if output_dir.is_dir():
@@ -397,17 +510,22 @@ def with_key_image(
     entry: Mapping[str, object],
     model: ModelInfo,
     results_dir: Path,
-    outcome: BatchTally,
+    outcome: BatchTally | None,
 ) -> Classification:
-    """``classification`` with its key image, when the entry has a preview and heatmaps."""
+    """``classification`` with its key image, when the entry has a preview and heatmaps.
+
+    An entry that names pictures that cannot be used is an error in ``outcome`` (logged);
+    without ``outcome`` (its second reading) it just gets no key image.
+    """
     try:
         ref = KeyImageRef.from_entry(
             entry, results_dir, model.threshold, (model.model_id, model.weights_sha256)
         )
     except KeyImageError as exc:
-        message = f"{classification.path}: no key image: {exc}"
-        log.error("%s", message)
-        outcome.errors.append(message)
+        if outcome is not None:
+            message = f"{classification.path}: no key image: {exc}"
+            log.error("%s", message)
+            outcome.errors.append(message)
         return classification
     return dataclasses.replace(classification, key_image=ref)
 
@@ -417,7 +535,8 @@ def _record(
     result: EntryResult,
     outcome: BatchTally,
     output_dir: Path,
-    written_by: dict[str, str],
+    written_by: dict[int, str],
+    repeated: set[int],
 ) -> None:
     """Log one entry's lines and count it.
 
@@ -436,32 +555,19 @@ def _record(
         # what is written.
         raise PipelineError(f"{output_dir}: cannot write SRs: {result.write_error}", 3)
     assert result.path is not None and result.sop_instance_uid is not None
-    earlier = written_by.get(result.sop_instance_uid)
-    if earlier is not None:
-        log.info("%s: same SR as %s (same image, same results)", classification.path, earlier)
-        outcome.duplicates += 1
-        return
-    written_by[result.sop_instance_uid] = classification.path
+    # Only UIDs that several entries carry are remembered (see plan): a duplicate SR has
+    # the SR's UID, and two entries with one SR UID share their SOP Instance UID.
+    key = _uid_key(classification.sop_instance_uid)
+    if key in repeated:
+        earlier = written_by.get(_uid_key(result.sop_instance_uid))
+        if earlier is not None:
+            log.info("%s: same SR as %s (same image, same results)", classification.path, earlier)
+            outcome.duplicates += 1
+            return
+        written_by[_uid_key(result.sop_instance_uid)] = classification.path
     outcome.written.append(result.path)
     if result.key_image_path is not None:
         outcome.key_images.append(result.key_image_path)
-
-
-def _warn_shared_sop_instance_uids(work: Sequence[Classification], model: ModelInfo) -> None:
-    """Two different images under one SOP Instance UID break PS3.3 C.12.1.1.1; say so."""
-    by_uid: dict[str, set[str]] = {}
-    for classification in work:
-        by_uid.setdefault(classification.sop_instance_uid, set()).add(
-            classification.result_digest(model)
-        )
-    for sop_instance_uid, digests in by_uid.items():
-        if len(digests) > 1:
-            log.warning(
-                "%d entries with different scores share SOPInstanceUID %s; each gets its own SR, "
-                "all referencing the same instance",
-                len(digests),
-                sop_instance_uid,
-            )
 
 
 def _tidy_other_files(output_dir: Path, written: Iterable[Path], clean: bool) -> None:
