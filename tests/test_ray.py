@@ -139,8 +139,8 @@ def test_generate_sr_reads_sharded_results(ray_run, local_results, tmp_path) -> 
     proc = run_script("generate_sr.py", "--results", out, "--output-dir", tmp_path / "sr", "-q")
     assert proc.returncode == 0, proc.stderr
     classified = [e for e in local_results if e["status"] == "classified"]
-    assert len(sr_files(tmp_path / "sr")) == len(classified)
-    assert (out.parent / "report.html").is_file()
+    assert len(sr_files(tmp_path / "sr")) == len(classified), proc.stderr
+    assert (out.parent / "report.html").is_file(), proc.stderr
 
 
 def test_dump_prints_any_results_format(ray_run, tmp_path) -> None:
