@@ -161,16 +161,9 @@ def open_results(args: argparse.Namespace, sources: list[Source]) -> ResultsRun:
 
 def load(args: argparse.Namespace) -> Classifier:
     """The model ``args`` name (run on the loader thread while the readers start)."""
-    from cxrsr.model.classifier import load_classifier
+    from cxrsr.model.classifier import classifier_from_options
 
-    classifier = load_classifier(
-        args.weights,
-        args.cache_dir,
-        args.device,
-        args.backend,
-        args.weights_sha256,
-        args.precision,
-    )
+    classifier = classifier_from_options(args)
     cli.log.debug("model %s on %s, %s backend", args.weights, classifier.device, classifier.backend)
     return classifier
 

@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     from cxrsr.dicomio.domain import DomainPolicy
-    from cxrsr.model.classifier import load_classifier
+    from cxrsr.model.classifier import classifier_from_options
     from cxrsr.pacs.health import Heartbeat
     from cxrsr.pacs.watch import Counts, OrthancError, Stopping, Watcher, run_forever
     from cxrsr.pacs.watch_state import WatchState
@@ -194,14 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         client = connect()
         if args.once:
             client.system()  # unreachable or wrong credentials: one line, exit 3
-        classifier = load_classifier(
-            args.weights,
-            args.cache_dir,
-            args.device,
-            args.backend,
-            args.weights_sha256,
-            args.precision,
-        )
+        classifier = classifier_from_options(args)
         try:
             # The state's records belong to one model: these weights at this precision.
             model_key = classifier.card.weights_sha256

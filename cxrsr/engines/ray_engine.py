@@ -239,7 +239,7 @@ class ClassifyBatches:
     settings: ActorSettings
 
     def __init__(self) -> None:
-        from cxrsr.model.classifier import load_classifier
+        from cxrsr.model.classifier import classifier_from_options
         from cxrsr.model.heatmaps import HeatmapWriter
 
         spec, results_dir, which = (
@@ -248,14 +248,7 @@ class ClassifyBatches:
             self.settings.which,
         )
 
-        self.classifier = load_classifier(
-            spec.weights,
-            spec.cache_dir,
-            spec.device,
-            spec.backend,
-            spec.weights_sha256,
-            spec.precision,
-        )
+        self.classifier = classifier_from_options(spec)
         self.results_dir = Path(results_dir) if results_dir else None
         self.heatmaps = HeatmapWriter(self.results_dir, which) if self.results_dir else None
         self.threshold = self.settings.threshold
@@ -373,7 +366,7 @@ def quiet_ray_logs() -> None:
 
 def process_ray(args: argparse.Namespace) -> int:
     """process_dicom.py --engine ray: classify ``args.inputs`` into sharded results."""
-    from cxrsr.model.classifier import load_classifier
+    from cxrsr.model.classifier import classifier_from_options
 
     if args.ray_address:
         check_reachable(args.ray_address)  # before minutes of work, not after
@@ -384,14 +377,7 @@ def process_ray(args: argparse.Namespace) -> int:
     # The model loads here first: missing or refused weights end the run (exit 3) before
     # Ray starts, the ONNX export is made once for every actor, and its description is
     # the results' model block.
-    classifier = load_classifier(
-        args.weights,
-        args.cache_dir,
-        args.device,
-        args.backend,
-        args.weights_sha256,
-        args.precision,
-    )
+    classifier = classifier_from_options(args)
     model = model_record({**classifier.describe(), "options": options})
     spec = ModelSpec(
         args.weights,

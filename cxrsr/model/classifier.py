@@ -44,7 +44,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -692,6 +692,37 @@ def load_classifier(
         except Exception as exc:  # export problems must not stop a batch: eager still works
             log.warning("ONNX export unavailable (%s); using eager PyTorch", exc)
     return Classifier(card, device, "eager", _eager_network(model, device))
+
+
+class ModelOptions(Protocol):
+    """What names a model: the shared model options (:func:`cxrsr.cli.add_model_options`)
+    or the Ray engine's picklable spec of them."""
+
+    @property
+    def weights(self) -> str: ...
+    @property
+    def cache_dir(self) -> str | os.PathLike[str] | None: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def backend(self) -> str: ...
+    @property
+    def weights_sha256(self) -> str | None: ...
+    @property
+    def precision(self) -> str: ...
+
+
+def classifier_from_options(args: ModelOptions) -> Classifier:
+    """The model that ``--weights``, ``--cache-dir``, ``--device``, ``--backend``,
+    ``--weights-sha256`` and ``--precision`` name, for every script and engine that classifies."""
+    return load_classifier(
+        args.weights,
+        args.cache_dir,
+        args.device,
+        args.backend,
+        args.weights_sha256,
+        args.precision,
+    )
 
 
 def _cuda_visible() -> bool:

@@ -27,7 +27,7 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -169,24 +169,32 @@ class DicomWebClient:
         """The SOP Instance UIDs the server holds in one study (QIDO-RS, PS3.18 10.6),
         page by page (``limit``/``offset``): a server may cap the matches it returns."""
         found: set[str] = set()
+        for page in self._qido_pages(
+            f"/studies/{quote(study_uid)}/instances?includefield={SOP_INSTANCE_UID}"
+        ):
+            for item in page:
+                values = item.get(SOP_INSTANCE_UID, {}).get("Value", [])
+                found.update(str(v) for v in values)
+        return found
+
+    def _qido_pages(self, search: str) -> Iterator[list[dict[str, Any]]]:
+        """The pages of a QIDO-RS search (``limit``/``offset``: a server may cap the
+        matches it returns); none when the server has no match (204 or 404)."""
         offset = 0
         while True:
             answer = self._request(
                 "GET",
-                f"/studies/{quote(study_uid)}/instances?includefield={SOP_INSTANCE_UID}"
-                f"&limit={QIDO_PAGE}&offset={offset}",
+                f"{search}&limit={QIDO_PAGE}&offset={offset}",
                 headers={"Accept": "application/dicom+json"},
             )
             if answer.status in (204, 404):
-                return found
+                return
             if answer.status != 200:
                 raise urllib3.exceptions.HTTPError(f"QIDO-RS answered HTTP {answer.status}")
-            page = json.loads(answer.data or b"[]")
-            for item in page:
-                values = item.get(SOP_INSTANCE_UID, {}).get("Value", [])
-                found.update(str(v) for v in values)
+            page: list[dict[str, Any]] = json.loads(answer.data or b"[]")
+            yield page
             if len(page) < QIDO_PAGE:
-                return found
+                return
             offset += len(page)
 
     def instances_of_studies(self, study_uids: Sequence[str]) -> dict[str, set[str]] | None:
@@ -195,28 +203,16 @@ class DicomWebClient:
         PS3.18 8.3.4.1), page by page; ``None`` when an answer names a study not asked
         for: the server ignored the list, and each study must be asked on its own."""
         found: dict[str, set[str]] = {uid: set() for uid in study_uids}
-        offset = 0
-        while True:
-            answer = self._request(
-                "GET",
-                f"/instances?StudyInstanceUID={quote(','.join(study_uids))}"
-                f"&includefield={STUDY_INSTANCE_UID}&includefield={SOP_INSTANCE_UID}"
-                f"&limit={QIDO_PAGE}&offset={offset}",
-                headers={"Accept": "application/dicom+json"},
-            )
-            if answer.status in (204, 404):
-                return found
-            if answer.status != 200:
-                raise urllib3.exceptions.HTTPError(f"QIDO-RS answered HTTP {answer.status}")
-            page = json.loads(answer.data or b"[]")
+        for page in self._qido_pages(
+            f"/instances?StudyInstanceUID={quote(','.join(study_uids))}"
+            f"&includefield={STUDY_INSTANCE_UID}&includefield={SOP_INSTANCE_UID}"
+        ):
             for item in page:
                 study = str(_first(item, STUDY_INSTANCE_UID) or "")
                 if study not in found:
                     return None
                 found[study].add(str(_first(item, SOP_INSTANCE_UID) or ""))
-            if len(page) < QIDO_PAGE:
-                return found
-            offset += len(page)
+        return found
 
     def store(self, batch: Sequence[Checked]) -> list[Outcome]:
         """Send ``batch`` in one STOW-RS request; one outcome per file, in order.
