@@ -393,15 +393,7 @@ class DimseTarget:
         found = self._find(series)
         if found is not None:
             log.info("%s: %s; proving by C-FIND at IMAGE level instead", self.description, why_not)
-            for outcome in sent:
-                if outcome.sop_instance_uid in found:
-                    outcome.verified = True
-                    report.checked_by[BY_CFIND] = report.checked_by.get(BY_CFIND, 0) + 1
-                else:
-                    outcome.problems.append(
-                        f"acknowledged ({outcome.status}) but a C-FIND does not find SOP "
-                        f"Instance UID {outcome.sop_instance_uid}"
-                    )
+            report.found_by_search(sent, found, BY_CFIND, "a C-FIND")
             return
         if not self._find_refused:
             for outcome in sent:

@@ -445,15 +445,7 @@ class DicomWebTarget:
             for outcome in outcomes:
                 outcome.problems.append(f"could not verify: QIDO-RS failed: {found}")
             return
-        for outcome in outcomes:
-            if outcome.sop_instance_uid in found:
-                outcome.verified = True
-                report.checked_by[BY_QIDO] = report.checked_by.get(BY_QIDO, 0) + 1
-            else:
-                outcome.problems.append(
-                    f"acknowledged ({outcome.status}) but a QIDO-RS search of study "
-                    f"{study} does not find SOP Instance UID {outcome.sop_instance_uid}"
-                )
+        report.found_by_search(outcomes, found, BY_QIDO, f"a QIDO-RS search of study {study}")
 
     def close(self) -> None:
         self.client.close()

@@ -28,7 +28,7 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
@@ -131,6 +131,21 @@ class Report:
 
     def count(self, status: str) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
+
+    def found_by_search(
+        self, outcomes: Iterable[Outcome], found: Container[str], method: str, search: str
+    ) -> None:
+        """Mark the ``outcomes`` whose SOP Instance UID a search of the PACS (``method``:
+        QIDO-RS, C-FIND) ``found`` as verified; the others get a problem naming ``search``."""
+        for outcome in outcomes:
+            if outcome.sop_instance_uid in found:
+                outcome.verified = True
+                self.checked_by[method] = self.checked_by.get(method, 0) + 1
+            else:
+                outcome.problems.append(
+                    f"acknowledged ({outcome.status}) but {search} does not find SOP "
+                    f"Instance UID {outcome.sop_instance_uid}"
+                )
 
     @property
     def acknowledged(self) -> int:
