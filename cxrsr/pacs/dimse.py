@@ -54,7 +54,7 @@ from cxrsr.pacs import commitment
 from cxrsr.pacs.dimse_find import find_instances
 from cxrsr.pacs.dimse_peer import Peer, parse_address, tls_context, tls_server_context
 from cxrsr.pacs.dimse_send import keep_responses, send_c_store
-from cxrsr.pacs.upload import FAILED, REJECTED, STORED, Checked, Outcome, Report
+from cxrsr.pacs.upload import REJECTED, SEND_FAILED, STORED, Checked, Outcome, Report
 
 log = logging.getLogger("cxrsr")
 
@@ -253,13 +253,13 @@ class DimseTarget:
         try:
             for checked in batch:
                 if self.down_reason is not None:
-                    outcomes.append(checked.outcome(FAILED, f"not sent: {self.down_reason}"))
+                    outcomes.append(checked.outcome(SEND_FAILED, f"not sent: {self.down_reason}"))
                     continue
                 try:
                     assoc = self._ready(link, needed)
                 except ConnectionError as exc:
                     self._went_down(str(exc))
-                    outcomes.append(checked.outcome(FAILED, f"not sent: {exc}"))
+                    outcomes.append(checked.outcome(SEND_FAILED, f"not sent: {exc}"))
                     continue
                 outcomes.append(self._store_one(assoc, checked))
         finally:
@@ -290,13 +290,13 @@ class DimseTarget:
                 f"{exc}",
             )
         except (RuntimeError, OSError) as exc:
-            return checked.outcome(FAILED, f"association lost: {exc}; run again")
+            return checked.outcome(SEND_FAILED, f"association lost: {exc}; run again")
         code = status.get("Status") if status else None
         if code is None:
             # No answer within the timeout, or the connection closed: this association is
             # done for (the next file opens a new one, or finds the peer down).
             assoc.abort()
-            return checked.outcome(FAILED, "no C-STORE answer (association lost); run again")
+            return checked.outcome(SEND_FAILED, "no C-STORE answer (association lost); run again")
         if code == 0x0000:
             return checked.outcome(STORED)
         if code in WARNINGS:

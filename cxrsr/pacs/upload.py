@@ -52,8 +52,6 @@ REJECTED = "rejected"
 #: Not sent because its header is malformed, or no usable answer after the retries
 #: (connection errors, timeouts, 5xx), or unreadable.
 SEND_FAILED = "failed"
-#: :data:`SEND_FAILED` under the name the DICOMweb and DIMSE targets import.
-FAILED = SEND_FAILED
 #: Not DICOM (or empty, or a DICOMDIR): not sent at all, and not a failure.
 PASSED_OVER = "passed over"
 

@@ -287,7 +287,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 
 @dataclass
-class Plan:
+class SRPlan:
     """What the first pass over the entries found, before any SR is written.
 
     Per entry it keeps 16 bytes (64-bit hashes of its SOP Instance UID and of its
@@ -308,14 +308,14 @@ def _uid_key(uid: str) -> int:
 
 def plan(
     document: ReadableResults, model: ModelInfo, results_dir: Path | None, outcome: BatchTally
-) -> Plan:
+) -> SRPlan:
     """The first, streaming pass over the entries: count them, log what gets no SR.
 
     Logs the entries without a key image (an error each, added to ``outcome``), the
     skipped and failed ones (debug), and SOP Instance UIDs that entries with different
     results share (a warning each).
     """
-    found = Plan()
+    found = SRPlan()
     keys, digests = array.array("Q"), array.array("Q")  # 16 bytes per classified entry
     for index, entry in enumerate(document["images"]):
         check = check_entry(entry, model, index)
