@@ -17,13 +17,16 @@ this script on the same machine:
 Usage::
 
     .venv/bin/python bench/bench_ray.py                 # 200 images
-    .venv/bin/python bench/bench_ray.py --n 20000       # the issue's size
+    .venv/bin/python bench/make_corpus.py small /tmp/small-corpus
+    .venv/bin/python bench/bench_ray.py --n 20000 --corpus /tmp/small-corpus \\
+        --extra-args "--precision int8 --no-heatmaps"   # 20,000 small radiographs
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -53,6 +56,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--manifest-files", type=int, default=1_000_000, help="resume plan size")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the set in DIR")
     parser.add_argument("--corpus", type=Path, default=CORPUS_DIR, help="corpus folder")
+    parser.add_argument(
+        "--extra-args",
+        default="",
+        metavar="ARGS",
+        help="more process_dicom.py arguments for every run, one shell-quoted string: "
+        '"--precision int8 --no-heatmaps"',
+    )
     args = parser.parse_args(argv)
     if args.n < 1 or args.manifest_files < 1:
         parser.error("--n and --manifest-files must be at least 1")
@@ -63,7 +73,9 @@ def summarise(run: Run, count: int) -> str:
     return (
         f"{run.label:>14}: {run.wall_s:8.2f} s wall, {run.cpu_s:8.2f} s CPU (driver tree), "
         f"{count / run.wall_s:7.2f} images/s, peak tree RSS {run.peak_tree_rss / MB:6.0f} MB, "
-        f"largest process {run.max_single_rss / MB:5.0f} MB, exit {run.exit_code}"
+        f"largest process {run.max_single_rss / MB:5.0f} MB, others used "
+        f"{run.others_cpu_s / (run.wall_s * (os.cpu_count() or 1)):4.0%} of the cores, "
+        f"exit {run.exit_code}"
     )
 
 
@@ -158,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 engine,
                 "--shard-size",
                 str(args.shard_size),
+                *shlex.split(args.extra_args),
             ]
 
         measure("warm-up", command("local", one, runs_dir / "warm.json"), REPO_ROOT, runs_dir)
@@ -184,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print()
         print(f"set: {args.n} images in {images}; {os.cpu_count()} CPUs; load {os.getloadavg()}")
+        if args.extra_args:
+            print(f"every run with: {args.extra_args}")
         for run in (start_local, start_ray):
             print(summarise(run, 1))
         for run in (local, ray, rerun):
