@@ -240,6 +240,136 @@ def test_killed_driver_then_killed_actor_cost_only_their_work(
     assert not list(folder.glob(".*.tmp"))
 
 
+#: A few corpus files, in name order: skipped, classified and failed ones, none sharing
+#: its SOP Instance UID with another corpus file. A marked copy of cxr09 joins them
+#: fourth, sharing its shard and its decoding task with cxr10.
+FEW = [
+    "bad_ct_small.dcm",
+    "cxr04_nema_RG1_JLSN.dcm",
+    "cxr10_nih_dx_8bit.dcm",
+    "edge_cxr_corrupt_j2k_966.dcm",
+    "edge_vet_dog_dx_thorax_small.dcm",
+]
+MARKED_COPY_OF = "cxr09_orthanc_issue44_mono1_jpeg8.dcm"
+
+
+def few_files(corpus_dir: Path, folder: Path, mark: str) -> Path:
+    """Hard links to :data:`FEW` in ``folder``, and one to cxr09 named with ``mark``
+    (returned): same sizes and times as the corpus files, so the same ``file`` marks."""
+    folder.mkdir()
+    for name in FEW:
+        os.link(corpus_dir / name, folder / name)
+    marked = folder / f"cxr10b-{mark}.dcm"
+    os.link(corpus_dir / MARKED_COPY_OF, marked)
+    return marked
+
+
+def local_entries_for(local: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
+    """The local engine's entries of :func:`few_files`' files (the marked one as cxr09's)."""
+    by_name = {Path(e["path"]).name: e for e in local}
+    entries = []
+    for path in sorted(folder.glob("*.dcm")):
+        name = MARKED_COPY_OF if path.name.startswith("cxr10b-") else path.name
+        entries.append({**by_name[name], "path": str(path)})
+    return entries
+
+
+def faulty_command(mode: str, *args: str | Path) -> list[str]:
+    """process_dicom.py whose Ray engine decodes with ``tests/ray_faults.py``'s ``mode``."""
+    code = "import ray_faults; ray_faults.main()"
+    return [sys.executable, "-c", code, mode, *map(str, args)]
+
+
+def faulty_env() -> dict[str, str]:
+    """The tests folder on the driver's path, which it hands on to its Ray workers."""
+    paths = [str(Path(__file__).parent), str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
+def test_a_decoder_crashing_on_one_file_fails_only_that_file(
+    ray_address, corpus_dir, weights_cache_dir, local_results, tmp_path
+) -> None:
+    """A decode worker that dies (SIGSEGV) on one file every time: Ray runs its task again
+    RETRIES times; then that file fails with the reason, alone, as in the local engine.
+    Every other file's entry is the local engine's, and every shard is written."""
+    from ray_faults import CRASH_MARK, attempts_log
+
+    from cxrsr.engines.ray_engine import RETRIES
+
+    crash = few_files(corpus_dir, tmp_path / "in", CRASH_MARK)
+    out = tmp_path / "results.json"
+    args = ray_args(ray_address, out, weights_cache_dir, "--shard-size", "2", "--batch-size", "2")
+    proc = subprocess.run(
+        faulty_command("crash", tmp_path / "in", *args),
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        env=faulty_env(),
+        timeout=RUN_TIMEOUT,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "lost:" not in proc.stderr, proc.stderr
+    reason = "reader process died (signal 11, SIGSEGV) while reading"
+    assert [line for line in proc.stderr.splitlines() if str(crash) in line] == [
+        f"E: {crash}: {reason}"
+    ], proc.stderr
+    expected = local_entries_for(local_results, tmp_path / "in")
+    for entry in expected:
+        if entry["path"] == str(crash):
+            mark = entry["file"]
+            entry.clear()
+            entry.update({"path": str(crash), "status": "failed", "reason": reason, "file": mark})
+    assert_valid_results(out)
+    assert_same_results(expected, dump(out))
+    assert sorted(p.name for p in (tmp_path / "results.d").glob("part-*.jsonl")) == [
+        f"part-{n:05d}.jsonl" for n in range(3)
+    ]
+    # Ray's tries with its task's other file, then one alone.
+    assert len(attempts_log(str(crash)).read_text().split()) == RETRIES + 2
+
+
+def _decode_worker(pid: int) -> bool:
+    """Whether ``pid`` is a Ray worker running a decoding task (titled after its function)."""
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"ray::" in title and b"decode_row" in title
+
+
+def test_a_decode_worker_killed_once_costs_only_a_retry(
+    ray_address, corpus_dir, weights_cache_dir, local_results, tmp_path
+) -> None:
+    """kill -9 of a decode worker busy with a file: Ray runs its task again, and the
+    results are the local engine's."""
+    from ray_faults import SLOW_MARK, attempts_log
+
+    slow = few_files(corpus_dir, tmp_path / "in", SLOW_MARK)
+    out = tmp_path / "results.json"
+    args = ray_args(ray_address, out, weights_cache_dir, "--shard-size", "2", "--batch-size", "2")
+    command = faulty_command("slow", tmp_path / "in", *args)
+    run = subprocess.Popen(
+        command, cwd=PROJECT_ROOT, env=faulty_env(), text=True, stderr=subprocess.PIPE
+    )
+    log = attempts_log(str(slow))
+    try:
+        _wait_for(lambda: log.is_file() and log.read_text().strip(), run, "the slow file", 240)
+        victim = int(log.read_text().split()[0])
+        assert _decode_worker(victim), f"process {victim} is no Ray decode worker"
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = run.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate(timeout=60)
+    assert run.returncode == 1, stderr  # the corpus's corrupt file
+    assert "Traceback" not in stderr and "lost:" not in stderr, stderr
+    assert_valid_results(out)
+    assert_same_results(local_entries_for(local_results, tmp_path / "in"), dump(out))
+    tries = log.read_text().split()
+    assert len(tries) == 2 and tries[0] != tries[1]
+
+
 def test_a_cluster_that_does_not_answer_exits_3(corpus_dir, weights_cache_dir, tmp_path) -> None:
     import socket
 

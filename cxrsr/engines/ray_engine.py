@@ -27,6 +27,7 @@ local engine tries failed files again).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -49,6 +50,7 @@ from cxrsr.classify import (
     log_outcome,
     not_classified_entry,
     prepare,
+    prepared_in_order,
 )
 from cxrsr.dicomio.discovery import Source, iter_sources
 from cxrsr.dicomio.domain import DomainPolicy
@@ -189,17 +191,60 @@ def expand_shard(row: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+class PrepareOne(Protocol):
+    """Reads, checks, decodes and preprocesses one input, as :func:`cxrsr.classify.prepare`.
+
+    Ray workers and reader processes import it by name: a module-level function.
+    """
+
+    def __call__(
+        self, source: Source, domain: DomainPolicy, results_dir: Path | None, input_size: int
+    ) -> PreparedImage: ...
+
+
 def decode_row(
-    row: dict[str, Any], domain: str, results_dir: str | None, input_size: int
+    row: dict[str, Any],
+    domain: str,
+    results_dir: str | None,
+    input_size: int,
+    prepare_one: PrepareOne = prepare,
 ) -> dict[str, Any]:
     """Read, check, decode and preprocess one input (a CPU task): :func:`cxrsr.classify.prepare`."""
     source = Source(row["path"], row["member"] or None, row["problem"] or None)
-    prepared = prepare(
+    prepared = prepare_one(
         source,
         DomainPolicy(domain),
         Path(results_dir) if results_dir else None,
         input_size,
     )
+    return _decoded(row, prepared)
+
+
+def decode_row_alone(
+    row: dict[str, Any],
+    domain: str,
+    results_dir: str | None,
+    input_size: int,
+    prepare_one: PrepareOne = prepare,
+) -> dict[str, Any]:
+    """:func:`decode_row` in a reader process of its own (:mod:`cxrsr.reader_pool`).
+
+    For an input whose decoding task kept dying: a decoder that crashes on it kills the
+    reader, not the Ray worker, and the input fails with the local engine's reason
+    ("reader process died (signal 11, SIGSEGV) while reading").
+    """
+    source = Source(row["path"], row["member"] or None, row["problem"] or None)
+    one = functools.partial(
+        prepare_one,
+        domain=DomainPolicy(domain),
+        results_dir=Path(results_dir) if results_dir else None,
+        input_size=input_size,
+    )
+    (prepared,) = prepared_in_order([source], 1, 1, one)
+    return _decoded(row, prepared)
+
+
+def _decoded(row: dict[str, Any], prepared: PreparedImage) -> dict[str, Any]:
     return {
         "shard": row["shard"],
         "index": row["index"],
@@ -362,10 +407,22 @@ def quiet_ray_logs() -> None:
         for handler in logger.handlers:
             if not isinstance(handler, logging.FileHandler):
                 handler.setLevel(logging.ERROR)
+                handler.addFilter(_not_an_ignored_block)
 
 
-def process_ray(args: argparse.Namespace) -> int:
-    """process_dicom.py --engine ray: classify ``args.inputs`` into sharded results."""
+def _not_an_ignored_block(record: logging.LogRecord) -> bool:
+    """Off the console: Ray Data's error and traceback for a block whose task kept failing,
+    ignored as ``max_errored_blocks`` says. Its inputs are tried again alone, then fail
+    with one ``E:`` line each; the traceback stays in Ray's log files."""
+    return "Ignoring this exception with remaining max_errored_blocks" not in record.getMessage()
+
+
+def process_ray(args: argparse.Namespace, prepare_one: PrepareOne = prepare) -> int:
+    """process_dicom.py --engine ray: classify ``args.inputs`` into sharded results.
+
+    ``prepare_one`` decodes one input in the Ray tasks: :func:`cxrsr.classify.prepare`, or
+    a module-level stand-in the workers can import (tests pass one that crashes).
+    """
     from cxrsr.model.classifier import classifier_from_options
 
     if args.ray_address:
@@ -408,7 +465,9 @@ def process_ray(args: argparse.Namespace) -> int:
     interrupted = False
     if plan.todo:
         try:
-            run = ShardRun(args, plan, model, folder, spec, input_size, statuses, written)
+            run = ShardRun(
+                args, plan, model, folder, spec, input_size, statuses, written, prepare_one
+            )
             run.execute()
             cli.log.debug("ray engine: %.1f s", time.monotonic() - started)
         except KeyboardInterrupt:
@@ -495,8 +554,11 @@ class ShardRun:
         input_size: int,
         statuses: Counter[str],
         written: set[int],
+        prepare_one: PrepareOne = prepare,
     ) -> None:
         self.args = args
+        self.prepare_one = prepare_one
+        """Decodes one input in the Ray tasks (tests pass one that crashes on some files)."""
         self.plan = plan
         self.model = model
         self.folder = folder
@@ -516,35 +578,37 @@ class ShardRun:
         finally:
             ray.shutdown()
 
-    def _dataset(self, ray: Any) -> Any:
+    def _dataset(self, ray: Any, pieces: list[dict[str, Any]], alone: bool) -> Any:
         # Ray 2.60 names no replacement for its retry options: its deprecation notes stay quiet.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*deprecated and will be removed in Ray")
-            return self._build(ray)
+            return self._build(ray, pieces, alone)
 
-    def _build(self, ray: Any) -> Any:
+    def _build(self, ray: Any, pieces: list[dict[str, Any]], alone: bool) -> Any:
+        """The pipeline over ``pieces`` (:func:`split_shards`); ``alone``: inputs lost
+        before, each decoded in a reader process of its own and classified by itself."""
         from cxrsr.model.heatmaps import ALL_LABELS, FINDINGS
 
         args = self.args
         results_dir = None if args.no_heatmaps else str(Path(args.output).parent.resolve())
         which = ALL_LABELS if args.all_heatmaps else FINDINGS
         gpu = self.spec.device.startswith("cuda")
-        pieces = list(split_shards(self.plan.todo))
         dataset = ray.data.from_items(pieces, override_num_blocks=len(pieces))
         dataset = dataset.flat_map(expand_shard)
         dataset = dataset.map(
-            decode_row,
+            decode_row_alone if alone else decode_row,
             fn_kwargs={
                 "domain": args.domain,
                 "results_dir": results_dir,
                 "input_size": self.input_size,
+                "prepare_one": self.prepare_one,
             },
             num_cpus=1,
             max_retries=RETRIES,  # a task whose worker died runs again, twice
         )
         return dataset.map_batches(
             configured_actor(ActorSettings(self.spec, results_dir, which)),
-            batch_size=args.batch_size,
+            batch_size=1 if alone else args.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=args.ray_actors),
             # No CPU reserved: the model runs beside the decoding tasks, as the local
@@ -557,16 +621,41 @@ class ShardRun:
         )
 
     def _stream(self, ray: Any) -> None:
+        """Every input through the pipeline; those lost with their task (a worker or actor
+        that kept dying, and everything it held) once more, one at a time; then the
+        inputs still lost fail with :data:`LOST_REASON`."""
         total = self.plan.count
         with cli.progress(self.args, total=total, unit="img") as bar:
             bar.update(sum(self.plan.kept_statuses.values()))
-            for row in self._dataset(ray).iter_rows():
-                entry: ResultsEntry = json.loads(row["entry"])
-                self._report(entry)
-                bar.update(1)
-                self._arrived(int(row["shard"]), int(row["index"]), entry)
+            self._receive(ray, list(split_shards(self.plan.todo)), False, bar)
+            lost = self._lost_pieces()
+            if lost:
+                cli.log.info(
+                    "%d files lost with the Ray tasks holding them: trying each alone", len(lost)
+                )
+                self._receive(ray, lost, True, bar)
         for number in sorted(self.waiting.keys() | self.expected.keys()):
             self._fill_lost(number)
+
+    def _receive(self, ray: Any, pieces: list[dict[str, Any]], alone: bool, bar: Any) -> None:
+        for row in self._dataset(ray, pieces, alone).iter_rows():
+            entry: ResultsEntry = json.loads(row["entry"])
+            self._report(entry)
+            bar.update(1)
+            self._arrived(int(row["shard"]), int(row["index"]), entry)
+
+    def _lost_pieces(self) -> list[dict[str, Any]]:
+        """The inputs that have not come back, one piece (:func:`split_shards`) each."""
+        pieces = []
+        for shard in self.plan.todo:
+            number = int(shard["shard"])
+            if number not in self.expected:
+                continue  # written
+            got = self.waiting.get(number, {})
+            for item in json.loads(shard["items"]):
+                if item[0] not in got:
+                    pieces.append({"shard": number, "items": json.dumps([item])})
+        return pieces
 
     def _report(self, entry: ResultsEntry) -> None:
         self.statuses[entry["status"]] += 1
