@@ -17,9 +17,14 @@ The pipeline, per shard of inputs (:mod:`cxrsr.shards`)::
   holds at most the shards in flight; at the end it writes the Parquet table of scores
   and the manifest.
 
-A worker or actor killed mid-run costs only the work it held: Ray retries its tasks
-(:data:`RETRIES`); inputs whose tasks keep failing are recorded as failed with the
-reason. A rerun reuses every finished shard whose inputs (names and fingerprints) and
+A worker or actor killed mid-run costs only a retry of the work it held: Ray runs its
+task again (:data:`RETRIES` times). The inputs of a task that keeps dying (a decoder that
+crashes on one of them every time, taking the others of its task with it) are then tried
+once more one at a time, each decoded in a reader process of its own
+(:mod:`cxrsr.reader_pool`) and classified alone: the culprit fails with the local
+engine's reason ("reader process died (signal 11, SIGSEGV) while reading"), the others
+come out as they would have. An input lost even alone fails with :data:`LOST_REASON`. A
+rerun reuses every finished shard whose inputs (names and fingerprints) and
 model still match, and redoes the others (a shard holding a failure is redone, as the
 local engine tries failed files again).
 """
@@ -71,12 +76,14 @@ from cxrsr.resume import fingerprint, utc_now
 
 log = logging.getLogger("cxrsr")
 
-#: Times Ray retries a task or an actor call whose process died before its inputs fail.
+#: Times Ray retries a task or an actor call whose process died before its inputs are
+#: tried alone (and again before an input tried alone fails).
 RETRIES = 2
 
-#: The reason given to an input whose Ray tasks kept dying.
+#: The reason given to an input whose Ray tasks kept dying, also with it alone.
 LOST_REASON = (
-    f"lost: the Ray worker or actor holding it died {RETRIES + 1} times (see the Ray logs)"
+    f"lost: the Ray worker or actor holding it died {RETRIES + 1} times, and as often again "
+    "with this file alone (see the Ray logs)"
 )
 
 
@@ -392,7 +399,8 @@ def _join_ray(address: str | None) -> Any:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    context.max_errored_blocks = -1  # a lost block costs its inputs (LOST_REASON), not the run
+    # A lost block costs a second try of its inputs one at a time, not the run.
+    context.max_errored_blocks = -1
     return ray
 
 
@@ -411,10 +419,23 @@ def quiet_ray_logs() -> None:
 
 
 def _not_an_ignored_block(record: logging.LogRecord) -> bool:
-    """Off the console: Ray Data's error and traceback for a block whose task kept failing,
-    ignored as ``max_errored_blocks`` says. Its inputs are tried again alone, then fail
-    with one ``E:`` line each; the traceback stays in Ray's log files."""
-    return "Ignoring this exception with remaining max_errored_blocks" not in record.getMessage()
+    """Off the console: Ray Data's error and traceback for a block whose worker or actor
+    kept dying, ignored as ``max_errored_blocks`` says. Its inputs are tried again alone,
+    then fail with one ``E:`` line each; the traceback stays in Ray's log files. An
+    exception raised by code (a bug) is still shown with its traceback."""
+    from ray.exceptions import (
+        NodeDiedError,
+        ObjectLostError,
+        OutOfMemoryError,
+        RayActorError,
+        WorkerCrashedError,
+    )
+
+    if "Ignoring this exception with remaining max_errored_blocks" not in record.getMessage():
+        return True
+    error = record.exc_info[1] if record.exc_info else None
+    died = (WorkerCrashedError, RayActorError, NodeDiedError, OutOfMemoryError, ObjectLostError)
+    return not isinstance(error, died)
 
 
 def process_ray(args: argparse.Namespace, prepare_one: PrepareOne = prepare) -> int:
