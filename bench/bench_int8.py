@@ -16,12 +16,20 @@ folder, as the tests make them, with a classifier layer scaled so that scores st
 (0, 1): speed does not depend on the weights, drift does (it then measures the mechanism,
 not the clinical drift of trained weights).
 
-Run: ``.venv/bin/python bench/bench_int8.py --random [--weights resnet50-res512-all]``.
+- **pipeline** (``--pipeline DIR``): ``process_dicom.py DIR`` as a whole process, fp32 and
+  int8 runs alternating ``--pipeline-repeats`` times (after one untimed run of each, which
+  makes the exports), heatmaps and previews on; the speed-up of the medians. Alternating
+  puts both precisions under the same load.
+
+Run: ``.venv/bin/python bench/bench_int8.py --random [--weights resnet50-res512-all]``, and
+``--random --pipeline DIR`` (``bench/make_corpus.py`` makes folders of large or small images).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +76,8 @@ def main() -> int:
     parser.add_argument("--random", action="store_true", help="random weights (see above)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pipeline", type=Path, metavar="DIR", help="also time process_dicom.py")
+    parser.add_argument("--pipeline-repeats", type=int, default=3)
     args = parser.parse_args()
     cache = args.cache_dir
     if args.random:
@@ -108,7 +118,40 @@ def main() -> int:
         f"{fraction.max():.3f}, p99 {np.percentile(fraction, 99):.3f} of each label's logit "
         f"spread; {flipped} findings flipped at the threshold"
     )
+    if args.pipeline is not None:
+        pipeline(args.pipeline, args.weights, cache, args.pipeline_repeats)
     return 0
+
+
+def pipeline(folder: Path, weights: str, cache: Path | None, repeats: int) -> None:
+    """process_dicom.py over ``folder``, fp32 and int8 alternating: medians and speed-up."""
+    out = Path(tempfile.mkdtemp(prefix="bench-int8-runs-"))
+    count = 0
+
+    def run(precision: str, number: int) -> float:
+        nonlocal count
+        command = [sys.executable, "process_dicom.py", str(folder), "-q", "--weights", weights]
+        command += ["-o", str(out / f"{precision}-{number}" / "results.json")]
+        command += ["--precision", precision] + (["--cache-dir", str(cache)] if cache else [])
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if done.returncode not in (0, 1):
+            raise SystemExit(f"E: {precision} run exited {done.returncode}: {done.stderr[-300:]}")
+        count = int(done.stdout.split(" classified")[0].split()[-1])
+        return seconds
+
+    run("fp32", 0), run("int8", 0)  # exports and quantization, not timed
+    times: dict[str, list[float]] = {"fp32": [], "int8": []}
+    for number in range(1, repeats + 1):
+        for precision in times:
+            times[precision].append(run(precision, number))
+    t32, t8 = statistics.median(times["fp32"]), statistics.median(times["int8"])
+    print(
+        f"pipeline over {folder} ({count} classified, heatmaps on, whole process, median of "
+        f"{repeats}): fp32 {t32:.1f} s ({count / t32:.2f} images/s), int8 {t8:.1f} s "
+        f"({count / t8:.2f} images/s), speed-up {t32 / t8:.2f}x"
+    )
 
 
 if __name__ == "__main__":
