@@ -13,7 +13,7 @@ import functools
 import logging
 import signal
 from collections import deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,7 @@ from cxrsr.results import (
     SKIPPED,
     ClassifiedEntry,
     FailedEntry,
+    ModelScores,
     ResultsEntry,
     SkippedEntry,
     rounded_score,
@@ -238,6 +239,15 @@ def classified_entry(
     return entry
 
 
+def model_scores(scores: dict[str, float], threshold: float) -> ModelScores:
+    """A further model's ``scores`` and ``findings`` (``by_model``), as :func:`classified_entry`
+    makes the first model's."""
+    return {
+        "scores": {label: rounded_score(score, threshold) for label, score in scores.items()},
+        "findings": [label for label, score in scores.items() if score >= threshold],
+    }
+
+
 def not_classified_entry(item: PreparedImage) -> SkippedEntry | FailedEntry:
     """The ``skipped`` or ``failed`` entry of a file the model never saw."""
     if item.status == SKIPPED:
@@ -281,6 +291,26 @@ class Run:
     """One results entry per finished file, in input order."""
     interrupted: bool = False
     """Ctrl-C stopped the run; ``entries`` holds the files finished before it."""
+    others: list[Classifier] = field(default_factory=list)
+    """A multi-model run's further models, loaded (empty for one model)."""
+
+
+@dataclass
+class OtherModel:
+    """A further model of a multi-model run: its loader and its heatmaps' writer.
+
+    Its scores go into each classified entry's ``by_model`` under its weights name, from
+    the same model input as the first model's (so it must take the same input size).
+    """
+
+    weights: str
+    load: Callable[[], Classifier]
+    heatmaps: HeatmapWriter | None = None
+
+
+def _load_all(first: Callable[[], Classifier], others: Sequence[OtherModel]) -> list[Classifier]:
+    """Every model of the run, the first first (on the loader thread)."""
+    return [first(), *(other.load() for other in others)]
 
 
 def classify(
@@ -296,6 +326,8 @@ def classify(
     read_timeout: float | None = None,
     input_size: int = INPUT_SIZE,
     on_model: Callable[[Classifier], None] = lambda classifier: None,
+    others: Sequence[OtherModel] = (),
+    on_models: Callable[[list[Classifier]], None] = lambda classifiers: None,
 ) -> Run:
     """Classify ``sources``, in order.
 
@@ -315,6 +347,10 @@ def classify(
     crashes). ``read_timeout``: seconds a reader may spend on one file (see
     :func:`prepared_in_order`). ``input_size``: the model's input size, known before it
     loads (:func:`cxrsr.model.classifier.model_input_size`).
+
+    ``others``: further models (a multi-model run), each run on every batch after the
+    first, on the same model inputs; their results go into each classified entry's
+    ``by_model``. ``on_models`` is called with every model where ``on_model`` is called.
     """
     if not sources:
         return Run(None, [])
@@ -324,10 +360,11 @@ def classify(
         prepare, domain=domain, results_dir=results_dir, input_size=input_size
     )
     loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
-    loading = loader.submit(load_classifier)
+    loading = loader.submit(_load_all, load_classifier, others)
     loader.shutdown(wait=False)
     batches = _Batches(loading, len(sources), batch_size, input_size, heatmaps)
     batches.on_entry, batches.on_batch, batches.on_model = on_entry, on_batch, on_model
+    batches.on_models, batches.others = on_models, list(others)
     window = batch_size * 2 + max(workers, 1) * 2
     interrupted = False
     try:
@@ -346,9 +383,10 @@ def classify(
         interrupted = True
     finally:
         batches.model_may_load()  # a model that has loaded names the journal, whatever happened
-        if heatmaps is not None:
-            close_heatmaps(heatmaps)
-    return Run(batches.classifier(), batches.finished(), interrupted)
+        for writer in [heatmaps, *(other.heatmaps for other in others)]:
+            if writer is not None:
+                close_heatmaps(writer)
+    return Run(batches.classifier(), batches.finished(), interrupted, batches.models()[1:])
 
 
 class _Batches:
@@ -364,7 +402,7 @@ class _Batches:
 
     def __init__(
         self,
-        loading: Future[Classifier],
+        loading: Future[list[Classifier]],
         count: int,
         batch_size: int,
         input_size: int,
@@ -378,11 +416,13 @@ class _Batches:
         self.on_entry: Callable[[ResultsEntry], None] = lambda entry: None
         self.on_batch: Callable[[], None] = lambda: None
         self.on_model: Callable[[Classifier], None] = lambda classifier: None
+        self.on_models: Callable[[list[Classifier]], None] = lambda classifiers: None
+        self.others: list[OtherModel] = []
         self._model_told = False
         self.entries: list[ResultsEntry | None] = [None] * count
         self.batch: list[tuple[int, PreparedImage]] = []
-        # The last batch classified, waiting for its pictures: (index, entry, pictures task).
-        self.unpublished: list[tuple[int, ClassifiedEntry, Future[list[Path]] | None]] = []
+        # The last batch classified, waiting for its pictures: (index, entry, pictures tasks).
+        self.unpublished: list[tuple[int, ClassifiedEntry, list[Future[list[Path]]]]] = []
 
     def model_may_load(self) -> bool:
         """False once the model has failed to load; tells ``on_model`` once it has loaded."""
@@ -394,12 +434,17 @@ class _Batches:
         return True
 
     def classifier(self) -> Classifier:
-        """The loaded model (waiting for it); the first call tells ``on_model``."""
-        classifier = self.loading.result()
+        """The loaded (first) model (waiting for it); the first call tells ``on_model``."""
+        return self.models()[0]
+
+    def models(self) -> list[Classifier]:
+        """Every loaded model (waiting for them); the first call tells ``on_model``."""
+        models = self.loading.result()
         if not self._model_told:
             self._model_told = True
-            self.on_model(classifier)
-        return classifier
+            self.on_model(models[0])
+            self.on_models(models)
+        return models
 
     def take(self, index: int, item: PreparedImage) -> None:
         """One prepared file, in input order."""
@@ -427,26 +472,47 @@ class _Batches:
         """Run the network on the gathered batch and start writing its pictures."""
         if not self.batch:
             return
-        classifier = self.classifier()
-        if classifier.input_size != self.input_size:
-            raise PipelineError(
-                f"the model takes {classifier.input_size}-pixel inputs, not {self.input_size}", 4
-            )
+        classifier, *others = self.models()
+        for model in (classifier, *others):
+            if model.input_size != self.input_size:
+                raise PipelineError(
+                    f"the model takes {model.input_size}-pixel inputs, not {self.input_size}", 4
+                )
         inputs = np.stack([item.model_input for _, item in self.batch])  # type: ignore[misc]
         all_scores, all_maps = classifier.predict_with_maps(inputs)
+        more = [model.predict_with_maps(inputs) for model in others]
         self._publish()  # the previous batch: its pictures were written while the network ran
-        for (index, item), scores, maps in zip(self.batch, all_scores, all_maps, strict=True):
+        for row, ((index, item), scores, maps) in enumerate(
+            zip(self.batch, all_scores, all_maps, strict=True)
+        ):
             entry = classified_entry(item, scores, self.THRESHOLD)
-            task = None
+            tasks = []
             if self.heatmaps is not None:
-                try:  # a full queue waits for an earlier image, whose write may have failed
-                    entry["heatmaps"], task = self.heatmaps.write(
-                        item.path, scores, maps, classifier.input_size
+                entry["heatmaps"], task = self._heatmaps(self.heatmaps, item, scores, maps)
+                tasks.append(task)
+            for other, (other_scores, other_maps) in zip(self.others, more, strict=True):
+                result = model_scores(other_scores[row], self.THRESHOLD)
+                if other.heatmaps is not None:
+                    result["heatmaps"], task = self._heatmaps(
+                        other.heatmaps, item, other_scores[row], other_maps[row]
                     )
-                except OSError as exc:
-                    raise pictures_error(self.results_dir, exc) from exc
-            self.unpublished.append((index, entry, task))
+                    tasks.append(task)
+                entry.setdefault("by_model", {})[other.weights] = result
+            self.unpublished.append((index, entry, tasks))
         self.batch.clear()
+
+    def _heatmaps(
+        self,
+        writer: HeatmapWriter,
+        item: PreparedImage,
+        scores: dict[str, float],
+        maps: dict[str, np.ndarray],
+    ) -> tuple[dict[str, str], Future[list[Path]]]:
+        """Queue one image's heatmaps of one model."""
+        try:  # a full queue waits for an earlier image, whose write may have failed
+            return writer.write(item.path, scores, maps, self.input_size)
+        except OSError as exc:
+            raise pictures_error(self.results_dir, exc) from exc
 
     def _publish(self) -> None:
         """Report the waiting batch once the pictures its entries name are on disk.
@@ -472,8 +538,8 @@ class _Batches:
     def _pictures(self, results_dir: Path) -> list[Path]:
         """The waiting batch's heatmaps (once written) and previews."""
         pictures: list[Path] = []
-        for _index, entry, task in self.unpublished:
-            if task is not None:
+        for _index, entry, tasks in self.unpublished:
+            for task in tasks:
                 pictures.extend(task.result())
             if "preview" in entry:
                 pictures.append(results_dir / entry["preview"])

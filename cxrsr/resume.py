@@ -34,6 +34,7 @@ from cxrsr.results import (
     FAILED,
     FileMark,
     ModelRecord,
+    ModelRef,
     ResultsEntry,
     RunOptions,
     iter_entries,
@@ -103,6 +104,8 @@ class EarlierResults:
 
     models: list[ModelBlock] = field(default_factory=list)
     """Every model block met, the results file's first (checked only when one is used)."""
+    model_lists: list[object] = field(default_factory=list)
+    """The results file's ``models`` (a multi-model run's), when it has one."""
     entries: dict[str, list[tuple[ModelBlock, ResultsEntry]]] = field(default_factory=dict)
     """``(model, entry)`` by path, oldest first (the journal is newer than the results file)."""
 
@@ -122,6 +125,8 @@ class EarlierResults:
             if isinstance(model, dict) and isinstance(images, list):
                 entries = [e for e in images if problem(e, ResultsEntry) is None]
                 earlier._add(model, cast(list[ResultsEntry], entries))
+                if "models" in document:
+                    earlier.model_lists.append(document["models"])
         except (OSError, ValueError, KeyError, TypeError, PipelineError):
             pass  # no usable results file: nothing to reuse from it
         for model, entry in read_journal(journal):
@@ -165,6 +170,18 @@ class EarlierResults:
         for model in reversed(self.models):
             if _model_key(model) == (digest, torchxrayvision, options):
                 return cast(ModelRecord, model) if problem(model, ModelRecord) is None else None
+        return None
+
+    def models_for(self, model: ModelRecord) -> list[ModelRecord] | None:
+        """The earlier results file's ``models`` that starts with ``model``, if any."""
+        for models in self.model_lists:
+            if (
+                isinstance(models, list)
+                and models
+                and models[0] == model
+                and problem(models, list[ModelRecord]) is None
+            ):
+                return cast(list[ModelRecord], models)
         return None
 
     def reusable(
@@ -215,6 +232,8 @@ class ReusePlan:
     """Earlier entries by index into ``sources``."""
     model: ModelRecord | None
     """The earlier model block of the current weights (for a run that loads no model)."""
+    models: list[ModelRecord] | None = None
+    """A multi-model run's earlier ``models`` (for a run that loads no model)."""
 
     @property
     def todo(self) -> list[Source]:
@@ -268,7 +287,8 @@ def make_plan(
             )
             if entry is not None:
                 reused[index] = entry
-    return ReusePlan(sources, marks, reused, model)
+    models = earlier.models_for(model) if model is not None else None
+    return ReusePlan(sources, marks, reused, model, models)
 
 
 class JournalRecorder:
@@ -320,7 +340,10 @@ class ResultsRun:
         weights: str,
         cache_dir: Path | None,
         options: RunOptions | None = None,
+        others: Sequence[str] = (),
     ) -> None:
+        """``others``: a multi-model run's further weights names (its entries are reused
+        only when the same models, by name and weights SHA-256, in the same order, made them)."""
         from cxrsr.model.classifier import default_cache_dir, torchxrayvision_version
 
         self.options = options
@@ -330,9 +353,24 @@ class ResultsRun:
         self.journal = Journal(journal_path(self.output))
         earlier = EarlierResults.load(self.output, self.journal.path)
         xrv = torchxrayvision_version()
-        self.digest = earlier.weights_digest(weights, cache_dir or default_cache_dir(), xrv)
-        self.plan = make_plan(sources, earlier, self.digest, xrv, options, self.output.parent)
+        cache = cache_dir or default_cache_dir()
+        self.digest = earlier.weights_digest(weights, cache, xrv)
+        key_digest = self.digest
+        if others:
+            digests = [self.digest, *(earlier.weights_digest(name, cache, xrv) for name in others)]
+            if None in digests:
+                key_digest = None  # a model never seen here: nothing earlier can stand
+            else:
+                refs = [
+                    ModelRef(weights=name, weights_sha256=cast(str, digest))
+                    for name, digest in zip([weights, *others], digests, strict=True)
+                ]
+                self.options = {**(options or RunOptions()), "models": refs}
+        self.planned_options = self.options
+        self.plan = make_plan(sources, earlier, key_digest, xrv, self.options, self.output.parent)
         self.recorder = JournalRecorder(self.plan, earlier, self.journal)
+        self.other_models: list[ModelRecord] = []
+        """A multi-model run's further models' blocks, once loaded (see :meth:`begin`)."""
 
     @property
     def todo(self) -> list[Source]:
@@ -349,11 +387,24 @@ class ResultsRun:
         """The model block of the earlier results kept, for a run that loads no model."""
         return self.plan.model
 
+    @property
+    def earlier_models(self) -> list[ModelRecord] | None:
+        """A multi-model run's earlier ``models``, for a run that loads no model."""
+        return self.plan.models
+
     def _with_options(self, model: ModelRecord) -> ModelRecord:
         return model if self.options is None else {**model, "options": self.options}
 
-    def begin(self, model: ModelRecord) -> None:
-        """The model is loaded: start journaling under its description."""
+    def begin(self, model: ModelRecord, others: Sequence[ModelRecord] = ()) -> None:
+        """The model (and a multi-model run's ``others``) loaded: start journaling under
+        its description, which for several models lists them all (``options.models``)."""
+        if others:
+            refs = [
+                ModelRef(weights=m["weights"], weights_sha256=m["weights_sha256"])
+                for m in (model, *others)
+            ]
+            self.options = {**(self.options or RunOptions()), "models": refs}
+            self.other_models = [self._with_options(other) for other in others]
         self.recorder.begin(self._with_options(model))
 
     def record(self, entry: ResultsEntry) -> None:
@@ -368,15 +419,22 @@ class ResultsRun:
         self.journal.close()
 
     def save(
-        self, model: ModelRecord, finished: list[ResultsEntry], interrupted: bool
+        self,
+        model: ModelRecord,
+        finished: list[ResultsEntry],
+        interrupted: bool,
+        others: Sequence[ModelRecord] = (),
     ) -> tuple[list[ResultsEntry], list[str]]:
         """Write the results file (kept and new entries, in input order), then drop the journal.
 
-        Returns the entries and the warnings to show. A :class:`PipelineError` (exit 3)
-        when the weights changed under the run or the file cannot be written; the
-        journal then stays, so the next run loses nothing.
+        ``others``: a multi-model run's further models' blocks (the document's ``models``
+        lists them after ``model``). Returns the entries and the warnings to show. A
+        :class:`PipelineError` (exit 3) when the weights changed under the run or the file
+        cannot be written; the journal then stays, so the next run loses nothing.
         """
-        if self.plan.reused and model.get("weights_sha256") != self.digest:
+        if self.plan.reused and (
+            model.get("weights_sha256") != self.digest or self.options != self.planned_options
+        ):
             raise PipelineError(
                 f"the weights file changed during the run; run again ({self.journal.path} "
                 "keeps the results finished so far)",
@@ -384,8 +442,9 @@ class ResultsRun:
             )
         entries = self.plan.merge(finished)
         model = self._with_options(model)
+        models = [model, *(self._with_options(other) for other in others)] if others else None
         try:
-            notes = save_results(self.output, model, entries, interrupted)
+            notes = save_results(self.output, model, entries, interrupted, models)
         except OSError as exc:
             raise PipelineError(f"{self.output}: cannot write results: {exc}", 3) from exc
         self.journal.remove()  # folded into the results file
