@@ -113,9 +113,9 @@ def check_weights(args: argparse.Namespace) -> tuple[str, list[str]]:
     same model input, so each scores exactly as it would alone), the local engine, and no
     ``--weights-sha256`` (which names one file); a usage error (exit 2) otherwise.
     """
-    names = [name.strip() for name in str(args.weights).split(",")]
-    if len(names) == 1:
-        return names[0], []
+    if "," not in args.weights:
+        return args.weights, []
+    names = [name.strip() for name in args.weights.split(",")]
     if "" in names:
         raise PipelineError(f"--weights {args.weights}: an empty weights name", exit_code=2)
     twice = sorted({name for name in names if names.count(name) > 1})

@@ -146,7 +146,10 @@ class EarlierResults:
         the weights file (finding the name otherwise means importing torchxrayvision, and
         with it PyTorch: seconds). ``None`` when no earlier block fits or the file is gone.
         """
-        for model in reversed(self.models):
+        listed = [m for ms in self.model_lists if isinstance(ms, list) for m in ms]
+        for model in reversed([*self.models, *listed]):
+            if not isinstance(model, dict):
+                continue
             name = model.get("weights_file")
             if (
                 model.get("weights") != weights
