@@ -19,7 +19,7 @@ import pytest
 from conftest import require_program, run_script, sr_files
 from test_models_all import save_densenet
 
-from cxrsr.results import load_results, per_model, problem
+from cxrsr.results import load_results, problem
 
 FIRST, SECOND = "densenet121-res224-all", "densenet121-res224-rsna"
 BOTH = f"{FIRST},{SECOND}"
@@ -131,6 +131,8 @@ def test_each_models_scores_are_exactly_those_of_its_run_alone(runs: Path) -> No
 
 
 def test_per_model_reads_each_models_results_as_a_single_model_file(runs: Path) -> None:
+    from cxrsr.results import per_model
+
     views = list(per_model(load_results(runs / "both" / "results.json")))
     assert [view["model"]["weights"] for view in views] == [FIRST, SECOND]
     for view, alone in zip(views, ("first", "second"), strict=True):
