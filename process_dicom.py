@@ -109,8 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def check_weights(args: argparse.Namespace) -> tuple[str, list[str]]:
     """``--weights a,b``: the first model and the further ones, checked before any work.
 
-    Several models need distinct, known names of one input size (every model reads the
-    same model input, so each scores exactly as it would alone), the local engine, and no
+    Several models need distinct, known names, the local engine, and no
     ``--weights-sha256`` (which names one file); a usage error (exit 2) otherwise.
     """
     if "," not in args.weights:
@@ -132,21 +131,13 @@ def check_weights(args: argparse.Namespace) -> tuple[str, list[str]]:
             "--weights-sha256 names one weights file; it cannot be used with several --weights",
             exit_code=2,
         )
-    from cxrsr.model.classifier import model_input_size, weights_names
+    from cxrsr.model.classifier import weights_names
 
     known = weights_names()
     unknown = [name for name in names if name not in known]
     if unknown:
         raise PipelineError(
             f"unknown weights {unknown[0]!r}; choose one of: {', '.join(known)}", exit_code=2
-        )
-    sizes = {name: model_input_size(name, args.cache_dir) for name in names}
-    if len(set(sizes.values())) > 1:
-        listed = ", ".join(f"{name} {size}" for name, size in sizes.items())
-        raise PipelineError(
-            f"--weights {args.weights}: models of different input sizes ({listed} pixels) "
-            "cannot run together; run each size on its own",
-            exit_code=2,
         )
     return names[0], names[1:]
 
@@ -297,6 +288,7 @@ def classify_new(args: argparse.Namespace, results: ResultsRun, tally: Tally) ->
             None
             if args.no_heatmaps
             else HeatmapWriter(args.output.parent, which, folder=model_heatmap_folder(name)),
+            model_input_size(name, args.cache_dir),
         )
         for name in args.other_weights
     ]

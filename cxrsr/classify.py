@@ -67,6 +67,20 @@ class PreviewKeys(TypedDict, total=False):
 
 
 @dataclass
+class SizedInput:
+    """One image prepared for one further input size: its model input and preview keys."""
+
+    model_input: np.ndarray
+    preview: PreviewKeys
+
+
+def size_preview_folder(size: int) -> str:
+    """Where the previews of a further input size go (the first model's stay in
+    ``previews/``, where a single-model run puts them)."""
+    return f"{PREVIEW_FOLDER}/{size}"
+
+
+@dataclass
 class PreparedImage:
     """What a worker sends back for one file: a model input, or why there is none."""
 
@@ -78,6 +92,9 @@ class PreparedImage:
     model_input: np.ndarray | None = None
     preview: PreviewKeys = field(default_factory=PreviewKeys)
     """``preview`` and ``preview_crop`` of the results entry, when previews are written."""
+    more: dict[int, SizedInput] = field(default_factory=dict)
+    """The model inputs (and previews) of further input sizes, by size: a multi-model run
+    whose models take different sizes (see :func:`prepare`)."""
 
     def __post_init__(self) -> None:
         # Reasons and warnings quote header values, which a damaged file can fill with
@@ -91,6 +108,7 @@ def prepare(
     domain: DomainPolicy = DomainPolicy.STRICT,
     results_dir: Path | None = None,
     input_size: int = INPUT_SIZE,
+    more_sizes: tuple[int, ...] = (),
 ) -> PreparedImage:
     """Read, check, decode and preprocess one file (runs in a worker process).
 
@@ -98,7 +116,33 @@ def prepare(
 
     With ``results_dir``, also writes the display preview from the pixels just decoded
     (no image is decoded twice across the pipeline).
+
+    ``more_sizes``: further input sizes (a multi-model run of models of several sizes).
+    The file is read and decoded again for each, exactly as a run of a model of that size
+    alone reads it (the reduced-resolution decode follows the size), so each model sees
+    the very input it would see alone; their previews go under
+    :func:`size_preview_folder`. A file that cannot be prepared at every size fails.
     """
+    item = _prepare_at(source, domain, results_dir, input_size, PREVIEW_FOLDER)
+    for size in more_sizes:
+        if item.status != "ready":
+            break
+        other = _prepare_at(source, domain, results_dir, size, size_preview_folder(size))
+        if other.status != "ready" or other.model_input is None:
+            reason = f"at the {size}-pixel input: {other.reason}"
+            return PreparedImage(source.name, FAILED, reason=reason)
+        item.more[size] = SizedInput(other.model_input, other.preview)
+    return item
+
+
+def _prepare_at(
+    source: Source,
+    domain: DomainPolicy,
+    results_dir: Path | None,
+    input_size: int,
+    preview_folder: str,
+) -> PreparedImage:
+    """:func:`prepare` at one input size, its preview in ``preview_folder``."""
     try:
         radiograph = read_radiograph(source, min_size=2 * input_size, domain=domain)
         # A reduced decode keeps the stored geometry; a turned image is decoded in full, its
@@ -117,7 +161,7 @@ def prepare(
             original_shape=shape,
         )
         preview = (
-            write_preview(radiograph, shape, source.name, results_dir)
+            write_preview(radiograph, shape, source.name, results_dir, preview_folder)
             if results_dir is not None
             else PreviewKeys()
         )
@@ -151,15 +195,20 @@ def prepare(
 
 
 def write_preview(
-    radiograph: Radiograph, shape: tuple[int, int], path: str, results_dir: Path
+    radiograph: Radiograph,
+    shape: tuple[int, int],
+    path: str,
+    results_dir: Path,
+    folder: str = PREVIEW_FOLDER,
 ) -> PreviewKeys:
-    """Write the display preview of ``radiograph``; return its results entry keys.
+    """Write the display preview of ``radiograph`` (under ``folder`` of ``results_dir``);
+    return its results entry keys.
 
     The file is not flushed to disk here: :func:`classify` makes a batch's pictures
     durable together before it reports the entries that name them.
     """
     assert radiograph.display is not None  # read_radiograph always sets it
-    relative = f"{PREVIEW_FOLDER}/{file_stem(path)}.png"
+    relative = f"{folder}/{file_stem(path)}.png"
     image = make_preview(radiograph.pixels, radiograph.display, shape)
     write_atomic(results_dir / relative, png_bytes(image), durable=False)
     return {"preview": relative, "preview_crop": preview_crop(shape, image.shape)}
@@ -300,12 +349,13 @@ class OtherModel:
     """A further model of a multi-model run: its loader and its heatmaps' writer.
 
     Its scores go into each classified entry's ``by_model`` under its weights name, from
-    the same model input as the first model's (so it must take the same input size).
+    the model input of its ``input_size`` (the first model's when the sizes are equal).
     """
 
     weights: str
     load: Callable[[], Classifier]
     heatmaps: HeatmapWriter | None = None
+    input_size: int = INPUT_SIZE
 
 
 def _load_all(first: Callable[[], Classifier], others: Sequence[OtherModel]) -> list[Classifier]:
@@ -356,8 +406,13 @@ def classify(
         return Run(None, [])
     # A module-level function and its arguments, so spawned readers can unpickle it.
     results_dir = heatmaps.results_dir if heatmaps is not None else None
+    more_sizes = tuple(sorted({other.input_size for other in others} - {input_size}))
     reader = prepare_one or functools.partial(
-        prepare, domain=domain, results_dir=results_dir, input_size=input_size
+        prepare,
+        domain=domain,
+        results_dir=results_dir,
+        input_size=input_size,
+        more_sizes=more_sizes,
     )
     loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
     loading = loader.submit(_load_all, load_classifier, others)
@@ -473,14 +528,20 @@ class _Batches:
         if not self.batch:
             return
         classifier, *others = self.models()
-        for model in (classifier, *others):
-            if model.input_size != self.input_size:
+        expected = [self.input_size, *(other.input_size for other in self.others)]
+        for model, size in zip((classifier, *others), expected, strict=True):
+            if model.input_size != size:
                 raise PipelineError(
-                    f"the model takes {model.input_size}-pixel inputs, not {self.input_size}", 4
+                    f"the model takes {model.input_size}-pixel inputs, not {size}", 4
                 )
-        inputs = np.stack([item.model_input for _, item in self.batch])  # type: ignore[misc]
-        all_scores, all_maps = classifier.predict_with_maps(inputs)
-        more = [model.predict_with_maps(inputs) for model in others]
+        inputs = {self.input_size: np.stack([item.model_input for _, item in self.batch])}  # type: ignore[misc]
+        for size in set(expected) - {self.input_size}:
+            inputs[size] = np.stack([item.more[size].model_input for _, item in self.batch])
+        all_scores, all_maps = classifier.predict_with_maps(inputs[self.input_size])
+        more = [
+            model.predict_with_maps(inputs[other.input_size])
+            for model, other in zip(others, self.others, strict=True)
+        ]
         self._publish()  # the previous batch: its pictures were written while the network ran
         for row, ((index, item), scores, maps) in enumerate(
             zip(self.batch, all_scores, all_maps, strict=True)
@@ -488,13 +549,17 @@ class _Batches:
             entry = classified_entry(item, scores, self.THRESHOLD)
             tasks = []
             if self.heatmaps is not None:
-                entry["heatmaps"], task = self._heatmaps(self.heatmaps, item, scores, maps)
+                entry["heatmaps"], task = self._heatmaps(
+                    self.heatmaps, item, scores, maps, self.input_size
+                )
                 tasks.append(task)
             for other, (other_scores, other_maps) in zip(self.others, more, strict=True):
                 result = model_scores(other_scores[row], self.THRESHOLD)
+                if other.input_size != self.input_size:
+                    result.update(item.more[other.input_size].preview)
                 if other.heatmaps is not None:
                     result["heatmaps"], task = self._heatmaps(
-                        other.heatmaps, item, other_scores[row], other_maps[row]
+                        other.heatmaps, item, other_scores[row], other_maps[row], other.input_size
                     )
                     tasks.append(task)
                 entry.setdefault("by_model", {})[other.weights] = result
@@ -507,10 +572,11 @@ class _Batches:
         item: PreparedImage,
         scores: dict[str, float],
         maps: dict[str, np.ndarray],
+        size: int,
     ) -> tuple[dict[str, str], Future[list[Path]]]:
-        """Queue one image's heatmaps of one model."""
+        """Queue one image's heatmaps of one model (``size``: its input size)."""
         try:  # a full queue waits for an earlier image, whose write may have failed
-            return writer.write(item.path, scores, maps, self.input_size)
+            return writer.write(item.path, scores, maps, size)
         except OSError as exc:
             raise pictures_error(self.results_dir, exc) from exc
 
@@ -541,6 +607,6 @@ class _Batches:
         for _index, entry, tasks in self.unpublished:
             for task in tasks:
                 pictures.extend(task.result())
-            if "preview" in entry:
-                pictures.append(results_dir / entry["preview"])
+            previews = [entry, *entry.get("by_model", {}).values()]
+            pictures.extend(results_dir / p["preview"] for p in previews if "preview" in p)
         return pictures

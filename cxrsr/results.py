@@ -274,6 +274,8 @@ def _load_manifest(path: Path, manifest: dict[str, Any]) -> LoadedResults:
 
 #: The keys of a classified entry that belong to one model (the others are the image's).
 MODEL_KEYS: Final = ("scores", "findings", "heatmaps")
+#: The keys that belong to one input size: a further model's own when it has them.
+SIZE_KEYS: Final = ("preview", "preview_crop")
 #: An entry's other models' results (a multi-model run).
 BY_MODEL: Final = "by_model"
 
@@ -282,7 +284,8 @@ class _ModelEntries(Sequence[object]):
     """The entries of a multi-model results file as one model's: read as they are iterated.
 
     The first model's view is each entry without ``by_model``; a later model's has that
-    model's ``scores``, ``findings`` and ``heatmaps`` in their place. A classified entry
+    model's ``scores``, ``findings`` and ``heatmaps`` in their place (and its ``preview``
+    and ``preview_crop``, when its input size gave it its own). A classified entry
     without the model's results (a hand edit) is a ``failed`` entry in that view, with
     the reason. Other entries are the same in every view.
     """
@@ -319,7 +322,7 @@ class _ModelEntries(Sequence[object]):
                 "status": FAILED,
                 "reason": f"the results file holds no scores of {self._weights} for it",
             }
-        view.update({key: mine[key] for key in MODEL_KEYS if key in mine})
+        view.update({key: mine[key] for key in (*MODEL_KEYS, *SIZE_KEYS) if key in mine})
         return view
 
 

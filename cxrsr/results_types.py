@@ -87,6 +87,10 @@ class ModelScores(TypedDict):
     """This model's labels at or above its threshold, in its order."""
     heatmaps: NotRequired[dict[str, str]]
     """This model's heatmap PNG by label, relative to the results file's folder."""
+    preview: NotRequired[str]
+    """The preview this model's key image is drawn on, when its input size differs from
+    the first model's (the image is decoded for each input size); else the entry's."""
+    preview_crop: NotRequired[list[float]]
 
 
 class ClassifiedEntry(TypedDict):

@@ -266,7 +266,9 @@ def pictures_present(entry: ResultsEntry, results_dir: Path) -> bool:
     """
     if entry["status"] != CLASSIFIED:
         return True
-    names = [entry.get("preview"), *(entry.get("heatmaps") or {}).values()]
+    names: list[object] = []
+    for part in [entry, *(entry.get("by_model") or {}).values()]:  # each model's (several)
+        names += [part.get("preview"), *(part.get("heatmaps") or {}).values()]
     return all(isinstance(name, str) and (results_dir / name).is_file() for name in names if name)
 
 
