@@ -399,8 +399,8 @@ def classify(
     loads (:func:`cxrsr.model.classifier.model_input_size`).
 
     ``others``: further models (a multi-model run), each run on every batch after the
-    first, on the same model inputs; their results go into each classified entry's
-    ``by_model``. ``on_models`` is called with every model where ``on_model`` is called.
+    first, on the model inputs of its input size (files are prepared once per distinct
+    size); their results go into each classified entry's ``by_model``. ``on_models`` is called with every model where ``on_model`` is called.
     """
     if not sources:
         return Run(None, [])

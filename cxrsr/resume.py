@@ -272,6 +272,22 @@ def pictures_present(entry: ResultsEntry, results_dir: Path) -> bool:
     return all(isinstance(name, str) and (results_dir / name).is_file() for name in names if name)
 
 
+def _file_digest(weights: str, cache_dir: Path) -> str | None:
+    """The SHA-256 of the weights file of ``weights`` in ``cache_dir``, named by
+    torchxrayvision's table, or ``None`` when it is not there.
+
+    For a further model of a multi-model run that no earlier model block names (a killed
+    run's journal names only the first model's file): costs importing torchxrayvision.
+    """
+    from cxrsr.model.classifier import sha256_of, weights_table
+
+    files = {row["weights"]: row["file"] for row in weights_table()}
+    try:
+        return sha256_of(Path(cache_dir) / files[weights])
+    except (KeyError, OSError):
+        return None
+
+
 def make_plan(
     sources: Sequence[Source],
     earlier: EarlierResults,
@@ -362,7 +378,13 @@ class ResultsRun:
         self.digest = earlier.weights_digest(weights, cache, xrv)
         key_digest = self.digest
         if others:
-            digests = [self.digest, *(earlier.weights_digest(name, cache, xrv) for name in others)]
+            digests = [
+                self.digest,
+                *(
+                    earlier.weights_digest(name, cache, xrv) or _file_digest(name, cache)
+                    for name in others
+                ),
+            ]
             if None in digests:
                 key_digest = None  # a model never seen here: nothing earlier can stand
             else:

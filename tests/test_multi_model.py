@@ -225,3 +225,24 @@ def test_what_several_models_cannot_do_is_refused_in_one_line(
     (line,) = proc.stderr.splitlines()
     assert line.startswith("E: ") and reason in line
     assert not (tmp_path / "results.json").exists()
+
+
+def test_a_killed_runs_journal_is_reused_for_the_same_models(
+    runs: Path, weights: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """A killed run leaves only its journal, whose model line names the first model's
+    weights file: the others' are found by name, and the journal's entries still stand."""
+    folder = tmp_path / "killed"
+    shutil.copytree(
+        runs / "all", folder, ignore=shutil.ignore_patterns("sr", "report.html", "results.json")
+    )
+    document = read(runs / "all" / "results.json")
+    lines = [{"format": "cxrsr-journal/1", "model": document["model"]}]
+    lines += [{"entry": entry} for entry in document["images"]]
+    results = folder / "results.json"
+    journal = folder / "results.json.journal"
+    journal.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    stderr = classify(results, weights, corpus_dir, ALL)
+    assert "2 of 2 files unchanged since an earlier run" in stderr
+    assert read(results) == document
+    assert not journal.exists()
