@@ -186,6 +186,18 @@ def test_the_report_shows_each_model_apart(runs: Path) -> None:
     assert 'id="counts"' in page and 'id="m3-counts"' in page  # ids stay unique
 
 
+def test_the_summary_of_a_large_run_is_one_per_model(runs: Path) -> None:
+    from cxrsr.report import render_report
+
+    results = runs / "all" / "results.json"
+    report = render_report(load_results(results), results.parent, summary_above=1)
+    assert report.problems == []
+    page = report.html
+    assert page.count('class="banner incomplete"') == 3  # each model's summary note
+    assert 'id="summary"' in page and 'id="m2-summary"' in page and 'id="m3-summary"' in page
+    assert page.count('<section id="counts">') == 1 and 'id="m3-counts"' in page
+
+
 def test_a_rerun_reuses_only_what_the_same_models_made(
     runs: Path, weights: Path, corpus_dir: Path, tmp_path: Path
 ) -> None:
@@ -196,10 +208,11 @@ def test_a_rerun_reuses_only_what_the_same_models_made(
     stderr = classify(results, weights, corpus_dir, ALL)
     assert "2 of 2 files unchanged since an earlier run" in stderr
     assert results.read_bytes() == before
-    stderr = classify(results, weights, corpus_dir, BOTH)
+    stderr = classify(results, weights, corpus_dir, SECOND)
     assert "unchanged since an earlier run" not in stderr
     document = read(results)
-    assert [m["weights"] for m in document["models"]] == [FIRST, SECOND]
+    assert "models" not in document and "by_model" not in document["images"][0]
+    assert "models" not in document["model"]["options"]
 
 
 @pytest.mark.parametrize(
