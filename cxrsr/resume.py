@@ -396,8 +396,6 @@ class ResultsRun:
         self.planned_options = self.options
         self.plan = make_plan(sources, earlier, key_digest, xrv, self.options, self.output.parent)
         self.recorder = JournalRecorder(self.plan, earlier, self.journal)
-        self.other_models: list[ModelRecord] = []
-        """A multi-model run's further models' blocks, once loaded (see :meth:`begin`)."""
 
     @property
     def todo(self) -> list[Source]:
@@ -425,14 +423,17 @@ class ResultsRun:
     def begin(self, model: ModelRecord, others: Sequence[ModelRecord] = ()) -> None:
         """The model (and a multi-model run's ``others``) loaded: start journaling under
         its description, which for several models lists them all (``options.models``)."""
+        self._name_models(model, others)
+        self.recorder.begin(self._with_options(model))
+
+    def _name_models(self, model: ModelRecord, others: Sequence[ModelRecord]) -> None:
+        """Record every model of a multi-model run, with its weights' SHA-256, in the options."""
         if others:
             refs = [
                 ModelRef(weights=m["weights"], weights_sha256=m["weights_sha256"])
                 for m in (model, *others)
             ]
             self.options = {**(self.options or RunOptions()), "models": refs}
-            self.other_models = [self._with_options(other) for other in others]
-        self.recorder.begin(self._with_options(model))
 
     def record(self, entry: ResultsEntry) -> None:
         """A new entry is finished (adds ``file`` and ``classified_at``, journals it)."""
@@ -468,6 +469,7 @@ class ResultsRun:
                 exit_code=3,
             )
         entries = self.plan.merge(finished)
+        self._name_models(model, others)  # also when no model was loaded (no begin)
         model = self._with_options(model)
         models = [model, *(self._with_options(other) for other in others)] if others else None
         try:
