@@ -108,6 +108,8 @@ class LoadedResults(TypedDict):
     images: Sequence[object]
     """A list, or for a sharded run the shards' entries read as they are iterated."""
     complete: NotRequired[bool]
+    models: NotRequired[list[ModelRecord]]
+    """A multi-model run's models (checked); read each one's results with :func:`per_model`."""
 
 
 ReadableResults = ResultsDocument | LoadedResults
