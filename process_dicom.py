@@ -47,6 +47,10 @@ start time and command inside) while it works, and a second run on the same resu
 file exits 3 at once, naming the holder. A killed run's lock never blocks: the kernel
 frees it when the process ends, and the next run takes it over.
 
+Several models: --weights a,b runs each listed model on every image (read once per
+input size) and keeps their scores apart, one entry per image; generate_sr.py then
+writes one SR per image and model. Scores are never averaged.
+
 Scores: for the default weights (densenet121-res224-all) they are operating-point
 normalised, NOT probabilities: 0.5 is each label's decision threshold, and a label is
 listed under "findings" when its score is >= 0.5.
