@@ -17,7 +17,7 @@ from cxrsr.dicomio.discovery import check_inputs_exist, iter_sources
 from cxrsr.dicomio.domain import DomainPolicy
 from cxrsr.errors import PipelineError
 from cxrsr.files import make_folders
-from cxrsr.results import ResultsEntry, RunOptions, model_record
+from cxrsr.results import ModelRecord, ResultsEntry, RunOptions, model_record
 from cxrsr.runlock import hold, lock_path
 
 if TYPE_CHECKING:  # the model's imports wait until a file needs classifying
@@ -46,6 +46,10 @@ One run per results file: a run holds FILE.lock beside it (owner-only; its pid, 
 start time and command inside) while it works, and a second run on the same results
 file exits 3 at once, naming the holder. A killed run's lock never blocks: the kernel
 frees it when the process ends, and the next run takes it over.
+
+Several models: --weights a,b runs each listed model on every image (read once per
+input size) and keeps their scores apart, one entry per image; generate_sr.py then
+writes one SR per image and model. Scores are never averaged.
 
 Scores: for the default weights (densenet121-res224-all) they are operating-point
 normalised, NOT probabilities: 0.5 is each label's decision threshold, and a label is
@@ -98,11 +102,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = check_inputs_exist(args.inputs)
     if missing:
         parser.error(f"no such file or folder: {', '.join(missing)}")
+    args.weights, args.other_weights = check_weights(args)
     check_writable(args.output)  # before any work, not after it
     # One run per results file: a second one would append to this run's journal, which
     # the first to finish folds into its results file and deletes.
     with hold(lock_path(args.output), str(args.output)):
         return process(args) if args.engine == "local" else engines.run_engine(args)
+
+
+def check_weights(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """``--weights a,b``: the first model and the further ones, checked before any work.
+
+    Several models need distinct, known names, the local engine, and no
+    ``--weights-sha256`` (which names one file); a usage error (exit 2) otherwise.
+    """
+    if "," not in args.weights:
+        return args.weights, []
+    names = [name.strip() for name in args.weights.split(",")]
+    if "" in names:
+        raise PipelineError(f"--weights {args.weights}: an empty weights name", exit_code=2)
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise PipelineError(f"--weights {args.weights}: {', '.join(twice)} named twice", 2)
+    if args.engine != "local":
+        raise PipelineError(
+            f"--weights {args.weights}: several models run only on the local engine "
+            f"(--engine local), not --engine {args.engine}",
+            exit_code=2,
+        )
+    if args.weights_sha256:
+        raise PipelineError(
+            "--weights-sha256 names one weights file; it cannot be used with several --weights",
+            exit_code=2,
+        )
+    from cxrsr.model.classifier import weights_names
+
+    known = weights_names()
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise PipelineError(
+            f"unknown weights {unknown[0]!r}; choose one of: {', '.join(known)}", exit_code=2
+        )
+    return names[0], names[1:]
 
 
 def process(args: argparse.Namespace) -> int:
@@ -123,13 +164,28 @@ def process(args: argparse.Namespace) -> int:
             results.close()  # what is finished stays journaled, whatever happened
     if run is not None and run.classifier is not None:
         model_block = model_record(run.classifier.describe())
-    else:  # nothing classified: the model is needed only for its description
-        model_block = results.earlier_model or model_record(load(args).describe())
+        others = [model_record(other.describe()) for other in run.others]
+    else:  # nothing classified: the models are needed only for their descriptions
+        model_block, others = described_models(args, results)
     interrupted = run is not None and run.interrupted
-    entries, notes = results.save(model_block, run.entries if run else [], interrupted)
+    entries, notes = results.save(model_block, run.entries if run else [], interrupted, others)
     for note in notes:
         cli.log.warning("%s", note)
     return tally.summarise(args, entries, len(sources), interrupted)
+
+
+def described_models(
+    args: argparse.Namespace, results: ResultsRun
+) -> tuple[ModelRecord, list[ModelRecord]]:
+    """The model blocks of a run that classified nothing: the earlier results', or the
+    models loaded only for their descriptions."""
+    earlier, earlier_all = results.earlier_model, results.earlier_models
+    if earlier is not None and not args.other_weights:
+        return earlier, []
+    if earlier is not None and earlier_all is not None:
+        return earlier, earlier_all[1:]
+    first = model_record(load(args).describe())
+    return first, [model_record(load(args, name).describe()) for name in args.other_weights]
 
 
 def open_results(args: argparse.Namespace, sources: list[Source]) -> ResultsRun:
@@ -142,7 +198,9 @@ def open_results(args: argparse.Namespace, sources: list[Source]) -> ResultsRun:
     options: RunOptions = {"domain": args.domain, "heatmaps": "none" if args.no_heatmaps else which}
     if args.precision != "fp32":
         options["precision"] = args.precision
-    results = ResultsRun(args.output, sources, args.weights, args.cache_dir, options)
+    results = ResultsRun(
+        args.output, sources, args.weights, args.cache_dir, options, args.other_weights
+    )
     if args.weights_sha256 and results.digest and results.digest != args.weights_sha256:
         raise PipelineError(
             f"the weights file's SHA-256 is {results.digest}, not the {args.weights_sha256} "
@@ -159,10 +217,13 @@ def open_results(args: argparse.Namespace, sources: list[Source]) -> ResultsRun:
     return results
 
 
-def load(args: argparse.Namespace) -> Classifier:
-    """The model ``args`` name (run on the loader thread while the readers start)."""
+def load(args: argparse.Namespace, weights: str | None = None) -> Classifier:
+    """The model ``args`` name, or with ``weights`` that one with the same options (run on
+    the loader thread while the readers start)."""
     from cxrsr.model.classifier import classifier_from_options
 
+    if weights is not None:
+        args = argparse.Namespace(**{**vars(args), "weights": weights})
     classifier = classifier_from_options(args)
     cli.log.debug("model %s on %s, %s backend", args.weights, classifier.device, classifier.backend)
     return classifier
@@ -217,13 +278,24 @@ def classify_new(args: argparse.Namespace, results: ResultsRun, tally: Tally) ->
     model, no reader processes, not even their imports)."""
     if not results.todo:
         return None
-    from cxrsr.classify import classify
+    from cxrsr.classify import OtherModel, classify
     from cxrsr.model.classifier import model_input_size
-    from cxrsr.model.heatmaps import ALL_LABELS, FINDINGS, HeatmapWriter
+    from cxrsr.model.heatmaps import ALL_LABELS, FINDINGS, HeatmapWriter, model_heatmap_folder
     from cxrsr.reader_pool import ReaderPoolError
 
     which = ALL_LABELS if args.all_heatmaps else FINDINGS
     heatmaps = None if args.no_heatmaps else HeatmapWriter(args.output.parent, which)
+    others = [
+        OtherModel(
+            name,
+            functools.partial(load, args, name),
+            None
+            if args.no_heatmaps
+            else HeatmapWriter(args.output.parent, which, folder=model_heatmap_folder(name)),
+            model_input_size(name, args.cache_dir),
+        )
+        for name in args.other_weights
+    ]
     try:
         return classify(
             results.todo,
@@ -236,7 +308,8 @@ def classify_new(args: argparse.Namespace, results: ResultsRun, tally: Tally) ->
             heatmaps=heatmaps,
             read_timeout=args.read_timeout,
             input_size=model_input_size(args.weights, args.cache_dir),
-            on_model=lambda classifier: results.begin(model_record(classifier.describe())),
+            others=others,
+            on_models=functools.partial(begin, results),
         )
     except ReaderPoolError as exc:
         raise PipelineError(
@@ -244,6 +317,12 @@ def classify_new(args: argparse.Namespace, results: ResultsRun, tally: Tally) ->
             "run again once it is fixed",
             exc.exit_code,
         ) from exc
+
+
+def begin(results: ResultsRun, models: list[Classifier]) -> None:
+    """The models are loaded: the journal starts under their descriptions."""
+    first, *others = (model_record(model.describe()) for model in models)
+    results.begin(first, others)
 
 
 def check_writable(output: Path) -> None:

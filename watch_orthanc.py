@@ -162,6 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging(args)
     if args.check_health:
         return check_health(args.state_dir)
+    if "," in args.weights:
+        raise PipelineError(
+            f"--weights {args.weights}: the watcher runs one model; several models run only "
+            "in process_dicom.py (its local engine)",
+            exit_code=2,
+        )
     problem = orthanc.url_problem(args.url) if args.url else None
     if problem:
         parser.error(problem)

@@ -13,7 +13,7 @@ import functools
 import logging
 import signal
 from collections import deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,7 @@ from cxrsr.results import (
     SKIPPED,
     ClassifiedEntry,
     FailedEntry,
+    ModelScores,
     ResultsEntry,
     SkippedEntry,
     rounded_score,
@@ -66,6 +67,20 @@ class PreviewKeys(TypedDict, total=False):
 
 
 @dataclass
+class SizedInput:
+    """One image prepared for one further input size: its model input and preview keys."""
+
+    model_input: np.ndarray
+    preview: PreviewKeys
+
+
+def size_preview_folder(size: int) -> str:
+    """Where the previews of a further input size go (the first model's stay in
+    ``previews/``, where a single-model run puts them)."""
+    return f"{PREVIEW_FOLDER}/{size}"
+
+
+@dataclass
 class PreparedImage:
     """What a worker sends back for one file: a model input, or why there is none."""
 
@@ -77,6 +92,9 @@ class PreparedImage:
     model_input: np.ndarray | None = None
     preview: PreviewKeys = field(default_factory=PreviewKeys)
     """``preview`` and ``preview_crop`` of the results entry, when previews are written."""
+    more: dict[int, SizedInput] = field(default_factory=dict)
+    """The model inputs (and previews) of further input sizes, by size: a multi-model run
+    whose models take different sizes (see :func:`prepare`)."""
 
     def __post_init__(self) -> None:
         # Reasons and warnings quote header values, which a damaged file can fill with
@@ -90,6 +108,7 @@ def prepare(
     domain: DomainPolicy = DomainPolicy.STRICT,
     results_dir: Path | None = None,
     input_size: int = INPUT_SIZE,
+    more_sizes: tuple[int, ...] = (),
 ) -> PreparedImage:
     """Read, check, decode and preprocess one file (runs in a worker process).
 
@@ -97,7 +116,33 @@ def prepare(
 
     With ``results_dir``, also writes the display preview from the pixels just decoded
     (no image is decoded twice across the pipeline).
+
+    ``more_sizes``: further input sizes (a multi-model run of models of several sizes).
+    The file is read and decoded again for each, exactly as a run of a model of that size
+    alone reads it (the reduced-resolution decode follows the size), so each model sees
+    the very input it would see alone; their previews go under
+    :func:`size_preview_folder`. A file that cannot be prepared at every size fails.
     """
+    item = _prepare_at(source, domain, results_dir, input_size, PREVIEW_FOLDER)
+    for size in more_sizes:
+        if item.status != "ready":
+            break
+        other = _prepare_at(source, domain, results_dir, size, size_preview_folder(size))
+        if other.status != "ready" or other.model_input is None:
+            reason = f"at the {size}-pixel input: {other.reason}"
+            return PreparedImage(source.name, FAILED, reason=reason)
+        item.more[size] = SizedInput(other.model_input, other.preview)
+    return item
+
+
+def _prepare_at(
+    source: Source,
+    domain: DomainPolicy,
+    results_dir: Path | None,
+    input_size: int,
+    preview_folder: str,
+) -> PreparedImage:
+    """:func:`prepare` at one input size, its preview in ``preview_folder``."""
     try:
         radiograph = read_radiograph(source, min_size=2 * input_size, domain=domain)
         # A reduced decode keeps the stored geometry; a turned image is decoded in full, its
@@ -116,7 +161,7 @@ def prepare(
             original_shape=shape,
         )
         preview = (
-            write_preview(radiograph, shape, source.name, results_dir)
+            write_preview(radiograph, shape, source.name, results_dir, preview_folder)
             if results_dir is not None
             else PreviewKeys()
         )
@@ -150,15 +195,20 @@ def prepare(
 
 
 def write_preview(
-    radiograph: Radiograph, shape: tuple[int, int], path: str, results_dir: Path
+    radiograph: Radiograph,
+    shape: tuple[int, int],
+    path: str,
+    results_dir: Path,
+    folder: str = PREVIEW_FOLDER,
 ) -> PreviewKeys:
-    """Write the display preview of ``radiograph``; return its results entry keys.
+    """Write the display preview of ``radiograph`` (under ``folder`` of ``results_dir``);
+    return its results entry keys.
 
     The file is not flushed to disk here: :func:`classify` makes a batch's pictures
     durable together before it reports the entries that name them.
     """
     assert radiograph.display is not None  # read_radiograph always sets it
-    relative = f"{PREVIEW_FOLDER}/{file_stem(path)}.png"
+    relative = f"{folder}/{file_stem(path)}.png"
     image = make_preview(radiograph.pixels, radiograph.display, shape)
     write_atomic(results_dir / relative, png_bytes(image), durable=False)
     return {"preview": relative, "preview_crop": preview_crop(shape, image.shape)}
@@ -238,6 +288,15 @@ def classified_entry(
     return entry
 
 
+def model_scores(scores: dict[str, float], threshold: float) -> ModelScores:
+    """A further model's ``scores`` and ``findings`` (``by_model``), as :func:`classified_entry`
+    makes the first model's."""
+    return {
+        "scores": {label: rounded_score(score, threshold) for label, score in scores.items()},
+        "findings": [label for label, score in scores.items() if score >= threshold],
+    }
+
+
 def not_classified_entry(item: PreparedImage) -> SkippedEntry | FailedEntry:
     """The ``skipped`` or ``failed`` entry of a file the model never saw."""
     if item.status == SKIPPED:
@@ -281,6 +340,27 @@ class Run:
     """One results entry per finished file, in input order."""
     interrupted: bool = False
     """Ctrl-C stopped the run; ``entries`` holds the files finished before it."""
+    others: list[Classifier] = field(default_factory=list)
+    """A multi-model run's further models, loaded (empty for one model)."""
+
+
+@dataclass
+class OtherModel:
+    """A further model of a multi-model run: its loader and its heatmaps' writer.
+
+    Its scores go into each classified entry's ``by_model`` under its weights name, from
+    the model input of its ``input_size`` (the first model's when the sizes are equal).
+    """
+
+    weights: str
+    load: Callable[[], Classifier]
+    heatmaps: HeatmapWriter | None = None
+    input_size: int = INPUT_SIZE
+
+
+def _load_all(first: Callable[[], Classifier], others: Sequence[OtherModel]) -> list[Classifier]:
+    """Every model of the run, the first first (on the loader thread)."""
+    return [first(), *(other.load() for other in others)]
 
 
 def classify(
@@ -296,6 +376,8 @@ def classify(
     read_timeout: float | None = None,
     input_size: int = INPUT_SIZE,
     on_model: Callable[[Classifier], None] = lambda classifier: None,
+    others: Sequence[OtherModel] = (),
+    on_models: Callable[[list[Classifier]], None] = lambda classifiers: None,
 ) -> Run:
     """Classify ``sources``, in order.
 
@@ -315,19 +397,29 @@ def classify(
     crashes). ``read_timeout``: seconds a reader may spend on one file (see
     :func:`prepared_in_order`). ``input_size``: the model's input size, known before it
     loads (:func:`cxrsr.model.classifier.model_input_size`).
+
+    ``others``: further models (a multi-model run), each run on every batch after the
+    first, on the model inputs of its input size (files are prepared once per distinct
+    size); their results go into each classified entry's ``by_model``. ``on_models`` is called with every model where ``on_model`` is called.
     """
     if not sources:
         return Run(None, [])
     # A module-level function and its arguments, so spawned readers can unpickle it.
     results_dir = heatmaps.results_dir if heatmaps is not None else None
+    more_sizes = tuple(sorted({other.input_size for other in others} - {input_size}))
     reader = prepare_one or functools.partial(
-        prepare, domain=domain, results_dir=results_dir, input_size=input_size
+        prepare,
+        domain=domain,
+        results_dir=results_dir,
+        input_size=input_size,
+        more_sizes=more_sizes,
     )
     loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
-    loading = loader.submit(load_classifier)
+    loading = loader.submit(_load_all, load_classifier, others)
     loader.shutdown(wait=False)
     batches = _Batches(loading, len(sources), batch_size, input_size, heatmaps)
     batches.on_entry, batches.on_batch, batches.on_model = on_entry, on_batch, on_model
+    batches.on_models, batches.others = on_models, list(others)
     window = batch_size * 2 + max(workers, 1) * 2
     interrupted = False
     try:
@@ -346,9 +438,10 @@ def classify(
         interrupted = True
     finally:
         batches.model_may_load()  # a model that has loaded names the journal, whatever happened
-        if heatmaps is not None:
-            close_heatmaps(heatmaps)
-    return Run(batches.classifier(), batches.finished(), interrupted)
+        for writer in [heatmaps, *(other.heatmaps for other in others)]:
+            if writer is not None:
+                close_heatmaps(writer)
+    return Run(batches.classifier(), batches.finished(), interrupted, batches.models()[1:])
 
 
 class _Batches:
@@ -364,7 +457,7 @@ class _Batches:
 
     def __init__(
         self,
-        loading: Future[Classifier],
+        loading: Future[list[Classifier]],
         count: int,
         batch_size: int,
         input_size: int,
@@ -378,11 +471,13 @@ class _Batches:
         self.on_entry: Callable[[ResultsEntry], None] = lambda entry: None
         self.on_batch: Callable[[], None] = lambda: None
         self.on_model: Callable[[Classifier], None] = lambda classifier: None
+        self.on_models: Callable[[list[Classifier]], None] = lambda classifiers: None
+        self.others: list[OtherModel] = []
         self._model_told = False
         self.entries: list[ResultsEntry | None] = [None] * count
         self.batch: list[tuple[int, PreparedImage]] = []
-        # The last batch classified, waiting for its pictures: (index, entry, pictures task).
-        self.unpublished: list[tuple[int, ClassifiedEntry, Future[list[Path]] | None]] = []
+        # The last batch classified, waiting for its pictures: (index, entry, pictures tasks).
+        self.unpublished: list[tuple[int, ClassifiedEntry, list[Future[list[Path]]]]] = []
 
     def model_may_load(self) -> bool:
         """False once the model has failed to load; tells ``on_model`` once it has loaded."""
@@ -394,12 +489,17 @@ class _Batches:
         return True
 
     def classifier(self) -> Classifier:
-        """The loaded model (waiting for it); the first call tells ``on_model``."""
-        classifier = self.loading.result()
+        """The loaded (first) model (waiting for it); the first call tells ``on_model``."""
+        return self.models()[0]
+
+    def models(self) -> list[Classifier]:
+        """Every loaded model (waiting for them); the first call tells ``on_model``."""
+        models = self.loading.result()
         if not self._model_told:
             self._model_told = True
-            self.on_model(classifier)
-        return classifier
+            self.on_model(models[0])
+            self.on_models(models)
+        return models
 
     def take(self, index: int, item: PreparedImage) -> None:
         """One prepared file, in input order."""
@@ -427,26 +527,58 @@ class _Batches:
         """Run the network on the gathered batch and start writing its pictures."""
         if not self.batch:
             return
-        classifier = self.classifier()
-        if classifier.input_size != self.input_size:
-            raise PipelineError(
-                f"the model takes {classifier.input_size}-pixel inputs, not {self.input_size}", 4
-            )
-        inputs = np.stack([item.model_input for _, item in self.batch])  # type: ignore[misc]
-        all_scores, all_maps = classifier.predict_with_maps(inputs)
+        classifier, *others = self.models()
+        expected = [self.input_size, *(other.input_size for other in self.others)]
+        for model, size in zip((classifier, *others), expected, strict=True):
+            if model.input_size != size:
+                raise PipelineError(
+                    f"the model takes {model.input_size}-pixel inputs, not {size}", 4
+                )
+        inputs = {self.input_size: np.stack([item.model_input for _, item in self.batch])}  # type: ignore[misc]
+        for size in set(expected) - {self.input_size}:
+            inputs[size] = np.stack([item.more[size].model_input for _, item in self.batch])
+        all_scores, all_maps = classifier.predict_with_maps(inputs[self.input_size])
+        more = [
+            model.predict_with_maps(inputs[other.input_size])
+            for model, other in zip(others, self.others, strict=True)
+        ]
         self._publish()  # the previous batch: its pictures were written while the network ran
-        for (index, item), scores, maps in zip(self.batch, all_scores, all_maps, strict=True):
+        for row, ((index, item), scores, maps) in enumerate(
+            zip(self.batch, all_scores, all_maps, strict=True)
+        ):
             entry = classified_entry(item, scores, self.THRESHOLD)
-            task = None
+            tasks = []
             if self.heatmaps is not None:
-                try:  # a full queue waits for an earlier image, whose write may have failed
-                    entry["heatmaps"], task = self.heatmaps.write(
-                        item.path, scores, maps, classifier.input_size
+                entry["heatmaps"], task = self._heatmaps(
+                    self.heatmaps, item, scores, maps, self.input_size
+                )
+                tasks.append(task)
+            for other, (other_scores, other_maps) in zip(self.others, more, strict=True):
+                result = model_scores(other_scores[row], self.THRESHOLD)
+                if other.input_size != self.input_size:
+                    result.update(item.more[other.input_size].preview)
+                if other.heatmaps is not None:
+                    result["heatmaps"], task = self._heatmaps(
+                        other.heatmaps, item, other_scores[row], other_maps[row], other.input_size
                     )
-                except OSError as exc:
-                    raise pictures_error(self.results_dir, exc) from exc
-            self.unpublished.append((index, entry, task))
+                    tasks.append(task)
+                entry.setdefault("by_model", {})[other.weights] = result
+            self.unpublished.append((index, entry, tasks))
         self.batch.clear()
+
+    def _heatmaps(
+        self,
+        writer: HeatmapWriter,
+        item: PreparedImage,
+        scores: dict[str, float],
+        maps: dict[str, np.ndarray],
+        size: int,
+    ) -> tuple[dict[str, str], Future[list[Path]]]:
+        """Queue one image's heatmaps of one model (``size``: its input size)."""
+        try:  # a full queue waits for an earlier image, whose write may have failed
+            return writer.write(item.path, scores, maps, size)
+        except OSError as exc:
+            raise pictures_error(self.results_dir, exc) from exc
 
     def _publish(self) -> None:
         """Report the waiting batch once the pictures its entries name are on disk.
@@ -472,9 +604,9 @@ class _Batches:
     def _pictures(self, results_dir: Path) -> list[Path]:
         """The waiting batch's heatmaps (once written) and previews."""
         pictures: list[Path] = []
-        for _index, entry, task in self.unpublished:
-            if task is not None:
+        for _index, entry, tasks in self.unpublished:
+            for task in tasks:
                 pictures.extend(task.result())
-            if "preview" in entry:
-                pictures.append(results_dir / entry["preview"])
+            previews = [entry, *entry.get("by_model", {}).values()]
+            pictures.extend(results_dir / p["preview"] for p in previews if "preview" in p)
         return pictures

@@ -162,7 +162,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
         "--weights",
         default="densenet121-res224-all",
         help="torchxrayvision classifier weights name, a DenseNet-121 at 224 pixels or "
-        "resnet50-res512-all; --list-weights shows them all (default: %(default)s)",
+        "resnet50-res512-all; --list-weights shows them all; process_dicom.py also takes a "
+        "comma-separated list of one input size, each model's scores kept apart "
+        "(default: %(default)s)",
     )
     model.add_argument(
         "--list-weights",

@@ -50,6 +50,8 @@ from cxrsr.results_types import (
     FailedEntry,
     FileMark,
     ModelRecord,
+    ModelRef,
+    ModelScores,
     ResultsDocument,
     ResultsEntry,
     RunOptions,
@@ -69,6 +71,8 @@ __all__ = [
     "FileMark",
     "LoadedResults",
     "ModelRecord",
+    "ModelRef",
+    "ModelScores",
     "ReadableResults",
     "ResultsDocument",
     "ResultsEntry",
@@ -78,6 +82,7 @@ __all__ = [
     "json_schema",
     "load_results",
     "model_record",
+    "per_model",
     "save_results",
     "schema_text",
 ]
@@ -103,6 +108,8 @@ class LoadedResults(TypedDict):
     images: Sequence[object]
     """A list, or for a sharded run the shards' entries read as they are iterated."""
     complete: NotRequired[bool]
+    models: NotRequired[list[ModelRecord]]
+    """A multi-model run's models (checked); read each one's results with :func:`per_model`."""
 
 
 ReadableResults = ResultsDocument | LoadedResults
@@ -172,16 +179,22 @@ def flag_shared_instance_uids(entries: list[ResultsEntry]) -> list[str]:
 
 
 def save_results(
-    path: Path, model: ModelRecord, entries: list[ResultsEntry], interrupted: bool
+    path: Path,
+    model: ModelRecord,
+    entries: list[ResultsEntry],
+    interrupted: bool,
+    models: list[ModelRecord] | None = None,
 ) -> list[str]:
     """Write the results file for ``entries``; return the warnings to show.
 
     Flags shared SOP Instance UIDs, and marks a run stopped by Ctrl-C as
     ``"complete": false``. Each classified entry already carries its ``classified_at``
-    (see :mod:`cxrsr.resume`).
+    (see :mod:`cxrsr.resume`). ``models``: a multi-model run's models, ``model`` first.
     """
     messages = flag_shared_instance_uids(entries)
     document: ResultsDocument = {"format": FORMAT, "model": model, "images": entries}
+    if models:
+        document = {"format": FORMAT, "model": model, "models": models, "images": entries}
     if interrupted:
         document["complete"] = False
     write_json_atomic(path, document)
@@ -219,10 +232,28 @@ def load_results(path: Path) -> LoadedResults:
     found_problem = problem(model, ModelRecord, "model")
     if found_problem is not None:
         raise PipelineError(f"{path}: not a valid results file: {found_problem}", exit_code=2)
+    if "models" in document:
+        found_problem = _models_problem(document["models"], model)
+        if found_problem is not None:
+            raise PipelineError(f"{path}: not a valid results file: {found_problem}", exit_code=2)
     if "complete" in document and not isinstance(document["complete"], bool):
         raise PipelineError(f"{path}: not a valid results file: 'complete' is not a boolean", 2)
     # Entries are not checked here: a bad entry costs only its own SR (cxrsr.sr.batch).
     return cast(LoadedResults, document)
+
+
+def _models_problem(models: object, model: object) -> str | None:
+    """What is wrong with a multi-model file's ``models`` list, or ``None``."""
+    found = problem(models, list[ModelRecord], "models")
+    if found is not None:
+        return found
+    assert isinstance(models, list)
+    if not models or models[0] != model:
+        return "'models' does not start with the 'model' block"
+    names = [block["weights"] for block in models]
+    if len(set(names)) != len(names):
+        return "'models' names a weights name twice"
+    return None
 
 
 def _load_manifest(path: Path, manifest: dict[str, Any]) -> LoadedResults:
@@ -241,6 +272,85 @@ def _load_manifest(path: Path, manifest: dict[str, Any]) -> LoadedResults:
     if manifest.get("complete") is False:
         document["complete"] = False
     return cast(LoadedResults, document)
+
+
+#: The keys of a classified entry that belong to one model (the others are the image's).
+MODEL_KEYS: Final = ("scores", "findings", "heatmaps")
+#: The keys that belong to one input size: a further model's own when it has them.
+SIZE_KEYS: Final = ("preview", "preview_crop")
+#: An entry's other models' results (a multi-model run).
+BY_MODEL: Final = "by_model"
+
+
+class _ModelEntries(Sequence[object]):
+    """The entries of a multi-model results file as one model's: read as they are iterated.
+
+    The first model's view is each entry without ``by_model``; a later model's has that
+    model's ``scores``, ``findings`` and ``heatmaps`` in their place (and its ``preview``
+    and ``preview_crop``, when its input size gave it its own). A classified entry
+    without the model's results (a hand edit) is a ``failed`` entry in that view, with
+    the reason. Other entries are the same in every view.
+    """
+
+    def __init__(self, entries: Sequence[object], weights: str | None) -> None:
+        self._entries = entries
+        self._weights = weights
+
+    def __iter__(self) -> Iterator[object]:
+        for entry in self._entries:
+            yield self._view(entry)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self._view(entry) for entry in self._entries[index]]
+        return self._view(self._entries[index])
+
+    def _view(self, entry: object) -> object:
+        if not isinstance(entry, dict) or BY_MODEL not in entry:
+            return entry
+        view = {key: value for key, value in entry.items() if key != BY_MODEL}
+        if self._weights is None:
+            return view
+        by_model = entry[BY_MODEL]
+        mine = by_model.get(self._weights) if isinstance(by_model, dict) else None
+        for key in MODEL_KEYS:
+            view.pop(key, None)
+        if not isinstance(mine, dict):
+            return {
+                "path": entry.get("path"),
+                "status": FAILED,
+                "reason": f"the results file holds no scores of {self._weights} for it",
+            }
+        view.update({key: mine[key] for key in (*MODEL_KEYS, *SIZE_KEYS) if key in mine})
+        return view
+
+
+def per_model(document: ReadableResults) -> Iterator[LoadedResults]:
+    """Each model's results as a single-model results document, in ``--weights`` order.
+
+    A single-model file gives itself. A multi-model run's file (``models`` and each
+    classified entry's ``by_model``) gives one document per model: its ``model`` block
+    and its ``scores``, ``findings`` and ``heatmaps`` in each entry, so every reader of
+    single-model files (the SR builder, the report) reads each model's as it is, and no
+    two models' scores are ever mixed. The entries stream from ``document`` (which may be
+    sharded) as each view is iterated; none is held.
+    """
+    models = document.get("models")
+    if not isinstance(models, list) or len(models) < 2:
+        yield cast(LoadedResults, document)
+        return
+    for index, model in enumerate(models):
+        view: dict[str, Any] = {
+            "format": FORMAT,
+            "model": model,
+            "images": _ModelEntries(document["images"], None if index == 0 else model["weights"]),
+        }
+        if "complete" in document:
+            view["complete"] = document["complete"]
+        yield cast(LoadedResults, view)
 
 
 def iter_entries(path: Path) -> Iterator[object]:

@@ -32,6 +32,13 @@ class FileMark(TypedDict):
     member_crc32: NotRequired[int]
 
 
+class ModelRef(TypedDict):
+    """One model of a multi-model run, by weights name and the SHA-256 of its weights file."""
+
+    weights: str
+    weights_sha256: str
+
+
 class RunOptions(TypedDict):
     """The run's settings that change what an entry says (earlier entries made with
     other options are not reused)."""
@@ -40,6 +47,9 @@ class RunOptions(TypedDict):
     heatmaps: NotRequired[str]
     precision: NotRequired[str]
     """Present only when not ``fp32`` (results files of fp32 runs stay as they were)."""
+    models: NotRequired[list[ModelRef]]
+    """Every model of a multi-model run (``--weights a,b``), in order, the ``model`` block's
+    first; absent for a single model. An entry made by another list is not reused."""
 
 
 class ModelRecord(TypedDict):
@@ -66,6 +76,21 @@ class ModelRecord(TypedDict):
     quantization: NotRequired[str]
     """How the int8 model was calibrated, for ``int8``."""
     options: NotRequired[RunOptions]
+
+
+class ModelScores(TypedDict):
+    """One further model's results for a classified image (a multi-model run)."""
+
+    scores: dict[str, float]
+    """Each of this model's labels' score, rounded as in ``scores`` of the entry."""
+    findings: list[str]
+    """This model's labels at or above its threshold, in its order."""
+    heatmaps: NotRequired[dict[str, str]]
+    """This model's heatmap PNG by label, relative to the results file's folder."""
+    preview: NotRequired[str]
+    """The preview this model's key image is drawn on, when its input size differs from
+    the first model's (the image is decoded for each input size); else the entry's."""
+    preview_crop: NotRequired[list[float]]
 
 
 class ClassifiedEntry(TypedDict):
@@ -101,6 +126,10 @@ class ClassifiedEntry(TypedDict):
     preview_crop: NotRequired[list[float]]
     """``[x, y, width, height]`` of the model's square in preview pixels."""
     file: NotRequired[FileMark]
+    by_model: NotRequired[dict[str, ModelScores]]
+    """A multi-model run's other models' results, by weights name (the document's
+    ``models`` after the first); the entry's own ``scores`` are the first model's. Never
+    averaged: :func:`cxrsr.results.per_model` reads each model's as a results file of its own."""
 
 
 class SkippedEntry(TypedDict):
@@ -133,6 +162,8 @@ class ResultsDocument(TypedDict):
     images: list[ResultsEntry]
     complete: NotRequired[bool]
     """``false`` when Ctrl-C stopped the run: only the files finished before are listed."""
+    models: NotRequired[list[ModelRecord]]
+    """A multi-model run's models, in ``--weights`` order; the first is ``model``."""
 
 
 # --- run-time checks and the JSON Schema, both derived from the classes above ----------

@@ -34,6 +34,7 @@ from cxrsr.results import (
     FAILED,
     FileMark,
     ModelRecord,
+    ModelRef,
     ResultsEntry,
     RunOptions,
     iter_entries,
@@ -103,6 +104,8 @@ class EarlierResults:
 
     models: list[ModelBlock] = field(default_factory=list)
     """Every model block met, the results file's first (checked only when one is used)."""
+    model_lists: list[object] = field(default_factory=list)
+    """The results file's ``models`` (a multi-model run's), when it has one."""
     entries: dict[str, list[tuple[ModelBlock, ResultsEntry]]] = field(default_factory=dict)
     """``(model, entry)`` by path, oldest first (the journal is newer than the results file)."""
 
@@ -122,6 +125,8 @@ class EarlierResults:
             if isinstance(model, dict) and isinstance(images, list):
                 entries = [e for e in images if problem(e, ResultsEntry) is None]
                 earlier._add(model, cast(list[ResultsEntry], entries))
+                if "models" in document:
+                    earlier.model_lists.append(document["models"])
         except (OSError, ValueError, KeyError, TypeError, PipelineError):
             pass  # no usable results file: nothing to reuse from it
         for model, entry in read_journal(journal):
@@ -141,7 +146,10 @@ class EarlierResults:
         the weights file (finding the name otherwise means importing torchxrayvision, and
         with it PyTorch: seconds). ``None`` when no earlier block fits or the file is gone.
         """
-        for model in reversed(self.models):
+        listed = [m for ms in self.model_lists if isinstance(ms, list) for m in ms]
+        for model in reversed([*self.models, *listed]):
+            if not isinstance(model, dict):
+                continue
             name = model.get("weights_file")
             if (
                 model.get("weights") != weights
@@ -165,6 +173,18 @@ class EarlierResults:
         for model in reversed(self.models):
             if _model_key(model) == (digest, torchxrayvision, options):
                 return cast(ModelRecord, model) if problem(model, ModelRecord) is None else None
+        return None
+
+    def models_for(self, model: ModelRecord) -> list[ModelRecord] | None:
+        """The earlier results file's ``models`` that starts with ``model``, if any."""
+        for models in self.model_lists:
+            if (
+                isinstance(models, list)
+                and models
+                and models[0] == model
+                and problem(models, list[ModelRecord]) is None
+            ):
+                return cast(list[ModelRecord], models)
         return None
 
     def reusable(
@@ -215,6 +235,8 @@ class ReusePlan:
     """Earlier entries by index into ``sources``."""
     model: ModelRecord | None
     """The earlier model block of the current weights (for a run that loads no model)."""
+    models: list[ModelRecord] | None = None
+    """A multi-model run's earlier ``models`` (for a run that loads no model)."""
 
     @property
     def todo(self) -> list[Source]:
@@ -244,8 +266,26 @@ def pictures_present(entry: ResultsEntry, results_dir: Path) -> bool:
     """
     if entry["status"] != CLASSIFIED:
         return True
-    names = [entry.get("preview"), *(entry.get("heatmaps") or {}).values()]
+    names: list[object] = []
+    for part in [entry, *(entry.get("by_model") or {}).values()]:  # each model's (several)
+        names += [part.get("preview"), *(part.get("heatmaps") or {}).values()]
     return all(isinstance(name, str) and (results_dir / name).is_file() for name in names if name)
+
+
+def _file_digest(weights: str, cache_dir: Path) -> str | None:
+    """The SHA-256 of the weights file of ``weights`` in ``cache_dir``, named by
+    torchxrayvision's table, or ``None`` when it is not there.
+
+    For a further model of a multi-model run that no earlier model block names (a killed
+    run's journal names only the first model's file): costs importing torchxrayvision.
+    """
+    from cxrsr.model.classifier import sha256_of, weights_table
+
+    files = {row["weights"]: row["file"] for row in weights_table()}
+    try:
+        return sha256_of(Path(cache_dir) / files[weights])
+    except (KeyError, OSError):
+        return None
 
 
 def make_plan(
@@ -268,7 +308,8 @@ def make_plan(
             )
             if entry is not None:
                 reused[index] = entry
-    return ReusePlan(sources, marks, reused, model)
+    models = earlier.models_for(model) if model is not None else None
+    return ReusePlan(sources, marks, reused, model, models)
 
 
 class JournalRecorder:
@@ -320,7 +361,10 @@ class ResultsRun:
         weights: str,
         cache_dir: Path | None,
         options: RunOptions | None = None,
+        others: Sequence[str] = (),
     ) -> None:
+        """``others``: a multi-model run's further weights names (its entries are reused
+        only when the same models, by name and weights SHA-256, in the same order, made them)."""
         from cxrsr.model.classifier import default_cache_dir, torchxrayvision_version
 
         self.options = options
@@ -330,8 +374,27 @@ class ResultsRun:
         self.journal = Journal(journal_path(self.output))
         earlier = EarlierResults.load(self.output, self.journal.path)
         xrv = torchxrayvision_version()
-        self.digest = earlier.weights_digest(weights, cache_dir or default_cache_dir(), xrv)
-        self.plan = make_plan(sources, earlier, self.digest, xrv, options, self.output.parent)
+        cache = cache_dir or default_cache_dir()
+        self.digest = earlier.weights_digest(weights, cache, xrv)
+        key_digest = self.digest
+        if others:
+            digests = [
+                self.digest,
+                *(
+                    earlier.weights_digest(name, cache, xrv) or _file_digest(name, cache)
+                    for name in others
+                ),
+            ]
+            if None in digests:
+                key_digest = None  # a model never seen here: nothing earlier can stand
+            else:
+                refs = [
+                    ModelRef(weights=name, weights_sha256=cast(str, digest))
+                    for name, digest in zip([weights, *others], digests, strict=True)
+                ]
+                self.options = {**(options or RunOptions()), "models": refs}
+        self.planned_options = self.options
+        self.plan = make_plan(sources, earlier, key_digest, xrv, self.options, self.output.parent)
         self.recorder = JournalRecorder(self.plan, earlier, self.journal)
 
     @property
@@ -349,12 +412,28 @@ class ResultsRun:
         """The model block of the earlier results kept, for a run that loads no model."""
         return self.plan.model
 
+    @property
+    def earlier_models(self) -> list[ModelRecord] | None:
+        """A multi-model run's earlier ``models``, for a run that loads no model."""
+        return self.plan.models
+
     def _with_options(self, model: ModelRecord) -> ModelRecord:
         return model if self.options is None else {**model, "options": self.options}
 
-    def begin(self, model: ModelRecord) -> None:
-        """The model is loaded: start journaling under its description."""
+    def begin(self, model: ModelRecord, others: Sequence[ModelRecord] = ()) -> None:
+        """The model (and a multi-model run's ``others``) loaded: start journaling under
+        its description, which for several models lists them all (``options.models``)."""
+        self._name_models(model, others)
         self.recorder.begin(self._with_options(model))
+
+    def _name_models(self, model: ModelRecord, others: Sequence[ModelRecord]) -> None:
+        """Record every model of a multi-model run, with its weights' SHA-256, in the options."""
+        if others:
+            refs = [
+                ModelRef(weights=m["weights"], weights_sha256=m["weights_sha256"])
+                for m in (model, *others)
+            ]
+            self.options = {**(self.options or RunOptions()), "models": refs}
 
     def record(self, entry: ResultsEntry) -> None:
         """A new entry is finished (adds ``file`` and ``classified_at``, journals it)."""
@@ -368,24 +447,33 @@ class ResultsRun:
         self.journal.close()
 
     def save(
-        self, model: ModelRecord, finished: list[ResultsEntry], interrupted: bool
+        self,
+        model: ModelRecord,
+        finished: list[ResultsEntry],
+        interrupted: bool,
+        others: Sequence[ModelRecord] = (),
     ) -> tuple[list[ResultsEntry], list[str]]:
         """Write the results file (kept and new entries, in input order), then drop the journal.
 
-        Returns the entries and the warnings to show. A :class:`PipelineError` (exit 3)
-        when the weights changed under the run or the file cannot be written; the
-        journal then stays, so the next run loses nothing.
+        ``others``: a multi-model run's further models' blocks (the document's ``models``
+        lists them after ``model``). Returns the entries and the warnings to show. A
+        :class:`PipelineError` (exit 3) when the weights changed under the run or the file
+        cannot be written; the journal then stays, so the next run loses nothing.
         """
-        if self.plan.reused and model.get("weights_sha256") != self.digest:
+        if self.plan.reused and (
+            model.get("weights_sha256") != self.digest or self.options != self.planned_options
+        ):
             raise PipelineError(
                 f"the weights file changed during the run; run again ({self.journal.path} "
                 "keeps the results finished so far)",
                 exit_code=3,
             )
         entries = self.plan.merge(finished)
+        self._name_models(model, others)  # also when no model was loaded (no begin)
         model = self._with_options(model)
+        models = [model, *(self._with_options(other) for other in others)] if others else None
         try:
-            notes = save_results(self.output, model, entries, interrupted)
+            notes = save_results(self.output, model, entries, interrupted, models)
         except OSError as exc:
             raise PipelineError(f"{self.output}: cannot write results: {exc}", 3) from exc
         self.journal.remove()  # folded into the results file

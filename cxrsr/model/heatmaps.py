@@ -98,6 +98,12 @@ def label_slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "label"
 
 
+def model_heatmap_folder(weights: str) -> str:
+    """The heatmap folder of a multi-model run's further model ``weights`` (the first
+    model's stay in ``heatmaps/``, so its files are where a single-model run puts them)."""
+    return f"{HEATMAP_FOLDER}/{weights}"
+
+
 class HeatmapWriter:
     """Writes the heatmaps of classified images under ``<results folder>/heatmaps/``.
 
@@ -111,11 +117,20 @@ class HeatmapWriter:
     #: Images queued at most before :meth:`write` waits (each holds up to 18 small maps).
     MAX_PENDING = 64
 
-    def __init__(self, results_dir: Path, which: str = FINDINGS, threads: int = 2) -> None:
+    def __init__(
+        self,
+        results_dir: Path,
+        which: str = FINDINGS,
+        threads: int = 2,
+        folder: str = HEATMAP_FOLDER,
+    ) -> None:
+        """``folder``: where under ``results_dir`` the files go (each further model of a
+        multi-model run has its own, :func:`model_heatmap_folder`)."""
         if which not in (FINDINGS, ALL_LABELS):
             raise ValueError(f'Argument "which" must be {FINDINGS!r} or {ALL_LABELS!r}.')
         self.results_dir = Path(results_dir)
         self.which = which
+        self.folder = folder
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="heatmaps")
         self._pending: deque[Future[list[Path]]] = deque()
 
@@ -133,7 +148,7 @@ class HeatmapWriter:
         """
         stem = file_stem(path)
         labels = heatmap_labels(scores, self.which)
-        written = {label: f"{HEATMAP_FOLDER}/{stem}-{label_slug(label)}.png" for label in labels}
+        written = {label: f"{self.folder}/{stem}-{label_slug(label)}.png" for label in labels}
         targets = [self.results_dir / relative for relative in written.values()]
         stack = np.stack([cams[label] for label in labels]) if labels else None
         task = self._pool.submit(_write_pngs, targets, stack, size)

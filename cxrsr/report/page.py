@@ -25,7 +25,13 @@ from PIL import Image
 
 from cxrsr.report import images, summary
 from cxrsr.report.links import explorer_study_url
-from cxrsr.results import ClassifiedEntry, ModelRecord, ReadableResults, rounded_score
+from cxrsr.results import (
+    ClassifiedEntry,
+    ModelRecord,
+    ReadableResults,
+    per_model,
+    rounded_score,
+)
 
 NOT_FOR_DIAGNOSIS = "AI RESULT - NOT FOR DIAGNOSTIC USE"
 ATTENTION_NOTE = "colour shows model attention, not a localisation"
@@ -126,7 +132,43 @@ def render_report(
     processes; the page is the same byte for byte. Above ``summary_above`` entries the
     page summarises instead (:mod:`cxrsr.report.summary`): the entries are read once, as
     they stream, and at most ``summary_above`` of them are held at a time.
+
+    A multi-model run's results (:func:`cxrsr.results.per_model`) give one part per
+    model, in ``--weights`` order, each headed by its weights name and showing only that
+    model's scores: never a mix or an average of them.
     """
+    views = list(per_model(document))
+    if len(views) == 1:
+        body, note, problems = _body(document, results_dir, orthanc_url, title, jobs, summary_above)
+        return Report(_page(document, title, body, note), problems)
+    body, notes, problems = [], [], []
+    for index, view in enumerate(views):
+        part, note, found = _body(view, results_dir, orthanc_url, title, jobs, summary_above)
+        weights = escape(str(view["model"].get("weights")))
+        heading = (
+            f'<section class="model-part" data-weights="{weights}"><h2>Model {index + 1} of '
+            f"{len(views)}: {weights}</h2><p>The scores below are this model's only; each "
+            "model of the run has its own part of this page.</p></section>"
+        )
+        # The first model's part keeps the single-model page's element ids; the others' are
+        # prefixed, so every id stays unique on the page.
+        prefix = "" if index == 0 else f"m{index + 1}-"
+        body += [heading, *(html.replace(' id="', f' id="{prefix}') for html in part)]
+        notes += [note.replace(' id="', f' id="{prefix}')] if note else []
+        problems += found
+    return Report(_page(document, title, body, "\n".join(notes)), problems)
+
+
+def _body(
+    document: ReadableResults,
+    results_dir: Path,
+    orthanc_url: str | None,
+    title: str,
+    jobs: int,
+    summary_above: int,
+) -> tuple[list[str], str, list[str]]:
+    """The sections of one model's results (a single-model document), the note above
+    them, and the problems met."""
     model = document["model"]
     threshold = float(model.get("threshold", 0.5))
     tally = summary.Summary(threshold)
@@ -155,7 +197,7 @@ def render_report(
             f"(counts, score histograms, the {tally.top_n} highest scores per finding), not a "
             f"card per image (above {summary_above} files)</span></p>"
         )
-        return Report(_page(document, title, body, note), problems)
+        return body, note, problems
     classified = [e for e in entries if _renderable(e)]
     others = [e for e in entries if not _renderable(e)]
     cards, problems = _cards(classified, results_dir, threshold, orthanc_url, jobs)
@@ -165,7 +207,7 @@ def render_report(
         *cards,
         _not_classified(others),
     ]
-    return Report(_page(document, title, body, ""), problems)
+    return body, "", problems
 
 
 def _page(document: ReadableResults, title: str, body: Sequence[str], note: str) -> str:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from cxrsr.errors import PipelineError
 from cxrsr.files import StagedFile, fsync_folder
-from cxrsr.results import CLASSIFIED, FAILED, SKIPPED, STATUSES, ReadableResults
+from cxrsr.results import CLASSIFIED, FAILED, SKIPPED, STATUSES, ReadableResults, per_model
 from cxrsr.sr import uids
 from cxrsr.sr.document import EncodedSR, encoded_path, write_encoded
 from cxrsr.sr.entries import Classification, EntryError, ModelInfo
@@ -413,7 +413,41 @@ def generate_srs(
     clean: bool = False,
     results_dir: Path | None = None,
 ) -> BatchTally:
-    """Write one SR per classified entry of a loaded results ``document`` into ``output_dir``.
+    """Write one SR per classified entry and model of a loaded results ``document`` into
+    ``output_dir``.
+
+    A multi-model run's results (:func:`cxrsr.results.per_model`) give each model's SRs
+    (and key images) exactly as a run of that model alone would: their UIDs derive from
+    the model, so each model's SRs form their own SR series. See :func:`model_srs` for
+    one model's; then this run's files are the only ones of ours kept (``clean``) or
+    left unwarned in the folder, whichever model wrote them.
+    """
+    outcome = BatchTally()
+    for index, view in enumerate(per_model(document)):
+        one = model_srs(view, output_dir, content_datetime, disable_progress, jobs, results_dir)
+        outcome.written += one.written
+        outcome.key_images += one.key_images
+        outcome.errors += one.errors
+        outcome.duplicates += one.duplicates
+        if index == 0:  # skipped and failed files are the image's, the same for every model
+            outcome.skipped, outcome.failed = one.skipped, one.failed
+    _tidy_other_files(output_dir, [*outcome.written, *outcome.key_images], clean)
+    # Every SR and key image was flushed as it was written; their names, once, here.
+    if output_dir.is_dir():
+        fsync_folder(output_dir)
+    return outcome
+
+
+def model_srs(
+    document: ReadableResults,
+    output_dir: Path,
+    content_datetime: datetime.datetime,
+    disable_progress: bool | None = True,
+    jobs: int = 1,
+    results_dir: Path | None = None,
+) -> BatchTally:
+    """Write one SR per classified entry of a single-model results ``document`` into
+    ``output_dir``.
 
     Skipped and failed entries are counted, not written. A malformed entry, or one whose
     source has gone or changed, is an error for that entry only (logged in the entry's
@@ -469,10 +503,6 @@ def generate_srs(
                 outcome.errors.append(check)
             elif isinstance(check, Classification):
                 _record(check, next(built), outcome, output_dir, written_by, planned.repeated)
-    _tidy_other_files(output_dir, [*outcome.written, *outcome.key_images], clean)
-    # Every SR and key image was flushed as it was written; their names, once, here.
-    if output_dir.is_dir():
-        fsync_folder(output_dir)
     return outcome
 
 
