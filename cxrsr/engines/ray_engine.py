@@ -385,7 +385,7 @@ def _join_ray(address: str | None) -> Any:
     # A Ray started for this run uses the loopback address: its servers take no password.
     try:
         ray.init(
-            address=address,
+            address=address or "local",  # never a cluster RAY_ADDRESS or `ray start` left
             _node_ip_address=None if address else "127.0.0.1",
             include_dashboard=False,
             log_to_driver=False,
