@@ -217,12 +217,8 @@ def decode_row(
     prepare_one: PrepareOne = prepare,
 ) -> dict[str, Any]:
     """Read, check, decode and preprocess one input (a CPU task): :func:`cxrsr.classify.prepare`."""
-    source = Source(row["path"], row["member"] or None, row["problem"] or None)
     prepared = prepare_one(
-        source,
-        DomainPolicy(domain),
-        Path(results_dir) if results_dir else None,
-        input_size,
+        _source(row), DomainPolicy(domain), Path(results_dir) if results_dir else None, input_size
     )
     return _decoded(row, prepared)
 
@@ -240,15 +236,19 @@ def decode_row_alone(
     reader, not the Ray worker, and the input fails with the local engine's reason
     ("reader process died (signal 11, SIGSEGV) while reading").
     """
-    source = Source(row["path"], row["member"] or None, row["problem"] or None)
     one = functools.partial(
         prepare_one,
         domain=DomainPolicy(domain),
         results_dir=Path(results_dir) if results_dir else None,
         input_size=input_size,
     )
-    (prepared,) = prepared_in_order([source], 1, 1, one)
+    (prepared,) = prepared_in_order([_source(row)], 1, 1, one)
     return _decoded(row, prepared)
+
+
+def _source(row: dict[str, Any]) -> Source:
+    """The input a row of :func:`expand_shard` names."""
+    return Source(row["path"], row["member"] or None, row["problem"] or None)
 
 
 def _decoded(row: dict[str, Any], prepared: PreparedImage) -> dict[str, Any]:
